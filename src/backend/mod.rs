@@ -1,0 +1,85 @@
+//! Backends: the engines behind a [`crate::Queue`], and the rules that choose one.
+//!
+//! Dispatch is an enum, not a trait object: the set is closed (uring, psync; vfio and the
+//! software model join later) and the hot path stays free of indirect calls.
+
+pub(crate) mod psync;
+pub(crate) mod uring;
+
+use std::time::Duration;
+
+use crate::error::Result;
+use crate::queue::OpKind;
+
+/// One operation as a backend sees it. `addr` points into the queue's arena and stays valid
+/// until the backend reports the slot complete (the queue owns the buffer meanwhile).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RawOp {
+    pub op: OpKind,
+    pub offset: u64,
+    pub len: u64,
+    pub addr: *mut u8,
+}
+
+/// A backend's completion: the queue slot and the kernel-style result (bytes, or -errno).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Reaped {
+    pub slot: u32,
+    pub res: i32,
+}
+
+pub(crate) enum BackendQueue {
+    Uring(uring::UringQueue),
+    Psync(psync::PsyncQueue),
+}
+
+impl BackendQueue {
+    pub fn name(&self) -> &'static str {
+        match self {
+            BackendQueue::Uring(_) => "uring",
+            BackendQueue::Psync(_) => "psync",
+        }
+    }
+
+    #[inline]
+    pub fn push(&mut self, slot: u32, op: &RawOp) -> Result<()> {
+        match self {
+            BackendQueue::Uring(q) => q.push(slot, op),
+            BackendQueue::Psync(q) => q.push(slot, op),
+        }
+    }
+
+    /// Submit what is pending and collect completions into `out`. With `want > 0`, block until
+    /// at least that many arrived or `timeout` passed (`None`: no deadline is the caller's
+    /// responsibility; the queue always passes one when blocking).
+    #[inline]
+    pub fn reap(
+        &mut self,
+        want: u32,
+        timeout: Option<Duration>,
+        out: &mut Vec<Reaped>,
+    ) -> Result<()> {
+        match self {
+            BackendQueue::Uring(q) => q.reap(want, timeout, out),
+            BackendQueue::Psync(q) => q.reap(want, timeout, out),
+        }
+    }
+
+    /// The queue is being dropped with operations that never completed: do not wait for them
+    /// (the queue leaks their memory instead).
+    pub fn abandon(&mut self) {
+        match self {
+            BackendQueue::Uring(q) => q.abandon(),
+            BackendQueue::Psync(q) => q.abandon(),
+        }
+    }
+}
+
+/// Whether an errno from `io_uring_setup` means "refused by policy" (seccomp, sysctl
+/// `kernel.io_uring_disabled`, no kernel support): the cases where falling back is right.
+pub(crate) fn is_refusal(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EPERM | libc::ENOSYS | libc::EACCES)
+    )
+}

@@ -1,0 +1,521 @@
+//! Engine configuration: built in code, read from a TOML file, or from environment variables.
+//!
+//! Every knob is declared once in [`KNOBS`] with its file key, its environment variables, its
+//! accepted range and its parser, so the three sources validate identically and the
+//! documentation table (docs/CONFIG.md) can be checked against the code by a test.
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+
+/// Which I/O backend to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    /// Classify the target, try the best backend, fall back on refusal (logged).
+    #[default]
+    Auto,
+    /// io_uring with O_DIRECT, registered buffers and files.
+    Uring,
+    /// A thread pool doing pread/pwrite (for hosts whose seccomp forbids io_uring).
+    Psync,
+}
+
+impl BackendChoice {
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "uring" | "io_uring" | "io-uring" => Ok(Self::Uring),
+            "psync" | "pread" => Ok(Self::Psync),
+            _ => Err(format!("expected one of auto, uring, psync; got '{s}'")),
+        }
+    }
+}
+
+/// Tri-state switch for features that are used only when the target supports them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Switch {
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+impl Switch {
+    fn parse(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "on" | "true" | "1" | "yes" => Ok(Self::On),
+            "off" | "false" | "0" | "no" => Ok(Self::Off),
+            _ => Err(format!("expected auto, on or off; got '{s}'")),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Configuration of an [`crate::Engine`].
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct EngineConfig {
+    /// Backend choice.
+    pub backend: BackendChoice,
+    /// Maximum operations in flight per queue (ring size for io_uring).
+    pub queue_depth: u32,
+    /// Open kernel-path targets with O_DIRECT (bypass the page cache).
+    pub direct: bool,
+    /// Bytes of I/O buffer memory per queue (the arena buffers are carved from).
+    pub buffer_pool_bytes: usize,
+    /// Back buffers with 2 MiB hugepages when the hugetlb pool has them.
+    pub hugepages: bool,
+    /// io_uring: kernel submission-queue polling thread.
+    pub sqpoll: bool,
+    /// io_uring: SQPOLL thread idle time before it sleeps, in milliseconds.
+    pub sqpoll_idle_ms: u32,
+    /// io_uring: polled completions (IOPOLL). `Auto` uses them on NVMe devices with poll queues.
+    pub iopoll: Switch,
+    /// psync: worker threads per queue.
+    pub psync_threads: u32,
+    /// Latency target for p99, in microseconds (bench reports against it; the tuner uses it).
+    pub target_latency_us: Option<u64>,
+    /// Report throughput and latency every second while running.
+    pub realtime_monitoring: bool,
+    /// Log format of the CLI.
+    pub log_format: LogFormat,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            backend: BackendChoice::Auto,
+            queue_depth: 128,
+            direct: true,
+            buffer_pool_bytes: 64 << 20,
+            hugepages: true,
+            sqpoll: false,
+            sqpoll_idle_ms: 100,
+            iopoll: Switch::Auto,
+            psync_threads: 8,
+            target_latency_us: None,
+            realtime_monitoring: false,
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// One configuration knob: where it comes from and how it is validated.
+pub struct Knob {
+    /// Key in the TOML file.
+    pub key: &'static str,
+    /// Environment variables, in order of precedence (first set wins).
+    pub env: &'static [&'static str],
+    /// Accepted values, for error messages and docs.
+    pub accepted: &'static str,
+    /// What it does.
+    pub help: &'static str,
+    apply: fn(&mut EngineConfig, &str) -> std::result::Result<(), String>,
+}
+
+fn int_in<T>(s: &str, lo: u64, hi: u64) -> std::result::Result<T, String>
+where
+    T: TryFrom<u64>,
+{
+    let v = parse_size(s).map_err(|_| format!("expected an integer in {lo}..={hi}, got '{s}'"))?;
+    if v < lo || v > hi {
+        return Err(format!("expected a value in {lo}..={hi}, got {v}"));
+    }
+    T::try_from(v).map_err(|_| format!("value {v} out of range"))
+}
+
+fn boolean(s: &str) -> std::result::Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "1" | "true" | "on" | "yes" => Ok(true),
+        "0" | "false" | "off" | "no" => Ok(false),
+        _ => Err(format!("expected true or false, got '{s}'")),
+    }
+}
+
+/// All knobs. The documentation table in docs/CONFIG.md lists exactly these.
+pub const KNOBS: &[Knob] = &[
+    Knob {
+        key: "backend",
+        env: &["RIO_BACKEND"],
+        accepted: "auto, uring, psync",
+        help: "I/O backend; auto classifies the target and falls back on refusal",
+        apply: |c, s| {
+            c.backend = BackendChoice::parse(s)?;
+            Ok(())
+        },
+    },
+    Knob {
+        key: "queue_depth",
+        env: &["RIO_QUEUE_DEPTH"],
+        accepted: "1..=4096",
+        help: "maximum operations in flight per queue",
+        apply: |c, s| {
+            c.queue_depth = int_in(s, 1, 4096)?;
+            Ok(())
+        },
+    },
+    Knob {
+        key: "direct",
+        env: &["RIO_DIRECT"],
+        accepted: "true, false",
+        help: "open kernel-path targets with O_DIRECT",
+        apply: |c, s| {
+            c.direct = boolean(s)?;
+            Ok(())
+        },
+    },
+    Knob {
+        key: "buffer_pool_bytes",
+        env: &["RIO_BUFFER_POOL_BYTES", "RUSTFS_MAX_BUFFER_POOL_SIZE"],
+        accepted: "1M..=64G (suffixes k, M, G)",
+        help: "I/O buffer memory per queue; buffers are carved from it and registered once",
+        apply: |c, s| {
+            c.buffer_pool_bytes = int_in(s, 1 << 20, 64 << 30)?;
+            Ok(())
+        },
+    },
+    Knob {
+        key: "hugepages",
+        env: &["RIO_HUGEPAGES"],
+        accepted: "true, false",
+        help: "back buffers with 2 MiB hugepages when reserved (falls back to 4 KiB pages)",
+        apply: |c, s| {
+            c.hugepages = boolean(s)?;
+            Ok(())
+        },
+    },
+    Knob {
+        key: "sqpoll",
+        env: &["RIO_SQPOLL"],
+        accepted: "true, false",
+        help: "io_uring kernel submission polling thread",
+        apply: |c, s| {
+            c.sqpoll = boolean(s)?;
+            Ok(())
+        },
+    },
+    Knob {
+        key: "sqpoll_idle_ms",
+        env: &["RIO_SQPOLL_IDLE_MS"],
+        accepted: "1..=60000",
+        help: "idle time before the SQPOLL thread sleeps",
+        apply: |c, s| {
+            c.sqpoll_idle_ms = int_in(s, 1, 60_000)?;
+            Ok(())
+        },
+    },
+    Knob {
+        key: "iopoll",
+        env: &["RIO_IOPOLL"],
+        accepted: "auto, on, off",
+        help: "io_uring polled completions; auto uses them on NVMe devices with poll queues",
+        apply: |c, s| {
+            c.iopoll = Switch::parse(s)?;
+            Ok(())
+        },
+    },
+    Knob {
+        key: "psync_threads",
+        env: &["RIO_PSYNC_THREADS"],
+        accepted: "1..=256",
+        help: "worker threads per queue of the psync backend",
+        apply: |c, s| {
+            c.psync_threads = int_in(s, 1, 256)?;
+            Ok(())
+        },
+    },
+    Knob {
+        key: "target_latency_us",
+        env: &["RIO_TARGET_LATENCY_US", "RUSTFS_TARGET_LATENCY_US"],
+        accepted: "10..=10000000",
+        help: "p99 latency target in microseconds; bench reports whether it was met",
+        apply: |c, s| {
+            c.target_latency_us = Some(int_in(s, 10, 10_000_000)?);
+            Ok(())
+        },
+    },
+    Knob {
+        key: "realtime_monitoring",
+        env: &[
+            "RIO_REALTIME_MONITORING",
+            "RUSTFS_ENABLE_REALTIME_MONITORING",
+        ],
+        accepted: "true, false",
+        help: "log IOPS, bandwidth and p99 every second while running",
+        apply: |c, s| {
+            c.realtime_monitoring = boolean(s)?;
+            Ok(())
+        },
+    },
+    Knob {
+        key: "log_format",
+        env: &["RIO_LOG_FORMAT"],
+        accepted: "text, json",
+        help: "format of log lines on stderr",
+        apply: |c, s| {
+            c.log_format = match s.to_ascii_lowercase().as_str() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                _ => return Err(format!("expected text or json, got '{s}'")),
+            };
+            Ok(())
+        },
+    },
+];
+
+impl EngineConfig {
+    /// Set a knob by its file key, validating the value.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<()> {
+        let knob = KNOBS
+            .iter()
+            .find(|k| k.key == key)
+            .ok_or_else(|| Error::config(key, "unknown configuration key"))?;
+        (knob.apply)(self, value.trim()).map_err(|r| Error::config(key, r))
+    }
+
+    /// Defaults overlaid with the environment (see [`EngineConfig::apply_env`]).
+    pub fn from_env() -> Result<Self> {
+        let mut c = Self::default();
+        c.apply_env(|k| std::env::var(k).ok())?;
+        Ok(c)
+    }
+
+    /// Overlay values from environment variables, read through `get` (testable without touching
+    /// the process environment). Where a knob has several variables, the first that is set wins
+    /// (rio's own name before the RustFS-style one). An invalid value is an error naming the
+    /// variable and the accepted range.
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<()> {
+        for knob in KNOBS {
+            if let Some((var, val)) = knob.env.iter().find_map(|v| get(v).map(|x| (*v, x))) {
+                (knob.apply)(self, val.trim()).map_err(|r| Error::config(var, r))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Overlay values from a TOML document (flat `key = value` pairs; an `[engine]` table is
+    /// also accepted). Unknown keys are errors, so a typo is not silently ignored.
+    pub fn apply_toml(&mut self, text: &str, origin: &str) -> Result<()> {
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| Error::config(origin, one_line(&e.to_string())))?;
+        let table = match table.get("engine") {
+            Some(toml::Value::Table(t)) if table.len() == 1 => t.clone(),
+            _ => table,
+        };
+        for (k, v) in &table {
+            let s = match v {
+                toml::Value::String(s) => s.clone(),
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                other => {
+                    return Err(Error::config(
+                        format!("{origin}: key {k}"),
+                        format!(
+                            "expected a string, integer or boolean, got {}",
+                            other.type_str()
+                        ),
+                    ));
+                }
+            };
+            let knob = KNOBS
+                .iter()
+                .find(|n| n.key == k)
+                .ok_or_else(|| Error::config(format!("{origin}: key {k}"), "unknown key"))?;
+            (knob.apply)(self, s.trim())
+                .map_err(|r| Error::config(format!("{origin}: key {k}"), r))?;
+        }
+        Ok(())
+    }
+
+    /// Defaults, then the TOML file, then the environment (environment wins, as operators
+    /// expect from container deployments).
+    pub fn load(file: Option<&Path>) -> Result<Self> {
+        let mut c = Self::default();
+        if let Some(p) = file {
+            let text = std::fs::read_to_string(p).map_err(|e| Error::Os {
+                op: "read config file",
+                path: p.to_path_buf(),
+                source: e,
+            })?;
+            c.apply_toml(&text, &p.display().to_string())?;
+        }
+        c.apply_env(|k| std::env::var(k).ok())?;
+        Ok(c)
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Parse a byte count with an optional binary suffix, as fio does: `4096`, `4k`, `4K`, `4KiB`,
+/// `1m`, `2G`, `1t`. Suffixes are powers of 1024.
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, suffix) = s.split_at(split);
+    if num.is_empty() {
+        return Err(format!("'{s}' is not a size"));
+    }
+    let n: u64 = num.parse().map_err(|_| format!("'{s}' is too large"))?;
+    let shift = match suffix.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return Err(format!("'{s}' has an unknown unit '{suffix}'")),
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("'{s}' is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let m: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| m.get(k).cloned()
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("4k").unwrap(), 4096);
+        assert_eq!(parse_size("4KiB").unwrap(), 4096);
+        assert_eq!(parse_size("1M").unwrap(), 1 << 20);
+        assert_eq!(parse_size("2g").unwrap(), 2 << 30);
+        assert!(parse_size("").is_err());
+        assert!(parse_size("k").is_err());
+        assert!(parse_size("4q").is_err());
+        assert!(parse_size("-1").is_err());
+        assert!(parse_size("99999999999999999999").is_err());
+        assert!(parse_size("16777216t").is_err());
+    }
+
+    #[test]
+    fn rustfs_variables_map_to_knobs() {
+        let mut c = EngineConfig::default();
+        c.apply_env(env(&[
+            ("RUSTFS_TARGET_LATENCY_US", "500"),
+            ("RUSTFS_MAX_BUFFER_POOL_SIZE", "128M"),
+            ("RUSTFS_ENABLE_REALTIME_MONITORING", "true"),
+        ]))
+        .unwrap();
+        assert_eq!(c.target_latency_us, Some(500));
+        assert_eq!(c.buffer_pool_bytes, 128 << 20);
+        assert!(c.realtime_monitoring);
+    }
+
+    #[test]
+    fn rio_variable_wins_over_rustfs_one() {
+        let mut c = EngineConfig::default();
+        c.apply_env(env(&[
+            ("RIO_TARGET_LATENCY_US", "100"),
+            ("RUSTFS_TARGET_LATENCY_US", "900"),
+        ]))
+        .unwrap();
+        assert_eq!(c.target_latency_us, Some(100));
+    }
+
+    #[test]
+    fn invalid_env_names_variable_and_range() {
+        let mut c = EngineConfig::default();
+        let e = c
+            .apply_env(env(&[("RUSTFS_TARGET_LATENCY_US", "abc")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("RUSTFS_TARGET_LATENCY_US"), "{e}");
+        assert!(e.contains("10..=10000000"), "{e}");
+        let e = c
+            .apply_env(env(&[("RIO_QUEUE_DEPTH", "0")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("RIO_QUEUE_DEPTH") && e.contains("1..=4096"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn toml_file() {
+        let mut c = EngineConfig::default();
+        c.apply_toml(
+            "backend = \"psync\"\nqueue_depth = 64\nhugepages = false\nbuffer_pool_bytes = \"32M\"\n",
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(c.backend, BackendChoice::Psync);
+        assert_eq!(c.queue_depth, 64);
+        assert!(!c.hugepages);
+        assert_eq!(c.buffer_pool_bytes, 32 << 20);
+        let mut d = EngineConfig::default();
+        d.apply_toml("[engine]\nqueue_depth = 8\n", "t.toml")
+            .unwrap();
+        assert_eq!(d.queue_depth, 8);
+    }
+
+    #[test]
+    fn toml_errors_are_one_line_and_name_the_key() {
+        let mut c = EngineConfig::default();
+        let e = c
+            .apply_toml("queue_depht = 3", "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("queue_depht") && e.contains("unknown"), "{e}");
+        let e = c
+            .apply_toml("queue_depth = [1]", "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("queue_depth"), "{e}");
+        let e = c
+            .apply_toml("queue_depth = = 3", "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains('\n'), "{e}");
+        let e = c
+            .apply_toml("queue_depth = 99999", "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("1..=4096"), "{e}");
+    }
+
+    #[test]
+    fn every_knob_is_documented() {
+        let doc = include_str!("../docs/CONFIG.md");
+        for k in KNOBS {
+            assert!(
+                doc.contains(&format!("`{}`", k.key)),
+                "docs/CONFIG.md lacks key {}",
+                k.key
+            );
+            for v in k.env {
+                assert!(
+                    doc.contains(&format!("`{v}`")),
+                    "docs/CONFIG.md lacks variable {v}"
+                );
+            }
+            assert!(
+                doc.contains(k.accepted),
+                "docs/CONFIG.md lacks range of {}",
+                k.key
+            );
+        }
+    }
+}

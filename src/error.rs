@@ -1,0 +1,131 @@
+//! Error types. Every variant names the operation or input that failed and carries the OS
+//! status where there is one. Library code never prints and never panics on bad input.
+
+use std::path::PathBuf;
+
+use crate::queue::OpKind;
+
+/// Errors of the engine and its configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A configuration value (file key, environment variable, CLI flag) is invalid.
+    #[error("invalid {name}: {reason}")]
+    Config { name: String, reason: String },
+
+    /// The target path does not exist.
+    #[error("{}: no such file or device", path.display())]
+    NotFound { path: PathBuf },
+
+    /// The target is a directory, or another kind of file rio cannot do I/O on.
+    #[error("{}: {what}", path.display())]
+    BadTarget { path: PathBuf, what: String },
+
+    /// An OS call on the target failed.
+    #[error("{op} {}: {source}", path.display())]
+    Os {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// Offset, length or buffer address violates the target's alignment.
+    #[error("{what} {value} is not a multiple of the {align_name} ({align} bytes)")]
+    Alignment {
+        what: &'static str,
+        value: u64,
+        align_name: &'static str,
+        align: u64,
+    },
+
+    /// The request reaches past the end of the target.
+    #[error("range {offset}+{len} reaches past the end of the target ({size} bytes)")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+
+    /// The requested backend cannot work on this host or target.
+    #[error("backend {backend} is unavailable: {reason}")]
+    BackendUnavailable {
+        backend: &'static str,
+        reason: String,
+    },
+
+    /// The operation is not supported by this backend or target.
+    #[error("{op} is not supported by {backend} on this target")]
+    Unsupported { op: OpKind, backend: &'static str },
+
+    /// The queue already holds its maximum number of in-flight operations.
+    #[error("queue full ({depth} operations in flight)")]
+    QueueFull { depth: u32 },
+
+    /// The queue's buffer arena cannot supply a buffer of this size.
+    #[error("buffer of {requested} bytes unavailable: {reason}")]
+    BufferUnavailable { requested: usize, reason: String },
+
+    /// Writing this device could destroy data that something else is using.
+    #[error("refusing to write {}: {reason}", path.display())]
+    InUse { path: PathBuf, reason: String },
+
+    /// An I/O operation completed with an error.
+    #[error(transparent)]
+    Io(#[from] IoError),
+
+    /// Waiting for completions exceeded the deadline.
+    #[error("timed out after {0:?} waiting for completions")]
+    Timeout(std::time::Duration),
+}
+
+/// Result alias for rio.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why an individual I/O failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IoErrorKind {
+    /// The OS returned this errno.
+    Os(i32),
+    /// The transfer moved fewer bytes than asked (e.g. end of file).
+    Short { done: u32 },
+}
+
+/// A failed I/O operation: what it was, where, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{op} at offset {offset} (+{len}) failed: {}", describe(.kind))]
+pub struct IoError {
+    pub op: OpKind,
+    pub offset: u64,
+    pub len: u64,
+    pub kind: IoErrorKind,
+}
+
+fn describe(k: &IoErrorKind) -> String {
+    match k {
+        IoErrorKind::Os(e) => std::io::Error::from_raw_os_error(*e).to_string(),
+        IoErrorKind::Short { done } => format!("short transfer ({done} bytes)"),
+    }
+}
+
+impl Error {
+    pub(crate) fn config(name: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::Config {
+            name: name.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// True for errors caused by the caller's input (arguments, configuration, target choice),
+    /// as opposed to failures of the device or host while running. The CLI maps the former to
+    /// exit status 2.
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            Error::Config { .. }
+                | Error::NotFound { .. }
+                | Error::BadTarget { .. }
+                | Error::Alignment { .. }
+                | Error::OutOfRange { .. }
+                | Error::BackendUnavailable { .. }
+                | Error::InUse { .. }
+                | Error::Unsupported { .. }
+        ) || matches!(self, Error::Os { source, .. }
+                if matches!(source.raw_os_error(), Some(libc::EACCES | libc::EPERM | libc::EROFS | libc::EBUSY | libc::EINVAL)))
+    }
+}

@@ -1,0 +1,68 @@
+//! Positional I/O on raw memory, for the thread-pool backend, and `fallocate`/`fdatasync`.
+//!
+//! The engine's buffers are handed to worker threads as raw pointers while the queue keeps
+//! ownership of the buffer object; these wrappers are the only place that dereferences them.
+
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+use crate::cvt;
+
+/// `pread(2)` into `len` bytes at `buf`. Returns bytes read (short on end of file).
+///
+/// # Safety
+/// `buf` must be valid for writes of `len` bytes and not accessed by anyone else until the call
+/// returns.
+pub unsafe fn pread_raw(
+    fd: BorrowedFd<'_>,
+    buf: *mut u8,
+    len: usize,
+    offset: u64,
+) -> std::io::Result<usize> {
+    // SAFETY: the caller guarantees `buf` is valid for `len` bytes of writes and unaliased.
+    let n = unsafe { libc::pread64(fd.as_raw_fd(), buf.cast(), len, offset as libc::off64_t) };
+    if n < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// `pwrite(2)` of `len` bytes at `buf`. Returns bytes written.
+///
+/// # Safety
+/// `buf` must be valid for reads of `len` bytes and not written by anyone until the call returns.
+pub unsafe fn pwrite_raw(
+    fd: BorrowedFd<'_>,
+    buf: *const u8,
+    len: usize,
+    offset: u64,
+) -> std::io::Result<usize> {
+    // SAFETY: the caller guarantees `buf` is valid for `len` bytes of reads.
+    let n = unsafe { libc::pwrite64(fd.as_raw_fd(), buf.cast(), len, offset as libc::off64_t) };
+    if n < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// `fdatasync(2)`.
+pub fn fdatasync(fd: BorrowedFd<'_>) -> std::io::Result<()> {
+    // SAFETY: no memory is passed; an invalid fd yields EBADF.
+    cvt(unsafe { libc::fdatasync(fd.as_raw_fd()) })?;
+    Ok(())
+}
+
+/// `fallocate(2)` with `mode` (e.g. `FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE`).
+pub fn fallocate(fd: BorrowedFd<'_>, mode: i32, offset: u64, len: u64) -> std::io::Result<()> {
+    // SAFETY: no memory is passed; bad arguments yield an errno.
+    cvt(unsafe {
+        libc::fallocate64(
+            fd.as_raw_fd(),
+            mode,
+            offset as libc::off64_t,
+            len as libc::off64_t,
+        )
+    })?;
+    Ok(())
+}
