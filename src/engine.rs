@@ -104,13 +104,23 @@ impl Engine {
     /// A new queue for the calling thread, with its own buffer arena and its own handle on the
     /// target. `depth` overrides `config.queue_depth` when given.
     pub fn queue(&self, depth: Option<u32>) -> Result<Queue> {
-        let depth = depth.unwrap_or(self.config.queue_depth).max(1);
+        let depth = depth.unwrap_or(self.config.queue_depth);
+        self.queue_sized(depth, self.config.buffer_pool_bytes)
+    }
+
+    /// A new queue with `depth` slots and an arena of at least `arena_bytes` (the configured
+    /// size is the floor): for callers that know their buffer needs, like `rio bench`.
+    pub fn queue_sized(&self, depth: u32, arena_bytes: usize) -> Result<Queue> {
+        let depth = depth.max(1);
         let file = self.target.file.try_clone().map_err(|e| Error::Os {
             op: "duplicate handle of",
             path: self.target.path.clone(),
             source: e,
         })?;
-        let arena = Arena::new(self.config.buffer_pool_bytes, self.config.hugepages)?;
+        let arena = Arena::new(
+            arena_bytes.max(self.config.buffer_pool_bytes),
+            self.config.hugepages,
+        )?;
         let backend = match self.selection.backend {
             BackendKind::Uring => {
                 let opts = UringOptions {
@@ -169,8 +179,6 @@ fn select(config: &EngineConfig, target: &Target) -> Result<Selection> {
     };
     let iopoll_note = if iopoll {
         ", polled completions (IOPOLL)"
-    } else if poll_capable {
-        ""
     } else {
         ""
     };

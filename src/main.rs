@@ -1,1 +1,443 @@
-fn main() {}
+//! `rio`: the command-line front end.
+//!
+//! Exit status: 0 success (also after Ctrl-C, with the partial result printed), 1 the run
+//! failed (I/O error, verify mismatch), 2 bad input (one line on stderr, nothing written).
+
+use std::io::IsTerminal;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use rio::bench::run::{Phase, Progress, RunOptions};
+use rio::bench::spec::parse_duration;
+use rio::bench::{BenchError, BenchSpec, RwMode};
+use rio::config::{BackendChoice, EngineConfig, LogFormat, parse_size};
+use rio::target::OpenOptions;
+use rio::{Engine, Error};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "rio",
+    version,
+    about = "NVMe I/O engine: benchmark and set up drives"
+)]
+struct Cli {
+    /// Engine configuration file (TOML); environment variables override it.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Measure IOPS, bandwidth and latency with fio's workload vocabulary.
+    Bench(BenchArgs),
+}
+
+fn size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s)
+}
+
+fn rw_arg(s: &str) -> Result<RwMode, String> {
+    RwMode::parse(s)
+}
+
+fn dur_arg(s: &str) -> Result<Duration, String> {
+    parse_duration(s)
+}
+
+fn bool01(s: &str) -> Result<bool, String> {
+    match s {
+        "1" | "true" => Ok(true),
+        "0" | "false" => Ok(false),
+        _ => Err(format!("expected 0 or 1, got '{s}'")),
+    }
+}
+
+fn verify_arg(s: &str) -> Result<bool, String> {
+    match s {
+        "1" | "crc32c" | "true" => Ok(true),
+        "0" | "none" | "false" => Ok(false),
+        _ => Err(format!("expected crc32c, 1 or 0, got '{s}'")),
+    }
+}
+
+#[derive(clap::Args, Debug)]
+struct BenchArgs {
+    /// Target: a file or block device. Without it, a temporary 1 GiB file in $RIO_BENCH_DIR
+    /// (or the system temporary directory) is laid out, used and removed.
+    #[arg(long)]
+    filename: Option<String>,
+    /// read, write, randread, randwrite or randrw.
+    #[arg(long, default_value = "randread", value_parser = rw_arg)]
+    rw: RwMode,
+    /// Percentage of reads in randrw.
+    #[arg(long, default_value_t = 50)]
+    rwmixread: u32,
+    /// Block size (4k, 128k, 1m ...).
+    #[arg(long, default_value = "4k", value_parser = size_arg)]
+    bs: u64,
+    /// Operations in flight per job.
+    #[arg(long, default_value_t = 32)]
+    iodepth: u32,
+    /// Jobs: one thread and one queue each, pinned one per core.
+    #[arg(long, default_value_t = 1)]
+    numjobs: u32,
+    /// Bytes of the region to work on, per job (default: to the end of the target; 1 GiB for
+    /// the temporary file).
+    #[arg(long, value_parser = size_arg)]
+    size: Option<u64>,
+    /// Start of the region in bytes.
+    #[arg(long, default_value = "0", value_parser = size_arg)]
+    offset: u64,
+    /// Stop after this long (10, 10s, 500ms, 2m), measured after the ramp.
+    #[arg(long, value_parser = dur_arg)]
+    runtime: Option<Duration>,
+    /// Run for --runtime, wrapping over the region, instead of stopping after --size.
+    #[arg(long = "time_based", num_args = 0..=1, default_missing_value = "1", value_parser = bool01, default_value = "0")]
+    time_based: bool,
+    /// Run this long before measuring.
+    #[arg(long = "ramp_time", value_parser = dur_arg)]
+    ramp_time: Option<Duration>,
+    /// 1: O_DIRECT (bypass the page cache); 0: buffered.
+    #[arg(long, default_value = "1", value_parser = bool01)]
+    direct: bool,
+    /// Write blocks with a header (offset, seed, CRC32C) and check everything read back.
+    #[arg(long, num_args = 0..=1, default_missing_value = "crc32c", value_parser = verify_arg, default_value = "0")]
+    verify: bool,
+    /// auto, uring or psync (overrides config and RIO_BACKEND).
+    #[arg(long)]
+    backend: Option<String>,
+    /// normal or json.
+    #[arg(long = "output-format", default_value = "normal", value_parser = ["normal", "json"])]
+    output_format: String,
+    /// Allow writing a raw block device (its contents are destroyed).
+    #[arg(long)]
+    force: bool,
+    /// Create --filename if it does not exist (needs --size).
+    #[arg(long)]
+    create: bool,
+    /// io_uring submission-queue polling thread.
+    #[arg(long)]
+    sqpoll: bool,
+    /// Seed for offsets and data.
+    #[arg(long, default_value_t = 0x5249_4f21)]
+    seed: u64,
+}
+
+/// A failure with its exit status.
+struct Fail {
+    code: u8,
+    msg: String,
+}
+
+impl From<Error> for Fail {
+    fn from(e: Error) -> Fail {
+        Fail {
+            code: if e.is_usage() { 2 } else { 1 },
+            msg: e.to_string(),
+        }
+    }
+}
+
+impl From<BenchError> for Fail {
+    fn from(e: BenchError) -> Fail {
+        match e {
+            BenchError::Setup(e) => e.into(),
+            other => Fail {
+                code: 1,
+                msg: other.to_string(),
+            },
+        }
+    }
+}
+
+fn usage(msg: impl Into<String>) -> Fail {
+    Fail {
+        code: 2,
+        msg: msg.into(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind::*;
+            if matches!(
+                e.kind(),
+                DisplayHelp | DisplayVersion | DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            let text = e.to_string();
+            let line = text
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("invalid arguments");
+            eprintln!("rio: {}", line.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+    };
+    match real_main(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("rio: {}", f.msg);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn init_logging(cfg: &EngineConfig) {
+    let filter = std::env::var("RIO_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal());
+    match cfg.log_format {
+        LogFormat::Json => b.json().init(),
+        LogFormat::Text => b.without_time().init(),
+    }
+}
+
+fn real_main(cli: Cli) -> Result<(), Fail> {
+    let mut cfg = EngineConfig::load(cli.config.as_deref())?;
+    init_logging(&cfg);
+    match cli.cmd {
+        Cmd::Bench(a) => {
+            if let Some(b) = &a.backend {
+                cfg.backend = BackendChoice::parse(b)
+                    .map_err(|r| usage(format!("invalid --backend: {r}")))?;
+            }
+            cfg.sqpoll |= a.sqpoll;
+            bench(cfg, a)
+        }
+    }
+}
+
+/// Removes the temporary benchmark directory on drop (also after Ctrl-C or an error).
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn temp_dir() -> Result<TempDir, Fail> {
+    let base = std::env::var_os("RIO_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let dir = base.join(format!("rio-bench-{}-{nanos:08x}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| {
+        usage(format!(
+            "cannot create a temporary directory in {} (set RIO_BENCH_DIR): {e}",
+            base.display()
+        ))
+    })?;
+    Ok(TempDir(dir))
+}
+
+fn u32_arg(name: &str, v: u64) -> Result<u32, Fail> {
+    u32::try_from(v).map_err(|_| usage(format!("invalid {name}: {v} is too large")))
+}
+
+fn bench(cfg: EngineConfig, a: BenchArgs) -> Result<(), Fail> {
+    let spec = BenchSpec {
+        rw: a.rw,
+        rwmixread: a.rwmixread,
+        bs: u32_arg("--bs", a.bs)?,
+        iodepth: a.iodepth,
+        numjobs: a.numjobs,
+        size: a.size.unwrap_or(0),
+        offset: a.offset,
+        runtime: a.runtime,
+        time_based: a.time_based,
+        ramp_time: a.ramp_time.unwrap_or_default(),
+        verify: a.verify,
+        seed: a.seed,
+    };
+    spec.validate()?;
+    let json = a.output_format == "json";
+
+    // Decide the target, whether it is created and laid out, and whether the run writes.
+    let mut _tmp = None;
+    let (path, create) = match &a.filename {
+        None => {
+            let t = temp_dir()?;
+            let p = t.0.join("rio-bench.dat");
+            _tmp = Some(t);
+            (p, true)
+        }
+        Some(f) => {
+            let p = PathBuf::from(f);
+            let exists = std::fs::symlink_metadata(&p).is_ok();
+            if !exists && !a.create {
+                return Err(usage(format!(
+                    "{f}: no such file or device (pass --create --size N to create a file, or omit --filename for a temporary one)"
+                )));
+            }
+            if !exists && a.size.is_none() {
+                return Err(usage("--create needs --size"));
+            }
+            (p, !exists)
+        }
+    };
+    let layout = create || (spec.verify && spec.rw.reads());
+    let writes = spec.rw.writes() || layout;
+    if writes && is_block_device(&path) && !a.force {
+        return Err(usage(format!(
+            "{}: this run writes the raw block device and destroys its contents; pass --force to allow it",
+            path.display()
+        )));
+    }
+    let mut engine = Engine::open(
+        &cfg,
+        &path.to_string_lossy(),
+        OpenOptions {
+            write: writes,
+            direct: a.direct,
+            create,
+        },
+    )?;
+    if create {
+        let len = spec.offset + a.size.unwrap_or(1 << 30);
+        // Check the workload against the size the file will have before creating data.
+        let mut geo = engine.target().geometry;
+        geo.size = len;
+        spec.resolve(&geo)?;
+        engine.target_mut().ensure_len(len)?;
+    }
+    spec.resolve(&engine.target().geometry)?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // A second Ctrl-C exits at once; the first ends the run and prints what ran.
+        let _ = signal_hook::flag::register_conditional_shutdown(sig, 130, Arc::clone(&stop));
+        let _ = signal_hook::flag::register(sig, Arc::clone(&stop));
+    }
+    let mut display = Display::new(&cfg, std::io::stderr().is_terminal());
+    let result = rio::bench::run(&engine, &spec, RunOptions { layout }, &stop, &mut |p| {
+        display.tick(p)
+    });
+    display.finish();
+    let result = result?;
+    if json {
+        println!("{}", result.to_json());
+    } else {
+        print!("{}", result.to_human());
+    }
+    Ok(())
+}
+
+fn is_block_device(p: &Path) -> bool {
+    std::fs::metadata(p)
+        .map(|m| m.file_type().is_block_device())
+        .unwrap_or(false)
+}
+
+/// Progress bar on a terminal, and the once-a-second log of realtime monitoring.
+struct Display {
+    bar: Option<indicatif::ProgressBar>,
+    monitor: bool,
+    last: Instant,
+    last_ios: u64,
+    last_bytes: u64,
+    started: Instant,
+}
+
+impl Display {
+    fn new(cfg: &EngineConfig, tty: bool) -> Display {
+        let bar = tty.then(|| {
+            let b = indicatif::ProgressBar::with_draw_target(
+                None,
+                indicatif::ProgressDrawTarget::stderr_with_hz(4),
+            );
+            b.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
+                    .expect("valid template"),
+            );
+            b
+        });
+        Display {
+            bar,
+            monitor: cfg.realtime_monitoring,
+            last: Instant::now(),
+            last_ios: 0,
+            last_bytes: 0,
+            started: Instant::now(),
+        }
+    }
+
+    fn tick(&mut self, p: &Progress) {
+        let now = Instant::now();
+        let dt = now.duration_since(self.last).as_secs_f64();
+        if dt < 1.0 && self.bar.is_none() {
+            return;
+        }
+        if dt < 0.25 {
+            return;
+        }
+        let ios = p.ios.load(Ordering::Relaxed);
+        let bytes = p.bytes.load(Ordering::Relaxed);
+        let iops = ios.saturating_sub(self.last_ios) as f64 / dt;
+        let bw = bytes.saturating_sub(self.last_bytes) as f64 / dt;
+        let total = p.total.load(Ordering::Relaxed);
+        let phase = match p.phase() {
+            Phase::Layout => "laying out",
+            Phase::Ramp => "ramping",
+            Phase::Measure => "running",
+            Phase::Verify => "verifying",
+            Phase::Done => "finishing",
+        };
+        let pct = if total > 0 {
+            format!(" {:.0}%", 100.0 * bytes.min(total) as f64 / total as f64)
+        } else {
+            String::new()
+        };
+        let msg = format!(
+            "{phase}{pct}: {} IOPS, {}/s",
+            rio::bench::report::human_count(iops),
+            rio::bench::report::human_bytes(bw as u64)
+        );
+        if let Some(b) = &self.bar {
+            b.set_message(msg.clone());
+            b.tick();
+        }
+        if self.monitor && dt >= 1.0 {
+            tracing::info!(
+                phase,
+                iops = iops as u64,
+                bytes_per_sec = bw as u64,
+                elapsed_s = self.started.elapsed().as_secs(),
+                "progress"
+            );
+        }
+        if dt >= 1.0 || self.bar.is_some() {
+            self.last = now;
+            self.last_ios = ios;
+            self.last_bytes = bytes;
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
+        }
+    }
+}

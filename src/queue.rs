@@ -168,33 +168,7 @@ impl Queue {
             });
         }
         if op != OpKind::Flush {
-            let bs = self.geometry.block_size as u64;
-            if offset % bs != 0 {
-                return Err(Error::Alignment {
-                    what: "offset",
-                    value: offset,
-                    align_name: "logical block size",
-                    align: bs,
-                });
-            }
-            if len == 0 || len % bs != 0 {
-                return Err(Error::Alignment {
-                    what: "length",
-                    value: len,
-                    align_name: "logical block size",
-                    align: bs,
-                });
-            }
-            match offset.checked_add(len) {
-                Some(end) if end <= self.geometry.size => {}
-                _ => {
-                    return Err(Error::OutOfRange {
-                        offset,
-                        len,
-                        size: self.geometry.size,
-                    });
-                }
-            }
+            self.geometry.check_range(offset, len)?;
         }
         if self.free.is_empty() {
             return Err(Error::QueueFull { depth: self.depth });
@@ -224,7 +198,7 @@ impl Queue {
                     buf,
                 });
             }
-            if align > 1 && (b.as_ptr() as usize) % align != 0 {
+            if align > 1 && !(b.as_ptr() as usize).is_multiple_of(align) {
                 let error = Error::Alignment {
                     what: "buffer address",
                     value: b.as_ptr() as u64,

@@ -201,11 +201,14 @@ impl Target {
         }
         Ok(())
     }
+}
 
-    /// Check that `[offset, offset+len)` is aligned to the block size and inside the target.
+impl Geometry {
+    /// Check that `[offset, offset+len)` is non-empty, aligned to the block size and inside
+    /// the target. The error names the alignment or the size.
     pub fn check_range(&self, offset: u64, len: u64) -> Result<()> {
-        let bs = self.geometry.block_size as u64;
-        if offset % bs != 0 {
+        let bs = self.block_size as u64;
+        if !offset.is_multiple_of(bs) {
             return Err(Error::Alignment {
                 what: "offset",
                 value: offset,
@@ -213,7 +216,7 @@ impl Target {
                 align: bs,
             });
         }
-        if len % bs != 0 {
+        if len == 0 || !len.is_multiple_of(bs) {
             return Err(Error::Alignment {
                 what: "length",
                 value: len,
@@ -222,11 +225,11 @@ impl Target {
             });
         }
         match offset.checked_add(len) {
-            Some(end) if end <= self.geometry.size => Ok(()),
+            Some(end) if end <= self.size => Ok(()),
             _ => Err(Error::OutOfRange {
                 offset,
                 len,
-                size: self.geometry.size,
+                size: self.size,
             }),
         }
     }
@@ -386,19 +389,19 @@ mod tests {
         assert_eq!(t.geometry.size, 1 << 20);
         let bs = t.geometry.block_size as u64;
         assert!(bs >= 512 && bs.is_power_of_two());
-        t.check_range(0, 4096).unwrap();
-        let e = t.check_range(1, 4096).unwrap_err().to_string();
+        t.geometry.check_range(0, 4096).unwrap();
+        let e = t.geometry.check_range(1, 4096).unwrap_err().to_string();
         assert!(
             e.contains("offset 1") && e.contains(&format!("({bs} bytes)")),
             "{e}"
         );
-        assert!(t.check_range(0, 1000).is_err());
+        assert!(t.geometry.check_range(0, 1000).is_err());
         assert!(matches!(
-            t.check_range((1 << 20) - 4096, 8192),
+            t.geometry.check_range((1 << 20) - 4096, 8192),
             Err(Error::OutOfRange { .. })
         ));
         assert!(matches!(
-            t.check_range(u64::MAX - 4095, 4096),
+            t.geometry.check_range(u64::MAX - 4095, 4096),
             Err(Error::Alignment { .. } | Error::OutOfRange { .. })
         ));
     }

@@ -8,7 +8,7 @@
 //! with nothing to submit and nothing signalled costs no syscall.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use io_uring::{IoUring, opcode, types};
@@ -300,10 +300,4 @@ pub(crate) fn device_has_poll_queues(name: &str) -> bool {
     std::fs::read_to_string(format!("/sys/class/block/{name}/queue/io_poll"))
         .map(|s| s.trim() == "1")
         .unwrap_or(false)
-}
-
-/// Raw fd helper for logs.
-#[allow(dead_code)]
-pub(crate) fn raw(f: &File) -> RawFd {
-    f.as_raw_fd()
 }

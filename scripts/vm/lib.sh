@@ -1,0 +1,57 @@
+# shellcheck shell=bash
+# Shared helpers for the rio VM test scripts. Sourced, not executed.
+#
+# Everything here runs on the HOST. Nothing in these scripts ever touches the
+# host's own PCI devices or disks: all driver binding happens inside the guest.
+
+RIO_VM_CACHE="${RIO_VM_CACHE:-/var/cache/rio-vm}"
+
+# depmod, modprobe and ldconfig live in /usr/sbin; some CI environments run
+# with a PATH that lacks the sbin dirs.
+case ":$PATH:" in *:/usr/sbin:*) ;; *) PATH="$PATH:/usr/sbin" ;; esac
+case ":$PATH:" in *:/sbin:*) ;; *) PATH="$PATH:/sbin" ;; esac
+export PATH
+
+die()  { echo "vm: error: $*" >&2; exit 2; }
+info() { echo "vm: $*" >&2; }
+
+# apt-get update is slow-ish and needs the network; do it at most once per
+# script run and only when an install is actually required.
+_RIO_APT_UPDATED=0
+apt_install() {
+    [ "$(id -u)" = 0 ] || die "need root to apt-get install $*"
+    if [ "$_RIO_APT_UPDATED" = 0 ]; then
+        info "apt-get update"
+        apt-get update -qq >&2 || die "apt-get update failed"
+        _RIO_APT_UPDATED=1
+    fi
+    info "apt-get install $*"
+    # Keep dpkg's chatter out of the console log unless something goes wrong.
+    local log
+    log="$(mktemp)"
+    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >"$log" 2>&1; then
+        cat "$log" >&2; rm -f "$log"
+        die "apt-get install $* failed"
+    fi
+    rm -f "$log"
+}
+
+# need_cmd CMD PACKAGE: make sure CMD is on PATH, installing PACKAGE if not.
+need_cmd() {
+    command -v "$1" >/dev/null 2>&1 && return 0
+    apt_install "$2"
+    command -v "$1" >/dev/null 2>&1 || die "'$1' still missing after installing $2"
+}
+
+# Make sure apt-get can see package lists (a fresh container has none; then
+# `apt-get download` fails with "Unable to locate package").
+apt_lists_present() {
+    compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null
+}
+ensure_apt_lists() {
+    if ! apt_lists_present && [ "$_RIO_APT_UPDATED" = 0 ]; then
+        info "apt-get update (no package lists yet)"
+        apt-get update -qq >&2 || die "apt-get update failed"
+        _RIO_APT_UPDATED=1
+    fi
+}

@@ -1,0 +1,538 @@
+//! The benchmark runner: an optional layout pass, then one pinned thread per job, each owning
+//! a queue and keeping `iodepth` operations in flight, then (with `--verify` on writes) a
+//! read-back pass. Latency is taken from submission to reaping, one clock read per reaped batch.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use rio_sys::rusage::{CpuTimes, process_cpu};
+
+use super::report::{BenchResult, JobOutcome};
+use super::rng::Rng;
+use super::spec::BenchSpec;
+use super::verify;
+use crate::buf::IoBuf;
+use crate::engine::Engine;
+use crate::error::{Error, IoError};
+use crate::queue::{Completion, OpKind, Queue};
+
+/// Why a run failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// Bad input or setup failure (exit status 2 for usage errors).
+    #[error(transparent)]
+    Setup(#[from] Error),
+    /// An I/O failed while running.
+    #[error("I/O error: {0}")]
+    Io(#[from] IoError),
+    /// Data read back did not match what was written.
+    #[error("verify failed at offset {offset}: {reason}")]
+    Verify { offset: u64, reason: String },
+}
+
+/// Phase of a job, for progress display.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Layout = 0,
+    Ramp = 1,
+    Measure = 2,
+    Verify = 3,
+    Done = 4,
+}
+
+/// Live counters, updated once per reaped batch, read by the progress display.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub ios: AtomicU64,
+    pub bytes: AtomicU64,
+    phase: AtomicU8,
+    /// Bytes the current phase will move in all (0: time-based, unknown).
+    pub total: AtomicU64,
+}
+
+impl Progress {
+    pub fn phase(&self) -> Phase {
+        match self.phase.load(Relaxed) {
+            0 => Phase::Layout,
+            1 => Phase::Ramp,
+            2 => Phase::Measure,
+            3 => Phase::Verify,
+            _ => Phase::Done,
+        }
+    }
+    fn set_phase(&self, p: Phase) {
+        self.phase.store(p as u8, Relaxed);
+    }
+}
+
+/// Options of one run that are not part of the workload.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunOptions {
+    /// Write the whole region first (verifiable blocks), as fio lays out its files.
+    pub layout: bool,
+}
+
+/// Run `spec` on `engine`. `stop` ends the run early (Ctrl-C): the result so far is returned.
+/// `progress` is called about every 100 ms from the calling thread while jobs run.
+pub fn run(
+    engine: &Engine,
+    spec: &BenchSpec,
+    opts: RunOptions,
+    stop: &AtomicBool,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<BenchResult, BenchError> {
+    spec.validate()?;
+    let region = spec.resolve(&engine.target().geometry)?;
+    let bs = spec.bs as u64;
+    let shared = Progress::default();
+    let mut layout_secs = None;
+    if opts.layout {
+        let t = Instant::now();
+        layout(engine, spec, region, stop, &shared, progress)?;
+        layout_secs = Some(t.elapsed().as_secs_f64());
+    }
+    // Regions: disjoint slices when verifying (so no job reads a block another is writing),
+    // else every job covers the whole region, as fio's jobs do.
+    let per_job = if spec.verify {
+        region / spec.numjobs as u64 / bs * bs
+    } else {
+        region / bs * bs
+    };
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let clock = Clocks::default();
+    let progs: Vec<Progress> = (0..spec.numjobs).map(|_| Progress::default()).collect();
+    let t0 = Instant::now();
+    let outcomes: Vec<Result<JobOutcome, BenchError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..spec.numjobs as usize)
+            .map(|i| {
+                let start = if spec.verify {
+                    spec.offset + i as u64 * per_job
+                } else {
+                    spec.offset
+                };
+                let core = (!cores.is_empty()).then(|| cores[i % cores.len()]);
+                let (prog, clock) = (&progs[i], &clock);
+                std::thread::Builder::new()
+                    .name(format!("rio-job-{i}"))
+                    .spawn_scoped(s, move || {
+                        if let Some(c) = core {
+                            core_affinity::set_for_current(c);
+                        }
+                        let r = Job::new(engine, spec, opts, i as u64, start, per_job, t0)
+                            .and_then(|mut j| j.run(stop, prog, clock));
+                        prog.set_phase(Phase::Done);
+                        if r.is_err() {
+                            // One job's failure ends the others too.
+                            stop.store(true, Relaxed);
+                        }
+                        r
+                    })
+                    .expect("spawn job thread")
+            })
+            .collect();
+        while !handles.iter().all(|h| h.is_finished()) {
+            std::thread::sleep(Duration::from_millis(100));
+            let agg = Progress::default();
+            let mut phase = Phase::Done;
+            for p in &progs {
+                agg.ios.fetch_add(p.ios.load(Relaxed), Relaxed);
+                agg.bytes.fetch_add(p.bytes.load(Relaxed), Relaxed);
+                agg.total.fetch_add(p.total.load(Relaxed), Relaxed);
+                phase = phase.min_by(p.phase());
+            }
+            agg.set_phase(phase);
+            progress(&agg);
+        }
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("job thread panicked"))
+            .collect()
+    });
+    let mut jobs = Vec::new();
+    for o in outcomes {
+        jobs.push(o?);
+    }
+    let cpu = match (
+        *clock.cpu_start.lock().unwrap(),
+        *clock.cpu_end.lock().unwrap(),
+    ) {
+        (Some(a), Some(b)) => Some((b.user - a.user, b.system - a.system)),
+        _ => None,
+    };
+    Ok(BenchResult::build(
+        engine,
+        spec,
+        jobs,
+        cpu,
+        stop.load(Relaxed),
+        layout_secs,
+    ))
+}
+
+impl Phase {
+    fn min_by(self, other: Phase) -> Phase {
+        if (other as u8) < (self as u8) {
+            other
+        } else {
+            self
+        }
+    }
+}
+
+/// CPU samples at the start and end of the measured window (taken once, by the first job to
+/// start measuring and the last job to stop).
+#[derive(Default)]
+struct Clocks {
+    cpu_start: Mutex<Option<CpuTimes>>,
+    cpu_end: Mutex<Option<CpuTimes>>,
+    started: AtomicUsize,
+    ended: AtomicUsize,
+}
+
+/// Bytes of arena a job needs: `depth` buffers of `bs` rounded up to their size class.
+fn arena_for(depth: u32, bs: u64) -> usize {
+    let class = (bs as usize).next_power_of_two().max(4096);
+    depth as usize * class + (2 << 20)
+}
+
+fn layout(
+    engine: &Engine,
+    spec: &BenchSpec,
+    region: u64,
+    stop: &AtomicBool,
+    prog: &Progress,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<(), BenchError> {
+    const DEPTH: u32 = 8;
+    let bs = spec.bs as u64;
+    let chunk = ((1u64 << 20) / bs).max(1) * bs;
+    let end = spec.offset + region / bs * bs;
+    let mut q = engine.queue_sized(DEPTH, arena_for(DEPTH, chunk))?;
+    prog.set_phase(Phase::Layout);
+    prog.total.store(end - spec.offset, Relaxed);
+    let mut free: Vec<IoBuf> = Vec::new();
+    for _ in 0..DEPTH {
+        free.push(q.alloc_buf(chunk as usize)?);
+    }
+    let mut done = Vec::new();
+    let mut next = spec.offset;
+    let mut last_tick = Instant::now();
+    while next < end || q.in_flight() > 0 {
+        while next < end && !free.is_empty() && !stop.load(Relaxed) {
+            let len = chunk.min(end - next);
+            let mut b = free.pop().expect("non-empty");
+            b.set_len(len as usize)?;
+            for (i, blk) in b.chunks_exact_mut(bs as usize).enumerate() {
+                let off = next + i as u64 * bs;
+                verify::fill_block(blk, off, verify::seed_for(spec.seed, off, 0));
+            }
+            q.submit_write(next, b, next).map_err(Error::from)?;
+            next += len;
+        }
+        if stop.load(Relaxed) && q.in_flight() == 0 {
+            break;
+        }
+        q.wait(1, crate::queue::DEFAULT_WAIT, &mut done)?;
+        for c in done.drain(..) {
+            prog.bytes.fetch_add(c.len, Relaxed);
+            c.result?;
+            free.push(c.buf.expect("write returns its buffer"));
+        }
+        if last_tick.elapsed() >= Duration::from_millis(100) {
+            last_tick = Instant::now();
+            progress(prog);
+        }
+    }
+    q.flush()?;
+    Ok(())
+}
+
+struct Job<'a> {
+    spec: &'a BenchSpec,
+    q: Queue,
+    idx: u64,
+    start: u64,
+    nblocks: u64,
+    bs: u64,
+    t0: Instant,
+    rng: Rng,
+    cursor: u64,
+    read_pct: u64,
+    /// Seed last written to each block (0: unknown), when verifying.
+    seeds: Vec<u64>,
+    generation: u64,
+    /// Per token: submission time, offset in flight (u64::MAX: none), and the idle buffer.
+    submitted: Vec<Instant>,
+    inflight_off: Vec<u64>,
+    bufs: Vec<Option<IoBuf>>,
+    /// Random payload for writes without verify.
+    issued: u64,
+    limit: u64,
+}
+
+impl<'a> Job<'a> {
+    fn new(
+        engine: &'a Engine,
+        spec: &'a BenchSpec,
+        opts: RunOptions,
+        idx: u64,
+        start: u64,
+        len: u64,
+        t0: Instant,
+    ) -> Result<Job<'a>, BenchError> {
+        let bs = spec.bs as u64;
+        let nblocks = len / bs;
+        let q = engine.queue_sized(spec.iodepth, arena_for(spec.iodepth, bs))?;
+        let mut rng = Rng::new(spec.seed ^ (idx + 1).wrapping_mul(0x9e37_79b9));
+        let mut bufs = Vec::with_capacity(spec.iodepth as usize);
+        for _ in 0..spec.iodepth {
+            let mut b = q.alloc_buf(bs as usize)?;
+            rng.fill(&mut b);
+            bufs.push(Some(b));
+        }
+        let seeds = if spec.verify {
+            if nblocks > (256 << 20) / 8 {
+                return Err(Error::config(
+                    "--verify",
+                    format!("{nblocks} blocks per job is too many to track; give a smaller --size or larger --bs"),
+                )
+                .into());
+            }
+            (0..nblocks)
+                .map(|b| {
+                    if opts.layout {
+                        verify::seed_for(spec.seed, start + b * bs, 0)
+                    } else {
+                        0
+                    }
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok(Job {
+            spec,
+            q,
+            idx,
+            start,
+            nblocks,
+            bs,
+            t0,
+            rng,
+            cursor: 0,
+            read_pct: spec.rw.read_percent(spec.rwmixread) as u64,
+            seeds,
+            generation: 1,
+            submitted: vec![t0; spec.iodepth as usize],
+            inflight_off: vec![u64::MAX; spec.iodepth as usize],
+            bufs,
+            issued: 0,
+            limit: if spec.time_based { u64::MAX } else { len },
+        })
+    }
+
+    /// Choose the next block: sequential cursor or uniform random, avoiding blocks in flight
+    /// when verifying a mixed workload.
+    #[inline]
+    fn next_block(&mut self) -> u64 {
+        if !self.spec.rw.random() {
+            let b = self.cursor;
+            self.cursor = (self.cursor + 1) % self.nblocks;
+            return b;
+        }
+        let mut b = self.rng.below(self.nblocks);
+        if self.spec.verify && self.spec.rw == super::RwMode::RandRw {
+            for _ in 0..16 {
+                let off = self.start + b * self.bs;
+                if !self.inflight_off.contains(&off) {
+                    break;
+                }
+                b = self.rng.below(self.nblocks);
+            }
+        }
+        b
+    }
+
+    #[inline]
+    fn issue(&mut self, token: usize, now: Instant) -> Result<(), BenchError> {
+        let block = self.next_block();
+        let offset = self.start + block * self.bs;
+        let is_read =
+            self.read_pct == 100 || (self.read_pct > 0 && self.rng.below(100) < self.read_pct);
+        let mut buf = self.bufs[token].take().expect("token idle");
+        self.submitted[token] = now;
+        self.inflight_off[token] = offset;
+        self.issued += self.bs;
+        let r = if is_read {
+            self.q.submit_read(offset, buf, token as u64)
+        } else {
+            if self.spec.verify {
+                let seed = verify::seed_for(self.spec.seed ^ self.idx, offset, self.generation);
+                self.generation += 1;
+                verify::fill_block(&mut buf, offset, seed);
+                self.seeds[block as usize] = seed;
+            }
+            self.q.submit_write(offset, buf, token as u64)
+        };
+        r.map_err(|rej| BenchError::Setup(rej.error))
+    }
+
+    fn check_read(&self, c: &Completion) -> Result<(), BenchError> {
+        let buf = c.buf.as_ref().expect("read returns its buffer");
+        let block = (c.offset - self.start) / self.bs;
+        let expect = self.seeds[block as usize];
+        verify::check_block(buf, c.offset, (expect != 0).then_some(expect)).map_err(|reason| {
+            BenchError::Verify {
+                offset: c.offset,
+                reason,
+            }
+        })
+    }
+
+    fn run(
+        &mut self,
+        stop: &AtomicBool,
+        prog: &Progress,
+        clock: &Clocks,
+    ) -> Result<JobOutcome, BenchError> {
+        let spec = self.spec;
+        let measure_at = self.t0 + spec.ramp_time;
+        let end_at = spec.runtime.map(|r| measure_at + r);
+        let mut out = JobOutcome::new();
+        let mut measuring = false;
+        let mut window_start = self.t0;
+        let mut last_done = self.t0;
+        prog.set_phase(if spec.ramp_time.is_zero() {
+            Phase::Measure
+        } else {
+            Phase::Ramp
+        });
+        prog.total
+            .store(if spec.time_based { 0 } else { self.limit }, Relaxed);
+        let mut comps: Vec<Completion> = Vec::with_capacity(spec.iodepth as usize);
+        let mut now = Instant::now();
+        let can_issue = |j: &Self, now: Instant| {
+            !stop.load(Relaxed) && end_at.is_none_or(|e| now < e) && j.issued < j.limit
+        };
+        for t in 0..spec.iodepth as usize {
+            if !can_issue(self, now) {
+                break;
+            }
+            self.issue(t, now)?;
+        }
+        if !measuring && now >= measure_at {
+            measuring = true;
+            window_start = now;
+            clock.start();
+        }
+        while self.q.in_flight() > 0 {
+            self.q.wait(1, Duration::from_secs(1), &mut comps)?;
+            now = Instant::now();
+            if !measuring && now >= measure_at {
+                measuring = true;
+                window_start = now;
+                out = JobOutcome::new();
+                prog.set_phase(Phase::Measure);
+                clock.start();
+            }
+            let (mut n, mut bytes) = (0u64, 0u64);
+            for c in comps.drain(..) {
+                let token = c.token as usize;
+                let lat = now
+                    .saturating_duration_since(self.submitted[token])
+                    .as_nanos() as u64;
+                self.inflight_off[token] = u64::MAX;
+                if let Err(e) = c.result {
+                    return Err(e.into());
+                }
+                if c.op == OpKind::Read && spec.verify {
+                    self.check_read(&c)?;
+                }
+                if measuring {
+                    out.record(c.op, c.len, lat);
+                }
+                n += 1;
+                bytes += c.len;
+                self.bufs[token] = c.buf;
+                if can_issue(self, now) {
+                    self.issue(token, now)?;
+                }
+            }
+            if n > 0 {
+                last_done = now;
+                prog.ios.fetch_add(n, Relaxed);
+                prog.bytes.fetch_add(bytes, Relaxed);
+            }
+        }
+        out.window = if measuring {
+            last_done.saturating_duration_since(window_start)
+        } else {
+            Duration::ZERO
+        };
+        clock.end(self.spec.numjobs as usize);
+        if spec.verify && spec.rw.writes() {
+            prog.set_phase(Phase::Verify);
+            out.verified = self.read_back(stop, prog)?;
+        } else if spec.verify {
+            out.verified = out.read.ios;
+        }
+        Ok(out)
+    }
+
+    /// Read back every block this job wrote (or laid out) and check it.
+    fn read_back(&mut self, stop: &AtomicBool, prog: &Progress) -> Result<u64, BenchError> {
+        let mut next = 0u64;
+        let mut checked = 0u64;
+        let mut comps = Vec::new();
+        prog.bytes.store(0, Relaxed);
+        prog.total.store(self.nblocks * self.bs, Relaxed);
+        loop {
+            for t in 0..self.bufs.len() {
+                if self.bufs[t].is_none() {
+                    continue;
+                }
+                while next < self.nblocks && self.seeds[next as usize] == 0 {
+                    next += 1;
+                }
+                if next >= self.nblocks || stop.load(Relaxed) {
+                    break;
+                }
+                let buf = self.bufs[t].take().expect("idle");
+                let off = self.start + next * self.bs;
+                self.q
+                    .submit_read(off, buf, t as u64)
+                    .map_err(|r| BenchError::Setup(r.error))?;
+                next += 1;
+            }
+            if self.q.in_flight() == 0 {
+                break;
+            }
+            self.q.wait(1, Duration::from_secs(1), &mut comps)?;
+            for c in comps.drain(..) {
+                let token = c.token as usize;
+                if let Err(e) = c.result {
+                    return Err(e.into());
+                }
+                self.check_read(&c)?;
+                prog.bytes.fetch_add(c.len, Relaxed);
+                checked += 1;
+                self.bufs[token] = c.buf;
+            }
+        }
+        Ok(checked)
+    }
+}
+
+impl Clocks {
+    fn start(&self) {
+        if self.started.fetch_add(1, Relaxed) == 0 {
+            *self.cpu_start.lock().unwrap() = Some(process_cpu());
+        }
+    }
+    fn end(&self, jobs: usize) {
+        if self.ended.fetch_add(1, Relaxed) + 1 == jobs {
+            *self.cpu_end.lock().unwrap() = Some(process_cpu());
+        }
+    }
+}
