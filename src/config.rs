@@ -343,10 +343,11 @@ impl EngineConfig {
     pub fn load(file: Option<&Path>) -> Result<Self> {
         let mut c = Self::default();
         if let Some(p) = file {
-            let text = std::fs::read_to_string(p).map_err(|e| Error::Os {
-                op: "read config file",
-                path: p.to_path_buf(),
-                source: e,
+            let text = std::fs::read_to_string(p).map_err(|e| {
+                Error::config(
+                    format!("config file {}", p.display()),
+                    format!("cannot read: {e}"),
+                )
             })?;
             c.apply_toml(&text, &p.display().to_string())?;
         }

@@ -99,16 +99,16 @@ struct BenchArgs {
     #[arg(long, value_parser = dur_arg)]
     runtime: Option<Duration>,
     /// Run for --runtime, wrapping over the region, instead of stopping after --size.
-    #[arg(long = "time_based", num_args = 0..=1, default_missing_value = "1", value_parser = bool01, default_value = "0")]
+    #[arg(long = "time_based", action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "1", value_parser = bool01, default_value = "0")]
     time_based: bool,
     /// Run this long before measuring.
     #[arg(long = "ramp_time", value_parser = dur_arg)]
     ramp_time: Option<Duration>,
     /// 1: O_DIRECT (bypass the page cache); 0: buffered.
-    #[arg(long, default_value = "1", value_parser = bool01)]
+    #[arg(long, action = clap::ArgAction::Set, default_value = "1", value_parser = bool01)]
     direct: bool,
     /// Write blocks with a header (offset, seed, CRC32C) and check everything read back.
-    #[arg(long, num_args = 0..=1, default_missing_value = "crc32c", value_parser = verify_arg, default_value = "0")]
+    #[arg(long, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "crc32c", value_parser = verify_arg, default_value = "0")]
     verify: bool,
     /// auto, uring or psync (overrides config and RIO_BACKEND).
     #[arg(long)]
@@ -197,7 +197,7 @@ fn main() -> ExitCode {
 fn init_logging(cfg: &EngineConfig) {
     let filter = std::env::var("RIO_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
-        .unwrap_or_else(|_| "info".into());
+        .unwrap_or_else(|_| "warn".into());
     let filter = tracing_subscriber::EnvFilter::try_new(&filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let b = tracing_subscriber::fmt()

@@ -142,12 +142,22 @@ impl Target {
         };
         if opts.write
             && let TargetKind::BlockDevice { name, .. } = &kind
-            && let Some(reason) = block_device_in_use(name)
         {
-            return Err(Error::InUse {
-                path: path.to_path_buf(),
-                reason,
-            });
+            if let Some(reason) = block_device_in_use(name) {
+                return Err(Error::InUse {
+                    path: path.to_path_buf(),
+                    reason,
+                });
+            }
+            // The kernel lets a read-only device be opened for writing and fails each write
+            // with EPERM; refuse up front instead.
+            let ro = std::fs::read_to_string(format!("/sys/class/block/{name}/ro"));
+            if ro.is_ok_and(|s| s.trim() == "1") {
+                return Err(Error::BadTarget {
+                    path: path.to_path_buf(),
+                    what: "is a read-only device and cannot be opened for writing".into(),
+                });
+            }
         }
         let mut oo = std::fs::OpenOptions::new();
         oo.read(true).write(opts.write);
@@ -282,8 +292,14 @@ fn sysfs_block_name(rdev: u64) -> Option<String> {
 /// Looks at the device and all its partitions: mounts (/proc/self/mountinfo), swap
 /// (/proc/swaps) and holders (/sys/class/block/*/holders: dm, md, bcache...).
 pub fn block_device_in_use(name: &str) -> Option<String> {
+    in_use_at(Path::new("/"), name)
+}
+
+/// [`block_device_in_use`] with `/sys` and `/proc` read under `root` (tests fake them).
+fn in_use_at(root: &Path, name: &str) -> Option<String> {
+    let at = |p: String| root.join(p.trim_start_matches('/'));
     let mut devs = vec![name.to_string()];
-    if let Ok(rd) = std::fs::read_dir(format!("/sys/class/block/{name}")) {
+    if let Ok(rd) = std::fs::read_dir(at(format!("/sys/class/block/{name}"))) {
         for e in rd.flatten() {
             let n = e.file_name().to_string_lossy().into_owned();
             if n.starts_with(name) && e.path().join("partition").exists() {
@@ -294,11 +310,11 @@ pub fn block_device_in_use(name: &str) -> Option<String> {
     let numbers: Vec<(String, String)> = devs
         .iter()
         .filter_map(|d| {
-            let n = std::fs::read_to_string(format!("/sys/class/block/{d}/dev")).ok()?;
+            let n = std::fs::read_to_string(at(format!("/sys/class/block/{d}/dev"))).ok()?;
             Some((d.clone(), n.trim().to_string()))
         })
         .collect();
-    if let Ok(mi) = std::fs::read_to_string("/proc/self/mountinfo") {
+    if let Ok(mi) = std::fs::read_to_string(at("/proc/self/mountinfo".into())) {
         for line in mi.lines() {
             let f: Vec<&str> = line.split_whitespace().collect();
             if f.len() > 4
@@ -308,7 +324,7 @@ pub fn block_device_in_use(name: &str) -> Option<String> {
             }
         }
     }
-    if let Ok(sw) = std::fs::read_to_string("/proc/swaps") {
+    if let Ok(sw) = std::fs::read_to_string(at("/proc/swaps".into())) {
         for line in sw.lines().skip(1) {
             let Some(p) = line.split_whitespace().next() else {
                 continue;
@@ -325,7 +341,7 @@ pub fn block_device_in_use(name: &str) -> Option<String> {
         }
     }
     for d in &devs {
-        if let Ok(rd) = std::fs::read_dir(format!("/sys/class/block/{d}/holders")) {
+        if let Ok(rd) = std::fs::read_dir(at(format!("/sys/class/block/{d}/holders"))) {
             let holders: Vec<String> = rd
                 .flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -404,6 +420,49 @@ mod tests {
             t.geometry.check_range(u64::MAX - 4095, 4096),
             Err(Error::Alignment { .. } | Error::OutOfRange { .. })
         ));
+    }
+
+    /// Holders (dm, md) cannot be created on the development host (its kernel has no
+    /// device-mapper), so this case runs against a faked sysfs; mounts, swap and partitions
+    /// are exercised on real loop devices in tests/cli.rs.
+    #[test]
+    fn holders_of_a_partition_mark_the_disk_in_use() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        let mk = |p: &str, content: Option<&str>| {
+            let path = r.join(p);
+            match content {
+                Some(c) => {
+                    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+                    std::fs::write(path, c).unwrap();
+                }
+                None => std::fs::create_dir_all(path).unwrap(),
+            }
+        };
+        mk("sys/class/block/vdz/dev", Some("250:0\n"));
+        mk("sys/class/block/vdz/holders", None);
+        mk("sys/class/block/vdz/vdz1/partition", Some("1\n"));
+        mk("sys/class/block/vdz1/dev", Some("250:1\n"));
+        mk("sys/class/block/vdz1/holders", None);
+        mk(
+            "proc/self/mountinfo",
+            Some("22 1 8:1 / / rw - ext4 /dev/sda1 rw\n"),
+        );
+        mk("proc/swaps", Some("Filename Type Size Used Priority\n"));
+        assert_eq!(in_use_at(r, "vdz"), None);
+        mk("sys/class/block/vdz1/holders/dm-3", Some(""));
+        assert_eq!(
+            in_use_at(r, "vdz").as_deref(),
+            Some("/dev/vdz1 is held by dm-3")
+        );
+        mk(
+            "proc/self/mountinfo",
+            Some("22 1 250:1 / /data rw - ext4 /dev/vdz1 rw\n"),
+        );
+        assert_eq!(
+            in_use_at(r, "vdz").as_deref(),
+            Some("/dev/vdz1 is mounted on /data")
+        );
     }
 
     #[test]

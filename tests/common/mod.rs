@@ -1,0 +1,119 @@
+//! Shared helpers for integration tests: temporary files, loop devices, and the rule that
+//! a test needing privileges fails under CI=true and skips (with the reason) elsewhere.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// True when running in CI, where every test must run.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")
+}
+
+/// Skip (outside CI) or fail (in CI) because `what` is missing.
+pub fn missing(what: &str) -> Option<std::convert::Infallible> {
+    if in_ci() {
+        panic!("CI=true and this test needs {what}");
+    }
+    eprintln!("SKIPPED: this test needs {what}");
+    None
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A loop block device over a sparse backing file, detached on drop.
+pub struct LoopDev {
+    pub path: PathBuf,
+    pub backing: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl LoopDev {
+    /// Attach a loop device of `size` bytes (logical block size `lbs`), or `None` (outside CI)
+    /// when not root or losetup is unavailable.
+    pub fn new(size: u64, lbs: u32) -> Option<LoopDev> {
+        Self::with_args(size, lbs, &[])
+    }
+
+    /// Read-only loop device.
+    pub fn read_only(size: u64) -> Option<LoopDev> {
+        Self::with_args(size, 512, &["--read-only"])
+    }
+
+    fn with_args(size: u64, lbs: u32, extra: &[&str]) -> Option<LoopDev> {
+        if !is_root() {
+            missing("root (to attach loop devices)")?;
+        }
+        let dir = tempfile::tempdir_in(backing_dir()).expect("temp dir");
+        let backing = dir.path().join("backing.img");
+        let f = std::fs::File::create(&backing).expect("create backing");
+        f.set_len(size).expect("size backing");
+        drop(f);
+        let lbs_arg = format!("--sector-size={lbs}");
+        let mut args = vec!["--find", "--show", lbs_arg.as_str()];
+        args.extend_from_slice(extra);
+        let out = match Command::new("losetup").args(&args).arg(&backing).output() {
+            Ok(o) => o,
+            Err(e) => {
+                missing(&format!("losetup ({e})"))?;
+                unreachable!()
+            }
+        };
+        if !out.status.success() {
+            missing(&format!(
+                "a free loop device (losetup: {})",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))?;
+        }
+        let path = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+        Some(LoopDev {
+            path,
+            backing,
+            _dir: dir,
+        })
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.path).status();
+    }
+}
+
+/// Directory for backing files: on a real file system (O_DIRECT must work).
+pub fn backing_dir() -> PathBuf {
+    std::env::var_os("RIO_TEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp"))
+}
+
+/// A temporary regular file of `size` bytes filled with `byte`.
+pub fn temp_file(size: usize, byte: u8) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir_in(backing_dir()).expect("temp dir");
+    let p = dir.path().join("data");
+    std::fs::write(&p, vec![byte; size]).expect("write temp file");
+    (dir, p)
+}
+
+/// CRC of a file's contents, to prove a failed command wrote nothing.
+pub fn digest(p: &Path) -> u32 {
+    crc32c::crc32c(&std::fs::read(p).expect("read for digest"))
+}
+
+/// Run `cmd`, panicking with its output if it fails.
+pub fn sh(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
