@@ -57,7 +57,7 @@ fn write_read_verify(e: &Engine) {
         q.submit_write(off, b, i).unwrap();
     }
     assert_eq!(q.in_flight(), 32);
-    let mut seen = vec![false; 32];
+    let mut seen = [false; 32];
     while out.len() < 32 {
         q.wait(32, Duration::from_secs(10), &mut out).unwrap();
     }
