@@ -1,1 +1,90 @@
-fn main() {}
+//! Criterion benches of the engine's own costs, each beside a peer measured in the same run:
+//! - buffer arena get/put against `std::alloc` with 4 KiB alignment;
+//! - one QD32 batch of 4 KiB reads served from the page cache (buffered, so the device is out
+//!   of the picture): uring against psync, the software cost per I/O of each backend;
+//! - verify block fill and check (CRC32C + data generation) per 4 KiB block.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use rio::buf::Arena;
+use rio::config::BackendChoice;
+use rio::target::OpenOptions;
+use rio::{Engine, EngineConfig};
+
+fn buffers(c: &mut Criterion) {
+    let mut g = c.benchmark_group("buffer_4k_get_put");
+    let arena = Arena::new(4 << 20, false).unwrap();
+    g.bench_function("rio_arena", |b| {
+        b.iter(|| black_box(arena.alloc(4096).unwrap()));
+    });
+    let layout = std::alloc::Layout::from_size_align(4096, 4096).unwrap();
+    g.bench_function("std_alloc_aligned", |b| {
+        b.iter(|| {
+            // SAFETY: layout has non-zero size; the pointer is freed with the same layout.
+            unsafe {
+                let p = std::alloc::alloc(layout);
+                black_box(p);
+                std::alloc::dealloc(p, layout);
+            }
+        });
+    });
+    g.finish();
+}
+
+fn queue_batch(c: &mut Criterion) {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let path = dir.path().join("bench.dat");
+    std::fs::write(&path, vec![1u8; 8 << 20]).unwrap();
+    let mut g = c.benchmark_group("qd32_batch_4k_read_page_cache");
+    g.measurement_time(Duration::from_secs(3));
+    for backend in [BackendChoice::Uring, BackendChoice::Psync] {
+        let cfg = EngineConfig {
+            backend,
+            direct: false,
+            ..Default::default()
+        };
+        let e = Engine::open(&cfg, path.to_str().unwrap(), OpenOptions::default()).unwrap();
+        let mut q = e.queue(Some(32)).unwrap();
+        let mut bufs: Vec<_> = (0..32).map(|_| Some(q.alloc_buf(4096).unwrap())).collect();
+        let mut out = Vec::with_capacity(32);
+        let name = format!("{backend:?}").to_lowercase();
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                for (i, buf) in bufs.iter_mut().enumerate() {
+                    q.submit_read(
+                        i as u64 * 4096 * 7 % (8 << 20),
+                        buf.take().unwrap(),
+                        i as u64,
+                    )
+                    .unwrap();
+                }
+                let mut n = 0;
+                while n < 32 {
+                    n += q.wait(32 - n, Duration::from_secs(5), &mut out).unwrap();
+                }
+                for c in out.drain(..) {
+                    bufs[c.token as usize] = c.buf;
+                }
+            });
+        });
+    }
+    g.finish();
+}
+
+fn verify_blocks(c: &mut Criterion) {
+    let mut g = c.benchmark_group("verify_4k_block");
+    let mut block = vec![0u8; 4096];
+    g.bench_function("fill", |b| {
+        b.iter(|| rio::bench::verify::fill_block(black_box(&mut block), 8192, 42));
+    });
+    rio::bench::verify::fill_block(&mut block, 8192, 42);
+    g.bench_function("check", |b| {
+        b.iter(|| rio::bench::verify::check_block(black_box(&block), 8192, Some(42)).unwrap());
+    });
+    g.finish();
+}
+
+criterion_group!(benches, buffers, queue_batch, verify_blocks);
+criterion_main!(benches);

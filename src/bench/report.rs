@@ -114,7 +114,11 @@ impl DirStats {
             bw_bytes: rate(bytes) as u64,
             iops: rate(ios),
             total_ios: ios,
-            runtime: window.as_millis() as u64,
+            runtime: if ios > 0 {
+                window.as_millis() as u64
+            } else {
+                0
+            },
             lat_ns: LatStats {
                 min: if ios > 0 { hist.min() } else { 0 },
                 max: if ios > 0 { hist.max() } else { 0 },

@@ -102,7 +102,6 @@ pub fn run(
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let clock = Clocks::default();
     let progs: Vec<Progress> = (0..spec.numjobs).map(|_| Progress::default()).collect();
-    let t0 = Instant::now();
     let outcomes: Vec<Result<JobOutcome, BenchError>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..spec.numjobs as usize)
             .map(|i| {
@@ -111,7 +110,10 @@ pub fn run(
                 } else {
                     spec.offset
                 };
-                let core = (!cores.is_empty()).then(|| cores[i % cores.len()]);
+                // Several jobs are spread one per core. A single job is not pinned: the
+                // scheduler keeps it off the core that takes the device's interrupts where
+                // those are not per-queue (virtio, most SATA/SAS), which pinning could not know.
+                let core = (spec.numjobs > 1 && !cores.is_empty()).then(|| cores[i % cores.len()]);
                 let (prog, clock) = (&progs[i], &clock);
                 std::thread::Builder::new()
                     .name(format!("rio-job-{i}"))
@@ -119,7 +121,7 @@ pub fn run(
                         if let Some(c) = core {
                             core_affinity::set_for_current(c);
                         }
-                        let r = Job::new(engine, spec, opts, i as u64, start, per_job, t0)
+                        let r = Job::new(engine, spec, opts, i as u64, start, per_job)
                             .and_then(|mut j| j.run(stop, prog, clock));
                         prog.set_phase(Phase::Done);
                         if r.is_err() {
@@ -279,7 +281,6 @@ impl<'a> Job<'a> {
         idx: u64,
         start: u64,
         len: u64,
-        t0: Instant,
     ) -> Result<Job<'a>, BenchError> {
         let bs = spec.bs as u64;
         let nblocks = len / bs;
@@ -318,13 +319,13 @@ impl<'a> Job<'a> {
             start,
             nblocks,
             bs,
-            t0,
+            t0: Instant::now(),
             rng,
             cursor: 0,
             read_pct: spec.rw.read_percent(spec.rwmixread) as u64,
             seeds,
             generation: 1,
-            submitted: vec![t0; spec.iodepth as usize],
+            submitted: vec![Instant::now(); spec.iodepth as usize],
             inflight_off: vec![u64::MAX; spec.iodepth as usize],
             bufs,
             issued: 0,
@@ -342,13 +343,19 @@ impl<'a> Job<'a> {
             return b;
         }
         let mut b = self.rng.below(self.nblocks);
-        if self.spec.verify && self.spec.rw == super::RwMode::RandRw {
-            for _ in 0..16 {
-                let off = self.start + b * self.bs;
-                if !self.inflight_off.contains(&off) {
-                    break;
-                }
-                b = self.rng.below(self.nblocks);
+        if self.spec.verify && self.spec.rw.writes() {
+            // Two operations on one block in flight at once could complete in either order,
+            // and the seed table could no longer say what the block holds. Re-roll, then scan;
+            // a free block exists because validation keeps nblocks > iodepth under --verify.
+            let busy = |j: &Self, b: u64| j.inflight_off.contains(&(j.start + b * j.bs));
+            let mut tries = 0;
+            while busy(self, b) {
+                tries += 1;
+                b = if tries < 32 {
+                    self.rng.below(self.nblocks)
+                } else {
+                    (b + 1) % self.nblocks
+                };
             }
         }
         b
@@ -397,6 +404,8 @@ impl<'a> Job<'a> {
         clock: &Clocks,
     ) -> Result<JobOutcome, BenchError> {
         let spec = self.spec;
+        // The clock starts when the job is ready to submit (queue built, buffers filled).
+        self.t0 = Instant::now();
         let measure_at = self.t0 + spec.ramp_time;
         let end_at = spec.runtime.map(|r| measure_at + r);
         let mut out = JobOutcome::new();

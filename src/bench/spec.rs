@@ -234,6 +234,17 @@ impl BenchSpec {
         } else {
             size
         };
+        if self.verify && per_job / self.bs as u64 <= self.iodepth as u64 {
+            return Err(bad(
+                "--size",
+                format!(
+                    "--verify needs more blocks per job than --iodepth ({} blocks of {} bytes, iodepth {})",
+                    per_job / self.bs as u64,
+                    self.bs,
+                    self.iodepth
+                ),
+            ));
+        }
         if per_job < self.bs as u64 {
             return Err(bad(
                 "--size",
