@@ -265,3 +265,26 @@ fn pcie_targets_say_what_is_missing() {
     .unwrap_err();
     assert!(e.to_string().contains("vfio"), "{e}");
 }
+
+#[test]
+fn uring_sqpoll_passes_the_suite() {
+    let (_d, p) = temp_file(8 << 20, 0);
+    let cfg = EngineConfig {
+        backend: BackendChoice::Uring,
+        sqpoll: true,
+        sqpoll_idle_ms: 10,
+        ..Default::default()
+    };
+    let e = Engine::open(
+        &cfg,
+        p.to_str().unwrap(),
+        OpenOptions {
+            write: true,
+            direct: true,
+            create: false,
+        },
+    )
+    .unwrap();
+    write_read_verify(&e);
+    zeroes_and_deallocate(&e);
+}
