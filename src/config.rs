@@ -79,6 +79,9 @@ pub struct EngineConfig {
     pub sqpoll: bool,
     /// io_uring: SQPOLL thread idle time before it sleeps, in milliseconds.
     pub sqpoll_idle_ms: u32,
+    /// io_uring: hand SQEs to the kernel as soon as this many are pending (0: once per
+    /// `poll`/`wait`, one `io_uring_enter` per batch).
+    pub submit_batch: u32,
     /// io_uring: polled completions (IOPOLL). `Auto` uses them on NVMe devices with poll queues.
     pub iopoll: Switch,
     /// psync: worker threads per queue.
@@ -101,6 +104,7 @@ impl Default for EngineConfig {
             hugepages: true,
             sqpoll: false,
             sqpoll_idle_ms: 100,
+            submit_batch: 0,
             iopoll: Switch::Auto,
             psync_threads: 8,
             target_latency_us: None,
@@ -211,6 +215,16 @@ pub const KNOBS: &[Knob] = &[
         help: "idle time before the SQPOLL thread sleeps",
         apply: |c, s| {
             c.sqpoll_idle_ms = int_in(s, 1, 60_000)?;
+            Ok(())
+        },
+    },
+    Knob {
+        key: "submit_batch",
+        env: &["RIO_SUBMIT_BATCH"],
+        accepted: "0..=4096",
+        help: "io_uring: submit once this many operations are pending; 0 submits once per poll",
+        apply: |c, s| {
+            c.submit_batch = int_in(s, 0, 4096)?;
             Ok(())
         },
     },

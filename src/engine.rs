@@ -126,6 +126,7 @@ impl Engine {
                 let opts = UringOptions {
                     sqpoll: self.config.sqpoll.then_some(self.config.sqpoll_idle_ms),
                     iopoll: self.selection.iopoll,
+                    submit_batch: self.config.submit_batch,
                 };
                 let (q, feats) =
                     UringQueue::new(file, arena.region(), depth, opts).map_err(|e| {

@@ -288,3 +288,25 @@ fn uring_sqpoll_passes_the_suite() {
     write_read_verify(&e);
     zeroes_and_deallocate(&e);
 }
+
+#[test]
+fn uring_eager_submission_passes_the_suite() {
+    let (_d, p) = temp_file(8 << 20, 0);
+    let cfg = EngineConfig {
+        backend: BackendChoice::Uring,
+        submit_batch: 1,
+        ..Default::default()
+    };
+    let e = Engine::open(
+        &cfg,
+        p.to_str().unwrap(),
+        OpenOptions {
+            write: true,
+            direct: true,
+            create: false,
+        },
+    )
+    .unwrap();
+    write_read_verify(&e);
+    errors_and_buffer_return(&e);
+}

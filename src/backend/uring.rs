@@ -22,6 +22,8 @@ use crate::queue::OpKind;
 pub(crate) struct UringOptions {
     pub sqpoll: Option<u32>,
     pub iopoll: bool,
+    /// Submit as soon as this many SQEs are pending (0: only at the next poll or wait).
+    pub submit_batch: u32,
 }
 
 /// Largest single registered buffer the kernel accepts.
@@ -35,6 +37,7 @@ pub(crate) struct UringQueue {
     fixed_bufs: Option<(usize, usize)>,
     /// SQEs pushed and not yet handed to the kernel.
     pending: u32,
+    submit_batch: u32,
     iopoll: bool,
     /// Completions of operations done inline (non-read/write ops on an IOPOLL ring).
     inline_done: Vec<Reaped>,
@@ -118,6 +121,7 @@ impl UringQueue {
                 fixed_file,
                 fixed_bufs,
                 pending: 0,
+                submit_batch: opts.submit_batch,
                 iopoll: opts.iopoll,
                 inline_done: Vec::new(),
                 abandoned: false,
@@ -194,6 +198,25 @@ impl UringQueue {
             depth: self.ring.params().sq_entries(),
         })?;
         self.pending += 1;
+        if self.submit_batch > 0 && self.pending >= self.submit_batch {
+            // Hand a full batch to the kernel now rather than at the next poll.
+            match self.ring.submit() {
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINTR | libc::EBUSY | libc::EAGAIN)
+                    ) => {}
+                Err(e) => {
+                    return Err(Error::Os {
+                        op: "io_uring_enter",
+                        path: "io_uring".into(),
+                        source: e,
+                    });
+                }
+            }
+            self.pending = self.ring.submission().len() as u32;
+        }
         Ok(())
     }
 
