@@ -11,6 +11,19 @@ use rio::config::BackendChoice;
 use rio::target::OpenOptions;
 use rio::{Completion, Engine, EngineConfig, Error, OpKind};
 
+fn open_rw(cfg: &EngineConfig, path: &std::path::Path) -> Engine {
+    Engine::open(
+        cfg,
+        path.to_str().unwrap(),
+        OpenOptions {
+            write: true,
+            direct: true,
+            create: false,
+        },
+    )
+    .expect("open engine")
+}
+
 fn engine(backend: BackendChoice, path: &std::path::Path) -> Engine {
     let cfg = EngineConfig {
         backend,
@@ -275,16 +288,7 @@ fn uring_sqpoll_passes_the_suite() {
         sqpoll_idle_ms: 10,
         ..Default::default()
     };
-    let e = Engine::open(
-        &cfg,
-        p.to_str().unwrap(),
-        OpenOptions {
-            write: true,
-            direct: true,
-            create: false,
-        },
-    )
-    .unwrap();
+    let e = open_rw(&cfg, &p);
     write_read_verify(&e);
     zeroes_and_deallocate(&e);
 }
@@ -297,16 +301,7 @@ fn uring_eager_submission_passes_the_suite() {
         submit_batch: 1,
         ..Default::default()
     };
-    let e = Engine::open(
-        &cfg,
-        p.to_str().unwrap(),
-        OpenOptions {
-            write: true,
-            direct: true,
-            create: false,
-        },
-    )
-    .unwrap();
+    let e = open_rw(&cfg, &p);
     write_read_verify(&e);
     errors_and_buffer_return(&e);
 }

@@ -200,21 +200,7 @@ impl UringQueue {
         self.pending += 1;
         if self.submit_batch > 0 && self.pending >= self.submit_batch {
             // Hand a full batch to the kernel now rather than at the next poll.
-            match self.ring.submit() {
-                Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::EINTR | libc::EBUSY | libc::EAGAIN)
-                    ) => {}
-                Err(e) => {
-                    return Err(Error::Os {
-                        op: "io_uring_enter",
-                        path: "io_uring".into(),
-                        source: e,
-                    });
-                }
-            }
+            enter_result(self.ring.submit())?;
             self.pending = self.ring.submission().len() as u32;
         }
         Ok(())
@@ -270,23 +256,7 @@ impl UringQueue {
                 }
                 (w, None) => sub.submit_and_wait(w as usize),
             };
-            match r {
-                Ok(_) => {}
-                // ETIME: the wait timed out; EINTR: a signal (Ctrl-C) - the caller re-checks;
-                // EBUSY/EAGAIN: completions must be reaped before more can be submitted.
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN)
-                    ) => {}
-                Err(e) => {
-                    return Err(Error::Os {
-                        op: "io_uring_enter",
-                        path: "io_uring".into(),
-                        source: e,
-                    });
-                }
-            }
+            enter_result(r)?;
             self.pending = self.ring.submission().len() as u32;
         }
         for cqe in self.ring.completion() {
@@ -310,6 +280,28 @@ impl Drop for UringQueue {
             // the buffers they target are leaked by the queue, so nothing is freed under them.
             tracing::debug!("dropping io_uring with requests outstanding");
         }
+    }
+}
+
+/// Map an `io_uring_enter` result: ETIME (a wait timed out), EINTR (a signal such as Ctrl-C;
+/// the caller re-checks its stop flag) and EBUSY/EAGAIN (completions must be reaped before more
+/// can be submitted; SQEs stay queued) are not failures.
+fn enter_result(r: std::io::Result<usize>) -> Result<()> {
+    match r {
+        Ok(_) => Ok(()),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN)
+            ) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(Error::Os {
+            op: "io_uring_enter",
+            path: "io_uring".into(),
+            source: e,
+        }),
     }
 }
 
