@@ -69,6 +69,11 @@ pub enum Error {
     #[error(transparent)]
     Io(#[from] IoError),
 
+    /// A backend reported a completion for a slot that is not in flight (never expected; the
+    /// completion is dropped rather than used to index the queue's state).
+    #[error("backend {backend} completed unknown or idle slot {slot}")]
+    BadCompletion { backend: &'static str, slot: u32 },
+
     /// Waiting for completions exceeded the deadline.
     #[error("timed out after {0:?} waiting for completions")]
     Timeout(std::time::Duration),

@@ -321,9 +321,9 @@ impl Queue {
             .slots
             .get_mut(r.slot as usize)
             .and_then(Option::take)
-            .ok_or_else(|| Error::BackendUnavailable {
-                backend: "completion",
-                reason: format!("backend returned unknown or idle slot {}", r.slot),
+            .ok_or(Error::BadCompletion {
+                backend: self.backend.name(),
+                slot: r.slot,
             })?;
         self.free.push(r.slot);
         let result = if r.res < 0 {

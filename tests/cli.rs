@@ -44,6 +44,37 @@ fn assert_usage_error(out: &Output, needle: &str) {
     assert!(!err.contains("panicked"), "{err}");
 }
 
+/// A 1 MiB forced write to `dev`, which the tests expect to be refused.
+fn forced_write(dev: &str) -> Output {
+    run(&[
+        "bench",
+        "--filename",
+        dev,
+        "--rw",
+        "write",
+        "--force",
+        "--size",
+        "1m",
+    ])
+}
+
+/// A file system mounted for the length of a test; unmounted on drop, also when it panics.
+struct Mounted(tempfile::TempDir);
+
+impl Mounted {
+    fn new(dev: &str) -> Mounted {
+        let dir = tempfile::tempdir().unwrap();
+        sh("mount", &[dev, dir.path().to_str().unwrap()]);
+        Mounted(dir)
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.0.path()).status();
+    }
+}
+
 /// Each bad input on a real file: exit 2, one line, and the file is unchanged.
 #[test]
 fn bad_inputs_on_a_file() {
@@ -209,36 +240,17 @@ fn block_device_writes_need_force_and_an_unused_device() {
 
     // Mounted: refused even with --force, and says where.
     sh("mkfs.ext4", &["-q", "-F", dev]);
-    let mnt = tempfile::tempdir().unwrap();
-    sh("mount", &[dev, mnt.path().to_str().unwrap()]);
+    let mnt = Mounted::new(dev);
     let before = digest(&l.backing);
-    let out = run(&[
-        "bench",
-        "--filename",
-        dev,
-        "--rw",
-        "write",
-        "--force",
-        "--size",
-        "1m",
-    ]);
-    sh("umount", &[mnt.path().to_str().unwrap()]);
+    let out = forced_write(dev);
+    drop(mnt);
     assert_usage_error(&out, "mounted on");
     assert_eq!(digest(&l.backing), before);
 
     // Swap: refused.
     sh("mkswap", &["-q", dev]);
     sh("swapon", &[dev]);
-    let out = run(&[
-        "bench",
-        "--filename",
-        dev,
-        "--rw",
-        "write",
-        "--force",
-        "--size",
-        "1m",
-    ]);
+    let out = forced_write(dev);
     sh("swapoff", &[dev]);
     assert_usage_error(&out, "swap");
 
@@ -289,19 +301,9 @@ fn partition_in_use_blocks_whole_disk() {
         std::thread::sleep(Duration::from_millis(100));
     }
     sh("mkfs.ext4", &["-q", "-F", &part]);
-    let mnt = tempfile::tempdir().unwrap();
-    sh("mount", &[&part, mnt.path().to_str().unwrap()]);
-    let out = run(&[
-        "bench",
-        "--filename",
-        dev,
-        "--rw",
-        "write",
-        "--force",
-        "--size",
-        "1m",
-    ]);
-    sh("umount", &[mnt.path().to_str().unwrap()]);
+    let mnt = Mounted::new(&part);
+    let out = forced_write(dev);
+    drop(mnt);
     let _ = Command::new("partx").args(["-d", dev]).status();
     assert_usage_error(&out, "p1 is mounted on");
 }
