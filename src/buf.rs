@@ -83,6 +83,10 @@ impl Arena {
     }
 
     /// Whether the arena sits on hugepages.
+    pub fn page_kind(&self) -> PageKind {
+        self.map.kind()
+    }
+
     pub fn on_hugepages(&self) -> bool {
         self.map.kind() == PageKind::Huge2M
     }

@@ -19,6 +19,9 @@ pub enum BackendChoice {
     Uring,
     /// A thread pool doing pread/pwrite (for hosts whose seccomp forbids io_uring).
     Psync,
+    /// The userspace NVMe driver (`pcie://` targets through vfio-pci; `sim://` through the
+    /// software controller model).
+    Vfio,
 }
 
 impl BackendChoice {
@@ -27,7 +30,10 @@ impl BackendChoice {
             "auto" => Ok(Self::Auto),
             "uring" | "io_uring" | "io-uring" => Ok(Self::Uring),
             "psync" | "pread" => Ok(Self::Psync),
-            _ => Err(format!("expected one of auto, uring, psync; got '{s}'")),
+            "vfio" | "nvme" | "spdk-like" => Ok(Self::Vfio),
+            _ => Err(format!(
+                "expected one of auto, uring, psync, vfio; got '{s}'"
+            )),
         }
     }
 }
@@ -92,6 +98,19 @@ pub struct EngineConfig {
     pub realtime_monitoring: bool,
     /// Log format of the CLI.
     pub log_format: LogFormat,
+    /// NVMe driver: entries per I/O queue (0: twice the queue depth, 64..=1024, capped by the
+    /// controller's CAP.MQES).
+    pub nvme_queue_entries: u16,
+    /// NVMe driver: abort a command outstanding this long, in milliseconds (0: never).
+    pub nvme_timeout_ms: u64,
+    /// NVMe driver: admin command timeout, and how long an abort may take before the
+    /// controller is reset, in milliseconds.
+    pub nvme_admin_timeout_ms: u64,
+    /// NVMe driver: use shadow doorbells when the controller offers Doorbell Buffer Config.
+    pub nvme_shadow_doorbells: bool,
+    /// NVMe driver: accept controllers bound to uio_pci_generic (no IOMMU: the device can DMA
+    /// anywhere in physical memory).
+    pub allow_unsafe_dma: bool,
 }
 
 impl Default for EngineConfig {
@@ -110,6 +129,37 @@ impl Default for EngineConfig {
             target_latency_us: None,
             realtime_monitoring: false,
             log_format: LogFormat::Text,
+            nvme_queue_entries: 0,
+            nvme_timeout_ms: 30_000,
+            nvme_admin_timeout_ms: 5_000,
+            nvme_shadow_doorbells: true,
+            allow_unsafe_dma: false,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// Name of the configured backend choice, for messages.
+    pub fn backend_name(&self) -> &'static str {
+        match self.backend {
+            BackendChoice::Auto => "auto",
+            BackendChoice::Uring => "uring",
+            BackendChoice::Psync => "psync",
+            BackendChoice::Vfio => "vfio",
+        }
+    }
+
+    /// The NVMe driver's options.
+    pub fn nvme_options(&self) -> crate::nvme::NvmeOptions {
+        crate::nvme::NvmeOptions {
+            io_queue_entries: (self.nvme_queue_entries > 0).then_some(self.nvme_queue_entries),
+            command_timeout: (self.nvme_timeout_ms > 0)
+                .then(|| std::time::Duration::from_millis(self.nvme_timeout_ms)),
+            admin_timeout: std::time::Duration::from_millis(self.nvme_admin_timeout_ms),
+            shadow_doorbells: self.nvme_shadow_doorbells,
+            hugepages: self.hugepages,
+            max_io_queues: 64,
+            allow_unsafe_dma: self.allow_unsafe_dma,
         }
     }
 }
@@ -151,7 +201,7 @@ pub const KNOBS: &[Knob] = &[
     Knob {
         key: "backend",
         env: &["RIO_BACKEND"],
-        accepted: "auto, uring, psync",
+        accepted: "auto, uring, psync, vfio",
         help: "I/O backend; auto classifies the target and falls back on refusal",
         apply: |c, s| {
             c.backend = BackendChoice::parse(s)?;
@@ -268,6 +318,60 @@ pub const KNOBS: &[Knob] = &[
         help: "log IOPS, bandwidth and p99 every second while running",
         apply: |c, s| {
             c.realtime_monitoring = boolean(s)?;
+            Ok(())
+        },
+    },
+    Knob {
+        key: "nvme_queue_entries",
+        env: &["RIO_NVME_QUEUE_ENTRIES"],
+        accepted: "0, 2..=4096",
+        help: "NVMe driver: entries per I/O queue pair; 0 sizes it from the queue depth",
+        apply: |c, s| {
+            let v: u16 = int_in(s, 0, 4096)?;
+            if v == 1 {
+                return Err("a queue needs at least 2 entries".into());
+            }
+            c.nvme_queue_entries = v;
+            Ok(())
+        },
+    },
+    Knob {
+        key: "nvme_timeout_ms",
+        env: &["RIO_NVME_TIMEOUT_MS"],
+        accepted: "0..=3600000",
+        help: "NVMe driver: abort a command outstanding this long (ms); 0 disables timeouts",
+        apply: |c, s| {
+            c.nvme_timeout_ms = int_in(s, 0, 3_600_000)?;
+            Ok(())
+        },
+    },
+    Knob {
+        key: "nvme_admin_timeout_ms",
+        env: &["RIO_NVME_ADMIN_TIMEOUT_MS"],
+        accepted: "10..=600000",
+        help: "NVMe driver: admin command timeout, and how long an abort may take before the controller is reset (ms)",
+        apply: |c, s| {
+            c.nvme_admin_timeout_ms = int_in(s, 10, 600_000)?;
+            Ok(())
+        },
+    },
+    Knob {
+        key: "nvme_shadow_doorbells",
+        env: &["RIO_NVME_SHADOW_DOORBELLS"],
+        accepted: "true, false",
+        help: "NVMe driver: use shadow doorbells (Doorbell Buffer Config) when the controller offers them",
+        apply: |c, s| {
+            c.nvme_shadow_doorbells = boolean(s)?;
+            Ok(())
+        },
+    },
+    Knob {
+        key: "allow_unsafe_dma",
+        env: &["RIO_ALLOW_UNSAFE_DMA"],
+        accepted: "true, false",
+        help: "NVMe driver: accept controllers bound to uio_pci_generic, which can DMA to any physical memory (no IOMMU)",
+        apply: |c, s| {
+            c.allow_unsafe_dma = boolean(s)?;
             Ok(())
         },
     },

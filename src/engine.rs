@@ -1,15 +1,19 @@
 //! The engine: an open target, the backend chosen for it, and a factory of per-core queues.
 
 use std::rc::Rc;
+use std::sync::Arc;
 
+use crate::backend::nvme::NvmeQueue;
 use crate::backend::psync::PsyncQueue;
 use crate::backend::uring::{self, UringOptions, UringQueue};
 use crate::backend::{BackendQueue, is_refusal};
 use crate::buf::Arena;
 use crate::config::{BackendChoice, EngineConfig, Switch};
 use crate::error::{Error, Result};
+use crate::nvme::Controller;
+use crate::nvme::sim::SimConfig;
 use crate::queue::Queue;
-use crate::target::{OpenOptions, Target, TargetKind, TargetSpec};
+use crate::target::{Geometry, OpenOptions, Target, TargetKind, TargetSpec};
 
 /// The backend that serves an engine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -17,6 +21,10 @@ use crate::target::{OpenOptions, Target, TargetKind, TargetSpec};
 pub enum BackendKind {
     Uring,
     Psync,
+    /// The userspace NVMe driver on a controller bound to vfio-pci (or uio_pci_generic).
+    Vfio,
+    /// The userspace NVMe driver on the software controller model.
+    Sim,
 }
 
 impl BackendKind {
@@ -24,6 +32,8 @@ impl BackendKind {
         match self {
             BackendKind::Uring => "uring",
             BackendKind::Psync => "psync",
+            BackendKind::Vfio => "vfio",
+            BackendKind::Sim => "sim",
         }
     }
 }
@@ -43,6 +53,8 @@ pub struct Engine {
     config: EngineConfig,
     target: Target,
     selection: Selection,
+    /// The controller, for targets the userspace NVMe driver serves.
+    nvme: Option<Arc<Controller>>,
 }
 
 impl Engine {
@@ -51,19 +63,13 @@ impl Engine {
     pub fn open(config: &EngineConfig, target: &str, opts: OpenOptions) -> Result<Engine> {
         let path = match TargetSpec::parse(target) {
             TargetSpec::Path(p) => p,
-            TargetSpec::Pcie { addr, .. } => {
-                return Err(Error::BackendUnavailable {
-                    backend: "vfio",
-                    reason: format!(
-                        "PCIe target {addr} needs the userspace NVMe driver, which this build does not have yet"
-                    ),
-                });
+            TargetSpec::Pcie { addr, nsid } => {
+                return Engine::open_nvme(config, target, Some(&addr), None, nsid, opts);
             }
-            TargetSpec::Sim(_) => {
-                return Err(Error::BackendUnavailable {
-                    backend: "sim",
-                    reason: "the software controller model is not part of this build yet".into(),
-                });
+            TargetSpec::Sim(params) => {
+                let cfg = SimConfig::parse(&params)
+                    .map_err(|reason| Error::config("sim:// target", reason))?;
+                return Engine::open_nvme(config, target, None, Some(cfg), 1, opts);
             }
         };
         let opts = OpenOptions {
@@ -82,7 +88,136 @@ impl Engine {
             config: config.clone(),
             target,
             selection,
+            nvme: None,
         })
+    }
+
+    /// Start a software controller model built from `sim` (faults, latency, namespaces) and
+    /// open namespace `nsid` of it through the real driver. `sim://` targets do the same from a
+    /// string; this is for tests and embedders that need faults.
+    pub fn open_sim(
+        config: &EngineConfig,
+        sim: SimConfig,
+        nsid: u32,
+        opts: OpenOptions,
+    ) -> Result<Engine> {
+        Engine::open_nvme(
+            config,
+            &format!("sim://(ns={nsid})"),
+            None,
+            Some(sim),
+            nsid,
+            opts,
+        )
+    }
+
+    /// Open a namespace through the userspace NVMe driver: a PCI function (`addr`) or a fresh
+    /// software model (`sim`).
+    fn open_nvme(
+        config: &EngineConfig,
+        target: &str,
+        addr: Option<&str>,
+        sim: Option<SimConfig>,
+        nsid: u32,
+        opts: OpenOptions,
+    ) -> Result<Engine> {
+        if matches!(config.backend, BackendChoice::Uring | BackendChoice::Psync) {
+            return Err(Error::BackendUnavailable {
+                backend: config.backend_name(),
+                reason: format!(
+                    "{target} is driven by rio's userspace NVMe driver (backend vfio); for the kernel \
+                     path use the controller's block device /dev/nvmeXnY"
+                ),
+            });
+        }
+        if nsid == 0 {
+            return Err(Error::config(
+                "target",
+                format!("{target}: namespace ids start at 1 (pcie://ADDR/ns=N)"),
+            ));
+        }
+        let nopts = config.nvme_options();
+        let (ctrl, kind) = match (addr, sim) {
+            (Some(a), _) => (Controller::open_pcie(a, &nopts)?, BackendKind::Vfio),
+            (None, Some(cfg)) => (Controller::open_sim(cfg, &nopts)?, BackendKind::Sim),
+            (None, None) => unreachable!("open_nvme needs an address or a model"),
+        };
+        let ns = ctrl
+            .namespace(nsid)
+            .cloned()
+            .ok_or_else(|| Error::NotFound {
+                path: format!(
+                    "{target} (namespace {nsid}; active: {})",
+                    ctrl.namespaces()
+                        .iter()
+                        .map(|n| n.nsid.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+                .into(),
+            })?;
+        if ns.metadata_size > 0 {
+            return Err(Error::BadTarget {
+                path: target.into(),
+                what: format!(
+                    "namespace {nsid} is formatted with {} bytes of metadata per block, which rio does not support",
+                    ns.metadata_size
+                ),
+            });
+        }
+        let id = ctrl.identify_data();
+        let selection = Selection {
+            backend: kind,
+            reason: format!(
+                "{} target: userspace NVMe driver ({}, {} I/O queue pairs, max transfer {} KiB, {} doorbells)",
+                if kind == BackendKind::Sim {
+                    "sim://"
+                } else {
+                    "pcie://"
+                },
+                if kind == BackendKind::Sim {
+                    "software controller model".to_string()
+                } else {
+                    format!("{} over vfio", id.model())
+                },
+                ctrl.io_queue_count(),
+                ctrl.max_xfer() / 1024,
+                if ctrl.shadow_doorbells() {
+                    "shadow"
+                } else {
+                    "MMIO"
+                },
+            ),
+            iopoll: false,
+        };
+        tracing::info!(backend = kind.name(), reason = %selection.reason, "backend selected");
+        let target = Target {
+            path: target.into(),
+            kind: TargetKind::Nvme {
+                controller: ctrl.name.clone(),
+                nsid,
+            },
+            geometry: Geometry {
+                block_size: ns.block_size,
+                // PRP entries need dword alignment; buffers are page aligned anyway.
+                mem_align: 4,
+                size: ns.size_bytes,
+            },
+            direct: true,
+            writable: opts.write,
+            file: None,
+        };
+        Ok(Engine {
+            config: config.clone(),
+            target,
+            selection,
+            nvme: Some(ctrl),
+        })
+    }
+
+    /// The NVMe controller behind this engine, for `pcie://` and `sim://` targets.
+    pub fn controller(&self) -> Option<&Arc<Controller>> {
+        self.nvme.as_ref()
     }
 
     pub fn target(&self) -> &Target {
@@ -112,15 +247,37 @@ impl Engine {
     /// size is the floor): for callers that know their buffer needs, like `rio bench`.
     pub fn queue_sized(&self, depth: u32, arena_bytes: usize) -> Result<Queue> {
         let depth = depth.max(1);
-        let file = self.target.file.try_clone().map_err(|e| Error::Os {
-            op: "duplicate handle of",
-            path: self.target.path.clone(),
-            source: e,
-        })?;
         let arena = Arena::new(
             arena_bytes.max(self.config.buffer_pool_bytes),
             self.config.hugepages,
         )?;
+        if let (Some(ctrl), TargetKind::Nvme { nsid, .. }) = (&self.nvme, &self.target.kind) {
+            let q = NvmeQueue::new(
+                Arc::clone(ctrl),
+                *nsid,
+                arena.region(),
+                arena.page_kind(),
+                depth,
+            )?;
+            return Ok(Queue::new(
+                BackendQueue::Nvme(q),
+                arena,
+                self.target.geometry,
+                self.target.writable,
+                depth,
+            ));
+        }
+        let file = self
+            .target
+            .file
+            .as_ref()
+            .expect("kernel-path targets have a file")
+            .try_clone()
+            .map_err(|e| Error::Os {
+                op: "duplicate handle of",
+                path: self.target.path.clone(),
+                source: e,
+            })?;
         let backend = match self.selection.backend {
             BackendKind::Uring => {
                 let opts = UringOptions {
@@ -146,6 +303,9 @@ impl Engine {
                     }
                 })?,
             ),
+            BackendKind::Vfio | BackendKind::Sim => {
+                unreachable!("NVMe targets return above")
+            }
         };
         Ok(Queue::new(
             backend,
@@ -162,6 +322,7 @@ fn select(config: &EngineConfig, target: &Target) -> Result<Selection> {
     let what = match &target.kind {
         TargetKind::File => "regular file".to_string(),
         TargetKind::BlockDevice { name, .. } => format!("block device {name}"),
+        TargetKind::Nvme { .. } => unreachable!("NVMe targets are selected in open_nvme"),
     };
     let poll_capable = match &target.kind {
         TargetKind::BlockDevice { name, nvme: true } => uring::device_has_poll_queues(name),
@@ -184,6 +345,12 @@ fn select(config: &EngineConfig, target: &Target) -> Result<Selection> {
         ""
     };
     match config.backend {
+        BackendChoice::Vfio => Err(Error::BackendUnavailable {
+            backend: "vfio",
+            reason: format!(
+                "the vfio backend drives NVMe controllers directly (pcie://ADDR[/ns=N] after `rio setup bind`); {what} belongs to the kernel"
+            ),
+        }),
         BackendChoice::Psync => Ok(Selection {
             backend: BackendKind::Psync,
             reason: format!("psync requested for {what}"),

@@ -77,6 +77,17 @@ pub enum Error {
     /// Waiting for completions exceeded the deadline.
     #[error("timed out after {0:?} waiting for completions")]
     Timeout(std::time::Duration),
+
+    /// The userspace NVMe driver could not bring up or keep using a controller.
+    #[error("NVMe controller {ctrl}: {reason}")]
+    Controller { ctrl: String, reason: String },
+
+    /// An admin command completed with an error status.
+    #[error("NVMe controller {ctrl}: {error}")]
+    Nvme {
+        ctrl: String,
+        error: crate::nvme::spec::NvmeError,
+    },
 }
 
 /// Result alias for rio.
@@ -89,6 +100,14 @@ pub enum IoErrorKind {
     Os(i32),
     /// The transfer moved fewer bytes than asked (e.g. end of file).
     Short { done: u32 },
+    /// The NVMe controller completed the command (or one of the commands it was split into)
+    /// with an error status.
+    Nvme(crate::nvme::spec::NvmeError),
+    /// The command did not complete within the command timeout and was aborted.
+    TimedOut { after_ms: u64 },
+    /// The controller was reset while the command was outstanding (a command did not
+    /// complete after an abort, or the controller reported a fatal status).
+    ControllerReset { fatal: bool },
 }
 
 /// A failed I/O operation: what it was, where, and why.
@@ -105,6 +124,16 @@ fn describe(k: &IoErrorKind) -> String {
     match k {
         IoErrorKind::Os(e) => std::io::Error::from_raw_os_error(*e).to_string(),
         IoErrorKind::Short { done } => format!("short transfer ({done} bytes)"),
+        IoErrorKind::Nvme(e) => e.to_string(),
+        IoErrorKind::TimedOut { after_ms } => {
+            format!("no completion after {after_ms} ms: command aborted")
+        }
+        IoErrorKind::ControllerReset { fatal: true } => {
+            "controller fatal status (CSTS.CFS): command failed by the reset that followed".into()
+        }
+        IoErrorKind::ControllerReset { fatal: false } => {
+            "controller reset while the command was outstanding".into()
+        }
     }
 }
 

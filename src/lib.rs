@@ -27,8 +27,10 @@ pub mod engine;
 pub mod error;
 pub mod nvme;
 pub mod queue;
+pub mod setup;
 pub mod target;
 
+pub use backend::nvme::NvmeQueueStats;
 pub use backend::uring::UringFeatures;
 pub use buf::IoBuf;
 pub use config::EngineConfig;

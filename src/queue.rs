@@ -11,7 +11,7 @@ use std::marker::PhantomData;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use crate::backend::{BackendQueue, RawOp, Reaped};
+use crate::backend::{BackendQueue, Fail, RawOp, Reaped};
 use crate::buf::{Arena, IoBuf};
 use crate::error::{Error, IoError, IoErrorKind, Result};
 use crate::target::Geometry;
@@ -133,6 +133,14 @@ impl Queue {
     /// Name of the backend serving this queue.
     pub fn backend_name(&self) -> &'static str {
         self.backend.name()
+    }
+
+    /// Counters of the userspace NVMe driver's queue pair (`None` on kernel backends).
+    pub fn nvme_stats(&self) -> Option<crate::backend::nvme::NvmeQueueStats> {
+        match &self.backend {
+            BackendQueue::Nvme(q) => Some(q.stats()),
+            _ => None,
+        }
     }
 
     /// Alignment and size of the target.
@@ -300,11 +308,19 @@ impl Queue {
             let want = min.saturating_sub(got).min(self.in_flight() as usize) as u32;
             let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             self.reaped.clear();
-            self.backend.reap(want, left, &mut self.reaped)?;
+            let res = self.backend.reap(want, left, &mut self.reaped);
+            let mut bad = None;
             for i in 0..self.reaped.len() {
                 let r = self.reaped[i];
-                let c = self.complete(r)?;
-                out.push(c);
+                match self.complete(r) {
+                    Ok(c) => out.push(c),
+                    Err(e) => bad = Some(e),
+                }
+            }
+            if let Some(e) = res.err().or(bad) {
+                // Nothing reaped is lost: what completed waits in `ready` for the next call.
+                self.ready.extend(out.drain(before..));
+                return Err(e);
             }
             let got = out.len() - before;
             let satisfied = got >= min || self.in_flight() == 0;
@@ -326,7 +342,22 @@ impl Queue {
                 slot: r.slot,
             })?;
         self.free.push(r.slot);
-        let result = if r.res < 0 {
+        let fail = |kind| {
+            Err(IoError {
+                op: slot.op,
+                offset: slot.offset,
+                len: slot.len,
+                kind,
+            })
+        };
+        let result = if let Some(kind) = match r.fail {
+            Fail::None => None,
+            Fail::Nvme(e) => Some(IoErrorKind::Nvme(e)),
+            Fail::TimedOut { after_ms } => Some(IoErrorKind::TimedOut { after_ms }),
+            Fail::Reset { fatal } => Some(IoErrorKind::ControllerReset { fatal }),
+        } {
+            fail(kind)
+        } else if r.res < 0 {
             Err(IoError {
                 op: slot.op,
                 offset: slot.offset,

@@ -19,6 +19,9 @@ pub enum TargetKind {
     File,
     /// A block device; `name` is its sysfs name (e.g. `nvme0n1`, `loop3`).
     BlockDevice { name: String, nvme: bool },
+    /// A namespace of an NVMe controller driven by rio's userspace driver (`pcie://`, or the
+    /// software model for `sim://`).
+    Nvme { controller: String, nsid: u32 },
 }
 
 /// Alignment and size rules of an open target, read from the kernel.
@@ -49,7 +52,8 @@ pub struct Target {
     pub geometry: Geometry,
     pub direct: bool,
     pub writable: bool,
-    pub(crate) file: File,
+    /// The open file; `None` for targets the userspace NVMe driver serves.
+    pub(crate) file: Option<File>,
 }
 
 /// Parse-level classification of a target string, before anything is opened.
@@ -195,14 +199,16 @@ impl Target {
             geometry,
             direct: opts.direct,
             writable: opts.write,
-            file,
+            file: Some(file),
         })
     }
 
     /// Grow a regular file to `len` bytes (sparse). No-op for block devices or larger files.
     pub fn ensure_len(&mut self, len: u64) -> Result<()> {
-        if self.kind == TargetKind::File && self.geometry.size < len {
-            self.file.set_len(len).map_err(|e| Error::Os {
+        if let (TargetKind::File, Some(file)) = (&self.kind, &self.file)
+            && self.geometry.size < len
+        {
+            file.set_len(len).map_err(|e| Error::Os {
                 op: "extend",
                 path: self.path.clone(),
                 source: e,
@@ -249,6 +255,7 @@ fn geometry(file: &File, kind: &TargetKind, direct: bool) -> std::io::Result<Geo
     let fd = file.as_fd();
     let dio = rio_sys::stat::dio_align(fd).unwrap_or_default();
     match kind {
+        TargetKind::Nvme { .. } => unreachable!("NVMe targets have no file"),
         TargetKind::BlockDevice { .. } => {
             let lbs = rio_sys::blk::logical_block_size(fd)?;
             let mem = if dio.mem_align != 0 {

@@ -3,6 +3,7 @@
 //! Dispatch is an enum, not a trait object: the set is closed (uring, psync; vfio and the
 //! software model join later) and the hot path stays free of indirect calls.
 
+pub(crate) mod nvme;
 pub(crate) mod psync;
 pub(crate) mod uring;
 
@@ -21,11 +22,32 @@ pub(crate) struct RawOp {
     pub addr: *mut u8,
 }
 
-/// A backend's completion: the queue slot and the kernel-style result (bytes, or -errno).
+/// A backend's completion: the queue slot and the kernel-style result (bytes, or -errno), or
+/// a failure that an errno cannot describe.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Reaped {
     pub slot: u32,
     pub res: i32,
+    pub fail: Fail,
+}
+
+impl Reaped {
+    pub fn ok(slot: u32, res: i32) -> Reaped {
+        Reaped {
+            slot,
+            res,
+            fail: Fail::None,
+        }
+    }
+}
+
+/// Failures of the NVMe driver, typed rather than squeezed into an errno.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Fail {
+    None,
+    Nvme(crate::nvme::spec::NvmeError),
+    TimedOut { after_ms: u64 },
+    Reset { fatal: bool },
 }
 
 // One per queue, created once and never moved on the hot path: the size difference between
@@ -34,6 +56,7 @@ pub(crate) struct Reaped {
 pub(crate) enum BackendQueue {
     Uring(uring::UringQueue),
     Psync(psync::PsyncQueue),
+    Nvme(nvme::NvmeQueue),
 }
 
 impl BackendQueue {
@@ -41,6 +64,7 @@ impl BackendQueue {
         match self {
             BackendQueue::Uring(_) => "uring",
             BackendQueue::Psync(_) => "psync",
+            BackendQueue::Nvme(q) => q.backend_name(),
         }
     }
 
@@ -49,6 +73,7 @@ impl BackendQueue {
         match self {
             BackendQueue::Uring(q) => q.push(slot, op),
             BackendQueue::Psync(q) => q.push(slot, op),
+            BackendQueue::Nvme(q) => q.push(slot, op),
         }
     }
 
@@ -65,6 +90,7 @@ impl BackendQueue {
         match self {
             BackendQueue::Uring(q) => q.reap(want, timeout, out),
             BackendQueue::Psync(q) => q.reap(want, timeout, out),
+            BackendQueue::Nvme(q) => q.reap(want, timeout, out),
         }
     }
 
@@ -74,6 +100,7 @@ impl BackendQueue {
         match self {
             BackendQueue::Uring(q) => q.abandon(),
             BackendQueue::Psync(q) => q.abandon(),
+            BackendQueue::Nvme(q) => q.abandon(),
         }
     }
 }

@@ -49,10 +49,7 @@ impl PsyncQueue {
                         for job in jobs.iter() {
                             let res = run(&file, &job);
                             if done
-                                .send(Reaped {
-                                    slot: job.slot,
-                                    res,
-                                })
+                                .send(Reaped::ok(job.slot, res))
                                 .is_err()
                             {
                                 break;

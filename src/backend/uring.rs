@@ -148,7 +148,7 @@ impl UringQueue {
         if self.iopoll && !matches!(op.op, OpKind::Read | OpKind::Write) {
             // An IOPOLL ring accepts only reads and writes: do the rest synchronously.
             let res = self.inline(op);
-            self.inline_done.push(Reaped { slot, res });
+            self.inline_done.push(Reaped::ok(slot, res));
             return Ok(());
         }
         let raw = self.file.as_raw_fd();
@@ -260,10 +260,7 @@ impl UringQueue {
             self.pending = self.ring.submission().len() as u32;
         }
         for cqe in self.ring.completion() {
-            out.push(Reaped {
-                slot: cqe.user_data() as u32,
-                res: cqe.result(),
-            });
+            out.push(Reaped::ok(cqe.user_data() as u32, cqe.result()));
         }
         Ok(())
     }

@@ -275,6 +275,9 @@ impl BenchResult {
         let kind = match &self.target.kind {
             TargetKind::File => "regular file".to_string(),
             TargetKind::BlockDevice { name, .. } => format!("block device {name}"),
+            TargetKind::Nvme { controller, nsid } => {
+                format!("NVMe namespace {nsid} of {controller}")
+            }
         };
         let _ = writeln!(
             s,

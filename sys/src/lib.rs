@@ -10,10 +10,14 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod blk;
+pub mod hugepages;
 pub mod io;
 pub mod mem;
+pub mod pagemap;
+pub mod pci;
 pub mod rusage;
 pub mod stat;
+pub mod vfio;
 
 use std::io::Error;
 

@@ -24,6 +24,9 @@ pub struct Mapping {
 // SAFETY: a Mapping is a uniquely owned region of process memory, like a Box<[u8]>; moving the
 // owner to another thread does not create aliasing.
 unsafe impl Send for Mapping {}
+// SAFETY: shared references only expose the address and length; writing through the pointer
+// is the caller's responsibility (and `unsafe`).
+unsafe impl Sync for Mapping {}
 
 impl Mapping {
     /// Map `len` bytes (rounded up to the page size). With `huge`, try 2 MiB hugepages first and

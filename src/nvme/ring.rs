@@ -1,0 +1,220 @@
+//! One submission/completion queue pair's rings: the mechanics shared by the admin queue and
+//! the I/O queues (entries, phase tags, doorbells, shadow doorbells). Command bookkeeping lives
+//! with the owners ([`super::ctrl`] for admin, [`crate::backend::nvme`] for I/O).
+
+use std::sync::atomic::{AtomicU16, AtomicU32, Ordering, fence};
+
+use super::dma::{DmaMem, Mapper};
+use super::mmio::Doorbell;
+use super::spec::{CompletionEntry, SubmissionEntry};
+use crate::error::Result;
+
+/// Shadow doorbell and EventIdx slots of one queue (Doorbell Buffer Config).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Shadow {
+    pub sq_tail: *const AtomicU32,
+    pub sq_event: *const AtomicU32,
+    pub cq_head: *const AtomicU32,
+    pub cq_event: *const AtomicU32,
+}
+
+// SAFETY: the pointers are slots of the controller's doorbell buffer, which outlives its
+// queues; they are accessed atomically by the single thread that owns the ring.
+unsafe impl Send for Shadow {}
+// SAFETY: as above.
+unsafe impl Sync for Shadow {}
+
+/// Rings of one queue pair, in DMA memory.
+#[derive(Debug)]
+pub(crate) struct Ring {
+    pub qid: u16,
+    pub entries: u16,
+    sq: DmaMem,
+    cq: DmaMem,
+    sq_tail: u16,
+    /// Last SQ tail value the controller was told.
+    sq_tail_rung: u16,
+    /// SQ head as last reported by a completion: entries before it are free.
+    sq_head: u16,
+    cq_head: u16,
+    cq_head_rung: u16,
+    phase: bool,
+    sq_db: Doorbell,
+    cq_db: Doorbell,
+    shadow: Option<Shadow>,
+    /// Completions whose SQ head field was out of range (device protocol violations).
+    pub bad_sq_head: u64,
+}
+
+impl Ring {
+    pub fn new(
+        mapper: &Mapper,
+        qid: u16,
+        entries: u16,
+        sq_db: Doorbell,
+        cq_db: Doorbell,
+        huge: bool,
+    ) -> Result<Ring> {
+        let sq = DmaMem::new(mapper, entries as usize * 64, huge)?;
+        let cq = DmaMem::new(mapper, entries as usize * 16, huge)?;
+        Ok(Ring {
+            qid,
+            entries,
+            sq,
+            cq,
+            sq_tail: 0,
+            sq_tail_rung: 0,
+            sq_head: 0,
+            cq_head: 0,
+            cq_head_rung: 0,
+            phase: true,
+            sq_db,
+            cq_db,
+            shadow: None,
+            bad_sq_head: 0,
+        })
+    }
+
+    pub fn sq_iova(&self) -> u64 {
+        self.sq.iova(0)
+    }
+
+    pub fn cq_iova(&self) -> u64 {
+        self.cq.iova(0)
+    }
+
+    /// Back to the state of a freshly created queue (after the controller forgot it).
+    pub fn reset(&mut self) {
+        self.sq.zero();
+        self.cq.zero();
+        self.sq_tail = 0;
+        self.sq_tail_rung = 0;
+        self.sq_head = 0;
+        self.cq_head = 0;
+        self.cq_head_rung = 0;
+        self.phase = true;
+        if let Some(s) = self.shadow {
+            // SAFETY: the shadow slots point into the controller's doorbell buffer, which
+            // outlives its queues.
+            unsafe {
+                (*s.sq_tail).store(0, Ordering::Relaxed);
+                (*s.cq_head).store(0, Ordering::Relaxed);
+            }
+        }
+    }
+
+    pub fn set_shadow(&mut self, shadow: Option<Shadow>) {
+        self.shadow = shadow;
+    }
+
+    /// Free SQ slots (one is always left empty: full is tail + 1 == head).
+    #[inline]
+    pub fn sq_space(&self) -> u16 {
+        let used = (self.sq_tail + self.entries - self.sq_head) % self.entries;
+        self.entries - 1 - used
+    }
+
+    /// Copy `cmd` into the next SQ slot. The caller checked `sq_space() > 0`. The controller
+    /// sees it at the next [`Ring::ring_sq`].
+    #[inline]
+    pub fn push(&mut self, cmd: &SubmissionEntry) {
+        debug_assert!(self.sq_space() > 0);
+        let slot = self.sq.ptr().wrapping_add(self.sq_tail as usize * 64);
+        // SAFETY: `sq_tail < entries`, so the slot lies inside the SQ mapping; the controller
+        // does not read slots at or past the tail it was told.
+        unsafe { std::ptr::write_volatile(slot.cast::<SubmissionEntry>(), *cmd) };
+        self.sq_tail += 1;
+        if self.sq_tail == self.entries {
+            self.sq_tail = 0;
+        }
+    }
+
+    /// Tell the controller about new SQ entries: one doorbell write per batch, or none when a
+    /// shadow doorbell shows the controller is already looking.
+    #[inline]
+    pub fn ring_sq(&mut self) {
+        if self.sq_tail == self.sq_tail_rung {
+            return;
+        }
+        let old = self.sq_tail_rung;
+        self.sq_tail_rung = self.sq_tail;
+        if let Some(s) = self.shadow {
+            // SAFETY: slots in the live doorbell buffer (see `reset`).
+            let need = unsafe { shadow_update(s.sq_tail, s.sq_event, self.sq_tail, old) };
+            if !need {
+                return;
+            }
+        }
+        // The entries were written with ordinary stores; the doorbell store is a release, and
+        // on x86 stores to write-back memory are visible to the device before a later store
+        // to the (uncached) doorbell.
+        self.sq_db.write(self.sq_tail as u32);
+    }
+
+    /// The next completion, if the controller has posted one. Advances the CQ head (the
+    /// doorbell is written by [`Ring::ring_cq`]).
+    #[inline]
+    pub fn next_cqe(&mut self) -> Option<CompletionEntry> {
+        let slot = self.cq.ptr().wrapping_add(self.cq_head as usize * 16);
+        // SAFETY: `cq_head < entries`, inside the CQ mapping; the status word is read
+        // atomically first and the rest only once its phase says the entry is complete.
+        let status = unsafe { (*slot.add(14).cast::<AtomicU16>()).load(Ordering::Acquire) };
+        if (status & 1 != 0) != self.phase {
+            return None;
+        }
+        // SAFETY: as above; the acquire load orders this read after the controller's write.
+        let cqe = unsafe { std::ptr::read_volatile(slot.cast::<CompletionEntry>()) };
+        self.cq_head += 1;
+        if self.cq_head == self.entries {
+            self.cq_head = 0;
+            self.phase = !self.phase;
+        }
+        // The device is untrusted: an SQ head outside the ring is ignored (and counted).
+        if cqe.sq_head < self.entries {
+            self.sq_head = cqe.sq_head;
+        } else {
+            self.bad_sq_head += 1;
+        }
+        Some(cqe)
+    }
+
+    /// Release consumed CQ entries to the controller.
+    #[inline]
+    pub fn ring_cq(&mut self) {
+        if self.cq_head == self.cq_head_rung {
+            return;
+        }
+        let old = self.cq_head_rung;
+        self.cq_head_rung = self.cq_head;
+        if let Some(s) = self.shadow {
+            // SAFETY: slots in the live doorbell buffer.
+            let need = unsafe { shadow_update(s.cq_head, s.cq_event, self.cq_head, old) };
+            if !need {
+                return;
+            }
+        }
+        self.cq_db.write(self.cq_head as u32);
+    }
+
+    pub fn release(self, mapper: &Mapper) {
+        self.sq.release(mapper);
+        self.cq.release(mapper);
+    }
+}
+
+/// Store `new` in a shadow doorbell and say whether the MMIO doorbell must be written too
+/// (the controller's EventIdx was crossed), as NVMe 1.3 §7.13 and SPDK do.
+///
+/// # Safety
+/// Both pointers point into the live doorbell buffer.
+unsafe fn shadow_update(db: *const AtomicU32, event: *const AtomicU32, new: u16, old: u16) -> bool {
+    // SAFETY: caller contract.
+    unsafe {
+        (*db).store(new as u32, Ordering::Release);
+        // Full barrier: the controller must either see the new shadow value or we must see its
+        // updated EventIdx (store-load ordering).
+        fence(Ordering::SeqCst);
+        let ev = (*event).load(Ordering::Acquire) as u16;
+        super::spec::shadow_doorbell_need_event(ev, new, old)
+    }
+}

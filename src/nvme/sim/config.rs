@@ -1,0 +1,402 @@
+//! Configuration of the software controller: [`SimConfig`] and its `sim://` option parser.
+
+use std::time::Duration;
+
+use crate::nvme::spec::Status;
+
+/// One namespace of the model.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SimNamespace {
+    /// Logical block size in bytes: 512 or 4096.
+    pub block_size: u32,
+    /// Capacity in bytes (a multiple of `block_size`).
+    pub size_bytes: u64,
+}
+
+impl Default for SimNamespace {
+    fn default() -> Self {
+        SimNamespace {
+            block_size: 512,
+            size_bytes: 1 << 30,
+        }
+    }
+}
+
+/// Service time of an I/O command, from the moment the model fetches it to the moment its
+/// completion may be posted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Latency {
+    /// Complete inline, as soon as the command is fetched.
+    #[default]
+    None,
+    /// Every I/O command takes this long.
+    Fixed(Duration),
+    /// `base + max(0, inflight - knee_qd) * per_qd`, where `inflight` counts the commands
+    /// fetched from the same submission queue and not yet completed (this one included).
+    Knee {
+        base: Duration,
+        knee_qd: u32,
+        per_qd: Duration,
+    },
+}
+
+/// A fault the model injects. Counters (`nth`) are 1-based and global for the life of the
+/// [`SimController`](super::SimController): a controller reset does not restart them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Complete the nth command (1-based, counting commands with this opcode on the admin queue
+    /// (`admin = true`) or on I/O queues; `nth = 0` means every one) with this status. The
+    /// command is not executed (no data moves).
+    ErrorStatus {
+        admin: bool,
+        opcode: u8,
+        nth: u64,
+        status: Status,
+    },
+    /// Never complete the nth such command: it stays outstanding inside the model. An Abort
+    /// for it completes it with Generic 0x07 "Command Abort Requested" (Abort dw0 bit 0 = 0); a
+    /// controller reset (CC.EN 1->0) discards it. I/O commands are executed (data moves)
+    /// before the completion is withheld.
+    DropCompletion { admin: bool, opcode: u8, nth: u64 },
+    /// After `after_io` I/O commands have been processed, set CSTS.CFS=1 and stop processing
+    /// anything until CC.EN goes 0 and then 1 again (the reset clears CFS). Fires once.
+    Fatal { after_io: u64 },
+    /// For the nth I/O command: post its completion with command id 0xFFFF instead of the real
+    /// one; the real command then stays outstanding like `DropCompletion` (abortable).
+    BadCid { nth: u64 },
+    /// For the nth I/O command: complete it normally, then post a second, duplicate completion
+    /// with the same command id (a stale completion).
+    StaleCid { nth: u64 },
+    /// Ignore Abort commands: they complete with dw0 bit 0 = 1 ("not aborted") and leave the
+    /// target outstanding.
+    IgnoreAbort,
+}
+
+/// Everything the model can be configured with. `SimConfig::default()` is one 1 GiB namespace
+/// of 512-byte blocks, MDTS 5, 1024-entry queues, 64 I/O queue pairs, shadow doorbells, a
+/// volatile write cache, no latency, data stored in RAM, no faults.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SimConfig {
+    /// Namespaces 1..=N in order.
+    pub namespaces: Vec<SimNamespace>,
+    /// Identify MDTS (power of two of 4 KiB pages); 0 = no limit.
+    pub mdts: u8,
+    /// CAP.MQES (0-based maximum queue size, at least 1).
+    pub mqes: u16,
+    /// The most I/O queues (of each kind) Set Features Number of Queues grants.
+    pub max_io_queues: u16,
+    /// CAP.DSTRD (doorbell stride `4 << dstrd` bytes).
+    pub dstrd: u8,
+    /// CAP.TO in 500 ms units.
+    pub timeout_500ms_units: u8,
+    /// Advertise OACS bit 8 (Doorbell Buffer Config) and honour the command.
+    pub dbbuf: bool,
+    /// SGL support. Not implemented: must be `false` (`start` refuses `true`).
+    pub sgl: bool,
+    /// Volatile write cache present (Identify VWC; Set Features VWC accepted).
+    pub vwc: bool,
+    /// I/O service time.
+    pub latency: Latency,
+    /// `true`: namespaces are RAM. `false`: no data moves at all (reads leave the host buffer
+    /// untouched, writes are discarded) so the driver's own cost can be measured.
+    pub store_data: bool,
+    /// Delay between a CC.EN change and the matching CSTS.RDY change.
+    pub ready_delay: Duration,
+    /// Faults to inject.
+    pub faults: Vec<Fault>,
+    /// Identify MN (at most 40 bytes).
+    pub model: String,
+    /// Identify SN (at most 20 bytes).
+    pub serial: String,
+    /// Identify FR (at most 8 bytes).
+    pub firmware: String,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            namespaces: vec![SimNamespace::default()],
+            mdts: 5,
+            mqes: 1023,
+            max_io_queues: 64,
+            dstrd: 0,
+            timeout_500ms_units: 10,
+            dbbuf: true,
+            sgl: false,
+            vwc: true,
+            latency: Latency::None,
+            store_data: true,
+            ready_delay: Duration::ZERO,
+            faults: Vec::new(),
+            model: "rio software NVMe controller".to_string(),
+            serial: "RIOSIM0001".to_string(),
+            firmware: "1.0".to_string(),
+        }
+    }
+}
+
+impl SimConfig {
+    /// Parses the options of a `sim://` target (the part after `sim://`; a leading `sim://` or
+    /// `?` is also accepted). Options are `key=value`, separated by `,` or `&`, all optional:
+    ///
+    /// | key | meaning |
+    /// |---|---|
+    /// | `size=1G` | capacity of each namespace (`k`, `m`, `g`, `t`: binary; optional `iB`/`B`) |
+    /// | `bs=512\|4096` | block size of every namespace |
+    /// | `ns=N` | number of namespaces |
+    /// | `ns2bs=4096` | block size of namespace 2 (any `ns<k>bs`) |
+    /// | `lat=10us` | fixed latency (`ns`, `us`, `ms`, `s`; `0` = none) |
+    /// | `knee=8,base=20us,per_qd=5us` | knee latency curve (`base` defaults to 0) |
+    /// | `mdts=N`, `mqes=N`, `qpairs=N`, `dstrd=N` | Identify MDTS, CAP.MQES (0-based), I/O queue pairs, CAP.DSTRD |
+    /// | `data=0\|1`, `dbbuf=0\|1`, `vwc=0\|1` | RAM namespaces, shadow doorbells, write cache |
+    /// | `ready=5ms` | CSTS.RDY delay |
+    ///
+    /// Errors are one-line messages naming the key.
+    pub fn parse(spec: &str) -> Result<SimConfig, String> {
+        let spec = spec.strip_prefix("sim://").unwrap_or(spec);
+        let spec = spec.strip_prefix('?').unwrap_or(spec);
+        let mut cfg = SimConfig::default();
+        let mut size: Option<u64> = None;
+        let mut bs: Option<u32> = None;
+        let mut count: Option<usize> = None;
+        let mut per_ns_bs: Vec<(usize, u32)> = Vec::new();
+        let mut lat: Option<Duration> = None;
+        let mut knee: Option<u32> = None;
+        let mut base: Option<Duration> = None;
+        let mut per_qd: Option<Duration> = None;
+        let mut seen: Vec<&str> = Vec::new();
+
+        for item in spec.split([',', '&']).map(str::trim).filter(|s| !s.is_empty()) {
+            let (key, value) = item
+                .split_once('=')
+                .ok_or_else(|| format!("sim option '{item}' is not key=value"))?;
+            let (key, value) = (key.trim(), value.trim());
+            if seen.contains(&key) {
+                return Err(format!("sim option '{key}' given twice"));
+            }
+            seen.push(key);
+            match key {
+                "size" => size = Some(parse_size(key, value)?),
+                "bs" => bs = Some(parse_block_size(key, value)?),
+                "ns" => {
+                    let n = parse_num(key, value)?;
+                    if !(1..=1024).contains(&n) {
+                        return Err(format!("sim option 'ns' must be 1..=1024, got {value}"));
+                    }
+                    count = Some(n as usize);
+                }
+                "lat" => lat = Some(parse_duration(key, value)?),
+                "knee" => knee = Some(parse_int(key, value, u32::MAX as u64)? as u32),
+                "base" => base = Some(parse_duration(key, value)?),
+                "per_qd" => per_qd = Some(parse_duration(key, value)?),
+                "mdts" => cfg.mdts = parse_int(key, value, 20)? as u8,
+                "mqes" => {
+                    let v = parse_int(key, value, 0xFFFF)?;
+                    if v == 0 {
+                        return Err("sim option 'mqes' (0-based) must be at least 1".to_string());
+                    }
+                    cfg.mqes = v as u16;
+                }
+                "qpairs" => {
+                    let v = parse_int(key, value, 0xFFFF)?;
+                    if v == 0 {
+                        return Err("sim option 'qpairs' must be at least 1".to_string());
+                    }
+                    cfg.max_io_queues = v as u16;
+                }
+                "dstrd" => cfg.dstrd = parse_int(key, value, 8)? as u8,
+                "data" => cfg.store_data = parse_bool(key, value)?,
+                "dbbuf" => cfg.dbbuf = parse_bool(key, value)?,
+                "vwc" => cfg.vwc = parse_bool(key, value)?,
+                "ready" => cfg.ready_delay = parse_duration(key, value)?,
+                _ => {
+                    let k = key
+                        .strip_prefix("ns")
+                        .and_then(|r| r.strip_suffix("bs"))
+                        .and_then(|n| n.parse::<usize>().ok());
+                    match k {
+                        Some(k) if k >= 1 => per_ns_bs.push((k, parse_block_size(key, value)?)),
+                        _ => return Err(format!("unknown sim option '{key}'")),
+                    }
+                }
+            }
+        }
+
+        let n = count.unwrap_or(1);
+        let size = size.unwrap_or(1 << 30);
+        let bs = bs.unwrap_or(512);
+        cfg.namespaces = vec![
+            SimNamespace {
+                block_size: bs,
+                size_bytes: size,
+            };
+            n
+        ];
+        for (k, b) in per_ns_bs {
+            let ns = cfg.namespaces.get_mut(k - 1).ok_or_else(|| {
+                format!("sim option 'ns{k}bs' names namespace {k} but there are only {n}")
+            })?;
+            ns.block_size = b;
+        }
+        for (i, ns) in cfg.namespaces.iter().enumerate() {
+            if ns.size_bytes == 0 || !ns.size_bytes.is_multiple_of(ns.block_size as u64) {
+                return Err(format!(
+                    "sim option 'size' ({size}) must be a nonzero multiple of namespace {}'s block size {}",
+                    i + 1,
+                    ns.block_size
+                ));
+            }
+        }
+
+        match (lat, knee) {
+            (Some(_), Some(_)) => {
+                return Err("sim options 'lat' and 'knee' cannot be combined".to_string());
+            }
+            (Some(d), None) => {
+                if base.is_some() || per_qd.is_some() {
+                    return Err("sim options 'base' and 'per_qd' need 'knee'".to_string());
+                }
+                cfg.latency = if d.is_zero() {
+                    Latency::None
+                } else {
+                    Latency::Fixed(d)
+                };
+            }
+            (None, Some(knee_qd)) => {
+                let per_qd =
+                    per_qd.ok_or_else(|| "sim option 'knee' needs 'per_qd'".to_string())?;
+                cfg.latency = Latency::Knee {
+                    base: base.unwrap_or(Duration::ZERO),
+                    knee_qd,
+                    per_qd,
+                };
+            }
+            (None, None) => {
+                if base.is_some() || per_qd.is_some() {
+                    return Err("sim options 'base' and 'per_qd' need 'knee'".to_string());
+                }
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Checks the invariants `SimController::start` relies on.
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        if self.namespaces.is_empty() {
+            return Err("sim config needs at least one namespace".to_string());
+        }
+        for (i, ns) in self.namespaces.iter().enumerate() {
+            if ns.block_size != 512 && ns.block_size != 4096 {
+                return Err(format!(
+                    "namespace {} block size {} is not 512 or 4096",
+                    i + 1,
+                    ns.block_size
+                ));
+            }
+            if ns.size_bytes == 0 || !ns.size_bytes.is_multiple_of(ns.block_size as u64) {
+                return Err(format!(
+                    "namespace {} size {} is not a nonzero multiple of its block size",
+                    i + 1,
+                    ns.size_bytes
+                ));
+            }
+        }
+        if self.mqes == 0 {
+            return Err("mqes (0-based) must be at least 1".to_string());
+        }
+        if self.max_io_queues == 0 || self.max_io_queues == u16::MAX {
+            return Err("max_io_queues must be 1..=65534".to_string());
+        }
+        if self.dstrd > 8 {
+            return Err("dstrd must be at most 8".to_string());
+        }
+        if self.mdts > 20 {
+            return Err("mdts must be at most 20".to_string());
+        }
+        if self.sgl {
+            return Err("the software controller does not implement SGLs (sgl must be false)"
+                .to_string());
+        }
+        Ok(())
+    }
+}
+
+fn parse_num(key: &str, value: &str) -> Result<u64, String> {
+    value
+        .parse::<u64>()
+        .map_err(|_| format!("sim option '{key}' needs a number, got '{value}'"))
+}
+
+fn parse_int(key: &str, value: &str, max: u64) -> Result<u64, String> {
+    let v = parse_num(key, value)?;
+    if v > max {
+        return Err(format!("sim option '{key}' must be at most {max}, got {v}"));
+    }
+    Ok(v)
+}
+
+fn parse_bool(key: &str, value: &str) -> Result<bool, String> {
+    match value {
+        "1" | "true" | "on" | "yes" => Ok(true),
+        "0" | "false" | "off" | "no" => Ok(false),
+        _ => Err(format!("sim option '{key}' needs 0 or 1, got '{value}'")),
+    }
+}
+
+fn parse_block_size(key: &str, value: &str) -> Result<u32, String> {
+    match value {
+        "512" => Ok(512),
+        "4096" | "4k" | "4K" => Ok(4096),
+        _ => Err(format!("sim option '{key}' must be 512 or 4096, got '{value}'")),
+    }
+}
+
+fn parse_size(key: &str, value: &str) -> Result<u64, String> {
+    let bad = || format!("sim option '{key}' needs a size like 1G or 512M, got '{value}'");
+    let v = value.trim();
+    let v = v
+        .strip_suffix("iB")
+        .or_else(|| v.strip_suffix("ib"))
+        .or_else(|| v.strip_suffix('B'))
+        .unwrap_or(v);
+    let (digits, shift) = match v.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_lowercase() {
+                'k' => 10,
+                'm' => 20,
+                'g' => 30,
+                't' => 40,
+                _ => return Err(bad()),
+            };
+            (&v[..i], shift)
+        }
+        _ => (v, 0),
+    };
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    n.checked_mul(1u64 << shift)
+        .filter(|&b| b > 0)
+        .ok_or_else(bad)
+}
+
+fn parse_duration(key: &str, value: &str) -> Result<Duration, String> {
+    let bad = || format!("sim option '{key}' needs a duration like 10us or 2ms, got '{value}'");
+    let v = value.trim();
+    let split = v
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(v.len());
+    let (num, unit) = v.split_at(split);
+    let n: f64 = num.parse().map_err(|_| bad())?;
+    let nanos_per = match unit {
+        "" if n == 0.0 => 0.0,
+        "ns" => 1.0,
+        "us" | "µs" => 1e3,
+        "ms" => 1e6,
+        "s" => 1e9,
+        _ => return Err(bad()),
+    };
+    let nanos = n * nanos_per;
+    if !nanos.is_finite() || nanos < 0.0 || nanos > 3600e9 {
+        return Err(bad());
+    }
+    Ok(Duration::from_nanos(nanos.round() as u64))
+}

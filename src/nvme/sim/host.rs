@@ -1,0 +1,262 @@
+//! Every memory access of the model: the BAR0 page(s) it shares with the driver, host memory the
+//! driver hands it by address (queues, PRPs, PRP lists, shadow doorbells: identity
+//! translation), and the RAM behind each namespace. All `unsafe` of the model lives here.
+//!
+//! The contract for host addresses is the DMA contract of a real controller: an address the
+//! driver writes into a queue base register, a queue-creation command, a PRP entry or Doorbell
+//! Buffer Config names process memory that stays valid (mapped, and not reused for anything
+//! else) for as long as the model may use it — while the command is outstanding, or while the
+//! queue or doorbell buffer exists. The model never forms a Rust reference into such memory: it
+//! copies through raw pointers, and the words the two sides hand over concurrently (doorbells,
+//! CQE status words, shadow doorbells and EventIdx) are accessed as atomics, as the driver does.
+
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering};
+
+use rio_sys::mem::Mapping;
+
+use crate::nvme::spec::{CompletionEntry, SubmissionEntry};
+
+/// The model's BAR0: zeroed, page-aligned process memory of 32-bit registers.
+pub(crate) struct Bar {
+    map: Mapping,
+}
+
+// SAFETY: the Mapping is owned memory like a Box<[u8]>; every access through `Bar` (and, by the
+// driver, through the pointer `SimController::bar` returns) is an atomic 32-bit access, so sharing
+// it between the device thread and driver threads creates no data race.
+unsafe impl Sync for Bar {}
+
+impl Bar {
+    pub(crate) fn new(len: usize) -> std::io::Result<Bar> {
+        Ok(Bar {
+            map: Mapping::anonymous(len, false, false)?,
+        })
+    }
+
+    pub(crate) fn as_ptr(&self) -> *mut u8 {
+        self.map.as_ptr()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    fn word(&self, off: usize) -> &AtomicU32 {
+        assert!(
+            off.is_multiple_of(4) && off + 4 <= self.map.len(),
+            "BAR offset {off:#x}"
+        );
+        // SAFETY: `off` is in bounds and 4-byte aligned (the mapping is page aligned), the mapping
+        // lives as long as `self`, and every party accesses BAR words only atomically.
+        unsafe { AtomicU32::from_ptr(self.map.as_ptr().add(off).cast::<u32>()) }
+    }
+
+    /// Acquire load of the 32-bit register at `off`.
+    pub(crate) fn load(&self, off: usize) -> u32 {
+        self.word(off).load(Ordering::Acquire)
+    }
+
+    /// Release store of the 32-bit register at `off`.
+    pub(crate) fn store(&self, off: usize, v: u32) {
+        self.word(off).store(v, Ordering::Release)
+    }
+
+    /// A 64-bit register, read as two 32-bit halves (the driver may write it that way).
+    pub(crate) fn load64(&self, off: usize) -> u64 {
+        self.load(off) as u64 | (self.load(off + 4) as u64) << 32
+    }
+
+    pub(crate) fn store64(&self, off: usize, v: u64) {
+        self.store(off, v as u32);
+        self.store(off + 4, (v >> 32) as u32);
+    }
+}
+
+/// Host memory named by address (identity translation). Methods are safe to call because the
+/// driver guaranteed, by handing out the address, the DMA contract described in the module doc.
+/// Callers pass only addresses the driver handed to the model, never zero.
+pub(crate) mod dma {
+    use super::*;
+
+    /// Reads the submission entry at `addr` (8-byte aligned: the slot of a page-aligned SQ).
+    /// Call only after an Acquire load of the tail doorbell that published it.
+    pub(crate) fn read_sqe(addr: u64) -> SubmissionEntry {
+        // SAFETY: DMA contract: the SQ slot is live queue memory; the driver wrote it before its
+        // Release store of the tail doorbell, which our Acquire load observed, and it does not
+        // touch the slot again until the model's CQE reports the head past it.
+        unsafe { std::ptr::read_volatile(addr as *const SubmissionEntry) }
+    }
+
+    /// Writes a completion entry: dw0, dw1, dw2 and the command id first (Relaxed), the status
+    /// half-word (holding the phase tag) last with Release, so a driver that sees the new phase
+    /// with an Acquire load sees the whole entry.
+    pub(crate) fn write_cqe(addr: u64, e: &CompletionEntry) {
+        let p = addr as *mut u8;
+        // SAFETY: DMA contract: the CQ slot is live, 16-byte aligned queue memory the driver has
+        // released to the controller (its head doorbell is past it). The driver polls the status
+        // word concurrently, so every word is written atomically.
+        unsafe {
+            AtomicU32::from_ptr(p.cast::<u32>()).store(e.dw0, Ordering::Relaxed);
+            AtomicU32::from_ptr(p.add(4).cast::<u32>()).store(e.dw1, Ordering::Relaxed);
+            let dw2 = e.sq_head as u32 | (e.sq_id as u32) << 16;
+            AtomicU32::from_ptr(p.add(8).cast::<u32>()).store(dw2, Ordering::Relaxed);
+            AtomicU16::from_ptr(p.add(12).cast::<u16>()).store(e.cid, Ordering::Relaxed);
+            AtomicU16::from_ptr(p.add(14).cast::<u16>()).store(e.status, Ordering::Release);
+        }
+    }
+
+    /// Acquire load of a 32-bit word of a shadow doorbell / EventIdx buffer.
+    pub(crate) fn load_u32(addr: u64) -> u32 {
+        // SAFETY: DMA contract: the doorbell buffer page stays valid while configured; it is
+        // 4-byte aligned (page base + 4 * index) and both sides access it atomically.
+        unsafe { AtomicU32::from_ptr(addr as *mut u32).load(Ordering::Acquire) }
+    }
+
+    /// Release store of a 32-bit word of a shadow doorbell / EventIdx buffer.
+    pub(crate) fn store_u32(addr: u64, v: u32) {
+        // SAFETY: as for `load_u32`.
+        unsafe { AtomicU32::from_ptr(addr as *mut u32).store(v, Ordering::Release) }
+    }
+
+    /// Reads one PRP list entry (8-byte aligned: list offsets are checked by the caller).
+    pub(crate) fn read_u64(addr: u64) -> u64 {
+        // SAFETY: DMA contract: the PRP list belongs to an outstanding command and the driver does
+        // not modify it until that command completes.
+        unsafe { std::ptr::read_volatile(addr as *const u64) }
+    }
+
+    /// Copies `len` bytes from host memory at `addr` into `dst`.
+    pub(crate) fn read_into(addr: u64, dst: *mut u8, len: usize) {
+        // SAFETY: DMA contract for the source (a data buffer of an outstanding command); `dst` is
+        // model-owned memory of at least `len` bytes (namespace RAM, checked by the caller's
+        // bounds test, or a local buffer). The ranges cannot overlap: namespace RAM is a private
+        // mapping the driver never sees.
+        unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, dst, len) }
+    }
+
+    /// Copies `len` bytes from `src` to host memory at `addr`.
+    pub(crate) fn write_from(addr: u64, src: *const u8, len: usize) {
+        // SAFETY: as for `read_into`, the other way round.
+        unsafe { std::ptr::copy_nonoverlapping(src, addr as *mut u8, len) }
+    }
+
+    /// Zeroes `len` bytes of host memory at `addr`.
+    pub(crate) fn zero(addr: u64, len: usize) {
+        // SAFETY: DMA contract: a data buffer of an outstanding command.
+        unsafe { std::ptr::write_bytes(addr as *mut u8, 0, len) }
+    }
+}
+
+/// The RAM of one namespace: an anonymous `MAP_NORESERVE` mapping, zero-filled lazily by the
+/// kernel, so a large namespace costs only the pages actually written.
+pub(crate) struct NsMem {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: uniquely owned process memory (like a Box<[u8]>); only the device thread writes it, and
+// `SimController::namespace_data` reads it with raw copies (see there).
+unsafe impl Send for NsMem {}
+// SAFETY: as above; no `&`/`&mut` into the mapping is ever formed.
+unsafe impl Sync for NsMem {}
+
+impl NsMem {
+    pub(crate) fn new(len: u64) -> std::io::Result<NsMem> {
+        let len = usize::try_from(len)
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+        // SAFETY: an anonymous private mapping at a kernel-chosen address touches no existing
+        // memory.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(std::io::Error::last_os_error)?;
+        Ok(NsMem { ptr, len })
+    }
+
+    /// Pointer to byte `off`; `off + len` must have been bounds-checked against the namespace.
+    pub(crate) fn at(&self, off: u64, len: usize) -> *mut u8 {
+        assert!(
+            off.checked_add(len as u64)
+                .is_some_and(|end| end <= self.len as u64),
+            "namespace access out of bounds"
+        );
+        // SAFETY: in bounds of the live mapping (checked above).
+        unsafe { self.ptr.as_ptr().add(off as usize) }
+    }
+
+    /// Zeroes `[off, off + len)`: whole pages go back to the kernel (they read as zeros again),
+    /// partial pages at the edges are cleared in place.
+    pub(crate) fn zero_range(&self, off: u64, len: u64) {
+        const PAGE: u64 = 4096;
+        let end = off + len;
+        let _ = self.at(off, len as usize);
+        let a = off.next_multiple_of(PAGE).min(end);
+        let b = (end / PAGE * PAGE).max(a);
+        // SAFETY: every range below lies within the mapping (checked by `at`); MADV_DONTNEED on a
+        // private anonymous mapping only replaces whole pages with zero-fill pages. The device
+        // thread is the only writer of namespace memory.
+        unsafe {
+            std::ptr::write_bytes(self.ptr.as_ptr().add(off as usize), 0, (a - off) as usize);
+            if b > a {
+                let r = libc::madvise(
+                    self.ptr.as_ptr().add(a as usize).cast(),
+                    (b - a) as usize,
+                    libc::MADV_DONTNEED,
+                );
+                if r != 0 {
+                    std::ptr::write_bytes(self.ptr.as_ptr().add(a as usize), 0, (b - a) as usize);
+                }
+            }
+            std::ptr::write_bytes(self.ptr.as_ptr().add(b as usize), 0, (end - b) as usize);
+        }
+    }
+
+    /// Copies `[off, off + out.len())` into `out`.
+    pub(crate) fn peek(&self, off: u64, out: &mut [u8]) {
+        let src = self.at(off, out.len());
+        // SAFETY: `src` is in bounds (checked by `at`); `out` is a distinct, caller-owned buffer.
+        // The device thread may be writing this range if a command touching it is outstanding;
+        // callers peek at data whose commands completed (documented on `namespace_data`).
+        unsafe { std::ptr::copy_nonoverlapping(src, out.as_mut_ptr(), out.len()) }
+    }
+}
+
+impl Drop for NsMem {
+    fn drop(&mut self) {
+        // SAFETY: we own the mapping; the device thread that used it has been joined.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// Single-writer counter: the device thread is the only writer, readers take snapshots.
+/// A load plus a store instead of a locked read-modify-write keeps the hot path cheap.
+#[derive(Default)]
+pub(crate) struct Counter(AtomicU64);
+
+impl Counter {
+    #[inline]
+    pub(crate) fn add(&self, n: u64) {
+        self.0
+            .store(self.0.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+    }
+    #[inline]
+    pub(crate) fn max(&self, v: u64) {
+        if v > self.0.load(Ordering::Relaxed) {
+            self.0.store(v, Ordering::Relaxed);
+        }
+    }
+    pub(crate) fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}

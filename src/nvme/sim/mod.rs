@@ -1,0 +1,249 @@
+//! An in-process software NVMe controller: the same registers, queues, doorbells and PRPs as a
+//! PCIe controller, over ordinary process memory with identity translation (every queue base,
+//! PRP or doorbell-buffer address the driver writes is a plain virtual address of this process).
+//! A device thread ("rio-sim") plays the controller by polling; the driver gets a pointer to the
+//! model's BAR0 and accesses its 32-bit registers atomically, as MMIO.
+//!
+//! Behaviour follows the NVMe base specification as QEMU's `hw/nvme/ctrl.c` implements it:
+//!
+//! - CC.EN 0->1 reads AQA/ASQ/ACQ (64-bit registers may be written as two halves) and sets
+//!   CSTS.RDY after [`SimConfig::ready_delay`]; an invalid setup (zero or misaligned queue bases,
+//!   MPS outside CAP, admin queues under 2 entries) sets CSTS.CFS instead. CC.EN 1->0 drops all
+//!   queues, withheld and timed commands, the doorbell-buffer configuration, zeroes the doorbell
+//!   registers and clears CSTS.RDY and CFS. CC.SHN != 0 sets CSTS.SHST = 2.
+//! - Completions: dw0..cid stored first, the status half-word (with the phase tag) last with a
+//!   Release store. A full CQ (per its head doorbell) holds completions back until there is room.
+//! - Doorbell Buffer Config: for I/O queues the model then takes SQ tails and CQ heads from the
+//!   shadow buffer only (MMIO doorbell writes are just kicks it does not need) and writes each
+//!   value it consumed to the EventIdx buffer, as QEMU does. The admin queue always uses MMIO.
+//! - Errors produced by the model carry DNR; faults are described on [`Fault`].
+//!
+//! The memory contract is that of DMA, see [`SimController::bar`].
+
+mod admin;
+mod config;
+mod device;
+mod host;
+mod io;
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+pub use config::{Fault, Latency, SimConfig, SimNamespace};
+
+use crate::nvme::spec::{self, reg};
+use host::{Bar, Counter, NsMem};
+
+/// PCI vendor id reported in Identify Controller (Red Hat, the owner of QEMU's emulated devices).
+pub const SIM_VID: u16 = 0x1b36;
+/// PCI subsystem vendor id reported in Identify Controller ("rio" in no registry: 0x7210).
+pub const SIM_SSVID: u16 = 0x7210;
+
+/// Counters of the model, as of the moment [`SimController::stats`] was called.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SimStats {
+    /// Admin commands fetched.
+    pub admin_cmds: u64,
+    /// I/O commands fetched, by opcode class.
+    pub read_cmds: u64,
+    pub write_cmds: u64,
+    pub flush_cmds: u64,
+    pub write_zeroes_cmds: u64,
+    pub dsm_cmds: u64,
+    pub other_io_cmds: u64,
+    /// Bytes moved by successful Read / Write commands (counted also when `store_data` is off).
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    /// Aborts that found and completed their target.
+    pub aborts_honoured: u64,
+    /// CC.EN 1->0 transitions.
+    pub resets: u64,
+    /// Faults that fired (one per affected command; IgnoreAbort is not counted).
+    pub faults_injected: u64,
+    /// Most commands fetched and not yet completed at once (all queues, withheld ones included).
+    pub max_inflight: u64,
+}
+
+impl SimStats {
+    /// All I/O commands fetched.
+    pub fn io_cmds(&self) -> u64 {
+        self.read_cmds
+            + self.write_cmds
+            + self.flush_cmds
+            + self.write_zeroes_cmds
+            + self.dsm_cmds
+            + self.other_io_cmds
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct StatCounters {
+    admin: Counter,
+    reads: Counter,
+    writes: Counter,
+    flushes: Counter,
+    write_zeroes: Counter,
+    dsm: Counter,
+    other_io: Counter,
+    bytes_read: Counter,
+    bytes_written: Counter,
+    aborts: Counter,
+    resets: Counter,
+    faults_injected: Counter,
+    max_inflight: Counter,
+}
+
+pub(crate) struct NsInfo {
+    block_size: u32,
+    blocks: u64,
+    /// `None` when `store_data` is off.
+    mem: Option<NsMem>,
+}
+
+/// State shared between the handle and the device thread.
+pub(crate) struct Shared {
+    bar: Bar,
+    ns: Vec<NsInfo>,
+    stop: AtomicBool,
+    stats: StatCounters,
+}
+
+/// CAP for a configuration: MQES, CQR=1, TO, DSTRD, CSS=NVM, MPSMIN=0 (4 KiB), MPSMAX=4 (64 KiB).
+pub(crate) fn cap_value(cfg: &SimConfig) -> u64 {
+    cfg.mqes as u64
+        | 1 << 16
+        | (cfg.timeout_500ms_units as u64) << 24
+        | (cfg.dstrd as u64 & 0xF) << 32
+        | (spec::Cap::CSS_NVM as u64) << 37
+        | 4u64 << 52
+}
+
+/// A running software NVMe controller. Dropping it stops and joins the device thread.
+pub struct SimController {
+    sh: Arc<Shared>,
+    dstrd: u8,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SimController {
+    /// Validates `cfg`, allocates BAR0 and the namespaces, and starts the device thread.
+    pub fn start(cfg: SimConfig) -> std::io::Result<SimController> {
+        cfg.validate()
+            .map_err(|m| std::io::Error::new(std::io::ErrorKind::InvalidInput, m))?;
+        let stride = 4usize << cfg.dstrd;
+        let bar_len = (reg::DOORBELL_BASE + 2 * (cfg.max_io_queues as usize + 1) * stride)
+            .next_multiple_of(4096);
+        let bar = Bar::new(bar_len)?;
+        bar.store64(reg::CAP, cap_value(&cfg));
+        bar.store(reg::VS, spec::Vs::V1_4.0);
+        let mut ns = Vec::with_capacity(cfg.namespaces.len());
+        for n in &cfg.namespaces {
+            ns.push(NsInfo {
+                block_size: n.block_size,
+                blocks: n.size_bytes / n.block_size as u64,
+                mem: if cfg.store_data {
+                    Some(NsMem::new(n.size_bytes)?)
+                } else {
+                    None
+                },
+            });
+        }
+        let sh = Arc::new(Shared {
+            bar,
+            ns,
+            stop: AtomicBool::new(false),
+            stats: StatCounters::default(),
+        });
+        let dstrd = cfg.dstrd;
+        let dev = device::Device::new(Arc::clone(&sh), cfg);
+        let thread = std::thread::Builder::new()
+            .name("rio-sim".to_string())
+            .spawn(move || dev.run())?;
+        Ok(SimController {
+            sh,
+            dstrd,
+            thread: Some(thread),
+        })
+    }
+
+    /// BAR0: the registers at the offsets of [`spec::reg`], doorbells from 0x1000 with stride
+    /// `4 << dstrd`; page aligned, zeroed except CAP and VS; valid until `self` is dropped.
+    ///
+    /// Access it only with aligned 32-bit atomic loads and stores (e.g.
+    /// `AtomicU32::from_ptr`), as MMIO. Every address the driver hands the model through it or
+    /// through commands (queue bases, PRPs and PRP lists, doorbell buffers) must stay valid and
+    /// must not be reused while the model may use it — while the queue or doorbell buffer exists
+    /// or the command is outstanding — exactly the contract of DMA to a real controller. Data
+    /// buffers are read/written by the device thread with plain copies.
+    pub fn bar(&self) -> (*mut u8, usize) {
+        (self.sh.bar.as_ptr(), self.sh.bar.len())
+    }
+
+    /// CAP.DSTRD of this controller.
+    pub fn dstrd(&self) -> u8 {
+        self.dstrd
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> SimStats {
+        let s = &self.sh.stats;
+        SimStats {
+            admin_cmds: s.admin.get(),
+            read_cmds: s.reads.get(),
+            write_cmds: s.writes.get(),
+            flush_cmds: s.flushes.get(),
+            write_zeroes_cmds: s.write_zeroes.get(),
+            dsm_cmds: s.dsm.get(),
+            other_io_cmds: s.other_io.get(),
+            bytes_read: s.bytes_read.get(),
+            bytes_written: s.bytes_written.get(),
+            aborts_honoured: s.aborts.get(),
+            resets: s.resets.get(),
+            faults_injected: s.faults_injected.get(),
+            max_inflight: s.max_inflight.get(),
+        }
+    }
+
+    /// Copies `len` bytes at byte `offset` of namespace `nsid` (1-based). Peek at ranges whose
+    /// writes have completed and that no outstanding command touches. Returns zeros when
+    /// `store_data` is off.
+    ///
+    /// # Panics
+    /// If the namespace does not exist or the range exceeds it (a test bug).
+    pub fn namespace_data(&self, nsid: u32, offset: u64, len: usize) -> Vec<u8> {
+        let ns = nsid
+            .checked_sub(1)
+            .and_then(|i| self.sh.ns.get(i as usize))
+            .unwrap_or_else(|| panic!("namespace {nsid} does not exist"));
+        let size = ns.blocks * ns.block_size as u64;
+        assert!(
+            offset.checked_add(len as u64).is_some_and(|e| e <= size),
+            "range beyond namespace {nsid}"
+        );
+        let mut out = vec![0u8; len];
+        if let Some(mem) = ns.mem.as_ref() {
+            mem.peek(offset, &mut out);
+        }
+        out
+    }
+}
+
+impl Drop for SimController {
+    fn drop(&mut self) {
+        self.sh
+            .stop
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+// Compile-time check of the brief's requirement (the BAR pointer is shared with driver
+// threads): every field is Send + Sync by construction (`Bar` and `NsMem` argue theirs).
+const _: fn() = || {
+    fn is<T: Send + Sync>() {}
+    is::<SimController>();
+};
