@@ -25,6 +25,7 @@ pub mod buf;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod info;
 pub mod nvme;
 pub mod queue;
 pub mod setup;

@@ -16,7 +16,7 @@ use rio::bench::run::{Phase, Progress, RunOptions};
 use rio::bench::spec::parse_duration;
 use rio::bench::{BenchError, BenchSpec, RwMode};
 use rio::config::{BackendChoice, EngineConfig, LogFormat, parse_size};
-use rio::target::OpenOptions;
+use rio::target::{OpenOptions, TargetSpec};
 use rio::{Engine, Error};
 
 #[derive(Parser, Debug)]
@@ -37,6 +37,21 @@ struct Cli {
 enum Cmd {
     /// Measure IOPS, bandwidth and latency with fio's workload vocabulary.
     Bench(BenchArgs),
+    /// Describe a target: for pcie:// and sim:// the controller's identity, limits,
+    /// namespaces with their LBA formats, and SMART/health.
+    Info(InfoArgs),
+    /// Prepare a host for the userspace driver: hugepages, and moving NVMe controllers between
+    /// the kernel's nvme driver and vfio-pci.
+    Setup(rio::setup::SetupArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct InfoArgs {
+    /// pcie://ADDR, `trtype:PCIe traddr:ADDR`, sim://..., a block device or a file.
+    target: String,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 fn size_arg(s: &str) -> Result<u64, String> {
@@ -235,7 +250,33 @@ fn real_main(cli: Cli) -> Result<(), Fail> {
             cfg.submit_batch = a.iodepth_batch_submit;
             bench(cfg, a)
         }
+        Cmd::Info(a) => info(cfg, a),
+        Cmd::Setup(a) => rio::setup::run(&a, Path::new("/sys")).map_err(Fail::from),
     }
+}
+
+fn info(cfg: EngineConfig, a: InfoArgs) -> Result<(), Fail> {
+    let engine = Engine::open(&cfg, &a.target, OpenOptions::default())?;
+    if a.json {
+        match rio::info::ControllerInfo::of_engine(&engine) {
+            Some(i) => println!(
+                "{}",
+                serde_json::to_string_pretty(&i).expect("info serializes")
+            ),
+            None => println!(
+                "{}",
+                serde_json::json!({
+                    "target": engine.target().path,
+                    "kind": engine.target().kind,
+                    "geometry": engine.target().geometry,
+                    "backend": engine.selection(),
+                })
+            ),
+        }
+    } else {
+        print!("{}", rio::info::describe(&engine)?);
+    }
+    Ok(())
 }
 
 /// Removes the temporary benchmark directory on drop (also after Ctrl-C or an error).
@@ -296,6 +337,14 @@ fn bench(cfg: EngineConfig, a: BenchArgs) -> Result<(), Fail> {
             _tmp = Some(t);
             (p, true)
         }
+        Some(f) if !matches!(TargetSpec::parse(f), TargetSpec::Path(_)) => {
+            if a.create {
+                return Err(usage(format!(
+                    "{f}: --create applies to files; pcie:// and sim:// targets exist already"
+                )));
+            }
+            (PathBuf::from(f), false)
+        }
         Some(f) => {
             let p = PathBuf::from(f);
             let exists = std::fs::symlink_metadata(&p).is_ok();
@@ -312,9 +361,13 @@ fn bench(cfg: EngineConfig, a: BenchArgs) -> Result<(), Fail> {
     };
     let layout = create || (spec.verify && spec.rw.reads());
     let writes = spec.rw.writes() || layout;
-    if writes && is_block_device(&path) && !a.force {
+    let raw_pcie = matches!(
+        TargetSpec::parse(&path.to_string_lossy()),
+        TargetSpec::Pcie { .. }
+    );
+    if writes && (is_block_device(&path) || raw_pcie) && !a.force {
         return Err(usage(format!(
-            "{}: this run writes the raw block device and destroys its contents; pass --force to allow it",
+            "{}: this run writes the raw device and destroys its contents; pass --force to allow it",
             path.display()
         )));
     }

@@ -82,10 +82,6 @@ impl Regs {
         spec::Csts(self.read32(spec::reg::CSTS))
     }
 
-    pub fn vs(&self) -> spec::Vs {
-        spec::Vs(self.read32(spec::reg::VS))
-    }
-
     /// Address of a doorbell register, for a queue pair to keep (checked once here, then
     /// written without bounds checks on the hot path).
     pub fn doorbell(&self, off: usize) -> Doorbell {

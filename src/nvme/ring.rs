@@ -103,8 +103,19 @@ impl Ring {
         }
     }
 
+    /// Use shadow doorbells. Their slots may still hold the values of an earlier queue with
+    /// the same id: they restart at 0 with this ring, or the controller would read a stale
+    /// tail and fetch entries that were never written.
     pub fn set_shadow(&mut self, shadow: Option<Shadow>) {
         self.shadow = shadow;
+        if let Some(s) = shadow {
+            // SAFETY: slots in the live doorbell buffer; the queue is not created on the
+            // device yet, so the controller does not read them.
+            unsafe {
+                (*s.sq_tail).store(self.sq_tail as u32, Ordering::Release);
+                (*s.cq_head).store(self.cq_head as u32, Ordering::Release);
+            }
+        }
     }
 
     /// Free SQ slots (one is always left empty: full is tail + 1 == head).

@@ -1,0 +1,214 @@
+//! The userspace NVMe driver on a real (emulated) NVMe controller bound to vfio-pci.
+//!
+//! These need a controller bound to vfio-pci behind an IOMMU, so they are `#[ignore]`d on the
+//! host and run inside the test VM by `scripts/vm-test` (`--ignored`), which sets:
+//! - `RIO_TEST_PCI`: controller A (namespace 1 with 512-byte blocks, namespace 2 with 4096);
+//! - `RIO_TEST_PCI_SMALL_MDTS`: controller B (namespace 1, MDTS of 16 KiB).
+//!
+//! Run with `--ignored` but without those variables, a test fails under CI=true and skips
+//! otherwise, saying what is missing.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use rio::target::OpenOptions;
+use rio::{Engine, EngineConfig, Queue};
+
+const RW: OpenOptions = OpenOptions {
+    write: true,
+    direct: true,
+    create: false,
+};
+
+fn pci(var: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(v) if !v.is_empty() => Some(v),
+        _ => {
+            common::missing(&format!(
+                "{var}=<PCI address of an NVMe controller bound to vfio-pci> (scripts/vm-test sets it inside the VM)"
+            ))?;
+            None
+        }
+    }
+}
+
+fn config() -> EngineConfig {
+    EngineConfig {
+        buffer_pool_bytes: 8 << 20,
+        ..EngineConfig::default()
+    }
+}
+
+fn open(addr: &str, nsid: u32) -> Engine {
+    Engine::open(&config(), &format!("pcie://{addr}/ns={nsid}"), RW)
+        .unwrap_or_else(|e| panic!("open pcie://{addr}/ns={nsid}: {e}"))
+}
+
+fn pattern(off: u64, len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((off as usize + i) as u64 * 2654435761 >> 7) as u8 ^ seed)
+        .collect()
+}
+
+fn write_pattern(q: &mut Queue, off: u64, len: usize, seed: u8) {
+    let mut b = q.alloc_buf(len).unwrap();
+    b.as_mut_slice().copy_from_slice(&pattern(off, len, seed));
+    q.write(off, b).expect("write");
+}
+
+fn read_back(q: &mut Queue, off: u64, len: usize) -> Vec<u8> {
+    let b = q.alloc_buf(len).unwrap();
+    q.read(off, b).expect("read").as_slice().to_vec()
+}
+
+#[test]
+#[ignore = "needs an NVMe controller on vfio-pci: run inside the VM by scripts/vm-test"]
+fn vfio_identify_namespaces_and_health() {
+    let Some(a) = pci("RIO_TEST_PCI") else { return };
+    let e = open(&a, 1);
+    let c = e.controller().expect("pcie target has a controller");
+    let ns: Vec<(u32, u32)> = c
+        .namespaces()
+        .iter()
+        .map(|n| (n.nsid, n.block_size))
+        .collect();
+    assert_eq!(ns, vec![(1, 512), (2, 4096)]);
+    assert!(
+        c.identify_data().model().contains("QEMU"),
+        "{:?}",
+        c.identify_data().model()
+    );
+    let info = rio::info::ControllerInfo::of(c);
+    assert!(info.smart.is_some(), "SMART log: {:?}", info.smart_error);
+    let text = info.to_human();
+    assert!(text.contains("ns 2:") && text.contains("4096 B"), "{text}");
+    assert_eq!(e.selection().backend, rio::BackendKind::Vfio);
+}
+
+#[test]
+#[ignore = "needs an NVMe controller on vfio-pci: run inside the VM by scripts/vm-test"]
+fn vfio_round_trips_every_prp_shape_on_both_namespaces() {
+    let Some(a) = pci("RIO_TEST_PCI") else { return };
+    for nsid in [1u32, 2] {
+        let e = open(&a, nsid);
+        let mut q = e.queue(Some(8)).unwrap();
+        for (i, len) in [4096usize, 8192, 12288, 65536, 256 << 10]
+            .into_iter()
+            .enumerate()
+        {
+            let off = (i as u64) << 20;
+            write_pattern(&mut q, off, len, nsid as u8 + i as u8);
+            assert_eq!(
+                read_back(&mut q, off, len),
+                pattern(off, len, nsid as u8 + i as u8),
+                "ns {nsid} len {len}"
+            );
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs an NVMe controller on vfio-pci: run inside the VM by scripts/vm-test"]
+fn vfio_splits_requests_larger_than_mdts() {
+    let Some(b) = pci("RIO_TEST_PCI_SMALL_MDTS") else {
+        return;
+    };
+    let e = open(&b, 1);
+    assert_eq!(e.controller().unwrap().max_xfer(), 16 << 10);
+    let mut q = e.queue(Some(4)).unwrap();
+    let before = q.nvme_stats().unwrap().commands;
+    write_pattern(&mut q, 1 << 20, 1 << 20, 0x5a);
+    assert_eq!(
+        read_back(&mut q, 1 << 20, 1 << 20),
+        pattern(1 << 20, 1 << 20, 0x5a)
+    );
+    let st = q.nvme_stats().unwrap();
+    assert_eq!(
+        st.commands - before,
+        2 * 64,
+        "1 MiB in 16 KiB commands, twice"
+    );
+}
+
+#[test]
+#[ignore = "needs an NVMe controller on vfio-pci: run inside the VM by scripts/vm-test"]
+fn vfio_flush_write_zeroes_deallocate() {
+    let Some(a) = pci("RIO_TEST_PCI") else { return };
+    let e = open(&a, 1);
+    let mut q = e.queue(Some(4)).unwrap();
+    let base = 8 << 20;
+    write_pattern(&mut q, base, 65536, 3);
+    q.flush().unwrap();
+    q.write_zeroes(base + 4096, 8192).unwrap();
+    let got = read_back(&mut q, base, 65536);
+    let want = pattern(base, 65536, 3);
+    assert_eq!(&got[..4096], &want[..4096]);
+    assert!(got[4096..12288].iter().all(|&b| b == 0));
+    assert_eq!(&got[12288..], &want[12288..]);
+    // Deallocate is advisory on this model: only that it completes is checked.
+    q.deallocate(base + 32768, 16384).unwrap();
+}
+
+#[test]
+#[ignore = "needs an NVMe controller on vfio-pci: run inside the VM by scripts/vm-test"]
+fn vfio_small_queue_wraps_and_nothing_is_lost() {
+    let Some(a) = pci("RIO_TEST_PCI") else { return };
+    let cfg = EngineConfig {
+        nvme_queue_entries: 4,
+        ..config()
+    };
+    let e = Engine::open(&cfg, &format!("pcie://{a}/ns=1"), RW).unwrap();
+    let mut q = e.queue(Some(16)).unwrap();
+    let total = 2000u64;
+    let (mut next, mut seen, mut out) = (0u64, HashSet::new(), Vec::new());
+    while seen.len() < total as usize {
+        while next < total && q.in_flight() < 16 {
+            let b = q.alloc_buf(4096).unwrap();
+            q.submit_read((next % 4096) * 4096, b, next).unwrap();
+            next += 1;
+        }
+        out.clear();
+        q.wait(1, Duration::from_secs(30), &mut out).unwrap();
+        for c in out.drain(..) {
+            c.result.expect("read");
+            assert!(seen.insert(c.token), "token {} twice", c.token);
+        }
+    }
+    assert_eq!(q.arena().in_use(), 0);
+}
+
+#[test]
+#[ignore = "needs an NVMe controller on vfio-pci: run inside the VM by scripts/vm-test"]
+fn vfio_queue_pairs_per_thread_and_reopen() {
+    let Some(a) = pci("RIO_TEST_PCI") else { return };
+    {
+        let e = std::sync::Arc::new(open(&a, 1));
+        let hs: Vec<_> = (0..2u8)
+            .map(|t| {
+                let e = std::sync::Arc::clone(&e);
+                std::thread::spawn(move || {
+                    let mut q = e.queue(Some(8)).unwrap();
+                    let base = (16u64 + t as u64 * 8) << 20;
+                    for i in 0..32u64 {
+                        write_pattern(&mut q, base + i * 8192, 8192, t);
+                    }
+                    for i in 0..32u64 {
+                        let off = base + i * 8192;
+                        assert_eq!(read_back(&mut q, off, 8192), pattern(off, 8192, t));
+                    }
+                })
+            })
+            .collect();
+        for h in hs {
+            h.join().unwrap();
+        }
+    }
+    // The controller was shut down when the last engine went; it comes up again and the data
+    // is still there.
+    let e = open(&a, 1);
+    let mut q = e.queue(Some(2)).unwrap();
+    let off = 16u64 << 20;
+    assert_eq!(read_back(&mut q, off, 8192), pattern(off, 8192, 0));
+}
