@@ -2,6 +2,9 @@
 //! - buffer arena get/put against `std::alloc` with 4 KiB alignment;
 //! - one QD32 batch of 4 KiB reads served from the page cache (buffered, so the device is out
 //!   of the picture): uring against psync, the software cost per I/O of each backend;
+//! - the same QD32 batch and a QD1 round trip through the userspace NVMe driver on the
+//!   software controller model (no data copy, no latency: what is left is the driver's cost
+//!   per I/O plus the model's, on the other core), beside uring on the page cache;
 //! - verify block fill and check (CRC32C + data generation) per 4 KiB block.
 
 use std::hint::black_box;
@@ -39,17 +42,29 @@ fn queue_batch(c: &mut Criterion) {
     std::fs::write(&path, vec![1u8; 8 << 20]).unwrap();
     let mut g = c.benchmark_group("qd32_batch_4k_read_page_cache");
     g.measurement_time(Duration::from_secs(3));
-    for backend in [BackendChoice::Uring, BackendChoice::Psync] {
+    for backend in [
+        BackendChoice::Uring,
+        BackendChoice::Psync,
+        BackendChoice::Vfio,
+    ] {
         let cfg = EngineConfig {
             backend,
             direct: false,
+            hugepages: false,
             ..Default::default()
         };
-        let e = Engine::open(&cfg, path.to_str().unwrap(), OpenOptions::default()).unwrap();
+        let target = match backend {
+            BackendChoice::Vfio => "sim://size=64m,data=0".to_string(),
+            _ => path.to_str().unwrap().to_string(),
+        };
+        let e = Engine::open(&cfg, &target, OpenOptions::default()).unwrap();
         let mut q = e.queue(Some(32)).unwrap();
         let mut bufs: Vec<_> = (0..32).map(|_| Some(q.alloc_buf(4096).unwrap())).collect();
         let mut out = Vec::with_capacity(32);
-        let name = format!("{backend:?}").to_lowercase();
+        let name = match backend {
+            BackendChoice::Vfio => "nvme_driver_on_sim".to_string(),
+            _ => format!("{backend:?}").to_lowercase(),
+        };
         g.bench_function(name, |b| {
             b.iter(|| {
                 for (i, buf) in bufs.iter_mut().enumerate() {
@@ -73,6 +88,47 @@ fn queue_batch(c: &mut Criterion) {
     g.finish();
 }
 
+fn qd1_round_trip(c: &mut Criterion) {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let path = dir.path().join("bench.dat");
+    std::fs::write(&path, vec![1u8; 8 << 20]).unwrap();
+    let mut g = c.benchmark_group("qd1_4k_read_round_trip");
+    g.measurement_time(Duration::from_secs(3));
+    for (name, backend, target) in [
+        (
+            "uring_page_cache",
+            BackendChoice::Uring,
+            path.to_str().unwrap().to_string(),
+        ),
+        (
+            "nvme_driver_on_sim",
+            BackendChoice::Vfio,
+            "sim://size=64m,data=0".to_string(),
+        ),
+    ] {
+        let cfg = EngineConfig {
+            backend,
+            direct: false,
+            hugepages: false,
+            ..Default::default()
+        };
+        let e = Engine::open(&cfg, &target, OpenOptions::default()).unwrap();
+        let mut q = e.queue(Some(1)).unwrap();
+        let mut buf = Some(q.alloc_buf(4096).unwrap());
+        let mut out = Vec::with_capacity(1);
+        let mut i = 0u64;
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                i = (i + 7) % 2048;
+                q.submit_read(i * 4096, buf.take().unwrap(), i).unwrap();
+                while q.wait(1, Duration::from_secs(5), &mut out).unwrap() == 0 {}
+                buf = out.pop().unwrap().buf;
+            });
+        });
+    }
+    g.finish();
+}
+
 fn verify_blocks(c: &mut Criterion) {
     let mut g = c.benchmark_group("verify_4k_block");
     let mut block = vec![0u8; 4096];
@@ -86,5 +142,5 @@ fn verify_blocks(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, buffers, queue_batch, verify_blocks);
+criterion_group!(benches, buffers, queue_batch, qd1_round_trip, verify_blocks);
 criterion_main!(benches);

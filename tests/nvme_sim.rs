@@ -41,7 +41,7 @@ fn open(cfg: &EngineConfig, s: SimConfig) -> Engine {
 /// Deterministic, position-dependent content.
 fn pattern(off: u64, len: usize, seed: u8) -> Vec<u8> {
     (0..len)
-        .map(|i| ((off as usize + i) as u64 * 2654435761 >> 7) as u8 ^ seed)
+        .map(|i| (((off as usize + i) as u64 * 2654435761) >> 7) as u8 ^ seed)
         .collect()
 }
 

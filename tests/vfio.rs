@@ -48,7 +48,7 @@ fn open(addr: &str, nsid: u32) -> Engine {
 
 fn pattern(off: u64, len: usize, seed: u8) -> Vec<u8> {
     (0..len)
-        .map(|i| ((off as usize + i) as u64 * 2654435761 >> 7) as u8 ^ seed)
+        .map(|i| (((off as usize + i) as u64 * 2654435761) >> 7) as u8 ^ seed)
         .collect()
 }
 

@@ -48,10 +48,7 @@ impl PsyncQueue {
                     .spawn(move || {
                         for job in jobs.iter() {
                             let res = run(&file, &job);
-                            if done
-                                .send(Reaped::ok(job.slot, res))
-                                .is_err()
-                            {
+                            if done.send(Reaped::ok(job.slot, res)).is_err() {
                                 break;
                             }
                         }

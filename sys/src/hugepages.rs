@@ -50,7 +50,11 @@ fn size_dirs(dir: &Path) -> Vec<(u64, PathBuf)> {
             rd.flatten()
                 .filter_map(|e| {
                     let n = e.file_name().to_string_lossy().into_owned();
-                    let kb = n.strip_prefix("hugepages-")?.strip_suffix("kB")?.parse().ok()?;
+                    let kb = n
+                        .strip_prefix("hugepages-")?
+                        .strip_suffix("kB")?
+                        .parse()
+                        .ok()?;
                     Some((kb, e.path()))
                 })
                 .collect()
@@ -114,7 +118,9 @@ pub fn state(root: &Path) -> io::Result<Vec<Pool>> {
 pub fn reserve(root: &Path, size_kb: u64, count: u64, node: Option<u32>) -> io::Result<u64> {
     let dir = match node {
         Some(n) => node_size_dir(root, n, size_kb),
-        None => root.join("kernel/mm/hugepages").join(size_dir_name(size_kb)),
+        None => root
+            .join("kernel/mm/hugepages")
+            .join(size_dir_name(size_kb)),
     };
     if !dir.exists() {
         let have: Vec<String> = size_dirs(&root.join("kernel/mm/hugepages"))
@@ -128,7 +134,11 @@ pub fn reserve(root: &Path, size_kb: u64, count: u64, node: Option<u32>) -> io::
             _ => format!(
                 "{} hugepages are not supported here (available: {})",
                 format_size_kb(size_kb),
-                if have.is_empty() { "none".to_string() } else { have.join(", ") }
+                if have.is_empty() {
+                    "none".to_string()
+                } else {
+                    have.join(", ")
+                }
             ),
         };
         return Err(io::Error::new(io::ErrorKind::NotFound, what));
@@ -141,9 +151,9 @@ pub fn reserve(root: &Path, size_kb: u64, count: u64, node: Option<u32>) -> io::
 
 /// `2048` → `2M`, `1048576` → `1G`, else `<n>k`.
 pub fn format_size_kb(kb: u64) -> String {
-    if kb >= 1 << 20 && kb % (1 << 20) == 0 {
+    if kb >= 1 << 20 && kb.is_multiple_of(1 << 20) {
         format!("{}G", kb >> 20)
-    } else if kb >= 1 << 10 && kb % (1 << 10) == 0 {
+    } else if kb >= 1 << 10 && kb.is_multiple_of(1 << 10) {
         format!("{}M", kb >> 10)
     } else {
         format!("{kb}k")
@@ -242,7 +252,15 @@ mod tests {
             (2048, 8, 6, 1)
         );
         assert_eq!(s[0].nodes.len(), 2);
-        assert_eq!(s[0].nodes[1], NodePool { node: 1, total: 4, free: 3, surplus: 0 });
+        assert_eq!(
+            s[0].nodes[1],
+            NodePool {
+                node: 1,
+                total: 4,
+                free: 3,
+                surplus: 0
+            }
+        );
         assert_eq!(s[1].size_kb, 1 << 20);
         assert!(state(Path::new("/nonexistent")).unwrap().is_empty());
     }
@@ -252,7 +270,11 @@ mod tests {
         let t = tree();
         assert_eq!(reserve(t.path(), 2048, 64, None).unwrap(), 64);
         assert_eq!(
-            std::fs::read_to_string(t.path().join("kernel/mm/hugepages/hugepages-2048kB/nr_hugepages")).unwrap(),
+            std::fs::read_to_string(
+                t.path()
+                    .join("kernel/mm/hugepages/hugepages-2048kB/nr_hugepages")
+            )
+            .unwrap(),
             "64\n"
         );
         assert_eq!(reserve(t.path(), 2048, 16, Some(1)).unwrap(), 16);
@@ -261,7 +283,10 @@ mod tests {
             "16\n"
         );
         let e = reserve(t.path(), 64, 1, None).unwrap_err();
-        assert!(e.to_string().contains("64k hugepages are not supported"), "{e}");
+        assert!(
+            e.to_string().contains("64k hugepages are not supported"),
+            "{e}"
+        );
         assert!(e.to_string().contains("2M, 1G"), "{e}");
         let e = reserve(t.path(), 2048, 1, Some(5)).unwrap_err();
         assert!(e.to_string().contains("NUMA node 5 does not exist"), "{e}");
@@ -290,8 +315,14 @@ mod tests {
         assert_eq!(
             m,
             vec![
-                HugetlbfsMount { path: "/dev/hugepages".into(), size_kb: Some(2048) },
-                HugetlbfsMount { path: "/mnt/huge 1g".into(), size_kb: Some(1 << 20) },
+                HugetlbfsMount {
+                    path: "/dev/hugepages".into(),
+                    size_kb: Some(2048)
+                },
+                HugetlbfsMount {
+                    path: "/mnt/huge 1g".into(),
+                    size_kb: Some(1 << 20)
+                },
             ]
         );
         hugetlbfs_mounts().unwrap();

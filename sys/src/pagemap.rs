@@ -28,9 +28,13 @@ pub fn virt_to_phys_in(pagemap: &Path, vaddr: u64, page_size: u64) -> io::Result
     let f = File::open(pagemap)
         .map_err(|e| io::Error::new(e.kind(), format!("open {}: {e}", pagemap.display())))?;
     let mut b = [0u8; 8];
-    f.read_exact_at(&mut b, (vaddr / page_size) * 8).map_err(|e| {
-        io::Error::new(e.kind(), format!("read {} for {vaddr:#x}: {e}", pagemap.display()))
-    })?;
+    f.read_exact_at(&mut b, (vaddr / page_size) * 8)
+        .map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("read {} for {vaddr:#x}: {e}", pagemap.display()),
+            )
+        })?;
     let entry = u64::from_ne_bytes(b);
     if entry & PM_PRESENT == 0 {
         let why = if entry & PM_SWAPPED != 0 {
@@ -70,12 +74,25 @@ mod tests {
         data[16..24].copy_from_slice(&PM_PRESENT.to_ne_bytes()); // present, PFN hidden
         data[24..32].copy_from_slice(&PM_SWAPPED.to_ne_bytes());
         std::fs::write(&p, &data).unwrap();
-        assert_eq!(virt_to_phys_in(&p, 4096 + 0x10, 4096).unwrap(), 0x1234 * 4096 + 0x10);
-        assert!(virt_to_phys_in(&p, 0, 4096).unwrap_err().to_string().contains("not present"));
+        assert_eq!(
+            virt_to_phys_in(&p, 4096 + 0x10, 4096).unwrap(),
+            0x1234 * 4096 + 0x10
+        );
+        assert!(
+            virt_to_phys_in(&p, 0, 4096)
+                .unwrap_err()
+                .to_string()
+                .contains("not present")
+        );
         let e = virt_to_phys_in(&p, 2 * 4096, 4096).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
         assert!(e.to_string().contains("CAP_SYS_ADMIN"));
-        assert!(virt_to_phys_in(&p, 3 * 4096, 4096).unwrap_err().to_string().contains("swapped"));
+        assert!(
+            virt_to_phys_in(&p, 3 * 4096, 4096)
+                .unwrap_err()
+                .to_string()
+                .contains("swapped")
+        );
     }
 
     #[test]

@@ -51,7 +51,9 @@ impl FromStr for PciAddr {
         let bad = |why: &str| {
             io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("'{s}' is not a PCI address ({why}; expected dddd:bb:dd.f such as 0000:00:04.0)"),
+                format!(
+                    "'{s}' is not a PCI address ({why}; expected dddd:bb:dd.f such as 0000:00:04.0)"
+                ),
             )
         };
         let (head, func) = s.rsplit_once('.').ok_or_else(|| bad("no '.function'"))?;
@@ -205,7 +207,9 @@ pub fn controller_of_block(root: &Path, name: &str) -> Option<PciAddr> {
     // A namespace: /sys/block/nvme0n1/device -> ../../nvme0 (the controller), whose device is
     // the PCI function. Partitions: go to the parent disk.
     let disk = match name.rfind('p') {
-        Some(i) if i > 4 && name[i + 1..].bytes().all(|c| c.is_ascii_digit()) && name.len() > i + 1 => {
+        Some(i)
+            if i > 4 && name[i + 1..].bytes().all(|c| c.is_ascii_digit()) && name.len() > i + 1 =>
+        {
             &name[..i]
         }
         _ => name,
@@ -317,14 +321,19 @@ impl GroupMember {
     /// Whether VFIO accepts this member in a viable group: no driver, a VFIO-safe driver
     /// (vfio-pci, pci-stub, pcieport), or a PCI bridge.
     pub fn dma_safe(&self) -> bool {
-        matches!(self.driver.as_deref(), None | Some("vfio-pci" | "pci-stub" | "pcieport"))
-            || self.class.is_some_and(|c| c >> 8 == 0x0604)
+        matches!(
+            self.driver.as_deref(),
+            None | Some("vfio-pci" | "pci-stub" | "pcieport")
+        ) || self.class.is_some_and(|c| c >> 8 == 0x0604)
     }
 }
 
 /// Members of IOMMU group `group`, sorted by name.
 pub fn group_members(root: &Path, group: u32) -> io::Result<Vec<GroupMember>> {
-    let dir = root.join("kernel/iommu_groups").join(group.to_string()).join("devices");
+    let dir = root
+        .join("kernel/iommu_groups")
+        .join(group.to_string())
+        .join("devices");
     let mut v = Vec::new();
     for e in std::fs::read_dir(&dir)?.flatten() {
         let p = e.path();
@@ -353,8 +362,12 @@ fn write_attr(p: &Path, value: &str) -> io::Result<()> {
         .truncate(true)
         .open(p)
         .map_err(|e| io::Error::new(e.kind(), format!("open {}: {e}", p.display())))?;
-    f.write_all_at(value.as_bytes(), 0)
-        .map_err(|e| io::Error::new(e.kind(), format!("write '{}' to {}: {e}", value.trim(), p.display())))
+    f.write_all_at(value.as_bytes(), 0).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("write '{}' to {}: {e}", value.trim(), p.display()),
+        )
+    })
 }
 
 /// Name of the driver bound to `addr`, if any.
@@ -368,7 +381,10 @@ pub fn current_driver(root: &Path, addr: &PciAddr) -> Option<String> {
 pub fn bind(root: &Path, addr: &PciAddr, driver: &str) -> io::Result<()> {
     let dir = device_dir(root, addr);
     if !dir.exists() {
-        return Err(io::Error::new(io::ErrorKind::NotFound, format!("no PCI device {addr}")));
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no PCI device {addr}"),
+        ));
     }
     write_attr(&dir.join("driver_override"), driver)?;
     if dir.join("driver").exists() {
@@ -382,7 +398,10 @@ pub fn bind(root: &Path, addr: &PciAddr, driver: &str) -> io::Result<()> {
 pub fn unbind_to_kernel(root: &Path, addr: &PciAddr) -> io::Result<()> {
     let dir = device_dir(root, addr);
     if !dir.exists() {
-        return Err(io::Error::new(io::ErrorKind::NotFound, format!("no PCI device {addr}")));
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no PCI device {addr}"),
+        ));
     }
     write_attr(&dir.join("driver_override"), "\n")?;
     if dir.join("driver").exists() {
@@ -415,7 +434,10 @@ pub fn ensure_module(root: &Path, name: &str) -> io::Result<()> {
 /// Map BAR `bar` through `resource<bar>` (the uio path; vfio maps through the device fd).
 pub fn map_resource(root: &Path, addr: &PciAddr, bar: u8) -> io::Result<MmioRegion> {
     if bar > 5 {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("BAR {bar} does not exist")));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("BAR {bar} does not exist"),
+        ));
     }
     let p = device_dir(root, addr).join(format!("resource{bar}"));
     let f = OpenOptions::new()
@@ -531,7 +553,11 @@ mod tests {
         std::fs::create_dir_all(ctrl.join("nvme0n1")).unwrap();
         std::fs::create_dir_all(ctrl.join("nvme1c0n2")).unwrap();
         std::fs::create_dir_all(ctrl.join("power")).unwrap();
-        std::fs::write(ctrl.join("model"), "QEMU NVMe Ctrl                          \n").unwrap();
+        std::fs::write(
+            ctrl.join("model"),
+            "QEMU NVMe Ctrl                          \n",
+        )
+        .unwrap();
         symlink(&dev, ctrl.join("device")).unwrap();
         std::fs::create_dir_all(r.join("class/nvme")).unwrap();
         symlink(&ctrl, r.join("class/nvme/nvme0")).unwrap();
@@ -547,7 +573,16 @@ mod tests {
         assert_eq!(a("00:04.0").to_string(), "0000:00:04.0");
         assert_eq!(a("10000:e1:1f.7").to_string(), "10000:e1:1f.7");
         assert_eq!(a("0000:AB:01.1").bus, 0xab);
-        for junk in ["", "nvme0", "0000:00:04", "0000:00:20.0", "0000:00:04.8", "0:0:0:0.0", "00:04.x", "0000:100:04.0"] {
+        for junk in [
+            "",
+            "nvme0",
+            "0000:00:04",
+            "0000:00:20.0",
+            "0000:00:04.8",
+            "0:0:0:0.0",
+            "00:04.x",
+            "0000:100:04.0",
+        ] {
             let e = junk.parse::<PciAddr>().unwrap_err();
             assert!(e.to_string().contains("not a PCI address"), "{junk}: {e}");
         }
@@ -565,8 +600,14 @@ mod tests {
         assert_eq!(d.iommu_group, Some(3));
         assert_eq!(d.numa_node, None);
         assert!(!device(t.path(), &a("0000:00:03.0")).unwrap().is_nvme());
-        assert_eq!(device(t.path(), &a("0000:00:09.0")).unwrap_err().kind(), io::ErrorKind::NotFound);
-        assert_eq!(nvme_model(t.path(), &d.addr).as_deref(), Some("QEMU NVMe Ctrl"));
+        assert_eq!(
+            device(t.path(), &a("0000:00:09.0")).unwrap_err().kind(),
+            io::ErrorKind::NotFound
+        );
+        assert_eq!(
+            nvme_model(t.path(), &d.addr).as_deref(),
+            Some("QEMU NVMe Ctrl")
+        );
         assert!(list_nvme(Path::new("/nonexistent")).unwrap().is_empty());
     }
 
@@ -576,7 +617,14 @@ mod tests {
         let r = t.path();
         let addr = a("0000:00:04.0");
         assert_eq!(namespaces_of(r, &addr), vec!["nvme0n1", "nvme1n2"]);
-        for n in ["nvme0", "/dev/nvme0", "nvme0n1", "/dev/nvme0n1", "nvme0n1p1", "nvme1c0n2"] {
+        for n in [
+            "nvme0",
+            "/dev/nvme0",
+            "nvme0n1",
+            "/dev/nvme0n1",
+            "nvme0n1p1",
+            "nvme1c0n2",
+        ] {
             assert_eq!(controller_of_block(r, n), Some(addr), "{n}");
         }
         for n in ["nvme7", "sda", "nvme", "/dev/loop0"] {
@@ -603,12 +651,18 @@ mod tests {
                 (r.join("bus/pci/drivers_probe"), "0000:00:04.0".to_string()),
             ]
         );
-        assert_eq!(std::fs::read_to_string(r.join("bus/pci/drivers/nvme/unbind")).unwrap(), "0000:00:04.0");
+        assert_eq!(
+            std::fs::read_to_string(r.join("bus/pci/drivers/nvme/unbind")).unwrap(),
+            "0000:00:04.0"
+        );
         unbind_to_kernel(r, &addr).unwrap();
         let w = WRITES.take();
         assert_eq!(w[0], (dev.join("driver_override"), "\n".to_string()));
         assert_eq!(w.last().unwrap().0, r.join("bus/pci/drivers_probe"));
-        assert_eq!(bind(r, &a("0000:00:09.0"), "vfio-pci").unwrap_err().kind(), io::ErrorKind::NotFound);
+        assert_eq!(
+            bind(r, &a("0000:00:09.0"), "vfio-pci").unwrap_err().kind(),
+            io::ErrorKind::NotFound
+        );
         assert!(WRITES.take().is_empty());
     }
 
@@ -619,7 +673,14 @@ mod tests {
         assert_eq!(m.len(), 1);
         assert_eq!(m[0].driver.as_deref(), Some("nvme"));
         assert!(!m[0].dma_safe());
-        assert!(GroupMember { name: "x".into(), driver: Some("e1000e".into()), class: Some(0x060400) }.dma_safe());
+        assert!(
+            GroupMember {
+                name: "x".into(),
+                driver: Some("e1000e".into()),
+                class: Some(0x060400)
+            }
+            .dma_safe()
+        );
         assert!(iommu_present(t.path()));
         assert!(!iommu_present(Path::new("/nonexistent")));
     }

@@ -212,7 +212,13 @@ mod ioctls {
 
     pub(super) fn check_extension(fd: BorrowedFd<'_>, ext: u32) -> io::Result<i32> {
         // SAFETY: VFIO_CHECK_EXTENSION takes the extension number by value; no user memory.
-        cvt(unsafe { libc::ioctl(fd.as_raw_fd(), VFIO_CHECK_EXTENSION as _, ext as libc::c_ulong) })
+        cvt(unsafe {
+            libc::ioctl(
+                fd.as_raw_fd(),
+                VFIO_CHECK_EXTENSION as _,
+                ext as libc::c_ulong,
+            )
+        })
     }
 
     pub(super) fn set_iommu(fd: BorrowedFd<'_>, kind: u32) -> io::Result<()> {
@@ -254,16 +260,24 @@ mod ioctls {
 
     pub(super) fn group_get_device_fd(fd: BorrowedFd<'_>, name: &CStr) -> io::Result<File> {
         // SAFETY: the kernel reads a NUL-terminated string from `name`, which outlives the call.
-        let dfd =
-            cvt(unsafe { libc::ioctl(fd.as_raw_fd(), VFIO_GROUP_GET_DEVICE_FD as _, name.as_ptr()) })?;
+        let dfd = cvt(unsafe {
+            libc::ioctl(fd.as_raw_fd(), VFIO_GROUP_GET_DEVICE_FD as _, name.as_ptr())
+        })?;
         // SAFETY: on success the ioctl returned a new file descriptor that nothing else owns.
         Ok(File::from(unsafe { OwnedFd::from_raw_fd(dfd) }))
     }
 
-    pub(super) fn device_get_info(fd: BorrowedFd<'_>, info: &mut vfio_device_info) -> io::Result<()> {
+    pub(super) fn device_get_info(
+        fd: BorrowedFd<'_>,
+        info: &mut vfio_device_info,
+    ) -> io::Result<()> {
         // SAFETY: the kernel writes at most `argsz` (= its size) bytes into the live struct.
         cvt(unsafe {
-            libc::ioctl(fd.as_raw_fd(), VFIO_DEVICE_GET_INFO as _, info as *mut vfio_device_info)
+            libc::ioctl(
+                fd.as_raw_fd(),
+                VFIO_DEVICE_GET_INFO as _,
+                info as *mut vfio_device_info,
+            )
         })?;
         Ok(())
     }
@@ -298,7 +312,10 @@ mod ioctls {
         Ok(())
     }
 
-    pub(super) fn iommu_map_dma(fd: BorrowedFd<'_>, map: &vfio_iommu_type1_dma_map) -> io::Result<()> {
+    pub(super) fn iommu_map_dma(
+        fd: BorrowedFd<'_>,
+        map: &vfio_iommu_type1_dma_map,
+    ) -> io::Result<()> {
         // SAFETY: the kernel reads the live struct. The memory it names is pinned by the kernel;
         // keeping it mapped is the caller's (`Container::map_dma`'s) contract.
         cvt(unsafe {
@@ -395,11 +412,17 @@ mod ioctls {
                 return Err(err(libc::ENODEV));
             }
             let path = f.device_file.clone().ok_or_else(|| err(libc::ENODEV))?;
-            std::fs::OpenOptions::new().read(true).write(true).open(path)
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
         })
     }
 
-    pub(super) fn device_get_info(_fd: BorrowedFd<'_>, info: &mut vfio_device_info) -> io::Result<()> {
+    pub(super) fn device_get_info(
+        _fd: BorrowedFd<'_>,
+        info: &mut vfio_device_info,
+    ) -> io::Result<()> {
         assert_eq!(info.argsz as usize, size_of::<vfio_device_info>());
         FAKE.with_borrow(|f| {
             info.flags = f.device_flags;
@@ -415,7 +438,10 @@ mod ioctls {
     ) -> io::Result<()> {
         assert_eq!(info.argsz as usize, size_of::<vfio_region_info>());
         FAKE.with_borrow(|f| {
-            let &(flags, size, offset) = f.regions.get(info.index as usize).ok_or(err(libc::EINVAL))?;
+            let &(flags, size, offset) = f
+                .regions
+                .get(info.index as usize)
+                .ok_or(err(libc::EINVAL))?;
             info.flags = flags;
             info.size = size;
             info.offset = offset;
@@ -462,7 +488,11 @@ mod ioctls {
                 let n = caps.len();
                 for (i, (id, body)) in caps.into_iter().enumerate() {
                     let here = full.len();
-                    let next = if i + 1 == n { 0 } else { (here + 8 + body.len()) as u32 };
+                    let next = if i + 1 == n {
+                        0
+                    } else {
+                        (here + 8 + body.len()) as u32
+                    };
                     full.extend_from_slice(&id.to_ne_bytes());
                     full.extend_from_slice(&1u16.to_ne_bytes());
                     full.extend_from_slice(&next.to_ne_bytes());
@@ -484,7 +514,10 @@ mod ioctls {
         })
     }
 
-    pub(super) fn iommu_map_dma(_fd: BorrowedFd<'_>, map: &vfio_iommu_type1_dma_map) -> io::Result<()> {
+    pub(super) fn iommu_map_dma(
+        _fd: BorrowedFd<'_>,
+        map: &vfio_iommu_type1_dma_map,
+    ) -> io::Result<()> {
         assert_eq!(map.argsz as usize, size_of::<vfio_iommu_type1_dma_map>());
         FAKE.with_borrow_mut(|f| {
             if f.iommu.is_none() {
@@ -499,12 +532,20 @@ mod ioctls {
         _fd: BorrowedFd<'_>,
         unmap: &mut vfio_iommu_type1_dma_unmap,
     ) -> io::Result<()> {
-        assert_eq!(unmap.argsz as usize, size_of::<vfio_iommu_type1_dma_unmap>());
+        assert_eq!(
+            unmap.argsz as usize,
+            size_of::<vfio_iommu_type1_dma_unmap>()
+        );
         FAKE.with_borrow_mut(|f| {
             let before = f.maps.len();
-            f.maps
-                .retain(|&(_, iova, size, _)| !(iova >= unmap.iova && iova + size <= unmap.iova + unmap.size));
-            unmap.size = if f.maps.len() == before { 0 } else { unmap.size };
+            f.maps.retain(|&(_, iova, size, _)| {
+                !(iova >= unmap.iova && iova + size <= unmap.iova + unmap.size)
+            });
+            unmap.size = if f.maps.len() == before {
+                0
+            } else {
+                unmap.size
+            };
             Ok(())
         })
     }
@@ -618,7 +659,10 @@ impl Container {
     /// Select the type1 IOMMU model. Valid only once a group is attached ([`Group::attach`]).
     pub fn set_iommu(&self) -> io::Result<()> {
         ioctls::set_iommu(self.file.as_fd(), self.kind).map_err(|e| {
-            io::Error::new(e.kind(), format!("VFIO_SET_IOMMU (type {}): {e}", self.kind))
+            io::Error::new(
+                e.kind(),
+                format!("VFIO_SET_IOMMU (type {}): {e}", self.kind),
+            )
         })
     }
 
@@ -683,7 +727,10 @@ impl Container {
     /// write it at any moment in between.
     pub unsafe fn map_dma(&self, vaddr: *mut u8, len: u64, iova: u64) -> io::Result<()> {
         if len == 0 {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "map_dma of 0 bytes"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "map_dma of 0 bytes",
+            ));
         }
         let map = vfio_iommu_type1_dma_map {
             argsz: size_of::<vfio_iommu_type1_dma_map>() as u32,
@@ -709,7 +756,10 @@ impl Container {
             size: len,
         };
         ioctls::iommu_unmap_dma(self.file.as_fd(), &mut unmap).map_err(|e| {
-            io::Error::new(e.kind(), format!("VFIO_IOMMU_UNMAP_DMA iova {iova:#x}+{len:#x}: {e}"))
+            io::Error::new(
+                e.kind(),
+                format!("VFIO_IOMMU_UNMAP_DMA iova {iova:#x}+{len:#x}: {e}"),
+            )
         })?;
         if unmap.size != len {
             return Err(io::Error::other(format!(
@@ -722,20 +772,31 @@ impl Container {
 }
 
 fn rd_u16(b: &[u8], off: usize) -> Option<u16> {
-    Some(u16::from_ne_bytes(b.get(off..off.checked_add(2)?)?.try_into().ok()?))
+    Some(u16::from_ne_bytes(
+        b.get(off..off.checked_add(2)?)?.try_into().ok()?,
+    ))
 }
 fn rd_u32(b: &[u8], off: usize) -> Option<u32> {
-    Some(u32::from_ne_bytes(b.get(off..off.checked_add(4)?)?.try_into().ok()?))
+    Some(u32::from_ne_bytes(
+        b.get(off..off.checked_add(4)?)?.try_into().ok()?,
+    ))
 }
 fn rd_u64(b: &[u8], off: usize) -> Option<u64> {
-    Some(u64::from_ne_bytes(b.get(off..off.checked_add(8)?)?.try_into().ok()?))
+    Some(u64::from_ne_bytes(
+        b.get(off..off.checked_add(8)?)?.try_into().ok()?,
+    ))
 }
 
 /// Walk the capability chain starting at `off` and return the IOVA ranges if the chain has
 /// them. Every offset is bounds-checked and the walk is bounded (the buffer is kernel data, but
 /// a corrupt chain must not loop or read out of bounds).
 fn parse_iova_cap(buf: &[u8], mut off: usize) -> io::Result<Option<Vec<RangeInclusive<u64>>>> {
-    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("VFIO_IOMMU_GET_INFO: {what}"));
+    let bad = |what: &str| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("VFIO_IOMMU_GET_INFO: {what}"),
+        )
+    };
     for _ in 0..64 {
         let id = rd_u16(buf, off).ok_or_else(|| bad("capability header out of bounds"))?;
         let next = rd_u32(buf, off + 4).ok_or_else(|| bad("capability header out of bounds"))?;
@@ -783,14 +844,21 @@ impl Group {
             argsz: size_of::<vfio_group_status>() as u32,
             flags: 0,
         };
-        ioctls::group_get_status(file.as_fd(), &mut st)
-            .map_err(|e| io::Error::new(e.kind(), format!("VFIO_GROUP_GET_STATUS group {id}: {e}")))?;
+        ioctls::group_get_status(file.as_fd(), &mut st).map_err(|e| {
+            io::Error::new(e.kind(), format!("VFIO_GROUP_GET_STATUS group {id}: {e}"))
+        })?;
         if st.flags & VFIO_GROUP_FLAGS_VIABLE == 0 {
             let blockers: Vec<String> = crate::pci::group_members(sysfs_root, id)
                 .unwrap_or_default()
                 .into_iter()
                 .filter(|m| !m.dma_safe())
-                .map(|m| format!("{} (bound to {})", m.name, m.driver.as_deref().unwrap_or("?")))
+                .map(|m| {
+                    format!(
+                        "{} (bound to {})",
+                        m.name,
+                        m.driver.as_deref().unwrap_or("?")
+                    )
+                })
                 .collect();
             let who = if blockers.is_empty() {
                 "some of its devices are bound to non-VFIO drivers".to_string()
@@ -814,7 +882,10 @@ impl Group {
     /// the first group is attached.
     pub fn attach(&self, c: &Container) -> io::Result<()> {
         ioctls::group_set_container(self.file.as_fd(), c.file.as_fd()).map_err(|e| {
-            io::Error::new(e.kind(), format!("VFIO_GROUP_SET_CONTAINER group {}: {e}", self.id))
+            io::Error::new(
+                e.kind(),
+                format!("VFIO_GROUP_SET_CONTAINER group {}: {e}", self.id),
+            )
         })
     }
 
@@ -826,15 +897,19 @@ impl Group {
         let file = ioctls::group_get_device_fd(self.file.as_fd(), &name).map_err(|e| {
             io::Error::new(
                 e.kind(),
-                format!("VFIO_GROUP_GET_DEVICE_FD {pci_addr} in group {}: {e}", self.id),
+                format!(
+                    "VFIO_GROUP_GET_DEVICE_FD {pci_addr} in group {}: {e}",
+                    self.id
+                ),
             )
         })?;
         let mut di = vfio_device_info {
             argsz: size_of::<vfio_device_info>() as u32,
             ..Default::default()
         };
-        ioctls::device_get_info(file.as_fd(), &mut di)
-            .map_err(|e| io::Error::new(e.kind(), format!("VFIO_DEVICE_GET_INFO {pci_addr}: {e}")))?;
+        ioctls::device_get_info(file.as_fd(), &mut di).map_err(|e| {
+            io::Error::new(e.kind(), format!("VFIO_DEVICE_GET_INFO {pci_addr}: {e}"))
+        })?;
         Ok(Device {
             name: pci_addr.to_string(),
             file,
@@ -910,7 +985,10 @@ impl Device {
         if index >= self.info.num_regions {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("{}: region {index} does not exist ({} regions)", self.name, self.info.num_regions),
+                format!(
+                    "{}: region {index} does not exist ({} regions)",
+                    self.name, self.info.num_regions
+                ),
             ));
         }
         let mut ri = vfio_region_info {
@@ -921,7 +999,10 @@ impl Device {
         ioctls::device_get_region_info(self.file.as_fd(), &mut ri).map_err(|e| {
             io::Error::new(
                 e.kind(),
-                format!("VFIO_DEVICE_GET_REGION_INFO {} region {index}: {e}", self.name),
+                format!(
+                    "VFIO_DEVICE_GET_REGION_INFO {} region {index}: {e}",
+                    self.name
+                ),
             )
         })?;
         Ok(RegionInfo {
@@ -938,13 +1019,21 @@ impl Device {
         if !r.mmappable() || r.size == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
-                format!("{}: region {index} cannot be mmapped (flags {:#x}, size {:#x})", self.name, r.flags, r.size),
+                format!(
+                    "{}: region {index} cannot be mmapped (flags {:#x}, size {:#x})",
+                    self.name, r.flags, r.size
+                ),
             ));
         }
-        let len = usize::try_from(r.size)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "region larger than the address space"))?;
-        MmioRegion::map(self.file.as_fd(), len, r.offset)
-            .map_err(|e| io::Error::new(e.kind(), format!("mmap {} region {index}: {e}", self.name)))
+        let len = usize::try_from(r.size).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                "region larger than the address space",
+            )
+        })?;
+        MmioRegion::map(self.file.as_fd(), len, r.offset).map_err(|e| {
+            io::Error::new(e.kind(), format!("mmap {} region {index}: {e}", self.name))
+        })
     }
 
     fn config_range(&self, offset: u64, len: usize) -> io::Result<u64> {
@@ -978,7 +1067,10 @@ impl Device {
     pub fn enable_bus_master(&self) -> io::Result<()> {
         let mut b = [0u8; 2];
         self.read_config(PCI_COMMAND, &mut b)?;
-        let cmd = u16::from_le_bytes(b) | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER | PCI_COMMAND_INTX_DISABLE;
+        let cmd = u16::from_le_bytes(b)
+            | PCI_COMMAND_MEMORY
+            | PCI_COMMAND_MASTER
+            | PCI_COMMAND_INTX_DISABLE;
         self.write_config(PCI_COMMAND, &cmd.to_le_bytes())
     }
 
@@ -1050,7 +1142,7 @@ impl MmioRegion {
 
     fn check(&self, off: usize, width: usize) {
         assert!(
-            off % width == 0 && off.checked_add(width).is_some_and(|e| e <= self.len),
+            off.is_multiple_of(width) && off.checked_add(width).is_some_and(|e| e <= self.len),
             "MMIO access of {width} bytes at {off:#x} outside or misaligned in a {:#x}-byte region",
             self.len
         );
@@ -1099,7 +1191,11 @@ mod tests {
     use crate::pci::testutil::TempDir;
 
     fn devnull() -> File {
-        OpenOptions::new().read(true).write(true).open("/dev/null").unwrap()
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+            .unwrap()
     }
 
     fn container() -> Container {
@@ -1199,12 +1295,22 @@ mod tests {
         let mut b = vec![0u8; 32];
         b[24..26].copy_from_slice(&9u16.to_ne_bytes());
         b[28..32].copy_from_slice(&24u32.to_ne_bytes());
-        assert!(parse_iova_cap(&b, 24).unwrap_err().to_string().contains("loop"));
+        assert!(
+            parse_iova_cap(&b, 24)
+                .unwrap_err()
+                .to_string()
+                .contains("loop")
+        );
         // IOVA cap claiming more ranges than present.
         let mut b = vec![0u8; 24 + 16 + 16];
         b[24..26].copy_from_slice(&1u16.to_ne_bytes());
         b[32..36].copy_from_slice(&2u32.to_ne_bytes());
-        assert!(parse_iova_cap(&b, 24).unwrap_err().to_string().contains("truncated"));
+        assert!(
+            parse_iova_cap(&b, 24)
+                .unwrap_err()
+                .to_string()
+                .contains("truncated")
+        );
     }
 
     #[test]
@@ -1254,7 +1360,10 @@ mod tests {
         let s = e.to_string();
         assert!(s.contains("group 12 is not viable"), "{s}");
         assert!(s.contains("0000:01:00.1 (bound to nvme)"), "{s}");
-        assert!(!s.contains("01:00.0") && !s.contains("1c.0") && !s.contains("01:00.2"), "{s}");
+        assert!(
+            !s.contains("01:00.0") && !s.contains("1c.0") && !s.contains("01:00.2"),
+            "{s}"
+        );
     }
 
     fn fake_device(t: &TempDir) -> Device {
@@ -1262,7 +1371,8 @@ mod tests {
         let path = t.path().join("device");
         let f = File::create(&path).unwrap();
         f.set_len(0x10000 + 256).unwrap();
-        f.write_all_at(&0x0010u16.to_le_bytes(), 0x10000 + 4).unwrap();
+        f.write_all_at(&0x0010u16.to_le_bytes(), 0x10000 + 4)
+            .unwrap();
         let mut regions = vec![(0u32, 0u64, 0u64); 9];
         regions[0] = (7, 0x4000, 0);
         regions[7] = (3, 256, 0x10000);
@@ -1310,7 +1420,10 @@ mod tests {
         drop(bar);
         // The shared mapping wrote through to the file.
         let mut b = [0u8; 4];
-        File::open(t.path().join("device")).unwrap().read_exact_at(&mut b, 0x1000).unwrap();
+        File::open(t.path().join("device"))
+            .unwrap()
+            .read_exact_at(&mut b, 0x1000)
+            .unwrap();
         assert_eq!(u32::from_ne_bytes(b), 0xdead_beef);
         let bar = d.map_region(0).unwrap();
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| bar.read32(0x4000)));

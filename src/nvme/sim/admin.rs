@@ -337,7 +337,9 @@ impl Device {
         }
         self.io_sqs.retain(|&q| q != qid);
         // Shadow/MMIO tail of a deleted queue restarts at 0 on re-creation.
-        self.sh.bar.store(spec::sq_tail_doorbell(qid, self.cfg.dstrd), 0);
+        self.sh
+            .bar
+            .store(spec::sq_tail_doorbell(qid, self.cfg.dstrd), 0);
         OK
     }
 
@@ -351,14 +353,15 @@ impl Device {
         }
         self.drop_backlog(qid);
         self.cqs[qid as usize] = None;
-        self.sh.bar.store(spec::cq_head_doorbell(qid, self.cfg.dstrd), 0);
+        self.sh
+            .bar
+            .store(spec::cq_head_doorbell(qid, self.cfg.dstrd), 0);
         OK
     }
 
     fn doorbell_buffer_config(&mut self, e: &SubmissionEntry) -> Outcome {
         let ps = self.page_size;
-        if e.prp1 == 0 || e.prp2 == 0 || !e.prp1.is_multiple_of(ps) || !e.prp2.is_multiple_of(ps)
-        {
+        if e.prp1 == 0 || e.prp2 == 0 || !e.prp1.is_multiple_of(ps) || !e.prp2.is_multiple_of(ps) {
             return err(generic(sc::INVALID_FIELD));
         }
         self.dbbuf = Some((e.prp1, e.prp2));

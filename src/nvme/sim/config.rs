@@ -166,7 +166,11 @@ impl SimConfig {
         let mut per_qd: Option<Duration> = None;
         let mut seen: Vec<&str> = Vec::new();
 
-        for item in spec.split([',', '&']).map(str::trim).filter(|s| !s.is_empty()) {
+        for item in spec
+            .split([',', '&'])
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        {
             let (key, value) = item
                 .split_once('=')
                 .ok_or_else(|| format!("sim option '{item}' is not key=value"))?;
@@ -314,8 +318,9 @@ impl SimConfig {
             return Err("mdts must be at most 20".to_string());
         }
         if self.sgl {
-            return Err("the software controller does not implement SGLs (sgl must be false)"
-                .to_string());
+            return Err(
+                "the software controller does not implement SGLs (sgl must be false)".to_string(),
+            );
         }
         Ok(())
     }
@@ -347,7 +352,9 @@ fn parse_block_size(key: &str, value: &str) -> Result<u32, String> {
     match value {
         "512" => Ok(512),
         "4096" | "4k" | "4K" => Ok(4096),
-        _ => Err(format!("sim option '{key}' must be 512 or 4096, got '{value}'")),
+        _ => Err(format!(
+            "sim option '{key}' must be 512 or 4096, got '{value}'"
+        )),
     }
 }
 
@@ -395,7 +402,7 @@ fn parse_duration(key: &str, value: &str) -> Result<Duration, String> {
         _ => return Err(bad()),
     };
     let nanos = n * nanos_per;
-    if !nanos.is_finite() || nanos < 0.0 || nanos > 3600e9 {
+    if !nanos.is_finite() || !(0.0..=3600e9).contains(&nanos) {
         return Err(bad());
     }
     Ok(Duration::from_nanos(nanos.round() as u64))

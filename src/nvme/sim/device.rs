@@ -413,16 +413,17 @@ impl Device {
     fn fetch(&mut self, qid: u16) -> u32 {
         let tail = self.sq_tail(qid);
         let mut n = 0;
-        loop {
-            let Some(sq) = self.sqs[qid as usize].as_mut() else {
-                break;
-            };
+        while let Some(sq) = self.sqs[qid as usize].as_mut() {
             // A tail beyond the queue is an invalid doorbell write: ignored.
             if tail >= sq.size || sq.head == tail || n >= BURST || self.cfs {
                 break;
             }
             let e = dma::read_sqe(sq.base + sq.head as u64 * spec::SQE_SIZE as u64);
-            sq.head = if sq.head + 1 == sq.size { 0 } else { sq.head + 1 };
+            sq.head = if sq.head + 1 == sq.size {
+                0
+            } else {
+                sq.head + 1
+            };
             sq.inflight += 1;
             let sq_inflight = sq.inflight;
             self.inflight += 1;
@@ -617,7 +618,10 @@ impl Device {
         match kind {
             Kind::Normal => self.complete(post),
             Kind::BadCid => {
-                self.post(Post { cid: 0xFFFF, ..post });
+                self.post(Post {
+                    cid: 0xFFFF,
+                    ..post
+                });
                 self.hold(post.sqid, post.cid, false);
             }
             Kind::Stale => {
@@ -658,11 +662,11 @@ impl Device {
         let has_backlog = self.cqs[cqid as usize]
             .as_ref()
             .is_some_and(|c| !c.backlog.is_empty());
-        if has_backlog || !self.try_post(cqid, post) {
-            if let Some(cq) = self.cqs[cqid as usize].as_mut() {
-                cq.backlog.push_back(post);
-                self.backlogged += 1;
-            }
+        if (has_backlog || !self.try_post(cqid, post))
+            && let Some(cq) = self.cqs[cqid as usize].as_mut()
+        {
+            cq.backlog.push_back(post);
+            self.backlogged += 1;
         }
     }
 
@@ -711,13 +715,10 @@ impl Device {
     fn flush_backlogs(&mut self) -> bool {
         let mut work = false;
         for cqid in 0..self.cqs.len() {
-            loop {
-                let Some(post) = self.cqs[cqid]
-                    .as_ref()
-                    .and_then(|c| c.backlog.front().copied())
-                else {
-                    break;
-                };
+            while let Some(post) = self.cqs[cqid]
+                .as_ref()
+                .and_then(|c| c.backlog.front().copied())
+            {
                 if !self.try_post(cqid as u16, post) {
                     break;
                 }

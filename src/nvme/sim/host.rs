@@ -163,8 +163,8 @@ unsafe impl Sync for NsMem {}
 
 impl NsMem {
     pub(crate) fn new(len: u64) -> std::io::Result<NsMem> {
-        let len = usize::try_from(len)
-            .map_err(|_| std::io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+        let len =
+            usize::try_from(len).map_err(|_| std::io::Error::from_raw_os_error(libc::EOVERFLOW))?;
         // SAFETY: an anonymous private mapping at a kernel-chosen address touches no existing
         // memory.
         let p = unsafe {
@@ -247,8 +247,10 @@ pub(crate) struct Counter(AtomicU64);
 impl Counter {
     #[inline]
     pub(crate) fn add(&self, n: u64) {
-        self.0
-            .store(self.0.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+        self.0.store(
+            self.0.load(Ordering::Relaxed).wrapping_add(n),
+            Ordering::Relaxed,
+        );
     }
     #[inline]
     pub(crate) fn max(&self, v: u64) {

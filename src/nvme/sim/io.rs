@@ -93,7 +93,9 @@ impl Device {
     fn lba_range(&self, ns: usize, slba: u64, nlb: u64) -> Result<(u64, u64), Status> {
         let n = &self.sh.ns[ns];
         match slba.checked_add(nlb) {
-            Some(end) if end <= n.blocks => Ok((slba * n.block_size as u64, nlb * n.block_size as u64)),
+            Some(end) if end <= n.blocks => {
+                Ok((slba * n.block_size as u64, nlb * n.block_size as u64))
+            }
             _ => Err(generic(sc::LBA_OUT_OF_RANGE)),
         }
     }
