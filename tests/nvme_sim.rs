@@ -491,3 +491,27 @@ fn completion_kinds_report_the_operation() {
     assert_eq!(out[0].op, OpKind::Flush);
     assert_eq!(out[0].token, 77);
 }
+
+#[test]
+fn a_queue_pair_created_again_on_the_same_id_works_with_shadow_doorbells() {
+    // The second queue pair reuses queue id 1, whose shadow doorbell and EventIdx slots hold
+    // the first one's values: they must restart, or the controller (which, like QEMU's, looks
+    // at a shadow tail only after an MMIO doorbell write) never sees the new commands.
+    let cfg = EngineConfig {
+        nvme_timeout_ms: 2000,
+        ..config()
+    };
+    let e = open(&cfg, sim(8 << 20));
+    assert!(e.controller().unwrap().shadow_doorbells());
+    for round in 0..3u8 {
+        let mut q = e.queue(Some(16)).unwrap();
+        for i in 0..37u64 {
+            write_pattern(&mut q, i * 4096, 4096, round);
+        }
+        assert_eq!(
+            read_back(&mut q, 36 * 4096, 4096),
+            pattern(36 * 4096, 4096, round)
+        );
+        assert_eq!(q.nvme_stats().unwrap().timeouts, 0);
+    }
+}

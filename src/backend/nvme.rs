@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::nvme::ctrl::{Controller, PAGE};
 use crate::nvme::dma::{DmaMem, DmaRegion};
 use crate::nvme::ring::Ring;
-use crate::nvme::spec::{self, DsmRange, NvmeError, Status, SubmissionEntry};
+use crate::nvme::spec::{self, DsmRange, NvmeError, SubmissionEntry};
 use crate::queue::OpKind;
 
 /// Command ids: low 12 bits index the tracker, high 4 bits count its reuses, so a stale
@@ -80,6 +80,8 @@ pub(crate) struct NvmeQueue {
     timeout_ms: Option<u64>,
     abort_ms: u64,
     last_scan_ms: u64,
+    /// CLOCK_MONOTONIC_COARSE at the last poll.
+    now_ms: u64,
     /// A protocol violation seen while reaping, reported after the batch is handed over.
     pending_error: Option<Error>,
     stats: NvmeQueueStats,
@@ -153,6 +155,7 @@ impl NvmeQueue {
             max_xfer,
             timeout_ms,
             last_scan_ms: coarse_ms(),
+            now_ms: coarse_ms(),
             pending_error: None,
             stats: NvmeQueueStats::default(),
             abandoned: false,
@@ -222,7 +225,9 @@ impl NvmeQueue {
     /// true when the whole request is issued.
     #[inline]
     fn issue(&mut self, slot: u32) -> bool {
-        let now = coarse_ms();
+        // Stamped with the clock of the last poll: timeouts are coarse (tens of ms at least),
+        // and this keeps clock reads off the per-command path.
+        let now = self.now_ms;
         let ring = self
             .ring
             .as_mut()
@@ -350,9 +355,9 @@ impl NvmeQueue {
             }
         }
         let ring = self.ring.as_mut().expect("ring present");
-        let before = self.stats.commands;
-        ring.ring_sq();
-        let _ = before;
+        if ring.ring_sq() {
+            self.stats.doorbells += 1;
+        }
         let mut reaped_any = false;
         while let Some(cqe) = ring.next_cqe() {
             reaped_any = true;
@@ -421,8 +426,9 @@ impl NvmeQueue {
         if reaped_any {
             ring.ring_cq();
         }
+        let now = coarse_ms();
+        self.now_ms = now;
         if self.timeout_ms.is_some() && self.free.len() < self.trackers.len() {
-            let now = coarse_ms();
             if now.saturating_sub(self.last_scan_ms) >= SCAN_MS {
                 self.last_scan_ms = now;
                 self.scan_timeouts(now, out)?;
@@ -606,9 +612,4 @@ fn coarse_ms() -> u64 {
     // SAFETY: `ts` is a valid out-pointer; CLOCK_MONOTONIC_COARSE is always available.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
-}
-
-#[allow(dead_code)]
-fn _status_is_copy(s: Status) -> Status {
-    s
 }

@@ -93,27 +93,29 @@ impl Ring {
         self.cq_head = 0;
         self.cq_head_rung = 0;
         self.phase = true;
-        if let Some(s) = self.shadow {
-            // SAFETY: the shadow slots point into the controller's doorbell buffer, which
-            // outlives its queues.
-            unsafe {
-                (*s.sq_tail).store(0, Ordering::Relaxed);
-                (*s.cq_head).store(0, Ordering::Relaxed);
-            }
-        }
+        self.clear_shadow();
     }
 
-    /// Use shadow doorbells. Their slots may still hold the values of an earlier queue with
-    /// the same id: they restart at 0 with this ring, or the controller would read a stale
-    /// tail and fetch entries that were never written.
+    /// Use shadow doorbells. Their slots, and the EventIdx slots beside them, may still hold
+    /// the values of an earlier queue with the same id; both restart at 0 with this ring.
+    /// A stale shadow tail makes the controller fetch entries that were never written; a stale
+    /// EventIdx makes the driver skip MMIO doorbell writes a controller like QEMU's waits for
+    /// (measured: the first 16 commands of a re-created queue never completed).
     pub fn set_shadow(&mut self, shadow: Option<Shadow>) {
         self.shadow = shadow;
-        if let Some(s) = shadow {
-            // SAFETY: slots in the live doorbell buffer; the queue is not created on the
-            // device yet, so the controller does not read them.
+        self.clear_shadow();
+    }
+
+    fn clear_shadow(&self) {
+        if let Some(s) = self.shadow {
+            // SAFETY: slots in the live doorbell buffer; the queue does not exist on the
+            // device (not created yet, or deleted, or the controller was reset), so the
+            // controller neither reads nor writes them now.
             unsafe {
-                (*s.sq_tail).store(self.sq_tail as u32, Ordering::Release);
-                (*s.cq_head).store(self.cq_head as u32, Ordering::Release);
+                (*s.sq_tail).store(0, Ordering::Release);
+                (*s.cq_head).store(0, Ordering::Release);
+                (*s.sq_event).store(0, Ordering::Release);
+                (*s.cq_event).store(0, Ordering::Release);
             }
         }
     }
@@ -142,10 +144,11 @@ impl Ring {
 
     /// Tell the controller about new SQ entries: one doorbell write per batch, or none when a
     /// shadow doorbell shows the controller is already looking.
+    /// Returns whether the MMIO doorbell was written.
     #[inline]
-    pub fn ring_sq(&mut self) {
+    pub fn ring_sq(&mut self) -> bool {
         if self.sq_tail == self.sq_tail_rung {
-            return;
+            return false;
         }
         let old = self.sq_tail_rung;
         self.sq_tail_rung = self.sq_tail;
@@ -153,13 +156,14 @@ impl Ring {
             // SAFETY: slots in the live doorbell buffer (see `reset`).
             let need = unsafe { shadow_update(s.sq_tail, s.sq_event, self.sq_tail, old) };
             if !need {
-                return;
+                return false;
             }
         }
         // The entries were written with ordinary stores; the doorbell store is a release, and
         // on x86 stores to write-back memory are visible to the device before a later store
         // to the (uncached) doorbell.
         self.sq_db.write(self.sq_tail as u32);
+        true
     }
 
     /// The next completion, if the controller has posted one. Advances the CQ head (the

@@ -309,12 +309,20 @@ impl Device {
             Ok(v) => v,
             Err(s) => return err(s),
         };
+        if self.dbbuf.is_some() {
+            self.sh.bar.store(
+                spec::sq_tail_doorbell(qid, self.cfg.dstrd),
+                super::device::DOORBELL_IDLE,
+            );
+        }
         self.sqs[qid as usize] = Some(Sq {
             base: e.prp1,
             size,
             head: 0,
             cqid,
             inflight: 0,
+            armed: false,
+            known_tail: 0,
         });
         if let Some(cq) = self.cqs[cqid as usize].as_mut() {
             cq.users += 1;

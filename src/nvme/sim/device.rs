@@ -49,6 +49,9 @@ const BURST: u32 = 128;
 const SPIN_PASSES: u32 = 50_000;
 const YIELD_PASSES: u32 = 2_000;
 const MAX_SLEEP: Duration = Duration::from_micros(100);
+/// What an I/O SQ's MMIO doorbell register is reset to after the model consumed a write, in
+/// shadow doorbell mode (no valid tail has this value).
+pub(super) const DOORBELL_IDLE: u32 = u32::MAX;
 /// Entries kept in the error log (Identify ELPE + 1).
 pub(super) const ERROR_LOG_ENTRIES: usize = 64;
 
@@ -59,6 +62,10 @@ pub(super) struct Sq {
     pub(super) cqid: u16,
     /// Commands fetched from this queue whose completion has not been posted yet.
     pub(super) inflight: u32,
+    /// Shadow doorbells: whether the queue is being looked at (an MMIO doorbell write arms
+    /// it; catching up with the shadow tail disarms it).
+    pub(super) armed: bool,
+    pub(super) known_tail: u32,
 }
 
 pub(super) struct Cq {
@@ -338,6 +345,8 @@ impl Device {
             head: 0,
             cqid: 0,
             inflight: 0,
+            armed: false,
+            known_tail: 0,
         });
         self.granted_sqs = self.cfg.max_io_queues;
         self.granted_cqs = self.cfg.max_io_queues;
@@ -379,16 +388,48 @@ impl Device {
 
     // ----- doorbells ----------------------------------------------------------------------
 
-    /// Current SQ tail as the driver published it: the shadow doorbell for I/O queues once
-    /// Doorbell Buffer Config ran (and EventIdx is set to it), else the MMIO register.
-    fn sq_tail(&self, qid: u16) -> u32 {
+    /// Current SQ tail as the driver published it. With Doorbell Buffer Config, I/O queues
+    /// behave as QEMU's controller does: the shadow tail is read only after an MMIO doorbell
+    /// write, and from then on until the controller has caught up with it (EventIdx is set to
+    /// each value read). A driver that skips the MMIO write when EventIdx does not ask it to is
+    /// correct; one that trusts a stale EventIdx stalls here as it would on QEMU.
+    fn sq_tail(&mut self, qid: u16) -> u32 {
         let dstrd = self.cfg.dstrd;
         match self.dbbuf {
             Some((shadow, ei)) if qid != 0 => {
-                let i = spec::shadow_sq_tail_index(qid, dstrd) as u64 * 4;
-                let t = dma::load_u32(shadow + i);
-                dma::store_u32(ei + i, t);
-                t
+                // Every MMIO write is an event (the register is reset to a value no driver
+                // writes, so writing the same tail twice is seen twice).
+                let rang = self
+                    .sh
+                    .bar
+                    .take_write(spec::sq_tail_doorbell(qid, dstrd), DOORBELL_IDLE);
+                let Some(sq) = self.sqs[qid as usize].as_mut() else {
+                    return 0;
+                };
+                if rang {
+                    sq.armed = true;
+                }
+                if sq.armed {
+                    let i = spec::shadow_sq_tail_index(qid, dstrd) as u64 * 4;
+                    // Publish EventIdx, then look again (full barrier between): a driver that
+                    // stored a new tail before seeing this EventIdx must be seen here, or it
+                    // skipped its MMIO write for nothing (the ordering QEMU's loop keeps).
+                    let mut t = dma::load_u32(shadow + i);
+                    loop {
+                        dma::store_u32(ei + i, t);
+                        std::sync::atomic::fence(Ordering::SeqCst);
+                        let again = dma::load_u32(shadow + i);
+                        if again == t {
+                            break;
+                        }
+                        t = again;
+                    }
+                    sq.known_tail = t;
+                    if t == sq.head {
+                        sq.armed = false;
+                    }
+                }
+                sq.known_tail
             }
             _ => self.sh.bar.load(spec::sq_tail_doorbell(qid, dstrd)),
         }

@@ -62,6 +62,21 @@ impl Bar {
         self.word(off).store(v, Ordering::Release)
     }
 
+    /// Consume a doorbell write: if the register holds something other than `idle`, reset it
+    /// to `idle` and return true. A write that lands between the load and the reset is not
+    /// lost (compare-and-swap).
+    pub(crate) fn take_write(&self, off: usize, idle: u32) -> bool {
+        let w = self.word(off);
+        let mut v = w.load(Ordering::Acquire);
+        while v != idle {
+            match w.compare_exchange(v, idle, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return true,
+                Err(now) => v = now,
+            }
+        }
+        false
+    }
+
     /// A 64-bit register, read as two 32-bit halves (the driver may write it that way).
     pub(crate) fn load64(&self, off: usize) -> u64 {
         self.load(off) as u64 | (self.load(off + 4) as u64) << 32
