@@ -428,11 +428,12 @@ impl NvmeQueue {
         }
         let now = coarse_ms();
         self.now_ms = now;
-        if self.timeout_ms.is_some() && self.free.len() < self.trackers.len() {
-            if now.saturating_sub(self.last_scan_ms) >= SCAN_MS {
-                self.last_scan_ms = now;
-                self.scan_timeouts(now, out)?;
-            }
+        if self.timeout_ms.is_some()
+            && self.free.len() < self.trackers.len()
+            && now.saturating_sub(self.last_scan_ms) >= SCAN_MS
+        {
+            self.last_scan_ms = now;
+            self.scan_timeouts(now, out)?;
         }
         Ok(())
     }
