@@ -67,8 +67,14 @@ impl Engine {
                 return Engine::open_nvme(config, target, Some(&addr), None, nsid, opts);
             }
             TargetSpec::Sim(params) => {
-                let cfg = SimConfig::parse(&params)
+                let mut cfg = SimConfig::parse(&params)
                     .map_err(|reason| Error::config("sim:// target", reason))?;
+                // Like a device, the model works beside the driver, not on its core: it gets
+                // the last CPU unless `cpu=` says otherwise (bench keeps its jobs off it).
+                let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
+                if cfg.cpu.is_none() && ncpu > 1 {
+                    cfg.cpu = core_affinity::get_core_ids().and_then(|c| c.last().map(|c| c.id));
+                }
                 return Engine::open_nvme(config, target, None, Some(cfg), 1, opts);
             }
         };

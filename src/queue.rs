@@ -206,7 +206,12 @@ impl Queue {
                     buf,
                 });
             }
-            if align > 1 && !(b.as_ptr() as usize).is_multiple_of(align) {
+            let misaligned = if align.is_power_of_two() {
+                b.as_ptr() as usize & (align - 1) != 0
+            } else {
+                !(b.as_ptr() as usize).is_multiple_of(align)
+            };
+            if align > 1 && misaligned {
                 let error = Error::Alignment {
                     what: "buffer address",
                     value: b.as_ptr() as u64,

@@ -224,7 +224,16 @@ impl Geometry {
     /// the target. The error names the alignment or the size.
     pub fn check_range(&self, offset: u64, len: u64) -> Result<()> {
         let bs = self.block_size as u64;
-        if !offset.is_multiple_of(bs) {
+        // Block sizes are powers of two in practice: a mask instead of two divisions, which
+        // were a tenth of the per-I/O cost at millions of IOPS.
+        let aligned = |v: u64| {
+            if bs.is_power_of_two() {
+                v & (bs - 1) == 0
+            } else {
+                v.is_multiple_of(bs)
+            }
+        };
+        if !aligned(offset) {
             return Err(Error::Alignment {
                 what: "offset",
                 value: offset,
@@ -232,7 +241,7 @@ impl Geometry {
                 align: bs,
             });
         }
-        if len == 0 || !len.is_multiple_of(bs) {
+        if len == 0 || !aligned(len) {
             return Err(Error::Alignment {
                 what: "length",
                 value: len,

@@ -26,6 +26,8 @@ const CID_INDEX_BITS: u32 = 12;
 const CID_INDEX_MASK: u16 = (1 << CID_INDEX_BITS) - 1;
 /// How often (ms) outstanding commands are checked against the timeout.
 const SCAN_MS: u64 = 10;
+/// Commands gathered before an SQ doorbell while the device is busy (see `poll_once`).
+const DOORBELL_BATCH: u16 = 8;
 /// Largest Write Zeroes / Deallocate per command, in blocks.
 const MAX_ZERO_BLOCKS: u64 = spec::MAX_NLB as u64;
 const MAX_DEALLOC_BLOCKS: u64 = u32::MAX as u64;
@@ -355,12 +357,9 @@ impl NvmeQueue {
             }
         }
         let ring = self.ring.as_mut().expect("ring present");
-        if ring.ring_sq() {
-            self.stats.doorbells += 1;
-        }
-        let mut reaped_any = false;
+        let mut reaped = 0u32;
         while let Some(cqe) = ring.next_cqe() {
-            reaped_any = true;
+            reaped += 1;
             let idx = (cqe.cid & CID_INDEX_MASK) as usize;
             let epoch = (cqe.cid >> CID_INDEX_BITS) as u8;
             let valid = cqe.sq_id == ring.qid
@@ -423,8 +422,23 @@ impl NvmeQueue {
                 });
             }
         }
-        if reaped_any {
+        if reaped > 0 {
             ring.ring_cq();
+        }
+        // Doorbell coalescing (SPDK's delay_cmd_submit, made adaptive): new commands wait for
+        // a batch while the device is busy and completions keep coming, so the doorbell (an
+        // uncached MMIO write, or a shadow-doorbell cache line the device keeps reading) is
+        // touched once per batch instead of once per command. Rung at once when the device
+        // might go idle: nothing completed in this poll, or it holds only a few commands.
+        let unrung = ring.sq_unrung();
+        if unrung > 0 {
+            let active = (self.trackers.len() - self.free.len()) as u16;
+            let at_device = active.saturating_sub(unrung);
+            if reaped == 0 || unrung >= DOORBELL_BATCH || at_device < DOORBELL_BATCH {
+                if ring.ring_sq() {
+                    self.stats.doorbells += 1;
+                }
+            }
         }
         let now = coarse_ms();
         self.now_ms = now;

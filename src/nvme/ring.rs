@@ -123,8 +123,23 @@ impl Ring {
     /// Free SQ slots (one is always left empty: full is tail + 1 == head).
     #[inline]
     pub fn sq_space(&self) -> u16 {
-        let used = (self.sq_tail + self.entries - self.sq_head) % self.entries;
-        self.entries - 1 - used
+        self.entries - 1 - self.distance(self.sq_head, self.sq_tail)
+    }
+
+    /// Entries written since the last SQ doorbell.
+    #[inline]
+    pub fn sq_unrung(&self) -> u16 {
+        self.distance(self.sq_tail_rung, self.sq_tail)
+    }
+
+    /// Ring distance from `from` to `to` (no division: entries need not be a power of two).
+    #[inline]
+    fn distance(&self, from: u16, to: u16) -> u16 {
+        if to >= from {
+            to - from
+        } else {
+            to + self.entries - from
+        }
     }
 
     /// Copy `cmd` into the next SQ slot. The caller checked `sq_space() > 0`. The controller

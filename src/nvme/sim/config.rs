@@ -110,6 +110,8 @@ pub struct SimConfig {
     pub serial: String,
     /// Identify FR (at most 8 bytes).
     pub firmware: String,
+    /// Pin the device thread to this CPU (as a device is "on the other core" of the driver).
+    pub cpu: Option<usize>,
 }
 
 impl Default for SimConfig {
@@ -131,6 +133,7 @@ impl Default for SimConfig {
             model: "rio software NVMe controller".to_string(),
             serial: "RIOSIM0001".to_string(),
             firmware: "1.0".to_string(),
+            cpu: None,
         }
     }
 }
@@ -213,6 +216,7 @@ impl SimConfig {
                 "dbbuf" => cfg.dbbuf = parse_bool(key, value)?,
                 "vwc" => cfg.vwc = parse_bool(key, value)?,
                 "ready" => cfg.ready_delay = parse_duration(key, value)?,
+                "cpu" => cfg.cpu = Some(parse_int(key, value, 4095)? as usize),
                 _ => {
                     let k = key
                         .strip_prefix("ns")

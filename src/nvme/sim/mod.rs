@@ -124,6 +124,7 @@ pub(crate) fn cap_value(cfg: &SimConfig) -> u64 {
 pub struct SimController {
     sh: Arc<Shared>,
     dstrd: u8,
+    cpu: Option<usize>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -157,13 +158,23 @@ impl SimController {
             stats: StatCounters::default(),
         });
         let dstrd = cfg.dstrd;
+        let cpu = cfg.cpu;
+        let pinned = cpu;
         let dev = device::Device::new(Arc::clone(&sh), cfg);
         let thread = std::thread::Builder::new()
             .name("rio-sim".to_string())
-            .spawn(move || dev.run())?;
+            .spawn(move || {
+                if let Some(c) = cpu
+                    && !core_affinity::set_for_current(core_affinity::CoreId { id: c })
+                {
+                    tracing::warn!(cpu = c, "could not pin the model's thread");
+                }
+                dev.run()
+            })?;
         Ok(SimController {
             sh,
             dstrd,
+            cpu: pinned,
             thread: Some(thread),
         })
     }
@@ -184,6 +195,11 @@ impl SimController {
     /// CAP.DSTRD of this controller.
     pub fn dstrd(&self) -> u8 {
         self.dstrd
+    }
+
+    /// The CPU the device thread is pinned to, if any.
+    pub fn cpu(&self) -> Option<usize> {
+        self.cpu
     }
 
     /// A snapshot of the counters.
