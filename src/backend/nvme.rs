@@ -434,10 +434,10 @@ impl NvmeQueue {
         if unrung > 0 {
             let active = (self.trackers.len() - self.free.len()) as u16;
             let at_device = active.saturating_sub(unrung);
-            if reaped == 0 || unrung >= DOORBELL_BATCH || at_device < DOORBELL_BATCH {
-                if ring.ring_sq() {
-                    self.stats.doorbells += 1;
-                }
+            if (reaped == 0 || unrung >= DOORBELL_BATCH || at_device < DOORBELL_BATCH)
+                && ring.ring_sq()
+            {
+                self.stats.doorbells += 1;
             }
         }
         let now = coarse_ms();
