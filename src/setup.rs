@@ -647,6 +647,17 @@ fn run_bind(
                  --allow-unsafe-dma to accept that, or use vfio-pci",
             ));
         }
+        if pci::iommu_translates(&host.sys, &addr) {
+            return Err(bad(
+                addr,
+                format!(
+                    "the IOMMU translates this device's DMA (domain type {}), so the physical \
+                     addresses uio_pci_generic needs would fault; use vfio-pci, or boot with \
+                     iommu=pt",
+                    pci::iommu_domain_type(&host.sys, &addr).unwrap_or_else(|| "unknown".into())
+                ),
+            ));
+        }
     } else {
         if !pci::iommu_present(&host.sys) {
             return Err(bad(

@@ -520,6 +520,8 @@ fn bind_refused_when_a_namespace_is_in_use() {
         &[ADDR, "/dev/nvme0n1 is mounted on /mnt/data"],
     );
     assert!(matches!(e, Error::InUse { .. }));
+    // uio needs an identity (passthrough) IOMMU domain to get this far.
+    write(&f.sys().join("kernel/iommu_groups/3/type"), "identity\n");
     refused(
         &f,
         bind(ADDR, "uio_pci_generic", true),
@@ -633,4 +635,17 @@ fn hugepages_reserve_reads_back() {
             &[needle],
         );
     }
+}
+
+#[test]
+fn uio_refused_when_the_iommu_translates_dma() {
+    // Physical addresses from pagemap fault behind a translating IOMMU (measured in the VM:
+    // a DMAR fault and CSTS.CFS during Identify), so uio is refused before anything changes.
+    let f = fake();
+    write(&f.sys().join("kernel/iommu_groups/3/type"), "DMA-FQ\n");
+    refused(
+        &f,
+        bind(ADDR, "uio_pci_generic", true),
+        &[ADDR, "IOMMU translates", "DMA-FQ", "iommu=pt"],
+    );
 }

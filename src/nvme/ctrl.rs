@@ -235,6 +235,20 @@ impl Controller {
                 };
                 Controller::bring_up(name.clone(), regs, mapper, transport, opts)?
             }
+            Some("uio_pci_generic")
+                if opts.allow_unsafe_dma && rio_sys::pci::iommu_translates(sysfs, &pa) =>
+            {
+                return Err(Error::BackendUnavailable {
+                    backend: "vfio",
+                    reason: format!(
+                        "{name} is bound to uio_pci_generic but the IOMMU translates its DMA \
+                         (domain {}): physical addresses would fault; bind it to vfio-pci, or boot \
+                         with iommu=pt",
+                        rio_sys::pci::iommu_domain_type(sysfs, &pa)
+                            .unwrap_or_else(|| "unknown".into())
+                    ),
+                });
+            }
             Some("uio_pci_generic") if opts.allow_unsafe_dma => {
                 tracing::warn!(
                     ctrl = %name,

@@ -706,3 +706,19 @@ mod tests {
         assert_eq!(u16::from_le_bytes(b), 0x0406);
     }
 }
+
+/// The default IOMMU domain type of `addr`'s group (`kernel/iommu_groups/<g>/type`: "DMA",
+/// "DMA-FQ", "identity", ...), or `None` when the device has no IOMMU group or the kernel does
+/// not say.
+pub fn iommu_domain_type(root: &Path, addr: &PciAddr) -> Option<String> {
+    let t = std::fs::read_to_string(device_dir(root, addr).join("iommu_group/type")).ok()?;
+    Some(t.trim().to_string())
+}
+
+/// Whether the IOMMU translates the device's DMA addresses (so a physical address handed to
+/// it through uio_pci_generic would fault): it has a group whose domain is not identity
+/// (passthrough).
+pub fn iommu_translates(root: &Path, addr: &PciAddr) -> bool {
+    let has_group = device_dir(root, addr).join("iommu_group").exists();
+    has_group && iommu_domain_type(root, addr).is_none_or(|t| t != "identity")
+}
