@@ -30,7 +30,7 @@ impl BackendChoice {
             "auto" => Ok(Self::Auto),
             "uring" | "io_uring" | "io-uring" => Ok(Self::Uring),
             "psync" | "pread" => Ok(Self::Psync),
-            "vfio" | "nvme" | "spdk-like" => Ok(Self::Vfio),
+            "vfio" | "nvme" => Ok(Self::Vfio),
             _ => Err(format!(
                 "expected one of auto, uring, psync, vfio; got '{s}'"
             )),

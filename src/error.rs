@@ -82,6 +82,18 @@ pub enum Error {
     #[error("NVMe controller {ctrl}: {reason}")]
     Controller { ctrl: String, reason: String },
 
+    /// The controller posted a completion that names no outstanding command (out of range,
+    /// stale, duplicate, or for another queue). It is dropped, never used.
+    #[error(
+        "NVMe controller {ctrl}: completion on queue {qid} for command id {cid:#06x} (SQ {sq_id}) that is not outstanding; dropped"
+    )]
+    BadNvmeCompletion {
+        ctrl: String,
+        qid: u16,
+        cid: u16,
+        sq_id: u16,
+    },
+
     /// An admin command completed with an error status.
     #[error("NVMe controller {ctrl}: {error}")]
     Nvme {

@@ -164,7 +164,7 @@ fn bad_configuration() {
     assert_usage_error(&out, "RUSTFS_TARGET_LATENCY_US");
     let out = rio()
         .args(["bench", "--filename", f])
-        .env("RIO_BACKEND", "nvme")
+        .env("RIO_BACKEND", "bogus")
         .output()
         .unwrap();
     assert_usage_error(&out, "RIO_BACKEND");

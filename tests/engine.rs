@@ -269,14 +269,36 @@ fn auto_prefers_uring_and_explains() {
 }
 
 #[test]
-fn pcie_targets_say_what_is_missing() {
+fn pcie_targets_are_refused_before_touching_the_device() {
+    // Opening reads sysfs only; a missing function or one that is not an NVMe controller is
+    // refused with the reason (the host's own devices are never bound or written here).
     let e = Engine::open(
         &EngineConfig::default(),
-        "pcie://0000:00:04.0",
+        "pcie://0000:ff:1f.7",
         OpenOptions::default(),
     )
     .unwrap_err();
-    assert!(e.to_string().contains("vfio"), "{e}");
+    assert!(
+        e.to_string().contains("0000:ff:1f.7") && e.is_usage(),
+        "{e}"
+    );
+    let non_nvme = std::fs::read_dir("/sys/bus/pci/devices")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .find(|d| {
+            std::fs::read_to_string(d.path().join("class")).is_ok_and(|c| c.trim() != "0x010802")
+        });
+    if let Some(d) = non_nvme {
+        let addr = d.file_name().to_string_lossy().into_owned();
+        let e = Engine::open(
+            &EngineConfig::default(),
+            &format!("pcie://{addr}"),
+            OpenOptions::default(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("not an NVMe controller"), "{e}");
+    }
 }
 
 #[test]

@@ -26,6 +26,8 @@ const CID_INDEX_BITS: u32 = 12;
 const CID_INDEX_MASK: u16 = (1 << CID_INDEX_BITS) - 1;
 /// How often (ms) outstanding commands are checked against the timeout.
 const SCAN_MS: u64 = 10;
+/// Generic status "Command Abort Requested".
+const ABORT_REQUESTED: u8 = 0x07;
 /// Commands gathered before an SQ doorbell while the device is busy (see `poll_once`).
 const DOORBELL_BATCH: u16 = 8;
 /// Largest Write Zeroes / Deallocate per command, in blocks.
@@ -88,6 +90,10 @@ pub(crate) struct NvmeQueue {
     pending_error: Option<Error>,
     stats: NvmeQueueStats,
     abandoned: bool,
+    /// Completions produced outside a poll (a recovery in `push`), handed over by the next one.
+    stash: Vec<Reaped>,
+    /// The queue pair exists on the controller (false after a reset until re-created).
+    live: bool,
 }
 
 impl NvmeQueue {
@@ -109,9 +115,8 @@ impl NvmeQueue {
         let entries = opts.io_queue_entries.unwrap_or_else(|| {
             (depth.saturating_mul(2).clamp(64, 1024)).next_power_of_two() as u16
         });
-        let ring = ctrl.create_io_ring(entries)?;
+        let (ring, generation) = ctrl.create_io_ring(entries)?;
         let ntr = (ring.entries as usize - 1).min(CID_INDEX_MASK as usize + 1);
-        let generation = ctrl.generation();
         let mapper = ctrl.mapper();
         let prp = match DmaMem::new(mapper, ntr * 2 * PAGE, opts.hugepages) {
             Ok(m) => m,
@@ -161,6 +166,8 @@ impl NvmeQueue {
             pending_error: None,
             stats: NvmeQueueStats::default(),
             abandoned: false,
+            stash: Vec::new(),
+            live: true,
         })
     }
 
@@ -178,12 +185,22 @@ impl NvmeQueue {
 
     #[inline]
     pub fn push(&mut self, slot: u32, op: &RawOp) -> Result<()> {
-        if self.ctrl.generation() != self.generation {
-            return Err(Error::Controller {
-                ctrl: self.ctrl.name.clone(),
-                reason: "the controller was reset; poll the queue to recover before submitting"
-                    .into(),
-            });
+        if self.ctrl.generation() != self.generation || !self.live {
+            // Another queue reset the controller: fail what this queue had outstanding (handed
+            // over at the next poll) and create the queue pair again before taking more.
+            let mut failed = std::mem::take(&mut self.stash);
+            let r = if self.ctrl.generation() != self.generation {
+                self.recover(&mut failed, false)
+            } else {
+                self.revive()
+            };
+            self.stash = failed;
+            r?;
+        }
+        if self.free.len() == self.trackers.len() {
+            // Idle until now: the clock of the last poll may be old (timeouts are measured
+            // from it).
+            self.now_ms = coarse_ms();
         }
         if let Some(buf) = (op.len > 0 && !op.addr.is_null()).then_some(op.addr) {
             let arena = self
@@ -245,9 +262,8 @@ impl NvmeQueue {
                 req.issued = total;
                 break;
             }
-            if ring.sq_space() == 0 {
-                return false;
-            }
+            // No SQ-space check: trackers are one fewer than the ring's entries, so a free
+            // tracker means a free slot (the SQ head the device reports is not trusted).
             let Some(t) = self.free.pop() else {
                 return false;
             };
@@ -316,6 +332,7 @@ impl NvmeQueue {
         out: &mut Vec<Reaped>,
     ) -> Result<()> {
         let start = out.len();
+        out.append(&mut self.stash);
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut spins = 0u32;
         loop {
@@ -348,6 +365,9 @@ impl NvmeQueue {
         if self.ctrl.generation() != self.generation {
             return self.recover(out, false);
         }
+        if !self.live {
+            return self.revive();
+        }
         // Backlog first (requests waiting for trackers), then one doorbell for everything.
         while let Some(&slot) = self.backlog.front() {
             if self.issue(slot) {
@@ -356,6 +376,42 @@ impl NvmeQueue {
                 break;
             }
         }
+        let reaped = self.reap_cq(out);
+        let ring = self.ring.as_mut().expect("ring present");
+        if reaped > 0 {
+            ring.ring_cq();
+        }
+        // Doorbell coalescing (SPDK's delay_cmd_submit, made adaptive): new commands wait for
+        // a batch while the device is busy and completions keep coming, so the doorbell (an
+        // uncached MMIO write, or a shadow-doorbell cache line the device keeps reading) is
+        // touched once per batch instead of once per command. Rung at once when the device
+        // might go idle: nothing completed in this poll, or it holds only a few commands.
+        // Bounded: each poll that reaps lowers the count at the device, so the doorbell rings
+        // within that many completions.
+        let unrung = ring.sq_unrung();
+        if unrung > 0 {
+            let active = (self.trackers.len() - self.free.len()) as u16;
+            let at_device = active.saturating_sub(unrung);
+            if (reaped == 0 || unrung >= DOORBELL_BATCH || at_device < DOORBELL_BATCH)
+                && ring.ring_sq()
+            {
+                self.stats.doorbells += 1;
+            }
+        }
+        let now = coarse_ms();
+        self.now_ms = now;
+        if self.free.len() < self.trackers.len() && now.saturating_sub(self.last_scan_ms) >= SCAN_MS
+        {
+            self.last_scan_ms = now;
+            self.scan(now, out)?;
+        }
+        Ok(())
+    }
+
+    /// Take every completion the controller has posted; returns how many entries were read.
+    /// A completion is used only if its SQ id is this queue's and its command id names an
+    /// active tracker of the current epoch: the device is untrusted input.
+    fn reap_cq(&mut self, out: &mut Vec<Reaped>) -> u32 {
         let ring = self.ring.as_mut().expect("ring present");
         let mut reaped = 0u32;
         while let Some(cqe) = ring.next_cqe() {
@@ -376,9 +432,11 @@ impl NvmeQueue {
                     sq_id = cqe.sq_id,
                     "completion for a command id that is not outstanding (stale, duplicate or out of range); dropped"
                 );
-                self.pending_error.get_or_insert(Error::BadCompletion {
-                    backend: if self.sim { "sim" } else { "vfio" },
-                    slot: cqe.cid as u32,
+                self.pending_error.get_or_insert(Error::BadNvmeCompletion {
+                    ctrl: self.ctrl.name.clone(),
+                    qid: ring.qid,
+                    cid: cqe.cid,
+                    sq_id: cqe.sq_id,
                 });
                 continue;
             }
@@ -393,7 +451,7 @@ impl NvmeQueue {
             req.outstanding -= 1;
             let status = cqe.status();
             if !status.is_success() && req.fail == Fail::None {
-                req.fail = if aborted {
+                req.fail = if aborted && status.sct_raw() == 0 && status.sc() == ABORT_REQUESTED {
                     Fail::TimedOut {
                         after_ms: coarse_ms().saturating_sub(submitted),
                     }
@@ -422,46 +480,28 @@ impl NvmeQueue {
                 });
             }
         }
-        if reaped > 0 {
-            ring.ring_cq();
-        }
-        // Doorbell coalescing (SPDK's delay_cmd_submit, made adaptive): new commands wait for
-        // a batch while the device is busy and completions keep coming, so the doorbell (an
-        // uncached MMIO write, or a shadow-doorbell cache line the device keeps reading) is
-        // touched once per batch instead of once per command. Rung at once when the device
-        // might go idle: nothing completed in this poll, or it holds only a few commands.
-        let unrung = ring.sq_unrung();
-        if unrung > 0 {
-            let active = (self.trackers.len() - self.free.len()) as u16;
-            let at_device = active.saturating_sub(unrung);
-            if (reaped == 0 || unrung >= DOORBELL_BATCH || at_device < DOORBELL_BATCH)
-                && ring.ring_sq()
-            {
-                self.stats.doorbells += 1;
-            }
-        }
-        let now = coarse_ms();
-        self.now_ms = now;
-        if self.timeout_ms.is_some()
-            && self.free.len() < self.trackers.len()
-            && now.saturating_sub(self.last_scan_ms) >= SCAN_MS
-        {
-            self.last_scan_ms = now;
-            self.scan_timeouts(now, out)?;
-        }
-        Ok(())
+        reaped
     }
 
-    /// Abort commands past the timeout; reset the controller when an abort does not work or
-    /// the controller reports a fatal status.
-    fn scan_timeouts(&mut self, now: u64, out: &mut Vec<Reaped>) -> Result<()> {
+    /// Every 10 ms while commands are outstanding: a fatal controller status resets the
+    /// controller; with timeouts on, a command past its deadline is aborted, and one that has
+    /// not completed `abort_ms` after its abort (or whose abort itself failed) resets it.
+    fn scan(&mut self, now: u64, out: &mut Vec<Reaped>) -> Result<()> {
         if self.ctrl.fatal_status() {
             tracing::error!(ctrl = %self.ctrl.name, "controller fatal status (CSTS.CFS)");
             return self.reset_and_recover(out, "controller fatal status (CSTS.CFS)", true);
         }
-        let limit = self.timeout_ms.expect("checked by caller");
+        let Some(limit) = self.timeout_ms else {
+            return Ok(());
+        };
         let qid = self.qid();
-        let mut reset = false;
+        let mut aborting = self
+            .trackers
+            .iter()
+            .filter(|t| t.active && t.abort_ms != 0)
+            .count();
+        let abort_limit = self.ctrl.abort_limit().max(1) as usize;
+        let mut reset = None;
         for i in 0..self.trackers.len() {
             let t = self.trackers[i];
             if !t.active {
@@ -478,23 +518,34 @@ impl NvmeQueue {
                     after_ms = now - t.submitted_ms,
                     "command timed out; aborting"
                 );
+                if aborting >= abort_limit {
+                    // More aborts than the controller accepts at once (Identify ACL): the
+                    // device is not keeping up with anything; reset instead.
+                    reset = Some("more commands timed out than the abort limit allows");
+                    break;
+                }
                 self.stats.aborts += 1;
+                aborting += 1;
                 match self.ctrl.abort(qid, cid) {
                     Ok(true) => {}
-                    Ok(false) => tracing::warn!(cid, "controller declined the abort"),
-                    Err(e) => tracing::warn!(cid, error = %e, "abort failed"),
+                    Ok(false) => {
+                        tracing::warn!(ctrl = %self.ctrl.name, qid, cid, "controller declined the abort")
+                    }
+                    Err(e) => {
+                        // The admin queue did not answer either: no point in waiting more.
+                        tracing::warn!(ctrl = %self.ctrl.name, qid, cid, error = %e, "abort failed");
+                        self.trackers[i].abort_ms = coarse_ms().max(1);
+                        reset = Some("an abort failed");
+                        break;
+                    }
                 }
-                self.trackers[i].abort_ms = now.max(1);
+                self.trackers[i].abort_ms = coarse_ms().max(1);
             } else if t.abort_ms != 0 && now.saturating_sub(t.abort_ms) >= self.abort_ms {
-                reset = true;
+                reset = Some("a command did not complete after its abort");
             }
         }
-        if reset {
-            return self.reset_and_recover(
-                out,
-                "a command did not complete after its abort",
-                false,
-            );
+        if let Some(why) = reset {
+            return self.reset_and_recover(out, why, false);
         }
         Ok(())
     }
@@ -502,30 +553,63 @@ impl NvmeQueue {
     fn reset_and_recover(&mut self, out: &mut Vec<Reaped>, why: &str, fatal: bool) -> Result<()> {
         self.stats.resets += 1;
         // Another queue may have reset it meanwhile: then only recover.
-        if self.ctrl.generation() == self.generation {
-            let r = self.ctrl.reset(why);
-            if let Err(e) = r {
-                self.fail_all(out, fatal);
-                return Err(e);
-            }
-        }
-        self.recover(out, fatal)
+        let r = self.ctrl.reset(self.generation, why);
+        let rec = self.recover(out, fatal);
+        r.and(rec)
     }
 
-    /// The controller was reset: everything outstanding on this queue completes with an error,
-    /// exactly once, and the queue pair is created again.
+    /// The controller was reset (by this queue or another): once the reset is over, completions
+    /// it had posted are taken as they are, everything else outstanding on this queue completes
+    /// with an error, exactly once, and the queue pair is created again.
     fn recover(&mut self, out: &mut Vec<Reaped>, fatal: bool) -> Result<()> {
+        // The reset holds the admin lock until the controller is disabled and enabled again (or
+        // quiesced): only then may buffers go back to their owners.
+        self.ctrl.wait_reset_done();
+        self.reap_cq(out);
         self.fail_all(out, fatal);
-        let ring = self.ring.as_mut().expect("ring present");
+        self.live = false;
         self.generation = self.ctrl.generation();
-        self.ctrl.recreate_io_ring(ring)
+        self.revive()
+    }
+
+    /// Create the queue pair again after a reset; until that works the queue refuses work.
+    fn revive(&mut self) -> Result<()> {
+        if self.ctrl.is_dead() {
+            return Err(Error::Controller {
+                ctrl: self.ctrl.name.clone(),
+                reason: "the controller failed to reset and is unusable".into(),
+            });
+        }
+        let ring = self.ring.as_mut().expect("ring present");
+        match self.ctrl.recreate_io_ring(ring) {
+            Ok(generation) => {
+                self.generation = generation;
+                self.live = true;
+                Ok(())
+            }
+            Err(e) => Err(Error::Controller {
+                ctrl: self.ctrl.name.clone(),
+                reason: format!(
+                    "cannot create queue pair {} again after a reset: {e}",
+                    ring.qid
+                ),
+            }),
+        }
     }
 
     fn fail_all(&mut self, out: &mut Vec<Reaped>, fatal: bool) {
+        let now = coarse_ms();
         for (i, t) in self.trackers.iter_mut().enumerate() {
             if t.active {
                 t.active = false;
                 self.free.push(i as u16);
+                let req = &mut self.reqs[t.slot as usize];
+                if t.abort_ms != 0 && req.fail == Fail::None {
+                    // It timed out (and caused or preceded the reset).
+                    req.fail = Fail::TimedOut {
+                        after_ms: now.saturating_sub(t.submitted_ms),
+                    };
+                }
             }
         }
         self.backlog.clear();
@@ -606,7 +690,7 @@ fn build_prps(
             unsafe { list.add(slot).write(lists.iova(list_off + PAGE)) };
             slot += 1;
         }
-        debug_assert!(slot < 2 * PER_PAGE, "transfer exceeds the PRP list space");
+        assert!(slot < 2 * PER_PAGE, "transfer exceeds the PRP list space");
         // SAFETY: as above (max_xfer bounds `pages` to what two list pages hold).
         unsafe {
             list.add(slot)

@@ -87,8 +87,13 @@ enum Transport {
     },
     Uio {
         _bar: rio_sys::pci::MmioResource,
+        addr: rio_sys::pci::PciAddr,
     },
 }
+
+/// PCI configuration space: the command register and its Bus Master Enable bit.
+const PCI_COMMAND: u64 = 0x04;
+const PCI_COMMAND_MASTER: u16 = 1 << 2;
 
 struct Admin {
     ring: Ring,
@@ -264,7 +269,10 @@ impl Controller {
                     name.clone(),
                     regs,
                     Mapper::Physical,
-                    Transport::Uio { _bar: bar },
+                    Transport::Uio {
+                        _bar: bar,
+                        addr: pa,
+                    },
                     opts,
                 )?
             }
@@ -376,6 +384,14 @@ impl Controller {
             step = match step {
                 Step::Disable => {
                     let cc = self.regs.cc();
+                    if cc.en() && !self.regs.csts().rdy() {
+                        // Clearing EN while the controller is still becoming ready is undefined
+                        // (NVMe 1.4 §3.1.5): let it finish first (bounded; go on regardless).
+                        let _ =
+                            self.wait_csts(deadline, to, "CSTS.RDY before disabling", false, |c| {
+                                c.rdy()
+                            });
+                    }
                     if cc.en() {
                         self.regs.set_cc(cc.with_enable(false));
                     }
@@ -532,13 +548,29 @@ impl Controller {
         self.namespaces = namespaces;
 
         if self.opts.shadow_doorbells && self.ident.supports_dbbuf() {
-            let mem = DmaMem::new(&self.mapper, 2 * PAGE, false)?;
-            let cmd = SubmissionEntry::doorbell_buffer_config(mem.iova(0), mem.iova(PAGE));
-            match exec(&self.regs, &self.name, admin, cmd, t) {
-                Ok(_) => self.dbbuf = Some(mem),
+            match DmaMem::new(&self.mapper, 2 * PAGE, false) {
                 Err(e) => {
-                    tracing::warn!(error = %e, "Doorbell Buffer Config failed; using MMIO doorbells");
-                    mem.release(&self.mapper);
+                    tracing::warn!(error = %e, "no memory for shadow doorbells; using MMIO doorbells")
+                }
+                Ok(mem) => {
+                    let cmd = SubmissionEntry::doorbell_buffer_config(mem.iova(0), mem.iova(PAGE));
+                    match exec(&self.regs, &self.name, admin, cmd, t) {
+                        Ok(_) => {
+                            self.dbbuf = Some(mem);
+                            // Every queue id must have its slots inside the shadow page (a
+                            // controller reads the shadow of any queue once configured).
+                            let stride = 4usize << self.cap.dstrd();
+                            let fits = ((PAGE / stride).saturating_sub(2) / 2) as u16;
+                            if self.io_queues > fits {
+                                self.io_queues = fits;
+                                self.qids = Mutex::new(vec![false; fits as usize + 1]);
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "Doorbell Buffer Config failed; using MMIO doorbells");
+                            mem.release(&self.mapper);
+                        }
+                    }
                 }
             }
         }
@@ -621,8 +653,9 @@ impl Controller {
         exec(&self.regs, &self.name, &mut a, cmd, self.opts.admin_timeout)
     }
 
-    /// A new I/O queue pair with `entries` slots (clamped to CAP.MQES), on a free queue id.
-    pub(crate) fn create_io_ring(&self, entries: u16) -> Result<Ring> {
+    /// A new I/O queue pair with `entries` slots (clamped to CAP.MQES), on a free queue id,
+    /// and the controller generation it was created in.
+    pub(crate) fn create_io_ring(&self, entries: u16) -> Result<(Ring, u64)> {
         let entries = (entries as u32).clamp(2, self.cap.max_queue_entries().min(4096)) as u16;
         let qid = {
             let mut q = self.qids.lock().expect("qid table poisoned");
@@ -655,12 +688,27 @@ impl Controller {
             }
         };
         ring.set_shadow(self.shadow_of(qid));
-        if let Err(e) = self.create_queues_on_device(&ring) {
-            self.qids.lock().expect("qid table poisoned")[qid as usize] = false;
-            ring.release(&self.mapper);
-            return Err(e);
+        match self.create_queues_on_device(&ring) {
+            Ok(generation) => Ok((ring, generation)),
+            Err(e) => {
+                self.forget_ring(ring, &e);
+                Err(e)
+            }
         }
-        Ok(ring)
+    }
+
+    /// After a failed create or delete: if the controller answered with an error status it
+    /// holds no queue on these rings, so they and the id are freed. Otherwise (a timeout, a
+    /// dead controller) it might still use them: the id stays reserved and the memory leaks.
+    fn forget_ring(&self, ring: Ring, e: &Error) {
+        if matches!(e, Error::Nvme { .. }) {
+            self.qids.lock().expect("qid table poisoned")[ring.qid as usize] = false;
+            ring.release(&self.mapper);
+        } else {
+            tracing::error!(ctrl = %self.name, qid = ring.qid, error = %e,
+                "queue pair state unknown; keeping its id reserved and its memory mapped");
+            std::mem::forget(ring);
+        }
     }
 
     fn shadow_of(&self, qid: u16) -> Option<Shadow> {
@@ -682,15 +730,15 @@ impl Controller {
         })
     }
 
-    fn create_queues_on_device(&self, ring: &Ring) -> Result<()> {
+    /// Create CQ then SQ in one admin-lock section, and return the generation read under that
+    /// lock: a reset (which holds the lock throughout) cannot slip in between.
+    fn create_queues_on_device(&self, ring: &Ring) -> Result<u64> {
+        let mut a = self.admin()?;
+        let generation = self.generation();
+        let t = self.opts.admin_timeout;
         let n = ring.entries as u32;
-        self.admin_command(SubmissionEntry::create_io_cq(
-            ring.qid,
-            n,
-            ring.cq_iova(),
-            true,
-            None,
-        ))?;
+        let cq = SubmissionEntry::create_io_cq(ring.qid, n, ring.cq_iova(), true, None);
+        exec(&self.regs, &self.name, &mut a, cq, t)?;
         let sq = SubmissionEntry::create_io_sq(
             ring.qid,
             n,
@@ -699,30 +747,60 @@ impl Controller {
             true,
             spec::QueuePriority::Medium,
         );
-        if let Err(e) = self.admin_command(sq) {
-            let _ = self.admin_command(SubmissionEntry::delete_io_cq(ring.qid));
+        if let Err(e) = exec(&self.regs, &self.name, &mut a, sq, t) {
+            let del = SubmissionEntry::delete_io_cq(ring.qid);
+            if let Err(d) = exec(&self.regs, &self.name, &mut a, del, t) {
+                tracing::warn!(ctrl = %self.name, qid = ring.qid, error = %d,
+                    "deleting the CQ of a half-created queue pair failed");
+            }
             return Err(e);
         }
-        Ok(())
+        Ok(generation)
     }
 
-    /// After a reset: the controller forgot every I/O queue; create this one again.
-    pub(crate) fn recreate_io_ring(&self, ring: &mut Ring) -> Result<()> {
+    /// After a reset: the controller forgot every I/O queue; create this one again. Returns
+    /// the generation it now lives in.
+    pub(crate) fn recreate_io_ring(&self, ring: &mut Ring) -> Result<u64> {
         ring.reset();
         self.create_queues_on_device(ring)
     }
 
-    /// Delete a queue pair (SQ first, then its CQ) and free its memory and id.
+    /// Wait until no reset is in progress (a reset holds the admin lock from the generation
+    /// bump until the controller is enabled again, or marked dead and quiesced).
+    pub(crate) fn wait_reset_done(&self) {
+        drop(self.admin.lock().expect("admin queue poisoned"));
+    }
+
+    /// Delete a queue pair (SQ first, then its CQ) and free its memory and id. If the
+    /// controller does not confirm, the id stays reserved and the memory leaks (it may still
+    /// be in use by the device).
     pub(crate) fn delete_io_ring(&self, ring: Ring, created_in: u64) {
         if created_in == self.generation() && !self.is_dead() {
-            let r1 = self.admin_command(SubmissionEntry::delete_io_sq(ring.qid));
-            let r2 = self.admin_command(SubmissionEntry::delete_io_cq(ring.qid));
-            if let Err(e) = r1.and(r2) {
-                tracing::warn!(qid = ring.qid, error = %e, "deleting an I/O queue pair failed");
+            let r = self
+                .admin_command(SubmissionEntry::delete_io_sq(ring.qid))
+                .and_then(|_| self.admin_command(SubmissionEntry::delete_io_cq(ring.qid)));
+            if let Err(e) = r {
+                tracing::warn!(ctrl = %self.name, qid = ring.qid, error = %e,
+                    "deleting an I/O queue pair failed");
+                let e = if matches!(e, Error::Nvme { .. }) {
+                    // An error status on delete leaves the queue's state unknown.
+                    ctrl_err(&self.name, "delete refused")
+                } else {
+                    e
+                };
+                self.forget_ring(ring, &e);
+                return;
             }
+        } else if self.is_dead() {
+            // Quiesced (bus mastering off) when it was marked dead: memory is safe to free.
         }
         self.qids.lock().expect("qid table poisoned")[ring.qid as usize] = false;
         ring.release(&self.mapper);
+    }
+
+    /// Abort Command Limit (ACL + 1): aborts the controller accepts at once.
+    pub(crate) fn abort_limit(&self) -> u32 {
+        self.ident.abort_limit()
     }
 
     /// Ask the controller to abort command `cid` of queue `sqid`. `Ok(true)` when the
@@ -736,9 +814,15 @@ impl Controller {
     /// Reset the controller (disable, enable, renegotiate), e.g. because a command did not
     /// complete after an abort. Every queue pair is gone afterwards: their owners notice the new
     /// generation, fail what they had outstanding and create their queues again.
-    pub(crate) fn reset(&self, why: &str) -> Result<()> {
+    ///
+    /// `seen` is the generation the caller's decision was based on: if another queue reset the
+    /// controller meanwhile, nothing is done (one reset per failure, not one per queue).
+    pub(crate) fn reset(&self, seen: u64, why: &str) -> Result<()> {
         let mut admin = self.admin()?;
         let gen_before = self.generation();
+        if gen_before != seen {
+            return Ok(());
+        }
         tracing::warn!(ctrl = %self.name, reason = why, "resetting controller");
         self.generation.fetch_add(1, Ordering::AcqRel);
         let r = self.enable(&mut admin).and_then(|()| {
@@ -752,9 +836,13 @@ impl Controller {
                 t,
             )?;
             if let Some(mem) = &self.dbbuf {
-                // SAFETY: two pages of live DMA memory; the controller is freshly enabled and
-                // does not use them until the command below.
-                unsafe { std::ptr::write_bytes(mem.ptr(), 0, 2 * PAGE) };
+                // Other threads may be storing into their shadow slots right now (they have
+                // not polled yet): zero with atomic stores, not a plain memset.
+                let words = mem.ptr().cast::<std::sync::atomic::AtomicU32>();
+                for i in 0..2 * PAGE / 4 {
+                    // SAFETY: `i` indexes the two live, aligned pages of the doorbell buffer.
+                    unsafe { (*words.add(i)).store(0, Ordering::Relaxed) };
+                }
                 let cmd = SubmissionEntry::doorbell_buffer_config(mem.iova(0), mem.iova(PAGE));
                 exec(&self.regs, &self.name, &mut admin, cmd, t)?;
             }
@@ -766,10 +854,40 @@ impl Controller {
             }
             Err(e) => {
                 tracing::error!(ctrl = %self.name, error = %e, "controller reset failed; marking it unusable");
+                // The controller may still be running: stop its DMA before anyone's buffers
+                // are handed back (callers fail their commands once this returns).
+                self.quiesce();
                 self.dead.store(true, Ordering::Release);
             }
         }
-        r
+        r.map_err(|e| ctrl_err(&self.name, format!("controller reset ({why}) failed: {e}")))
+    }
+
+    /// Stop the device's DMA for good: clear Bus Master Enable in its PCI command register.
+    /// Best effort; the model stops on CC.EN=0 anyway.
+    fn quiesce(&self) {
+        self.regs.set_cc(self.regs.cc().with_enable(false));
+        let r = match &self.transport {
+            Transport::Sim(_) => Ok(()),
+            Transport::Vfio { _device, .. } => {
+                let mut cmd = [0u8; 2];
+                _device.read_config(PCI_COMMAND, &mut cmd).and_then(|()| {
+                    let v = u16::from_le_bytes(cmd) & !PCI_COMMAND_MASTER;
+                    _device.write_config(PCI_COMMAND, &v.to_le_bytes())
+                })
+            }
+            Transport::Uio { addr, .. } => {
+                let sysfs = std::path::Path::new("/sys");
+                let mut cmd = [0u8; 2];
+                rio_sys::pci::read_config(sysfs, addr, PCI_COMMAND, &mut cmd).and_then(|()| {
+                    let v = u16::from_le_bytes(cmd) & !PCI_COMMAND_MASTER;
+                    rio_sys::pci::write_config(sysfs, addr, PCI_COMMAND, &v.to_le_bytes())
+                })
+            }
+        };
+        if let Err(e) = r {
+            tracing::error!(ctrl = %self.name, error = %e, "could not disable bus mastering");
+        }
     }
 
     /// SMART / health log (controller-wide).
