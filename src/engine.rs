@@ -252,19 +252,33 @@ impl Engine {
     /// A new queue with `depth` slots and an arena of at least `arena_bytes` (the configured
     /// size is the floor): for callers that know their buffer needs, like `rio bench`.
     pub fn queue_sized(&self, depth: u32, arena_bytes: usize) -> Result<Queue> {
+        // SAFETY: no added regions.
+        unsafe { self.queue_with_regions(depth, arena_bytes, &[]) }
+    }
+
+    /// A queue that can also do I/O on memory it does not own (`Queue::submit_raw`): each of
+    /// `regions` is registered with io_uring as fixed buffers / mapped into the IOMMU for the
+    /// NVMe driver, once, here. For buffer pools shared by the threads of a runtime.
+    ///
+    /// # Safety
+    /// Every region must stay mapped and unmoved until the returned queue is dropped (the
+    /// device may read or write it whenever an operation on it is in flight).
+    pub unsafe fn queue_with_regions(
+        &self,
+        depth: u32,
+        arena_bytes: usize,
+        regions: &[(*mut u8, usize, rio_sys::mem::PageKind)],
+    ) -> Result<Queue> {
         let depth = depth.max(1);
         let arena = Arena::new(
             arena_bytes.max(self.config.buffer_pool_bytes),
             self.config.hugepages,
         )?;
         if let (Some(ctrl), TargetKind::Nvme { nsid, .. }) = (&self.nvme, &self.target.kind) {
-            let q = NvmeQueue::new(
-                Arc::clone(ctrl),
-                *nsid,
-                arena.region(),
-                arena.page_kind(),
-                depth,
-            )?;
+            let (base, len) = arena.region();
+            let mut all = vec![(base, len, arena.page_kind())];
+            all.extend_from_slice(regions);
+            let q = NvmeQueue::new(Arc::clone(ctrl), *nsid, &all, depth)?;
             return Ok(Queue::new(
                 BackendQueue::Nvme(q),
                 arena,
@@ -284,6 +298,8 @@ impl Engine {
                 path: self.target.path.clone(),
                 source: e,
             })?;
+        let mut regs = vec![arena.region()];
+        regs.extend(regions.iter().map(|&(p, l, _)| (p, l)));
         let backend = match self.selection.backend {
             BackendKind::Uring => {
                 let opts = UringOptions {
@@ -291,13 +307,12 @@ impl Engine {
                     iopoll: self.selection.iopoll,
                     submit_batch: self.config.submit_batch,
                 };
-                let (q, feats) =
-                    UringQueue::new(file, arena.region(), depth, opts).map_err(|e| {
-                        Error::BackendUnavailable {
-                            backend: "uring",
-                            reason: format!("cannot create ring: {e}"),
-                        }
-                    })?;
+                let (q, feats) = UringQueue::new(file, &regs, depth, opts).map_err(|e| {
+                    Error::BackendUnavailable {
+                        backend: "uring",
+                        reason: format!("cannot create ring: {e}"),
+                    }
+                })?;
                 tracing::debug!(?feats, depth, "io_uring queue ready");
                 BackendQueue::Uring(q)
             }

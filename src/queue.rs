@@ -242,6 +242,79 @@ impl Queue {
         Ok(())
     }
 
+    /// Queue `op` on memory the queue does not own (a buffer pool's, registered with
+    /// [`crate::Engine::queue_with_regions`]). The completion carries no buffer. Offsets,
+    /// lengths and the address are checked like any submission.
+    ///
+    /// # Safety
+    /// For a read or write, `addr..addr+len` must stay valid (and, for a read, not be read or
+    /// written by anyone else) until this operation's completion has been reaped; the kernel or
+    /// the device writes into it meanwhile. For the vfio backend it must lie in a region given
+    /// to `queue_with_regions` (else the submission is rejected).
+    pub unsafe fn submit_raw(
+        &mut self,
+        op: OpKind,
+        offset: u64,
+        addr: *mut u8,
+        len: u64,
+        token: u64,
+    ) -> Result<()> {
+        if matches!(op, OpKind::Read | OpKind::Write) {
+            let align = self.geometry.mem_align as usize;
+            if addr.is_null() || (align > 1 && !(addr as usize).is_multiple_of(align)) {
+                return Err(Error::Alignment {
+                    what: "buffer address",
+                    value: addr as u64,
+                    align_name: "DMA alignment",
+                    align: align as u64,
+                });
+            }
+        }
+        let addr = if matches!(op, OpKind::Read | OpKind::Write) {
+            addr
+        } else {
+            std::ptr::null_mut()
+        };
+        self.check(op, offset, len)?;
+        let slot = *self.free.last().expect("checked non-empty");
+        let raw = RawOp {
+            op,
+            offset,
+            len,
+            addr,
+        };
+        self.backend.push(slot, &raw)?;
+        self.free.pop();
+        self.slots[slot as usize] = Some(Slot {
+            token,
+            op,
+            offset,
+            len,
+            buf: None,
+        });
+        Ok(())
+    }
+
+    /// Make more external memory usable by `submit_raw` after the queue was built (a pool that
+    /// grew): mapped into the IOMMU for the vfio backend; io_uring does I/O on it without
+    /// fixed-buffer registration (same results, a little more kernel work per operation).
+    ///
+    /// # Safety
+    /// As for [`crate::Engine::queue_with_regions`]: the memory stays mapped and unmoved until
+    /// the queue is dropped.
+    pub unsafe fn add_region(
+        &mut self,
+        ptr: *mut u8,
+        len: usize,
+        kind: rio_sys::mem::PageKind,
+    ) -> Result<()> {
+        match &mut self.backend {
+            // SAFETY: caller contract.
+            BackendQueue::Nvme(q) => unsafe { q.add_region(ptr, len, kind) },
+            BackendQueue::Uring(_) | BackendQueue::Psync(_) => Ok(()),
+        }
+    }
+
     /// Queue a read of `buf.len()` bytes at `offset` into `buf`.
     pub fn submit_read(
         &mut self,

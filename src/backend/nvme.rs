@@ -48,6 +48,8 @@ struct Tracker {
 #[derive(Clone, Copy, Debug)]
 struct Req {
     op: RawOp,
+    /// Which DMA region holds the buffer.
+    region: u16,
     /// Bytes (or, for flush, 1) handed to commands so far.
     issued: u64,
     outstanding: u32,
@@ -77,7 +79,8 @@ pub(crate) struct NvmeQueue {
     free: Vec<u16>,
     /// Two PRP list pages per tracker.
     prp: Option<DmaMem>,
-    arena: Option<DmaRegion>,
+    /// DMA mappings of the queue's arena and of any memory its owner added.
+    regions: Vec<DmaRegion>,
     reqs: Vec<Req>,
     backlog: VecDeque<u32>,
     max_xfer: u64,
@@ -102,8 +105,7 @@ impl NvmeQueue {
     pub fn new(
         ctrl: Arc<Controller>,
         nsid: u32,
-        arena: (*mut u8, usize),
-        arena_kind: rio_sys::mem::PageKind,
+        regions: &[(*mut u8, usize, rio_sys::mem::PageKind)],
         depth: u32,
     ) -> Result<NvmeQueue> {
         let ns = ctrl.namespace(nsid).ok_or_else(|| Error::Controller {
@@ -125,16 +127,23 @@ impl NvmeQueue {
                 return Err(e);
             }
         };
-        // SAFETY: the arena outlives this backend (the queue drops its backend first) and is
-        // unmapped from the device in `Drop` before that.
-        let region = match unsafe { mapper.map(arena.0, arena.1, arena_kind) } {
-            Ok(r) => r,
-            Err(e) => {
-                prp.release(mapper);
-                ctrl.delete_io_ring(ring, generation);
-                return Err(e);
+        let mut mapped = Vec::with_capacity(regions.len());
+        for &(ptr, len, kind) in regions {
+            // SAFETY: the arena outlives this backend (the queue drops its backend first) and
+            // added regions are kept alive by the queue's owner (contract of
+            // `Engine::queue_with_regions`); all are unmapped from the device in `Drop`.
+            match unsafe { mapper.map(ptr, len, kind) } {
+                Ok(r) => mapped.push(r),
+                Err(e) => {
+                    for mut r in mapped {
+                        mapper.release(&mut r);
+                    }
+                    prp.release(mapper);
+                    ctrl.delete_io_ring(ring, generation);
+                    return Err(e);
+                }
             }
-        };
+        }
         let max_xfer = ctrl.max_xfer() as u64;
         let timeout_ms = opts.command_timeout.map(|t| t.as_millis().max(1) as u64);
         let sim = ctrl.sim().is_some();
@@ -156,7 +165,7 @@ impl NvmeQueue {
             trackers: vec![Tracker::default(); ntr],
             free: (0..ntr as u16).rev().collect(),
             prp: Some(prp),
-            arena: Some(region),
+            regions: mapped,
             reqs: Vec::with_capacity(depth as usize),
             backlog: VecDeque::with_capacity(depth as usize),
             max_xfer,
@@ -202,24 +211,30 @@ impl NvmeQueue {
             // from it).
             self.now_ms = coarse_ms();
         }
-        if let Some(buf) = (op.len > 0 && !op.addr.is_null()).then_some(op.addr) {
-            let arena = self
-                .arena
-                .as_ref()
-                .expect("arena mapped while the queue lives");
-            if !arena.contains(buf, op.len as usize) {
-                return Err(Error::BufferUnavailable {
-                    requested: op.len as usize,
-                    reason: "buffer is not in the queue's DMA-mapped arena".into(),
-                });
+        let region = if op.len > 0 && !op.addr.is_null() {
+            match self
+                .regions
+                .iter()
+                .position(|r| r.contains(op.addr, op.len as usize))
+            {
+                Some(i) => i as u16,
+                None => {
+                    return Err(Error::BufferUnavailable {
+                        requested: op.len as usize,
+                        reason: "buffer is not in memory DMA-mapped for this queue".into(),
+                    });
+                }
             }
-        }
+        } else {
+            0
+        };
         let i = slot as usize;
         if i >= self.reqs.len() {
             self.reqs.resize(
                 i + 1,
                 Req {
                     op: *op,
+                    region: 0,
                     issued: 0,
                     outstanding: 0,
                     fail: Fail::None,
@@ -229,6 +244,7 @@ impl NvmeQueue {
         }
         self.reqs[i] = Req {
             op: *op,
+            region,
             issued: 0,
             outstanding: 0,
             fail: Fail::None,
@@ -279,9 +295,9 @@ impl NvmeQueue {
                 OpKind::Read | OpKind::Write => {
                     let n = (total - req.issued).min(self.max_xfer);
                     let nlb = (n >> self.lba_shift) as u32;
-                    let arena = self.arena.as_ref().expect("arena mapped");
+                    let region = &self.regions[req.region as usize];
                     let addr = op.addr.wrapping_add(req.issued as usize);
-                    let (prp1, prp2) = build_prps(arena, addr, n as usize, prp, list_off);
+                    let (prp1, prp2) = build_prps(region, addr, n as usize, prp, list_off);
                     let cmd = if op.op == OpKind::Read {
                         SubmissionEntry::read(self.nsid, slba, nlb, prp1, prp2)
                     } else {
@@ -633,6 +649,22 @@ impl NvmeQueue {
     pub fn abandon(&mut self) {
         self.abandoned = true;
     }
+
+    /// Map more memory for DMA (e.g. a buffer pool that grew).
+    ///
+    /// # Safety
+    /// The memory stays mapped and unmoved until this queue is dropped.
+    pub unsafe fn add_region(
+        &mut self,
+        ptr: *mut u8,
+        len: usize,
+        kind: rio_sys::mem::PageKind,
+    ) -> Result<()> {
+        // SAFETY: caller contract.
+        let r = unsafe { self.ctrl.mapper().map(ptr, len, kind)? };
+        self.regions.push(r);
+        Ok(())
+    }
 }
 
 impl Drop for NvmeQueue {
@@ -643,7 +675,7 @@ impl Drop for NvmeQueue {
             tracing::error!(ctrl = %self.ctrl.name, qid = self.qid(), "abandoning a queue pair with commands outstanding");
             std::mem::forget(self.ring.take());
             std::mem::forget(self.prp.take());
-            std::mem::forget(self.arena.take());
+            std::mem::forget(std::mem::take(&mut self.regions));
             return;
         }
         if let Some(ring) = self.ring.take() {
@@ -652,8 +684,8 @@ impl Drop for NvmeQueue {
         if let Some(p) = self.prp.take() {
             p.release(mapper);
         }
-        if let Some(mut a) = self.arena.take() {
-            mapper.release(&mut a);
+        for mut r in std::mem::take(&mut self.regions) {
+            mapper.release(&mut r);
         }
     }
 }

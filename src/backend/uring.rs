@@ -34,7 +34,9 @@ pub(crate) struct UringQueue {
     file: File,
     fixed_file: bool,
     /// Arena base and length when registered as fixed buffers (in 1 GiB pieces).
-    fixed_bufs: Option<(usize, usize)>,
+    /// Registered memory: (start address, length, index of its first fixed buffer). Each
+    /// region is registered in pieces of at most 1 GiB.
+    fixed_bufs: Vec<(usize, usize, u16)>,
     /// SQEs pushed and not yet handed to the kernel.
     pending: u32,
     submit_batch: u32,
@@ -55,12 +57,13 @@ pub struct UringFeatures {
 }
 
 impl UringQueue {
-    /// Build a ring for `depth` operations over `file`, registering `arena` (base, len).
+    /// Build a ring for `depth` operations over `file`, registering `regions` (base, len: the
+    /// queue's arena, and any memory the caller added) as fixed buffers.
     /// The `io::Error` of `io_uring_setup` is returned as is so the caller can decide whether
     /// it is a refusal (fall back) or a failure.
     pub fn new(
         file: File,
-        arena: (*mut u8, usize),
+        regions: &[(*mut u8, usize)],
         depth: u32,
         opts: UringOptions,
     ) -> std::io::Result<(UringQueue, UringFeatures)> {
@@ -96,24 +99,27 @@ impl UringQueue {
         };
         let fixed_file = ring.submitter().register_files(&[file.as_raw_fd()]).is_ok();
         feats.fixed_file = fixed_file;
-        let (base, len) = arena;
-        let iovecs: Vec<libc::iovec> = (0..len.div_ceil(MAX_REG))
-            .map(|i| libc::iovec {
+        let mut iovecs: Vec<libc::iovec> = Vec::new();
+        let mut table = Vec::new();
+        for &(base, len) in regions {
+            table.push((base as usize, len, iovecs.len() as u16));
+            iovecs.extend((0..len.div_ceil(MAX_REG)).map(|i| libc::iovec {
                 iov_base: base.wrapping_add(i * MAX_REG).cast(),
                 iov_len: (len - i * MAX_REG).min(MAX_REG),
-            })
-            .collect();
-        // SAFETY: the iovecs cover exactly the queue's arena, which the Queue keeps alive for
-        // as long as this ring exists (the Queue owns both and drops the ring first; an
-        // abandoned queue leaks the arena).
+            }));
+        }
+        // SAFETY: the iovecs cover exactly the queue's arena and the regions its owner added,
+        // which are kept alive for as long as this ring exists (the Queue owns the arena and
+        // drops the ring first; added regions are the caller's contract; an abandoned queue
+        // leaks the arena).
         let fixed_bufs = match unsafe { ring.submitter().register_buffers(&iovecs) } {
-            Ok(()) => Some((base as usize, len)),
+            Ok(()) => table,
             Err(e) => {
                 tracing::warn!(error = %e, "io_uring: cannot register buffers; using unregistered I/O");
-                None
+                Vec::new()
             }
         };
-        feats.fixed_buffers = fixed_bufs.is_some();
+        feats.fixed_buffers = !fixed_bufs.is_empty();
         Ok((
             UringQueue {
                 ring,
@@ -133,14 +139,18 @@ impl UringQueue {
     /// Index of the registered buffer that holds `[addr, addr+len)`, if any.
     #[inline]
     fn buf_index(&self, addr: *mut u8, len: u64) -> Option<u16> {
-        let (base, blen) = self.fixed_bufs?;
-        let a = (addr as usize).checked_sub(base)?;
-        let end = a + len as usize;
-        if end > blen {
-            return None;
+        for &(base, blen, first) in &self.fixed_bufs {
+            let Some(a) = (addr as usize).checked_sub(base) else {
+                continue;
+            };
+            let end = a + len as usize;
+            if end > blen {
+                continue;
+            }
+            let idx = a / MAX_REG;
+            return (idx == (end - 1) / MAX_REG).then_some(first + idx as u16);
         }
-        let idx = a / MAX_REG;
-        (idx == (end - 1) / MAX_REG).then_some(idx as u16)
+        None
     }
 
     #[inline]
