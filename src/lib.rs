@@ -27,6 +27,7 @@ pub mod engine;
 pub mod error;
 pub mod info;
 pub mod nvme;
+pub mod pool;
 pub mod queue;
 pub mod setup;
 pub mod target;
