@@ -29,6 +29,7 @@ pub mod info;
 pub mod nvme;
 pub mod pool;
 pub mod queue;
+pub mod runtime;
 pub mod setup;
 pub mod target;
 

@@ -1,0 +1,623 @@
+//! The embedding runtime: one pinned poller thread per configured core, each owning that core's
+//! queue and buffer pool; any thread (tokio tasks included) submits through a per-core lock-free
+//! inbox and gets a runtime-agnostic future (a `Waker`, no executor dependency).
+//!
+//! ```text
+//!  task ──IoFuture──► inbox[core] (ArrayQueue) ──► poller(core): Queue::submit_raw ──► device
+//!    ▲                                                   │ poll
+//!    └──── waker.wake() ◄── slot[token] ◄────────────────┘
+//! ```
+//!
+//! - Requests live in a per-core slab of slots allocated once; a future holds a slot index and
+//!   its epoch. No heap allocation per I/O.
+//! - The buffer (a [`PoolBuf`]) travels with the request; the poller keeps it until the
+//!   completion is reaped. A future dropped while its I/O is in flight marks the slot
+//!   abandoned: the poller then drops the buffer (home to its pool) and frees the slot.
+//! - Submissions are batched: the poller takes everything waiting in the inbox, then polls once.
+//! - Idle policy: busy-poll, or sleep after N empty polls (`IdlePolicy`).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::pool::{PoolBuf, PoolConfig, Pools};
+use crate::queue::{Completion, OpKind, Queue};
+
+mod file;
+pub use file::DiskFile;
+
+/// What a poller does when a poll found nothing to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IdlePolicy {
+    /// Spin: lowest latency, a full core per poller.
+    BusyPoll,
+    /// After `polls` empty polls with nothing in flight, park until woken by a submission
+    /// (or `max_sleep` passes).
+    SleepAfter { polls: u32, max_sleep: Duration },
+}
+
+impl Default for IdlePolicy {
+    fn default() -> Self {
+        IdlePolicy::SleepAfter {
+            polls: 10_000,
+            max_sleep: Duration::from_millis(1),
+        }
+    }
+}
+
+/// Configuration of a [`Runtime`].
+#[derive(Clone)]
+pub struct RuntimeConfig {
+    /// OS CPU numbers to run pollers on (default: every CPU `core_affinity` reports, capped at
+    /// 4; for a `sim://` target, every CPU but the model's).
+    pub cores: Option<Vec<usize>>,
+    /// Operations in flight per core.
+    pub depth: u32,
+    pub idle: IdlePolicy,
+    pub pool: PoolConfig,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            cores: None,
+            depth: 128,
+            idle: IdlePolicy::default(),
+            pool: PoolConfig::default(),
+        }
+    }
+}
+
+const FREE: u8 = 0;
+const PENDING: u8 = 1;
+const DONE: u8 = 2;
+const ABANDONED: u8 = 3;
+
+/// One request's rendezvous between a future and a poller.
+struct Slot {
+    state: AtomicU8,
+    /// Bumped each time the slot is reused: a stale future never sees a newer request.
+    epoch: AtomicU32,
+    result: Mutex<Option<(Result<u64>, Option<PoolBuf>)>>,
+    waker: Mutex<Option<Waker>>,
+}
+
+struct Request {
+    op: OpKind,
+    offset: u64,
+    len: u64,
+    buf: Option<PoolBuf>,
+    slot: u32,
+}
+
+/// What a core's submitters and its poller share.
+struct CoreShared {
+    core: usize,
+    slots: Box<[Slot]>,
+    free: crossbeam_queue::ArrayQueue<u32>,
+    inbox: crossbeam_queue::ArrayQueue<Request>,
+    sleeping: AtomicBool,
+    thread: std::sync::OnceLock<std::thread::Thread>,
+}
+
+impl CoreShared {
+    fn wake_poller(&self) {
+        if self.sleeping.load(Ordering::Acquire)
+            && let Some(t) = self.thread.get()
+        {
+            t.unpark();
+        }
+    }
+}
+
+/// The runtime: pollers, pools, and the engine they serve.
+pub struct Runtime {
+    engine: Arc<Engine>,
+    pools: Arc<Pools>,
+    cores: Vec<Arc<CoreShared>>,
+    stop: Arc<AtomicBool>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    next: AtomicU32,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field(
+                "cores",
+                &self.cores.iter().map(|c| c.core).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl Runtime {
+    /// Start pollers for `engine` (an open target) on the configured cores.
+    pub fn start(engine: Engine, cfg: RuntimeConfig) -> Result<Arc<Runtime>> {
+        let engine = Arc::new(engine);
+        let cores = match cfg.cores.clone() {
+            Some(c) if !c.is_empty() => c,
+            _ => default_cores(&engine),
+        };
+        let mut pool_cfg = cfg.pool.clone();
+        if pool_cfg.on_region.is_none() {
+            // Pollers map every region for DMA / io_uring once and never unmap it while they
+            // run: a region the pool wants to give back stays mapped (leaked to the pool's
+            // lifetime) instead. Giving idle memory back to the OS through the queues is for a
+            // later change.
+            pool_cfg.on_region = Some(Arc::new(|ev: &crate::pool::RegionEvent| match ev.kind {
+                crate::pool::RegionEventKind::Unmapping => {
+                    Err("mapped for I/O by the runtime's queues".into())
+                }
+                _ => Ok(()),
+            }));
+        }
+        let pools = Pools::new(pool_cfg, &cores).map_err(|e| Error::BufferUnavailable {
+            requested: 0,
+            reason: format!("cannot build the buffer pools: {e}"),
+        })?;
+        let depth = cfg.depth.max(1);
+        let nslots = (depth as usize * 4).max(64);
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut shared = Vec::new();
+        let mut threads = Vec::new();
+        let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<()>>(cores.len());
+        for &core in &cores {
+            let cs = Arc::new(CoreShared {
+                core,
+                slots: (0..nslots)
+                    .map(|_| Slot {
+                        state: AtomicU8::new(FREE),
+                        epoch: AtomicU32::new(0),
+                        result: Mutex::new(None),
+                        waker: Mutex::new(None),
+                    })
+                    .collect(),
+                free: {
+                    let q = crossbeam_queue::ArrayQueue::new(nslots);
+                    for i in 0..nslots as u32 {
+                        let _ = q.push(i);
+                    }
+                    q
+                },
+                inbox: crossbeam_queue::ArrayQueue::new(nslots),
+                sleeping: AtomicBool::new(false),
+                thread: std::sync::OnceLock::new(),
+            });
+            let poller = Poller {
+                engine: Arc::clone(&engine),
+                pools: Arc::clone(&pools),
+                shared: Arc::clone(&cs),
+                stop: Arc::clone(&stop),
+                depth,
+                idle: cfg.idle,
+            };
+            let tx: Sender<Result<()>> = ready_tx.clone();
+            let h = std::thread::Builder::new()
+                .name(format!("rio-poll-{core}"))
+                .spawn(move || poller.run(tx))
+                .map_err(|e| Error::BackendUnavailable {
+                    backend: "runtime",
+                    reason: format!("cannot start a poller thread: {e}"),
+                })?;
+            let _ = cs.thread.set(h.thread().clone());
+            shared.push(cs);
+            threads.push(h);
+        }
+        let rt = Runtime {
+            engine,
+            pools,
+            cores: shared,
+            stop,
+            threads: Mutex::new(threads),
+            next: AtomicU32::new(0),
+        };
+        wait_ready(&ready_rx, rt.cores.len()).inspect_err(|_| rt.shutdown())?;
+        Ok(Arc::new(rt))
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    pub fn pools(&self) -> &Arc<Pools> {
+        &self.pools
+    }
+
+    /// The cores pollers run on.
+    pub fn cores(&self) -> Vec<usize> {
+        self.cores.iter().map(|c| c.core).collect()
+    }
+
+    /// A pool buffer of `len` bytes from the next core's pool (round robin), waiting up to
+    /// `wait` when the pool is exhausted. The seed's `get_optimized_buffer`.
+    pub fn buffer(&self, len: usize, wait: Duration) -> Result<PoolBuf> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) as usize % self.cores.len();
+        let core = self.cores[i].core;
+        self.pools
+            .get(core, len, Some(Instant::now() + wait))
+            .map_err(|e| Error::BufferUnavailable {
+                requested: len,
+                reason: e.to_string(),
+            })
+    }
+
+    /// Submit `op` on `buf` (reads and writes) at `offset`; the future resolves when it
+    /// completed, giving the buffer back. Runs on the core the buffer belongs to.
+    pub fn submit(&self, op: OpKind, offset: u64, len: u64, buf: Option<PoolBuf>) -> IoFuture {
+        let idx = match &buf {
+            Some(b) => self
+                .cores
+                .iter()
+                .position(|c| c.core == b.home_core())
+                .unwrap_or(0),
+            None => self.next.fetch_add(1, Ordering::Relaxed) as usize % self.cores.len(),
+        };
+        let cs = Arc::clone(&self.cores[idx]);
+        if self.stop.load(Ordering::Acquire) {
+            return IoFuture::failed(cs, shut_down(), buf);
+        }
+        // A free slot; waiting (briefly, yielding) is the backpressure of a full core.
+        let slot = loop {
+            if let Some(s) = cs.free.pop() {
+                break s;
+            }
+            cs.wake_poller();
+            std::thread::yield_now();
+        };
+        let s = &cs.slots[slot as usize];
+        let epoch = s.epoch.fetch_add(1, Ordering::AcqRel).wrapping_add(1);
+        s.state.store(PENDING, Ordering::Release);
+        let mut req = Request {
+            op,
+            offset,
+            len,
+            buf,
+            slot,
+        };
+        loop {
+            match cs.inbox.push(req) {
+                Ok(()) => break,
+                Err(r) => {
+                    req = r;
+                    cs.wake_poller();
+                    std::thread::yield_now();
+                }
+            }
+        }
+        cs.wake_poller();
+        IoFuture {
+            cs,
+            slot,
+            epoch,
+            early: None,
+        }
+    }
+
+    /// Stop the pollers after they drained what was submitted. Idempotent.
+    pub fn shutdown(&self) {
+        self.stop.store(true, Ordering::Release);
+        for c in &self.cores {
+            if let Some(t) = c.thread.get() {
+                t.unpark();
+            }
+        }
+        let threads = std::mem::take(&mut *self.threads.lock().expect("poisoned"));
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn shut_down() -> Error {
+    Error::BackendUnavailable {
+        backend: "runtime",
+        reason: "the runtime is shut down".into(),
+    }
+}
+
+fn wait_ready(rx: &Receiver<Result<()>>, n: usize) -> Result<()> {
+    for _ in 0..n {
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(Error::Timeout(Duration::from_secs(60))),
+        }
+    }
+    Ok(())
+}
+
+/// Cores for pollers when none are configured: all that `core_affinity` reports, at most 4,
+/// leaving out the software model's CPU when there is more than one.
+fn default_cores(engine: &Engine) -> Vec<usize> {
+    let mut cores: Vec<usize> = core_affinity::get_core_ids()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    if let Some(m) = engine
+        .controller()
+        .and_then(|c| c.sim())
+        .and_then(|s| s.cpu())
+        && cores.len() > 1
+    {
+        cores.retain(|&c| c != m);
+    }
+    cores.truncate(4);
+    if cores.is_empty() {
+        cores.push(0);
+    }
+    cores
+}
+
+/// A submitted operation; resolves to the bytes transferred and the buffer.
+pub struct IoFuture {
+    cs: Arc<CoreShared>,
+    slot: u32,
+    epoch: u32,
+    /// Failed before submission.
+    early: Option<(Error, Option<PoolBuf>)>,
+}
+
+impl IoFuture {
+    fn failed(cs: Arc<CoreShared>, e: Error, buf: Option<PoolBuf>) -> IoFuture {
+        IoFuture {
+            cs,
+            slot: u32::MAX,
+            epoch: 0,
+            early: Some((e, buf)),
+        }
+    }
+}
+
+/// Output of an [`IoFuture`]: on success the bytes transferred and the buffer; on failure the
+/// error and the buffer (nothing is lost).
+pub type IoOutput = std::result::Result<(u64, Option<PoolBuf>), (Error, Option<PoolBuf>)>;
+
+impl Future for IoFuture {
+    type Output = IoOutput;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<IoOutput> {
+        if let Some((e, b)) = self.early.take() {
+            return Poll::Ready(Err((e, b)));
+        }
+        let s = &self.cs.slots[self.slot as usize];
+        if s.state.load(Ordering::Acquire) != DONE {
+            let mut w = s.waker.lock().expect("poisoned");
+            match &*w {
+                Some(old) if old.will_wake(cx.waker()) => {}
+                _ => *w = Some(cx.waker().clone()),
+            }
+            drop(w);
+            // Re-check after publishing the waker: the poller may have completed meanwhile.
+            if s.state.load(Ordering::Acquire) != DONE {
+                return Poll::Pending;
+            }
+        }
+        let (res, buf) = s
+            .result
+            .lock()
+            .expect("poisoned")
+            .take()
+            .expect("a done slot holds its result");
+        *s.waker.lock().expect("poisoned") = None;
+        s.state.store(FREE, Ordering::Release);
+        let _ = self.cs.free.push(self.slot);
+        self.slot = u32::MAX;
+        Poll::Ready(match res {
+            Ok(n) => Ok((n, buf)),
+            Err(e) => Err((e, buf)),
+        })
+    }
+}
+
+impl Drop for IoFuture {
+    fn drop(&mut self) {
+        if self.slot == u32::MAX {
+            return;
+        }
+        let s = &self.cs.slots[self.slot as usize];
+        if s.epoch.load(Ordering::Acquire) != self.epoch {
+            return;
+        }
+        // In flight: the poller frees the slot (and drops the buffer) when it completes.
+        if s.state
+            .compare_exchange(PENDING, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            return;
+        }
+        // Already done but never polled: free it here (the buffer goes home on drop).
+        drop(s.result.lock().expect("poisoned").take());
+        *s.waker.lock().expect("poisoned") = None;
+        s.state.store(FREE, Ordering::Release);
+        let _ = self.cs.free.push(self.slot);
+    }
+}
+
+/// One core's poller: owns the queue and is the pool's home thread for that core.
+struct Poller {
+    engine: Arc<Engine>,
+    pools: Arc<Pools>,
+    shared: Arc<CoreShared>,
+    stop: Arc<AtomicBool>,
+    depth: u32,
+    idle: IdlePolicy,
+}
+
+impl Poller {
+    fn run(self, ready: Sender<Result<()>>) {
+        let core = self.shared.core;
+        if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
+            tracing::warn!(core, "could not pin the poller thread");
+        }
+        let setup = || -> Result<(crate::pool::OwnerGuard, Queue, u64, usize)> {
+            let guard =
+                self.pools
+                    .bind_current_thread(core)
+                    .map_err(|e| Error::BufferUnavailable {
+                        requested: 0,
+                        reason: e.to_string(),
+                    })?;
+            let regions = self
+                .pools
+                .regions(core)
+                .map_err(|e| Error::BufferUnavailable {
+                    requested: 0,
+                    reason: e.to_string(),
+                })?;
+            let generation = self.pools.generation(core).unwrap_or(0);
+            let regs: Vec<_> = regions
+                .iter()
+                .map(|r| (r.ptr, r.len, dma_pages(r.pages)))
+                .collect();
+            // SAFETY: the pools (held by this poller through `self.pools`, and by the runtime)
+            // outlive the queue, which is dropped at the end of `run`; regions are never
+            // unmapped while a queue maps them (see `Runtime::start`: the runtime's pools keep
+            // their memory until they are dropped, after every poller has exited).
+            let q = unsafe { self.engine.queue_with_regions(self.depth, 1 << 20, &regs)? };
+            let known = regions
+                .iter()
+                .map(|r| r.id)
+                .max()
+                .map_or(0, |m| m as usize + 1);
+            Ok((guard, q, generation, known))
+        };
+        let (_guard, mut q, mut generation, mut known) = match setup() {
+            Ok(v) => {
+                let _ = ready.send(Ok(()));
+                v
+            }
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                return;
+            }
+        };
+        let cs = &*self.shared;
+        let mut inflight: Vec<Option<PoolBuf>> = (0..cs.slots.len()).map(|_| None).collect();
+        let mut comps: Vec<Completion> = Vec::with_capacity(self.depth as usize);
+        let mut empty = 0u32;
+        loop {
+            let mut work = false;
+            // Pool growth: map new regions for DMA before any buffer from them is used here.
+            if let Ok(g) = self.pools.generation(core)
+                && g != generation
+            {
+                generation = g;
+                if let Ok(regions) = self.pools.regions(core) {
+                    let seen = known;
+                    for r in regions.iter().filter(|r| r.id as usize >= seen) {
+                        // SAFETY: as for the initial regions.
+                        if let Err(e) = unsafe { q.add_region(r.ptr, r.len, dma_pages(r.pages)) } {
+                            tracing::error!(core, error = %e, "cannot map a new pool region");
+                        }
+                        known = known.max(r.id as usize + 1);
+                    }
+                }
+            }
+            while q.in_flight() < self.depth {
+                let Some(req) = cs.inbox.pop() else {
+                    break;
+                };
+                work = true;
+                self.submit(&mut q, req, &mut inflight);
+            }
+            comps.clear();
+            if let Err(e) = q.poll(&mut comps) {
+                tracing::warn!(core, error = %e, "poll reported an error");
+            }
+            for c in comps.drain(..) {
+                work = true;
+                let buf = inflight[c.token as usize].take();
+                complete(cs, c.token as u32, c.result.map_err(Error::Io), buf);
+            }
+            if work {
+                empty = 0;
+                continue;
+            }
+            if self.stop.load(Ordering::Acquire) && q.in_flight() == 0 && cs.inbox.is_empty() {
+                break;
+            }
+            empty = empty.saturating_add(1);
+            match self.idle {
+                IdlePolicy::BusyPoll => std::hint::spin_loop(),
+                IdlePolicy::SleepAfter { polls, max_sleep } => {
+                    if empty >= polls && q.in_flight() == 0 {
+                        cs.sleeping.store(true, Ordering::Release);
+                        if cs.inbox.is_empty() && !self.stop.load(Ordering::Acquire) {
+                            std::thread::park_timeout(max_sleep);
+                        }
+                        cs.sleeping.store(false, Ordering::Release);
+                    } else {
+                        std::hint::spin_loop();
+                    }
+                }
+            }
+        }
+    }
+
+    fn submit(&self, q: &mut Queue, mut req: Request, inflight: &mut [Option<PoolBuf>]) {
+        let addr = req
+            .buf
+            .as_mut()
+            .map_or(std::ptr::null_mut(), |b| b.as_mut_ptr());
+        let len = match (&req.buf, req.op) {
+            (Some(b), OpKind::Read | OpKind::Write) => b.len() as u64,
+            _ => req.len,
+        };
+        // SAFETY: the buffer is kept in `inflight` (owned by this poller) until the completion
+        // of this token is reaped; it lies in a pool region the queue maps.
+        let r = unsafe { q.submit_raw(req.op, req.offset, addr, len, req.slot as u64) };
+        match r {
+            Ok(()) => inflight[req.slot as usize] = req.buf.take(),
+            Err(e) => complete(&self.shared, req.slot, Err(e), req.buf.take()),
+        }
+    }
+}
+
+/// A pool region's page size as the DMA layer sees it: 1 GiB pages are physically contiguous
+/// per 2 MiB as well.
+fn dma_pages(p: crate::pool::PageKind) -> rio_sys::mem::PageKind {
+    match p {
+        crate::pool::PageKind::Huge1G | crate::pool::PageKind::Huge2M => {
+            rio_sys::mem::PageKind::Huge2M
+        }
+        crate::pool::PageKind::Normal => rio_sys::mem::PageKind::Normal,
+    }
+}
+
+/// Hand a result to the slot's future (or, if the future is gone, drop it and free the slot).
+fn complete(cs: &CoreShared, slot: u32, res: Result<u64>, buf: Option<PoolBuf>) {
+    let s = &cs.slots[slot as usize];
+    *s.result.lock().expect("poisoned") = Some((res, buf));
+    match s
+        .state
+        .compare_exchange(PENDING, DONE, Ordering::AcqRel, Ordering::Acquire)
+    {
+        Ok(_) => {
+            if let Some(w) = s.waker.lock().expect("poisoned").take() {
+                w.wake();
+            }
+        }
+        Err(_) => {
+            // Abandoned: nobody will poll it.
+            drop(s.result.lock().expect("poisoned").take());
+            s.state.store(FREE, Ordering::Release);
+            let _ = cs.free.push(slot);
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! The runtime: pinned pollers, per-core pools, futures from any thread, `DiskFile`, on the
+//! software controller model (through the real NVMe driver) and on io_uring over a file.
+
+mod common;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::Duration;
+
+use rio::config::BackendChoice;
+use rio::nvme::sim::{Latency, SimConfig, SimNamespace};
+use rio::pool::{PagePolicy, PoolConfig};
+use rio::runtime::{DiskFile, IdlePolicy, Runtime, RuntimeConfig};
+use rio::target::OpenOptions;
+use rio::{Engine, EngineConfig};
+
+/// Counts allocations while `COUNTING` is set (all threads: pollers and the model included).
+struct Counting;
+static COUNTING: AtomicBool = AtomicBool::new(false);
+static ALLOCS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: forwards to the system allocator; the counter has no effect on memory.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        if COUNTING.load(Ordering::Relaxed) {
+            ALLOCS.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: same contract as the caller's.
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        // SAFETY: same contract as the caller's.
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
+        if COUNTING.load(Ordering::Relaxed) {
+            ALLOCS.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: same contract as the caller's.
+        unsafe { System.realloc(p, l, n) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// Serializes the tests that count allocations (the counter is process-wide).
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// A minimal executor: park the thread until woken. Allocates once per call, not per poll.
+struct ThreadWaker(std::thread::Thread);
+impl Wake for ThreadWaker {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+fn block_on<F: Future>(f: F, waker: &Waker) -> F::Output {
+    let mut f = std::pin::pin!(f);
+    let mut cx = Context::from_waker(waker);
+    loop {
+        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::park_timeout(Duration::from_millis(10));
+    }
+}
+
+fn waker() -> Waker {
+    Waker::from(Arc::new(ThreadWaker(std::thread::current())))
+}
+
+fn pool() -> PoolConfig {
+    PoolConfig {
+        pages: PagePolicy::Normal,
+        initial_per_class: 64,
+        ..PoolConfig::default()
+    }
+}
+
+fn sim_runtime(latency: Latency) -> Arc<Runtime> {
+    let cfg = EngineConfig {
+        hugepages: false,
+        ..EngineConfig::default()
+    };
+    let sim = SimConfig {
+        namespaces: vec![SimNamespace {
+            block_size: 512,
+            size_bytes: 64 << 20,
+        }],
+        latency,
+        ..SimConfig::default()
+    };
+    let e = Engine::open_sim(
+        &cfg,
+        sim,
+        1,
+        OpenOptions {
+            write: true,
+            direct: true,
+            create: false,
+        },
+    )
+    .unwrap();
+    Runtime::start(
+        e,
+        RuntimeConfig {
+            cores: Some(vec![0]),
+            depth: 32,
+            idle: IdlePolicy::SleepAfter {
+                polls: 1000,
+                max_sleep: Duration::from_millis(1),
+            },
+            pool: pool(),
+        },
+    )
+    .unwrap()
+}
+
+#[test]
+fn disk_file_round_trip_on_the_model() {
+    let _s = SERIAL.lock().unwrap();
+    let rt = sim_runtime(Latency::None);
+    let f = DiskFile::region(&rt, 1 << 20, 16 << 20).unwrap();
+    let w = waker();
+    let data: Vec<u8> = (0..(3 << 20) + 4096).map(|i| (i % 253) as u8).collect();
+    block_on(f.write_all(8192, &data), &w).unwrap();
+    block_on(f.sync_data(), &w).unwrap();
+    let b = f.buffer(1 << 20).unwrap();
+    let (n, b) = block_on(f.read_at(8192 + (1 << 20), b), &w).unwrap();
+    assert_eq!(n, 1 << 20);
+    assert_eq!(b.unwrap().as_slice(), &data[1 << 20..2 << 20]);
+    // The region is its own file: past its end is refused, the buffer comes back.
+    let b = f.buffer(4096).unwrap();
+    let (e, b) = block_on(f.read_at(16 << 20, b), &w).unwrap_err();
+    assert!(matches!(e, rio::Error::OutOfRange { .. }), "{e}");
+    assert!(b.is_some());
+    drop(b);
+    rt.shutdown();
+    assert_eq!(rt.pools().in_use(), 0, "every buffer is back in its pool");
+}
+
+#[test]
+fn futures_from_many_threads_and_dropped_in_flight() {
+    let _s = SERIAL.lock().unwrap();
+    let rt = sim_runtime(Latency::Fixed(Duration::from_millis(2)));
+    let f = DiskFile::region(&rt, 0, 32 << 20).unwrap();
+    let threads: Vec<_> = (0..4u8)
+        .map(|t| {
+            let f = f.clone();
+            std::thread::spawn(move || {
+                let w = waker();
+                for i in 0..50u64 {
+                    let off = (t as u64 * 50 + i) * 65536;
+                    let mut b = f.buffer(65536).unwrap();
+                    b.as_mut_slice().fill(t ^ i as u8);
+                    let (_, b) = block_on(f.write_at(off, b), &w).unwrap();
+                    drop(b);
+                    let b = f.buffer(65536).unwrap();
+                    let (_, b) = block_on(f.read_at(off, b), &w).unwrap();
+                    assert!(b.unwrap().as_slice().iter().all(|&x| x == t ^ i as u8));
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    // Dropped while in flight (2 ms latency): the buffer stays with the poller until the
+    // completion, then goes home.
+    for i in 0..20u64 {
+        let b = f.buffer(4096).unwrap();
+        let fut = f.read_at(i * 4096, b);
+        drop(fut);
+    }
+    let w = waker();
+    let b = f.buffer(4096).unwrap();
+    drop(block_on(f.read_at(0, b), &w).unwrap());
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(rt.pools().in_use(), 0, "dropped futures leaked buffers");
+    rt.shutdown();
+}
+
+fn count_allocations(f: &DiskFile, ios: u64) -> u64 {
+    let w = waker();
+    let mut bufs: Vec<_> = (0..8).map(|_| Some(f.buffer(4096).unwrap())).collect();
+    let mut run = |n: u64| {
+        for i in 0..n {
+            let k = (i % 8) as usize;
+            let b = bufs[k].take().unwrap();
+            let (_, b) = block_on(f.read_at((i % 1024) * 4096, b), &w).unwrap();
+            bufs[k] = b;
+        }
+    };
+    run(2000); // warm-up: classes, queues, lazily allocated state
+    ALLOCS.store(0, Ordering::SeqCst);
+    COUNTING.store(true, Ordering::SeqCst);
+    run(ios);
+    COUNTING.store(false, Ordering::SeqCst);
+    ALLOCS.load(Ordering::SeqCst)
+}
+
+#[test]
+fn no_heap_allocation_per_io_on_the_model() {
+    let _s = SERIAL.lock().unwrap();
+    let rt = sim_runtime(Latency::None);
+    let f = DiskFile::region(&rt, 0, 8 << 20).unwrap();
+    let n = count_allocations(&f, 100_000);
+    assert_eq!(n, 0, "{n} heap allocations across 100k I/Os");
+    rt.shutdown();
+}
+
+#[test]
+fn no_heap_allocation_per_io_on_io_uring() {
+    let _s = SERIAL.lock().unwrap();
+    let (_d, p) = common::temp_file(8 << 20, 3);
+    let cfg = EngineConfig {
+        backend: BackendChoice::Uring,
+        hugepages: false,
+        ..EngineConfig::default()
+    };
+    let f = DiskFile::open(
+        p.to_str().unwrap(),
+        None,
+        &cfg,
+        RuntimeConfig {
+            cores: Some(vec![0]),
+            depth: 32,
+            pool: pool(),
+            ..RuntimeConfig::default()
+        },
+    )
+    .unwrap();
+    let n = count_allocations(&f, 100_000);
+    assert_eq!(n, 0, "{n} heap allocations across 100k I/Os");
+    f.runtime().shutdown();
+}
