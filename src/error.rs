@@ -175,3 +175,12 @@ impl Error {
                 if matches!(source.raw_os_error(), Some(libc::EACCES | libc::EPERM | libc::EROFS | libc::EBUSY | libc::EINVAL)))
     }
 }
+
+impl From<crate::pool::PoolError> for Error {
+    fn from(e: crate::pool::PoolError) -> Error {
+        Error::BufferUnavailable {
+            requested: 0,
+            reason: e.to_string(),
+        }
+    }
+}

@@ -55,3 +55,18 @@ ensure_apt_lists() {
         _RIO_APT_UPDATED=1
     fi
 }
+
+# need_pkg PACKAGE...: make sure Debian packages (libraries, headers) are installed.
+need_pkg() {
+    local missing=()
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    [ "${#missing[@]}" = 0 ] || apt_install "${missing[@]}"
+}
+
+# The libraries rio links against: hwloc (NUMA topology and memory binding, through the
+# hwlocality crate; it links libudev) and pkg-config to find them.
+need_build_deps() {
+    need_pkg pkg-config libhwloc-dev libudev-dev
+}
