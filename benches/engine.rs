@@ -5,6 +5,8 @@
 //! - the same QD32 batch and a QD1 round trip through the userspace NVMe driver on the
 //!   software controller model (no data copy, no latency: what is left is the driver's cost
 //!   per I/O plus the model's, on the other core), beside uring on the page cache;
+//! - a QD32 batch through the runtime's async API (futures, per-core poller thread) against the
+//!   same batch on a `Queue` used directly, both on the model;
 //! - verify block fill and check (CRC32C + data generation) per 4 KiB block.
 
 use std::hint::black_box;
@@ -129,6 +131,88 @@ fn qd1_round_trip(c: &mut Criterion) {
     g.finish();
 }
 
+fn async_vs_queue(c: &mut Criterion) {
+    use rio::runtime::{IdlePolicy, Runtime, RuntimeConfig};
+    use std::sync::Arc;
+    use std::task::{Context, Poll, Wake, Waker};
+    struct ThreadWaker(std::thread::Thread);
+    impl Wake for ThreadWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let mut g = c.benchmark_group("qd32_batch_4k_read_on_sim_async_vs_queue");
+    g.measurement_time(Duration::from_secs(3));
+    let cfg = EngineConfig {
+        hugepages: false,
+        ..Default::default()
+    };
+    // Direct: the queue on this thread.
+    {
+        let e = Engine::open(&cfg, "sim://size=64m,data=0", OpenOptions::default()).unwrap();
+        let mut q = e.queue(Some(32)).unwrap();
+        let mut bufs: Vec<_> = (0..32).map(|_| Some(q.alloc_buf(4096).unwrap())).collect();
+        let mut out = Vec::with_capacity(32);
+        g.bench_function("queue", |b| {
+            b.iter(|| {
+                for (i, buf) in bufs.iter_mut().enumerate() {
+                    q.submit_read(i as u64 * 4096, buf.take().unwrap(), i as u64)
+                        .unwrap();
+                }
+                let mut n = 0;
+                while n < 32 {
+                    n += q.wait(32 - n, Duration::from_secs(5), &mut out).unwrap();
+                }
+                for c in out.drain(..) {
+                    bufs[c.token as usize] = c.buf;
+                }
+            });
+        });
+    }
+    // Async: 32 futures to a poller on another core, awaited here.
+    {
+        let e = Engine::open(&cfg, "sim://size=64m,data=0", OpenOptions::default()).unwrap();
+        let rt = Runtime::start(
+            e,
+            RuntimeConfig {
+                depth: 64,
+                idle: IdlePolicy::BusyPoll,
+                ..RuntimeConfig::default()
+            },
+        )
+        .unwrap();
+        let waker = Waker::from(Arc::new(ThreadWaker(std::thread::current())));
+        let mut cx = Context::from_waker(&waker);
+        let mut bufs: Vec<_> = (0..32)
+            .map(|_| Some(rt.buffer(4096, Duration::from_secs(1)).unwrap()))
+            .collect();
+        let mut futs = Vec::with_capacity(32);
+        g.bench_function("runtime_async", |b| {
+            b.iter(|| {
+                for (i, buf) in bufs.iter_mut().enumerate() {
+                    futs.push(rt.submit(rio::OpKind::Read, i as u64 * 4096, 4096, buf.take()));
+                }
+                for (i, f) in futs.iter_mut().enumerate() {
+                    let mut f = std::pin::Pin::new(f);
+                    loop {
+                        if let Poll::Ready(r) = f.as_mut().poll(&mut cx) {
+                            bufs[i] = r.unwrap().1;
+                            break;
+                        }
+                        // Sleep until woken, as an executor does (spinning here would
+                        // starve the poller when both share a core).
+                        std::thread::park_timeout(Duration::from_millis(1));
+                    }
+                }
+                futs.clear();
+            });
+        });
+        drop(bufs);
+        rt.shutdown();
+    }
+    g.finish();
+}
+
 fn verify_blocks(c: &mut Criterion) {
     let mut g = c.benchmark_group("verify_4k_block");
     let mut block = vec![0u8; 4096];
@@ -142,5 +226,12 @@ fn verify_blocks(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, buffers, queue_batch, qd1_round_trip, verify_blocks);
+criterion_group!(
+    benches,
+    buffers,
+    queue_batch,
+    qd1_round_trip,
+    async_vs_queue,
+    verify_blocks
+);
 criterion_main!(benches);

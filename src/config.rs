@@ -111,6 +111,14 @@ pub struct EngineConfig {
     /// NVMe driver: accept controllers bound to uio_pci_generic (no IOMMU: the device can DMA
     /// anywhere in physical memory).
     pub allow_unsafe_dma: bool,
+    /// Runtime pools: buffers of each size class carved per core at start.
+    pub pool_initial_buffers: usize,
+    /// Runtime pools: grow a class on sustained misses (adaptive) or never (fixed).
+    pub pool_adaptive: bool,
+    /// Runtime pools: zero a buffer when it is returned (hosts sharing buffers between tenants).
+    pub pool_zero_on_free: bool,
+    /// Runtime pollers: busy-poll (true) or park after a run of empty polls (false).
+    pub busy_poll: bool,
 }
 
 impl Default for EngineConfig {
@@ -134,6 +142,10 @@ impl Default for EngineConfig {
             nvme_admin_timeout_ms: 5_000,
             nvme_shadow_doorbells: true,
             allow_unsafe_dma: false,
+            pool_initial_buffers: 16,
+            pool_adaptive: true,
+            pool_zero_on_free: false,
+            busy_poll: false,
         }
     }
 }
@@ -146,6 +158,38 @@ impl EngineConfig {
             BackendChoice::Uring => "uring",
             BackendChoice::Psync => "psync",
             BackendChoice::Vfio => "vfio",
+        }
+    }
+
+    /// The runtime's configuration (pools, pollers) from these knobs: pools capped at
+    /// `buffer_pool_bytes` per core, on hugepages when `hugepages`.
+    pub fn runtime_config(&self) -> crate::runtime::RuntimeConfig {
+        use crate::pool::{PagePolicy, PoolConfig, Strategy};
+        let pool = PoolConfig {
+            initial_per_class: self.pool_initial_buffers,
+            max_bytes_per_core: self.buffer_pool_bytes,
+            strategy: if self.pool_adaptive {
+                PoolConfig::default().strategy
+            } else {
+                Strategy::Fixed
+            },
+            zero_on_free: self.pool_zero_on_free,
+            pages: if self.hugepages {
+                PagePolicy::Huge2M
+            } else {
+                PagePolicy::Normal
+            },
+            ..PoolConfig::default()
+        };
+        crate::runtime::RuntimeConfig {
+            depth: self.queue_depth,
+            idle: if self.busy_poll {
+                crate::runtime::IdlePolicy::BusyPoll
+            } else {
+                crate::runtime::IdlePolicy::default()
+            },
+            pool,
+            ..crate::runtime::RuntimeConfig::default()
         }
     }
 
@@ -372,6 +416,53 @@ pub const KNOBS: &[Knob] = &[
         help: "NVMe driver: accept controllers bound to uio_pci_generic, which can DMA to any physical memory (no IOMMU)",
         apply: |c, s| {
             c.allow_unsafe_dma = boolean(s)?;
+            Ok(())
+        },
+    },
+    Knob {
+        key: "pool_initial_buffers",
+        env: &[
+            "RIO_POOL_INITIAL_BUFFERS",
+            "RUSTFS_BUFFER_POOL_INITIAL_SIZE",
+        ],
+        accepted: "1..=65536",
+        help: "runtime pools: buffers of each size class carved per core at start",
+        apply: |c, s| {
+            c.pool_initial_buffers = int_in(s, 1, 65536)?;
+            Ok(())
+        },
+    },
+    Knob {
+        key: "pool_strategy",
+        env: &["RIO_POOL_STRATEGY", "RUSTFS_BUFFER_POOL_STRATEGY"],
+        accepted: "adaptive, fixed",
+        help: "runtime pools: grow a size class on sustained misses and give idle memory back (adaptive), or keep the initial buffers (fixed)",
+        apply: |c, s| {
+            c.pool_adaptive = match s.to_ascii_lowercase().as_str() {
+                "adaptive" | "dynamic" => true,
+                "fixed" | "static" => false,
+                _ => return Err(format!("expected adaptive or fixed, got '{s}'")),
+            };
+            Ok(())
+        },
+    },
+    Knob {
+        key: "pool_zero_on_free",
+        env: &["RIO_POOL_ZERO_ON_FREE"],
+        accepted: "true, false",
+        help: "runtime pools: zero a buffer when it is returned",
+        apply: |c, s| {
+            c.pool_zero_on_free = boolean(s)?;
+            Ok(())
+        },
+    },
+    Knob {
+        key: "busy_poll",
+        env: &["RIO_BUSY_POLL"],
+        accepted: "true, false",
+        help: "runtime pollers spin without pause (true) or park after 10,000 empty polls (false)",
+        apply: |c, s| {
+            c.busy_poll = boolean(s)?;
             Ok(())
         },
     },

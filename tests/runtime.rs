@@ -241,3 +241,28 @@ fn no_heap_allocation_per_io_on_io_uring() {
     assert_eq!(n, 0, "{n} heap allocations across 100k I/Os");
     f.runtime().shutdown();
 }
+
+#[test]
+fn runtime_from_the_engine_configuration() {
+    let _s = SERIAL.lock().unwrap();
+    let mut cfg = EngineConfig {
+        hugepages: false,
+        ..EngineConfig::default()
+    };
+    cfg.set("pool_initial_buffers", "8").unwrap();
+    cfg.set("pool_strategy", "fixed").unwrap();
+    cfg.set("queue_depth", "16").unwrap();
+    assert!(cfg.set("pool_strategy", "greedy").is_err());
+    let rt = Runtime::open("sim://size=16m", &cfg).unwrap();
+    let st = rt.pools().stats();
+    assert!(!st.is_empty());
+    assert!(st[0].classes.iter().all(|c| c.capacity == 8), "{st:?}");
+    // Fixed strategy: the 9th 4 KiB buffer of a core is not there (no growth).
+    let core = rt.cores()[0];
+    let held: Vec<_> = (0..8)
+        .map(|_| rt.pools().get(core, 4096, None).unwrap())
+        .collect();
+    assert!(rt.pools().get(core, 4096, None).is_err());
+    drop(held);
+    rt.shutdown();
+}

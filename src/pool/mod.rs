@@ -43,6 +43,14 @@
 mod buf;
 mod class;
 mod numa;
+
+/// CPUs of NUMA node `node` (hwloc), for placing pollers near a device.
+pub(crate) fn cpus_of_node(node: u32) -> Vec<usize> {
+    let numa = numa::Numa::detect();
+    (0..4096)
+        .filter(|&c| numa.node_of(c) == Some(node))
+        .collect()
+}
 mod pools;
 mod region;
 

@@ -327,11 +327,14 @@ impl Pools {
         let mut grow_tried = false;
         let backoff = Backoff::new();
         loop {
+            // Sustained misses grow the class; so does one caller that has waited a while
+            // (a single thread needing more buffers than the class holds is demand too).
             if !grow_tried
                 && let Strategy::Adaptive {
                     grow_after_misses, ..
                 } = self.cfg.strategy
-                && c.miss_streak.load(Relaxed) >= grow_after_misses
+                && (c.miss_streak.load(Relaxed) >= grow_after_misses
+                    || start.elapsed() >= Duration::from_millis(1))
             {
                 grow_tried = true;
                 self.try_grow(cp, ci);

@@ -160,10 +160,7 @@ impl Runtime {
                 _ => Ok(()),
             }));
         }
-        let pools = Pools::new(pool_cfg, &cores).map_err(|e| Error::BufferUnavailable {
-            requested: 0,
-            reason: format!("cannot build the buffer pools: {e}"),
-        })?;
+        let pools = Pools::new(pool_cfg, &cores)?;
         let depth = cfg.depth.max(1);
         let nslots = (depth as usize * 4).max(64);
         let stop = Arc::new(AtomicBool::new(false));
@@ -222,6 +219,21 @@ impl Runtime {
         };
         wait_ready(&ready_rx, rt.cores.len()).inspect_err(|_| rt.shutdown())?;
         Ok(Arc::new(rt))
+    }
+
+    /// Open `target` with `config` and start a runtime configured from it
+    /// ([`EngineConfig::runtime_config`]: pools, depth, idle policy).
+    pub fn open(target: &str, config: &crate::config::EngineConfig) -> Result<Arc<Runtime>> {
+        let engine = Engine::open(
+            config,
+            target,
+            crate::target::OpenOptions {
+                write: true,
+                direct: true,
+                create: false,
+            },
+        )?;
+        Runtime::start(engine, config.runtime_config())
     }
 
     pub fn engine(&self) -> &Engine {
@@ -341,14 +353,27 @@ fn wait_ready(rx: &Receiver<Result<()>>, n: usize) -> Result<()> {
     Ok(())
 }
 
-/// Cores for pollers when none are configured: all that `core_affinity` reports, at most 4,
-/// leaving out the software model's CPU when there is more than one.
+/// Cores for pollers when none are configured: those on the NVMe controller's NUMA node (for
+/// `pcie://` targets whose PCI device reports one), else all that `core_affinity` reports; at
+/// most 4, leaving out the software model's CPU when there is more than one.
 fn default_cores(engine: &Engine) -> Vec<usize> {
     let mut cores: Vec<usize> = core_affinity::get_core_ids()
         .unwrap_or_default()
         .into_iter()
         .map(|c| c.id)
         .collect();
+    if let crate::target::TargetKind::Nvme { controller, .. } = &engine.target().kind
+        && let Ok(addr) = controller.parse::<rio_sys::pci::PciAddr>()
+        && let Ok(dev) = rio_sys::pci::device(std::path::Path::new("/sys"), &addr)
+        && let Some(node) = dev.numa_node.filter(|&n| n >= 0)
+    {
+        let near = crate::pool::cpus_of_node(node as u32);
+        let local: Vec<usize> = cores.iter().copied().filter(|c| near.contains(c)).collect();
+        if !local.is_empty() {
+            tracing::info!(node, cores = ?local, "pollers on the NVMe controller's NUMA node");
+            cores = local;
+        }
+    }
     if let Some(m) = engine
         .controller()
         .and_then(|c| c.sim())
