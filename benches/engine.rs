@@ -141,76 +141,108 @@ fn async_vs_queue(c: &mut Criterion) {
             self.0.unpark();
         }
     }
-    let mut g = c.benchmark_group("qd32_batch_4k_read_on_sim_async_vs_queue");
-    g.measurement_time(Duration::from_secs(3));
-    let cfg = EngineConfig {
-        hugepages: false,
-        ..Default::default()
-    };
-    // Direct: the queue on this thread.
-    {
-        let e = Engine::open(&cfg, "sim://size=64m,data=0", OpenOptions::default()).unwrap();
-        let mut q = e.queue(Some(32)).unwrap();
-        let mut bufs: Vec<_> = (0..32).map(|_| Some(q.alloc_buf(4096).unwrap())).collect();
-        let mut out = Vec::with_capacity(32);
-        g.bench_function("queue", |b| {
-            b.iter(|| {
-                for (i, buf) in bufs.iter_mut().enumerate() {
-                    q.submit_read(i as u64 * 4096, buf.take().unwrap(), i as u64)
-                        .unwrap();
-                }
-                let mut n = 0;
-                while n < 32 {
-                    n += q.wait(32 - n, Duration::from_secs(5), &mut out).unwrap();
-                }
-                for c in out.drain(..) {
-                    bufs[c.token as usize] = c.buf;
-                }
-            });
-        });
-    }
-    // Async: 32 futures to a poller on another core, awaited here.
-    {
-        let e = Engine::open(&cfg, "sim://size=64m,data=0", OpenOptions::default()).unwrap();
-        let rt = Runtime::start(
-            e,
-            RuntimeConfig {
-                depth: 64,
-                idle: IdlePolicy::BusyPoll,
-                ..RuntimeConfig::default()
-            },
-        )
-        .unwrap();
-        let waker = Waker::from(Arc::new(ThreadWaker(std::thread::current())));
-        let mut cx = Context::from_waker(&waker);
-        let mut bufs: Vec<_> = (0..32)
-            .map(|_| Some(rt.buffer(4096, Duration::from_secs(1)).unwrap()))
-            .collect();
-        let mut futs = Vec::with_capacity(32);
-        g.bench_function("runtime_async", |b| {
-            b.iter(|| {
-                for (i, buf) in bufs.iter_mut().enumerate() {
-                    futs.push(rt.submit(rio::OpKind::Read, i as u64 * 4096, 4096, buf.take()));
-                }
-                for (i, f) in futs.iter_mut().enumerate() {
-                    let mut f = std::pin::Pin::new(f);
-                    loop {
-                        if let Poll::Ready(r) = f.as_mut().poll(&mut cx) {
-                            bufs[i] = r.unwrap().1;
-                            break;
-                        }
-                        // Sleep until woken, as an executor does (spinning here would
-                        // starve the poller when both share a core).
-                        std::thread::park_timeout(Duration::from_millis(1));
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let path = dir.path().join("bench.dat");
+    std::fs::write(&path, vec![1u8; 8 << 20]).unwrap();
+    let file = path.to_str().unwrap().to_string();
+    // Read before this thread is pinned (core_affinity reports the thread's own CPU set).
+    let cpus = core_affinity::get_core_ids().unwrap_or_default();
+    let last_cpu = cpus.last().map_or(0, |c| c.id);
+    for (group, target, direct) in [
+        (
+            "qd32_batch_4k_read_on_sim_async_vs_queue",
+            "sim://size=64m,data=0".to_string(),
+            true,
+        ),
+        ("qd32_batch_4k_read_page_cache_async_vs_queue", file, false),
+    ] {
+        // On the page cache: this thread on the first CPU, the poller on the last (two busy
+        // threads, two cores), and the waiting side spins briefly before it parks, as
+        // executors do. On the model, three busy threads share two cores: no pinning, park
+        // at once (spinning would take the CPU from the poller or the model).
+        let spin = !target.starts_with("sim://");
+        if spin && let Some(&first) = cpus.first() {
+            core_affinity::set_for_current(first);
+        }
+        let mut g = c.benchmark_group(group);
+        g.measurement_time(Duration::from_secs(3));
+        let cfg = EngineConfig {
+            hugepages: false,
+            direct,
+            ..Default::default()
+        };
+        // Direct: the queue on this thread.
+        {
+            let e = Engine::open(&cfg, &target, OpenOptions::default()).unwrap();
+            let mut q = e.queue(Some(32)).unwrap();
+            let mut bufs: Vec<_> = (0..32).map(|_| Some(q.alloc_buf(4096).unwrap())).collect();
+            let mut out = Vec::with_capacity(32);
+            g.bench_function("queue", |b| {
+                b.iter(|| {
+                    for (i, buf) in bufs.iter_mut().enumerate() {
+                        q.submit_read(i as u64 * 4096, buf.take().unwrap(), i as u64)
+                            .unwrap();
                     }
-                }
-                futs.clear();
+                    let mut n = 0;
+                    while n < 32 {
+                        n += q.wait(32 - n, Duration::from_secs(5), &mut out).unwrap();
+                    }
+                    for c in out.drain(..) {
+                        bufs[c.token as usize] = c.buf;
+                    }
+                });
             });
-        });
-        drop(bufs);
-        rt.shutdown();
+        }
+        // Async: 32 futures to a poller on another core, awaited here.
+        {
+            let e = Engine::open(&cfg, &target, OpenOptions::default()).unwrap();
+            let rt = Runtime::start(
+                e,
+                RuntimeConfig {
+                    depth: 64,
+                    idle: IdlePolicy::BusyPoll,
+                    // Page cache: one poller on the last CPU. Model: the default (every CPU but the
+                    // model's), so the poller shares a CPU with this thread, which parks.
+                    cores: spin.then(|| vec![last_cpu]),
+                    ..RuntimeConfig::default()
+                },
+            )
+            .unwrap();
+            let waker = Waker::from(Arc::new(ThreadWaker(std::thread::current())));
+            let mut cx = Context::from_waker(&waker);
+            let mut bufs: Vec<_> = (0..32)
+                .map(|_| Some(rt.buffer(4096, Duration::from_secs(1)).unwrap()))
+                .collect();
+            let mut futs = Vec::with_capacity(32);
+            g.bench_function("runtime_async", |b| {
+                b.iter(|| {
+                    for (i, buf) in bufs.iter_mut().enumerate() {
+                        futs.push(rt.submit(rio::OpKind::Read, i as u64 * 4096, 4096, buf.take()));
+                    }
+                    for (i, f) in futs.iter_mut().enumerate() {
+                        let mut f = std::pin::Pin::new(f);
+                        let mut spins = 0u32;
+                        loop {
+                            if let Poll::Ready(r) = f.as_mut().poll(&mut cx) {
+                                bufs[i] = r.unwrap().1;
+                                break;
+                            }
+                            spins += 1;
+                            if !spin || spins > 2000 {
+                                std::thread::park_timeout(Duration::from_millis(1));
+                            } else {
+                                std::hint::spin_loop();
+                            }
+                        }
+                    }
+                    futs.clear();
+                });
+            });
+            drop(bufs);
+            rt.shutdown();
+        }
+        g.finish();
     }
-    g.finish();
 }
 
 fn verify_blocks(c: &mut Criterion) {
