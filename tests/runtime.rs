@@ -266,3 +266,47 @@ fn runtime_from_the_engine_configuration() {
     drop(held);
     rt.shutdown();
 }
+
+/// CPU used by the process while a runtime with one poller sits idle for `secs`.
+fn idle_cpu(idle: IdlePolicy, secs: f64) -> f64 {
+    let (_d, p) = common::temp_file(1 << 20, 0);
+    let cfg = EngineConfig {
+        hugepages: false,
+        ..EngineConfig::default()
+    };
+    let f = DiskFile::open(
+        p.to_str().unwrap(),
+        None,
+        &cfg,
+        RuntimeConfig {
+            cores: Some(vec![0]),
+            depth: 8,
+            idle,
+            pool: pool(),
+        },
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let t0 = rio_sys::rusage::process_cpu();
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    let t1 = rio_sys::rusage::process_cpu();
+    f.runtime().shutdown();
+    let used = (t1.user + t1.system).saturating_sub(t0.user + t0.system);
+    used.as_secs_f64() / secs
+}
+
+#[test]
+fn idle_policy_decides_what_an_idle_poller_costs() {
+    let _s = SERIAL.lock().unwrap();
+    let busy = idle_cpu(IdlePolicy::BusyPoll, 1.0);
+    let parked = idle_cpu(
+        IdlePolicy::SleepAfter {
+            polls: 10_000,
+            max_sleep: Duration::from_millis(1),
+        },
+        1.0,
+    );
+    eprintln!("idle poller CPU: busy-poll {busy:.2} CPU, sleep-after-10000 {parked:.3} CPU");
+    assert!(busy > 0.5, "a busy-polling poller spins: {busy:.2} CPU");
+    assert!(parked < 0.25, "a parked poller sleeps: {parked:.3} CPU");
+}
