@@ -315,6 +315,28 @@ impl Queue {
         }
     }
 
+    /// Stop using a region given to `queue_with_regions` or `add_region` (a pool gave it back):
+    /// unmapped from the IOMMU, or io_uring's fixed buffers registered again without it. Only
+    /// with nothing in flight on this queue (else `Error::InUse`). Afterwards the caller may
+    /// unmap the memory.
+    pub fn remove_region(&mut self, ptr: *mut u8) -> Result<()> {
+        let in_flight = self.in_flight();
+        if in_flight > 0 {
+            return Err(Error::InUse {
+                path: "queue".into(),
+                reason: format!("{in_flight} operations in flight; remove regions when idle"),
+            });
+        }
+        match &mut self.backend {
+            BackendQueue::Nvme(q) => {
+                q.remove_region(ptr);
+                Ok(())
+            }
+            BackendQueue::Uring(q) => q.remove_region(ptr, in_flight),
+            BackendQueue::Psync(_) => Ok(()),
+        }
+    }
+
     /// Queue a read of `buf.len()` bytes at `offset` into `buf`.
     pub fn submit_read(
         &mut self,

@@ -310,3 +310,119 @@ fn idle_policy_decides_what_an_idle_poller_costs() {
     assert!(busy > 0.5, "a busy-polling poller spins: {busy:.2} CPU");
     assert!(parked < 0.25, "a parked poller sleeps: {parked:.3} CPU");
 }
+
+/// Grow the 4 KiB class (take more buffers than it holds), give them back, and let the idle
+/// poller release the grown region: the queue unmaps/unregisters it first, then I/O goes on.
+fn grows_then_gives_memory_back(rt: &Arc<Runtime>, f: &DiskFile) {
+    let core = rt.cores()[0];
+    let before = rt.pools().stats()[0].classes[0].capacity;
+    let held: Vec<_> = (0..before + 8)
+        .map(|_| {
+            rt.pools()
+                .get(
+                    core,
+                    4096,
+                    Some(std::time::Instant::now() + Duration::from_secs(2)),
+                )
+                .unwrap()
+        })
+        .collect();
+    let grown = rt.pools().stats()[0].classes[0].capacity;
+    assert!(grown > before, "the class grew ({before} -> {grown})");
+    drop(held);
+    // Idle: the poller's maintenance (every 100 ms) releases the region after idle_release.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while UNMAPPED.load(Ordering::SeqCst) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no region given back: {:?}",
+            rt.pools().stats()[0].classes[0]
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(rt.pools().stats()[0].classes[0].capacity, before);
+    assert!(
+        UNMAPPED.load(Ordering::SeqCst) > 0,
+        "the region left the queue before the unmap"
+    );
+    UNMAPPED.store(0, Ordering::SeqCst);
+    let w = waker();
+    for i in 0..64u64 {
+        let b = f.buffer(4096).unwrap();
+        drop(block_on(f.read_at(i * 4096, b), &w).unwrap());
+    }
+}
+
+/// Regions unmapped after the runtime's hook took them out of the poller's queue.
+static UNMAPPED: AtomicU64 = AtomicU64::new(0);
+
+fn releasing_pool() -> PoolConfig {
+    PoolConfig {
+        strategy: rio::pool::Strategy::Adaptive {
+            grow_after_misses: 1,
+            idle_release: Duration::from_millis(200),
+        },
+        // Called by the runtime's hook only once the region left the queue.
+        on_region: Some(Arc::new(|ev: &rio::pool::RegionEvent| {
+            if ev.kind == rio::pool::RegionEventKind::Unmapping {
+                UNMAPPED.fetch_add(1, Ordering::SeqCst);
+            }
+            Ok(())
+        })),
+        ..pool()
+    }
+}
+
+#[test]
+fn idle_pool_memory_goes_back_through_the_queues() {
+    let _s = SERIAL.lock().unwrap();
+    // The NVMe driver on the model (IOMMU-style mapping), then io_uring (fixed buffers).
+    let cfg = EngineConfig {
+        hugepages: false,
+        ..EngineConfig::default()
+    };
+    let e = Engine::open(
+        &cfg,
+        "sim://size=16m",
+        OpenOptions {
+            write: true,
+            direct: true,
+            create: false,
+        },
+    )
+    .unwrap();
+    let rt = Runtime::start(
+        e,
+        RuntimeConfig {
+            cores: Some(vec![0]),
+            depth: 16,
+            pool: releasing_pool(),
+            ..RuntimeConfig::default()
+        },
+    )
+    .unwrap();
+    let f = DiskFile::region(&rt, 0, 1 << 20).unwrap();
+    grows_then_gives_memory_back(&rt, &f);
+    rt.shutdown();
+
+    let (_d, p) = common::temp_file(1 << 20, 0);
+    let cfg = EngineConfig {
+        backend: BackendChoice::Uring,
+        hugepages: false,
+        ..EngineConfig::default()
+    };
+    let f = DiskFile::open(
+        p.to_str().unwrap(),
+        None,
+        &cfg,
+        RuntimeConfig {
+            cores: Some(vec![0]),
+            depth: 16,
+            pool: releasing_pool(),
+            ..RuntimeConfig::default()
+        },
+    )
+    .unwrap();
+    grows_then_gives_memory_back(f.runtime(), &f);
+    f.runtime().shutdown();
+}

@@ -650,6 +650,19 @@ impl NvmeQueue {
         self.abandoned = true;
     }
 
+    /// Unmap a region from the device (a pool gave it back). The caller guarantees no I/O on
+    /// it is in flight. Unknown regions are ignored.
+    pub fn remove_region(&mut self, ptr: *mut u8) {
+        if let Some(i) = self.regions.iter().position(|r| r.starts_at(ptr))
+            && i > 0
+        {
+            let mut r = self.regions.remove(i);
+            self.ctrl.mapper().release(&mut r);
+            // Requests hold region indexes: none is in flight (the caller's guarantee), so
+            // re-indexing is safe.
+        }
+    }
+
     /// Map more memory for DMA (e.g. a buffer pool that grew).
     ///
     /// # Safety

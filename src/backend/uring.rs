@@ -37,6 +37,8 @@ pub(crate) struct UringQueue {
     /// Registered memory: (start address, length, index of its first fixed buffer). Each
     /// region is registered in pieces of at most 1 GiB.
     fixed_bufs: Vec<(usize, usize, u16)>,
+    /// The regions registered (arena first), for re-registration without one of them.
+    registered: Vec<(usize, usize)>,
     /// SQEs pushed and not yet handed to the kernel.
     pending: u32,
     submit_batch: u32,
@@ -99,15 +101,7 @@ impl UringQueue {
         };
         let fixed_file = ring.submitter().register_files(&[file.as_raw_fd()]).is_ok();
         feats.fixed_file = fixed_file;
-        let mut iovecs: Vec<libc::iovec> = Vec::new();
-        let mut table = Vec::new();
-        for &(base, len) in regions {
-            table.push((base as usize, len, iovecs.len() as u16));
-            iovecs.extend((0..len.div_ceil(MAX_REG)).map(|i| libc::iovec {
-                iov_base: base.wrapping_add(i * MAX_REG).cast(),
-                iov_len: (len - i * MAX_REG).min(MAX_REG),
-            }));
-        }
+        let (iovecs, table) = iovec_table(regions.iter().map(|&(b, l)| (b as usize, l)));
         // SAFETY: the iovecs cover exactly the queue's arena and the regions its owner added,
         // which are kept alive for as long as this ring exists (the Queue owns the arena and
         // drops the ring first; added regions are the caller's contract; an abandoned queue
@@ -126,6 +120,7 @@ impl UringQueue {
                 file,
                 fixed_file,
                 fixed_bufs,
+                registered: regions.iter().map(|&(b, l)| (b as usize, l)).collect(),
                 pending: 0,
                 submit_batch: opts.submit_batch,
                 iopoll: opts.iopoll,
@@ -134,6 +129,34 @@ impl UringQueue {
             },
             feats,
         ))
+    }
+
+    /// Stop using a region registered at creation (a pool gave it back): the fixed buffers
+    /// are registered again without it. Only with nothing in flight (the kernel may be using
+    /// the registered pages).
+    pub fn remove_region(&mut self, ptr: *mut u8, in_flight: u32) -> Result<()> {
+        let Some(i) = self.registered.iter().position(|&(b, _)| b == ptr as usize) else {
+            return Ok(()); // never registered (added later): nothing to do
+        };
+        if in_flight > 0 {
+            return Err(Error::InUse {
+                path: "io_uring fixed buffers".into(),
+                reason: format!("{in_flight} operations in flight"),
+            });
+        }
+        self.registered.remove(i);
+        let _ = self.ring.submitter().unregister_buffers();
+        let (iovecs, table) = iovec_table(self.registered.iter().copied());
+        // SAFETY: the remaining regions are the arena and regions the owner still keeps alive
+        // (contract of `Engine::queue_with_regions`).
+        self.fixed_bufs = match unsafe { self.ring.submitter().register_buffers(&iovecs) } {
+            Ok(()) => table,
+            Err(e) => {
+                tracing::warn!(error = %e, "io_uring: re-registering buffers failed; using unregistered I/O");
+                Vec::new()
+            }
+        };
+        Ok(())
     }
 
     /// Index of the registered buffer that holds `[addr, addr+len)`, if any.
@@ -322,4 +345,21 @@ pub(crate) fn device_has_poll_queues(name: &str) -> bool {
     std::fs::read_to_string(format!("/sys/class/block/{name}/queue/io_poll"))
         .map(|s| s.trim() == "1")
         .unwrap_or(false)
+}
+
+/// The iovecs registering `regions` (each in pieces of at most 1 GiB) and the lookup table of
+/// (start, length, index of the first piece).
+fn iovec_table(
+    regions: impl Iterator<Item = (usize, usize)>,
+) -> (Vec<libc::iovec>, Vec<(usize, usize, u16)>) {
+    let mut iovecs: Vec<libc::iovec> = Vec::new();
+    let mut table = Vec::new();
+    for (base, len) in regions {
+        table.push((base, len, iovecs.len() as u16));
+        iovecs.extend((0..len.div_ceil(MAX_REG)).map(|i| libc::iovec {
+            iov_base: (base + i * MAX_REG) as *mut libc::c_void,
+            iov_len: (len - i * MAX_REG).min(MAX_REG),
+        }));
+    }
+    (iovecs, table)
 }

@@ -127,6 +127,10 @@ impl DmaRegion {
         }
     }
 
+    pub fn starts_at(&self, ptr: *const u8) -> bool {
+        ptr as usize == self.vaddr
+    }
+
     pub fn contains(&self, ptr: *const u8, len: usize) -> bool {
         let p = ptr as usize;
         p >= self.vaddr && p.saturating_add(len) <= self.vaddr + self.len

@@ -76,6 +76,9 @@ impl Default for RuntimeConfig {
     }
 }
 
+/// How often an idle poller runs pool maintenance.
+const MAINTAIN_EVERY: Duration = Duration::from_millis(100);
+
 const FREE: u8 = 0;
 const PENDING: u8 = 1;
 const DONE: u8 = 2;
@@ -148,18 +151,20 @@ impl Runtime {
             _ => default_cores(&engine),
         };
         let mut pool_cfg = cfg.pool.clone();
-        if pool_cfg.on_region.is_none() {
-            // Pollers map every region for DMA / io_uring once and never unmap it while they
-            // run: a region the pool wants to give back stays mapped (leaked to the pool's
-            // lifetime) instead. Giving idle memory back to the OS through the queues is for a
-            // later change.
-            pool_cfg.on_region = Some(Arc::new(|ev: &crate::pool::RegionEvent| match ev.kind {
-                crate::pool::RegionEventKind::Unmapping => {
-                    Err("mapped for I/O by the runtime's queues".into())
-                }
-                _ => Ok(()),
-            }));
-        }
+        let user_hook = pool_cfg.on_region.take();
+        // A region the pool gives back must first leave the queue that maps it (IOMMU, io_uring
+        // registration). Pollers run the pool's maintenance themselves, when idle, with their
+        // queue published in a thread-local; from any other thread the unmap is refused and the
+        // region kept.
+        pool_cfg.on_region = Some(Arc::new(move |ev: &crate::pool::RegionEvent| {
+            if ev.kind == crate::pool::RegionEventKind::Unmapping {
+                release_from_poller_queue(ev)?;
+            }
+            match &user_hook {
+                Some(h) => h(ev),
+                None => Ok(()),
+            }
+        }));
         let pools = Pools::new(pool_cfg, &cores)?;
         let depth = cfg.depth.max(1);
         let nslots = (depth as usize * 4).max(64);
@@ -536,6 +541,7 @@ impl Poller {
         let mut inflight: Vec<Option<PoolBuf>> = (0..cs.slots.len()).map(|_| None).collect();
         let mut comps: Vec<Completion> = Vec::with_capacity(self.depth as usize);
         let mut empty = 0u32;
+        let mut last_maintain = Instant::now();
         loop {
             let mut work = false;
             // Pool growth: map new regions for DMA before any buffer from them is used here.
@@ -578,6 +584,10 @@ impl Poller {
                 break;
             }
             empty = empty.saturating_add(1);
+            if q.in_flight() == 0 && last_maintain.elapsed() >= MAINTAIN_EVERY {
+                last_maintain = Instant::now();
+                self.maintain(&mut q);
+            }
             match self.idle {
                 IdlePolicy::BusyPoll => std::hint::spin_loop(),
                 IdlePolicy::SleepAfter { polls, max_sleep } => {
@@ -592,6 +602,20 @@ impl Poller {
                     }
                 }
             }
+        }
+    }
+
+    /// Give idle pool memory back (adaptive pools): the pool unmaps regions whose buffers are
+    /// all free and idle; the hook takes each out of this queue first.
+    fn maintain(&self, q: &mut Queue) {
+        let core = self.shared.core;
+        POLLER_QUEUE.with(|c| c.set((q as *mut Queue, core)));
+        let r = self.pools.maintain(core);
+        POLLER_QUEUE.with(|c| c.set((std::ptr::null_mut(), usize::MAX)));
+        match r {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(core, bytes = n, "pool memory given back"),
+            Err(e) => tracing::warn!(core, error = %e, "pool maintenance failed"),
         }
     }
 
@@ -612,6 +636,25 @@ impl Poller {
             Err(e) => complete(&self.shared, req.slot, Err(e), req.buf.take()),
         }
     }
+}
+
+thread_local! {
+    /// The queue of the poller running on this thread, while it runs pool maintenance.
+    static POLLER_QUEUE: std::cell::Cell<(*mut Queue, usize)> =
+        const { std::cell::Cell::new((std::ptr::null_mut(), usize::MAX)) };
+}
+
+/// Unmapping hook: take the region out of this poller's queue, or refuse (not on a poller
+/// thread, another core's region, or I/O in flight).
+fn release_from_poller_queue(ev: &crate::pool::RegionEvent) -> std::result::Result<(), String> {
+    let (q, core) = POLLER_QUEUE.with(|c| c.get());
+    if q.is_null() || core != ev.core {
+        return Err("only the core's poller may release its pool regions".into());
+    }
+    // SAFETY: set by `Poller::maintain` to its own queue for the duration of the call that
+    // runs this hook, on this thread; no other reference to the queue is live meanwhile.
+    let q = unsafe { &mut *q };
+    q.remove_region(ev.region.ptr).map_err(|e| e.to_string())
 }
 
 /// A pool region's page size as the DMA layer sees it: 1 GiB pages are physically contiguous
