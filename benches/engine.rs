@@ -135,10 +135,19 @@ fn async_vs_queue(c: &mut Criterion) {
     use rio::runtime::{IdlePolicy, Runtime, RuntimeConfig};
     use std::sync::Arc;
     use std::task::{Context, Poll, Wake, Waker};
-    struct ThreadWaker(std::thread::Thread);
+    /// Like an executor's: waking sets a flag (and unparks); the task is polled again only
+    /// after a wake.
+    struct ThreadWaker {
+        thread: std::thread::Thread,
+        woken: std::sync::atomic::AtomicBool,
+    }
     impl Wake for ThreadWaker {
         fn wake(self: Arc<Self>) {
-            self.0.unpark();
+            self.wake_by_ref();
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.woken.store(true, std::sync::atomic::Ordering::Release);
+            self.thread.unpark();
         }
     }
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
@@ -208,7 +217,11 @@ fn async_vs_queue(c: &mut Criterion) {
                 },
             )
             .unwrap();
-            let waker = Waker::from(Arc::new(ThreadWaker(std::thread::current())));
+            let tw = Arc::new(ThreadWaker {
+                thread: std::thread::current(),
+                woken: std::sync::atomic::AtomicBool::new(false),
+            });
+            let waker = Waker::from(Arc::clone(&tw));
             let mut cx = Context::from_waker(&waker);
             let mut bufs: Vec<_> = (0..32)
                 .map(|_| Some(rt.buffer(4096, Duration::from_secs(1)).unwrap()))
@@ -221,17 +234,21 @@ fn async_vs_queue(c: &mut Criterion) {
                     }
                     for (i, f) in futs.iter_mut().enumerate() {
                         let mut f = std::pin::Pin::new(f);
-                        let mut spins = 0u32;
                         loop {
+                            tw.woken.store(false, std::sync::atomic::Ordering::Relaxed);
                             if let Poll::Ready(r) = f.as_mut().poll(&mut cx) {
                                 bufs[i] = r.unwrap().1;
                                 break;
                             }
-                            spins += 1;
-                            if !spin || spins > 2000 {
-                                std::thread::park_timeout(Duration::from_millis(1));
-                            } else {
-                                std::hint::spin_loop();
+                            // Wait for the wake: spin a little (page cache) then park.
+                            let mut spins = 0u32;
+                            while !tw.woken.load(std::sync::atomic::Ordering::Acquire) {
+                                spins += 1;
+                                if !spin || spins > 2000 {
+                                    std::thread::park_timeout(Duration::from_millis(1));
+                                } else {
+                                    std::hint::spin_loop();
+                                }
                             }
                         }
                     }

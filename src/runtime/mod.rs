@@ -84,12 +84,16 @@ const PENDING: u8 = 1;
 const DONE: u8 = 2;
 const ABANDONED: u8 = 3;
 
-/// One request's rendezvous between a future and a poller.
+/// One request's rendezvous between a future and a poller. Cache-line aligned: the poller
+/// completes one slot while the submitter polls the next.
+#[repr(align(128))]
 struct Slot {
     state: AtomicU8,
     /// Bumped each time the slot is reused: a stale future never sees a newer request.
     epoch: AtomicU32,
-    result: Mutex<Option<(Result<u64>, Option<PoolBuf>)>>,
+    /// Written by the poller while the slot is PENDING (or ABANDONED), read by the future once
+    /// it saw DONE: the state's release/acquire hand-over makes the accesses exclusive.
+    result: std::cell::UnsafeCell<Option<(Result<u64>, Option<PoolBuf>)>>,
     waker: Mutex<Option<Waker>>,
 }
 
@@ -100,6 +104,10 @@ struct Request {
     buf: Option<PoolBuf>,
     slot: u32,
 }
+
+// SAFETY: a Slot's UnsafeCell is accessed by one side at a time, handed over through `state`
+// (see `result`); everything else in it is Sync.
+unsafe impl Sync for Slot {}
 
 /// What a core's submitters and its poller share.
 struct CoreShared {
@@ -179,7 +187,7 @@ impl Runtime {
                     .map(|_| Slot {
                         state: AtomicU8::new(FREE),
                         epoch: AtomicU32::new(0),
-                        result: Mutex::new(None),
+                        result: std::cell::UnsafeCell::new(None),
                         waker: Mutex::new(None),
                     })
                     .collect(),
@@ -438,13 +446,11 @@ impl Future for IoFuture {
                 return Poll::Pending;
             }
         }
-        let (res, buf) = s
-            .result
-            .lock()
-            .expect("poisoned")
-            .take()
-            .expect("a done slot holds its result");
-        *s.waker.lock().expect("poisoned") = None;
+        // SAFETY: the state is DONE (acquired above): the poller has written the result and
+        // will not touch the slot again until it is freed below; this future is its only user.
+        let (res, buf) = unsafe { (*s.result.get()).take() }.expect("a done slot holds its result");
+        // The waker was taken by the poller (or, if stored after that, is stale and harmless:
+        // a spurious wake is allowed by the Future contract).
         s.state.store(FREE, Ordering::Release);
         let _ = self.cs.free.push(self.slot);
         self.slot = u32::MAX;
@@ -472,7 +478,8 @@ impl Drop for IoFuture {
             return;
         }
         // Already done but never polled: free it here (the buffer goes home on drop).
-        drop(s.result.lock().expect("poisoned").take());
+        // SAFETY: the state is DONE (the CAS above failed with an acquire load): as in `poll`.
+        drop(unsafe { (*s.result.get()).take() });
         *s.waker.lock().expect("poisoned") = None;
         s.state.store(FREE, Ordering::Release);
         let _ = self.cs.free.push(self.slot);
@@ -584,7 +591,10 @@ impl Poller {
                 break;
             }
             empty = empty.saturating_add(1);
-            if q.in_flight() == 0 && last_maintain.elapsed() >= MAINTAIN_EVERY {
+            if empty.is_multiple_of(1024)
+                && q.in_flight() == 0
+                && last_maintain.elapsed() >= MAINTAIN_EVERY
+            {
                 last_maintain = Instant::now();
                 self.maintain(&mut q);
             }
@@ -671,7 +681,9 @@ fn dma_pages(p: crate::pool::PageKind) -> rio_sys::mem::PageKind {
 /// Hand a result to the slot's future (or, if the future is gone, drop it and free the slot).
 fn complete(cs: &CoreShared, slot: u32, res: Result<u64>, buf: Option<PoolBuf>) {
     let s = &cs.slots[slot as usize];
-    *s.result.lock().expect("poisoned") = Some((res, buf));
+    // SAFETY: the slot is PENDING or ABANDONED: only this poller accesses the result until the
+    // state becomes DONE (released by the CAS below).
+    unsafe { *s.result.get() = Some((res, buf)) };
     match s
         .state
         .compare_exchange(PENDING, DONE, Ordering::AcqRel, Ordering::Acquire)
@@ -683,7 +695,8 @@ fn complete(cs: &CoreShared, slot: u32, res: Result<u64>, buf: Option<PoolBuf>) 
         }
         Err(_) => {
             // Abandoned: nobody will poll it.
-            drop(s.result.lock().expect("poisoned").take());
+            // SAFETY: ABANDONED: the future is gone; only this poller sees the slot.
+            drop(unsafe { (*s.result.get()).take() });
             s.state.store(FREE, Ordering::Release);
             let _ = cs.free.push(slot);
         }
