@@ -20,7 +20,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -94,7 +94,8 @@ struct Slot {
     /// Written by the poller while the slot is PENDING (or ABANDONED), read by the future once
     /// it saw DONE: the state's release/acquire hand-over makes the accesses exclusive.
     result: std::cell::UnsafeCell<Option<(Result<u64>, Option<PoolBuf>)>>,
-    waker: Mutex<Option<Waker>>,
+    /// Lock-free registration (the `atomic-waker` crate, as in futures and smol).
+    waker: atomic_waker::AtomicWaker,
 }
 
 struct Request {
@@ -188,7 +189,7 @@ impl Runtime {
                         state: AtomicU8::new(FREE),
                         epoch: AtomicU32::new(0),
                         result: std::cell::UnsafeCell::new(None),
-                        waker: Mutex::new(None),
+                        waker: atomic_waker::AtomicWaker::new(),
                     })
                     .collect(),
                 free: {
@@ -435,12 +436,7 @@ impl Future for IoFuture {
         }
         let s = &self.cs.slots[self.slot as usize];
         if s.state.load(Ordering::Acquire) != DONE {
-            let mut w = s.waker.lock().expect("poisoned");
-            match &*w {
-                Some(old) if old.will_wake(cx.waker()) => {}
-                _ => *w = Some(cx.waker().clone()),
-            }
-            drop(w);
+            s.waker.register(cx.waker());
             // Re-check after publishing the waker: the poller may have completed meanwhile.
             if s.state.load(Ordering::Acquire) != DONE {
                 return Poll::Pending;
@@ -480,7 +476,7 @@ impl Drop for IoFuture {
         // Already done but never polled: free it here (the buffer goes home on drop).
         // SAFETY: the state is DONE (the CAS above failed with an acquire load): as in `poll`.
         drop(unsafe { (*s.result.get()).take() });
-        *s.waker.lock().expect("poisoned") = None;
+        drop(s.waker.take());
         s.state.store(FREE, Ordering::Release);
         let _ = self.cs.free.push(self.slot);
     }
@@ -689,9 +685,7 @@ fn complete(cs: &CoreShared, slot: u32, res: Result<u64>, buf: Option<PoolBuf>) 
         .compare_exchange(PENDING, DONE, Ordering::AcqRel, Ordering::Acquire)
     {
         Ok(_) => {
-            if let Some(w) = s.waker.lock().expect("poisoned").take() {
-                w.wake();
-            }
+            s.waker.wake();
         }
         Err(_) => {
             // Abandoned: nobody will poll it.
