@@ -121,7 +121,8 @@ fn exhaustion_waits_until_the_deadline_then_errors() {
         .unwrap_err();
     let waited = t.elapsed();
     assert!(waited >= Duration::from_millis(100), "{waited:?}");
-    assert!(waited < Duration::from_millis(400), "{waited:?}");
+    // Bounded: it gives up soon after the deadline (generous: CI machines are busy).
+    assert!(waited < Duration::from_secs(5), "{waited:?}");
     assert!(e.to_string().contains("exhausted"), "{e}");
     // Still full, nothing came from the heap.
     assert_eq!(class(&p, 0, 8192).in_use, 2);

@@ -307,7 +307,7 @@ fn idle_policy_decides_what_an_idle_poller_costs() {
         1.0,
     );
     eprintln!("idle poller CPU: busy-poll {busy:.2} CPU, sleep-after-10000 {parked:.3} CPU");
-    assert!(busy > 0.5, "a busy-polling poller spins: {busy:.2} CPU");
+    assert!(busy > 0.3, "a busy-polling poller spins: {busy:.2} CPU");
     assert!(parked < 0.25, "a parked poller sleeps: {parked:.3} CPU");
 }
 
