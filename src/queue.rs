@@ -332,7 +332,10 @@ impl Queue {
                 q.remove_region(ptr);
                 Ok(())
             }
-            BackendQueue::Uring(q) => q.remove_region(ptr, in_flight),
+            BackendQueue::Uring(q) => {
+                q.remove_region(ptr);
+                Ok(())
+            }
             BackendQueue::Psync(_) => Ok(()),
         }
     }

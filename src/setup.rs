@@ -454,69 +454,10 @@ fn resolve(host: &Host, device: &str) -> Result<PciDevice> {
     Ok(dev)
 }
 
-/// Why namespace `name` is in use, if it is.
+/// Why namespace `name` is in use, if it is (the checks of [`crate::target`], under this
+/// host's roots).
 fn namespace_in_use(host: &Host, name: &str) -> Option<String> {
-    if host.real {
-        crate::target::block_device_in_use(name)
-    } else {
-        in_use_under(host, name)
-    }
-}
-
-/// [`crate::target::block_device_in_use`] against a fake tree (`host.sys`, `host.proc`): the
-/// device or a partition mounted (`mountinfo` by major:minor), listed in `swaps` (by name, as
-/// fake device nodes are not block devices), or with holders.
-fn in_use_under(host: &Host, name: &str) -> Option<String> {
-    let block = host.sys.join("class/block");
-    let mut devs = vec![name.to_string()];
-    if let Ok(rd) = std::fs::read_dir(block.join(name)) {
-        for e in rd.flatten() {
-            let n = e.file_name().to_string_lossy().into_owned();
-            if n.starts_with(name) && e.path().join("partition").exists() {
-                devs.push(n);
-            }
-        }
-    }
-    let numbers: Vec<(String, String)> = devs
-        .iter()
-        .filter_map(|d| {
-            let n = std::fs::read_to_string(block.join(d).join("dev")).ok()?;
-            Some((d.clone(), n.trim().to_string()))
-        })
-        .collect();
-    if let Ok(mi) = std::fs::read_to_string(host.proc.join("self/mountinfo")) {
-        for line in mi.lines() {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() > 4
-                && let Some((d, _)) = numbers.iter().find(|(_, n)| n == f[2])
-            {
-                return Some(format!("/dev/{d} is mounted on {}", f[4]));
-            }
-        }
-    }
-    if let Ok(sw) = std::fs::read_to_string(host.proc.join("swaps")) {
-        for line in sw.lines().skip(1) {
-            let Some(p) = line.split_whitespace().next() else {
-                continue;
-            };
-            let base = p.rsplit('/').next().unwrap_or(p);
-            if let Some(d) = devs.iter().find(|d| *d == base) {
-                return Some(format!("/dev/{d} is in use as swap"));
-            }
-        }
-    }
-    for d in &devs {
-        if let Ok(rd) = std::fs::read_dir(block.join(d).join("holders")) {
-            let holders: Vec<String> = rd
-                .flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect();
-            if !holders.is_empty() {
-                return Some(format!("/dev/{d} is held by {}", holders.join(", ")));
-            }
-        }
-    }
-    None
+    crate::target::in_use_at(&host.sys, &host.proc, name)
 }
 
 /// Refuse if any namespace of the controller is in use.

@@ -308,14 +308,15 @@ fn sysfs_block_name(rdev: u64) -> Option<String> {
 /// Looks at the device and all its partitions: mounts (/proc/self/mountinfo), swap
 /// (/proc/swaps) and holders (/sys/class/block/*/holders: dm, md, bcache...).
 pub fn block_device_in_use(name: &str) -> Option<String> {
-    in_use_at(Path::new("/"), name)
+    in_use_at(Path::new("/sys"), Path::new("/proc"), name)
 }
 
-/// [`block_device_in_use`] with `/sys` and `/proc` read under `root` (tests fake them).
-fn in_use_at(root: &Path, name: &str) -> Option<String> {
-    let at = |p: String| root.join(p.trim_start_matches('/'));
+/// [`block_device_in_use`] with sysfs and procfs read under `sys` and `proc` (tests and
+/// `rio setup`'s fake trees use other roots).
+pub(crate) fn in_use_at(sys: &Path, proc: &Path, name: &str) -> Option<String> {
+    let block = sys.join("class/block");
     let mut devs = vec![name.to_string()];
-    if let Ok(rd) = std::fs::read_dir(at(format!("/sys/class/block/{name}"))) {
+    if let Ok(rd) = std::fs::read_dir(block.join(name)) {
         for e in rd.flatten() {
             let n = e.file_name().to_string_lossy().into_owned();
             if n.starts_with(name) && e.path().join("partition").exists() {
@@ -326,11 +327,11 @@ fn in_use_at(root: &Path, name: &str) -> Option<String> {
     let numbers: Vec<(String, String)> = devs
         .iter()
         .filter_map(|d| {
-            let n = std::fs::read_to_string(at(format!("/sys/class/block/{d}/dev"))).ok()?;
+            let n = std::fs::read_to_string(block.join(d).join("dev")).ok()?;
             Some((d.clone(), n.trim().to_string()))
         })
         .collect();
-    if let Ok(mi) = std::fs::read_to_string(at("/proc/self/mountinfo".into())) {
+    if let Ok(mi) = std::fs::read_to_string(proc.join("self/mountinfo")) {
         for line in mi.lines() {
             let f: Vec<&str> = line.split_whitespace().collect();
             if f.len() > 4
@@ -340,24 +341,33 @@ fn in_use_at(root: &Path, name: &str) -> Option<String> {
             }
         }
     }
-    if let Ok(sw) = std::fs::read_to_string(at("/proc/swaps".into())) {
+    if let Ok(sw) = std::fs::read_to_string(proc.join("swaps")) {
         for line in sw.lines().skip(1) {
             let Some(p) = line.split_whitespace().next() else {
                 continue;
             };
-            let Ok(m) = std::fs::metadata(p) else {
-                continue;
-            };
-            if m.file_type().is_block_device() {
-                let n = format!("{}:{}", libc::major(m.rdev()), libc::minor(m.rdev()));
-                if let Some((d, _)) = numbers.iter().find(|(_, x)| *x == n) {
-                    return Some(format!("/dev/{d} is in use as swap"));
+            // By device number when the listed path is a block device node, else by name
+            // (a node under another name, or a test's fake tree).
+            let by_number = std::fs::metadata(p)
+                .ok()
+                .filter(|m| m.file_type().is_block_device());
+            let hit = match by_number {
+                Some(m) => {
+                    let n = format!("{}:{}", libc::major(m.rdev()), libc::minor(m.rdev()));
+                    numbers.iter().find(|(_, x)| *x == n).map(|(d, _)| d)
                 }
+                None => {
+                    let base = p.rsplit('/').next().unwrap_or(p);
+                    devs.iter().find(|d| *d == base)
+                }
+            };
+            if let Some(d) = hit {
+                return Some(format!("/dev/{d} is in use as swap"));
             }
         }
     }
     for d in &devs {
-        if let Ok(rd) = std::fs::read_dir(at(format!("/sys/class/block/{d}/holders"))) {
+        if let Ok(rd) = std::fs::read_dir(block.join(d).join("holders")) {
             let holders: Vec<String> = rd
                 .flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -465,10 +475,10 @@ mod tests {
             Some("22 1 8:1 / / rw - ext4 /dev/sda1 rw\n"),
         );
         mk("proc/swaps", Some("Filename Type Size Used Priority\n"));
-        assert_eq!(in_use_at(r, "vdz"), None);
+        assert_eq!(in_use_at(&r.join("sys"), &r.join("proc"), "vdz"), None);
         mk("sys/class/block/vdz1/holders/dm-3", Some(""));
         assert_eq!(
-            in_use_at(r, "vdz").as_deref(),
+            in_use_at(&r.join("sys"), &r.join("proc"), "vdz").as_deref(),
             Some("/dev/vdz1 is held by dm-3")
         );
         mk(
@@ -476,7 +486,7 @@ mod tests {
             Some("22 1 250:1 / /data rw - ext4 /dev/vdz1 rw\n"),
         );
         assert_eq!(
-            in_use_at(r, "vdz").as_deref(),
+            in_use_at(&r.join("sys"), &r.join("proc"), "vdz").as_deref(),
             Some("/dev/vdz1 is mounted on /data")
         );
     }

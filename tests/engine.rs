@@ -289,7 +289,11 @@ fn pcie_targets_are_refused_before_touching_the_device() {
         .find(|d| {
             std::fs::read_to_string(d.path().join("class")).is_ok_and(|c| c.trim() != "0x010802")
         });
-    if let Some(d) = non_nvme {
+    let Some(d) = non_nvme else {
+        common::missing("a PCI device that is not an NVMe controller (to be refused)");
+        return;
+    };
+    {
         let addr = d.file_name().to_string_lossy().into_owned();
         let e = Engine::open(
             &EngineConfig::default(),

@@ -132,18 +132,12 @@ impl UringQueue {
     }
 
     /// Stop using a region registered at creation (a pool gave it back): the fixed buffers
-    /// are registered again without it. Only with nothing in flight (the kernel may be using
-    /// the registered pages).
-    pub fn remove_region(&mut self, ptr: *mut u8, in_flight: u32) -> Result<()> {
+    /// are registered again without it. The caller (`Queue::remove_region`) has checked that
+    /// nothing is in flight (the kernel may be using the registered pages).
+    pub fn remove_region(&mut self, ptr: *mut u8) {
         let Some(i) = self.registered.iter().position(|&(b, _)| b == ptr as usize) else {
-            return Ok(()); // never registered (added later): nothing to do
+            return; // never registered (added later): nothing to do
         };
-        if in_flight > 0 {
-            return Err(Error::InUse {
-                path: "io_uring fixed buffers".into(),
-                reason: format!("{in_flight} operations in flight"),
-            });
-        }
         self.registered.remove(i);
         let _ = self.ring.submitter().unregister_buffers();
         let (iovecs, table) = iovec_table(self.registered.iter().copied());
@@ -156,7 +150,6 @@ impl UringQueue {
                 Vec::new()
             }
         };
-        Ok(())
     }
 
     /// Index of the registered buffer that holds `[addr, addr+len)`, if any.

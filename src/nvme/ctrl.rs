@@ -791,9 +791,9 @@ impl Controller {
                 self.forget_ring(ring, &e);
                 return;
             }
-        } else if self.is_dead() {
-            // Quiesced (bus mastering off) when it was marked dead: memory is safe to free.
         }
+        // Otherwise the queue is gone already: the controller was reset since, or marked dead
+        // (and quiesced, bus mastering off). Its memory is safe to free.
         self.qids.lock().expect("qid table poisoned")[ring.qid as usize] = false;
         ring.release(&self.mapper);
     }

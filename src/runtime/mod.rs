@@ -291,10 +291,15 @@ impl Runtime {
         if self.stop.load(Ordering::Acquire) {
             return IoFuture::failed(cs, shut_down(), buf);
         }
-        // A free slot; waiting (briefly, yielding) is the backpressure of a full core.
+        // A free slot; waiting (yielding) is the backpressure of a full core. It ends when a
+        // slot frees up or the runtime shuts down (pollers complete everything before they
+        // exit, so a slot always frees up while they run).
         let slot = loop {
             if let Some(s) = cs.free.pop() {
                 break s;
+            }
+            if self.stop.load(Ordering::Acquire) {
+                return IoFuture::failed(cs, shut_down(), buf);
             }
             cs.wake_poller();
             std::thread::yield_now();
@@ -309,6 +314,8 @@ impl Runtime {
             buf,
             slot,
         };
+        // The inbox has as many places as there are slots, and this request holds one: the
+        // push cannot find it full for long (only while the poller is between pops).
         loop {
             match cs.inbox.push(req) {
                 Ok(()) => break,
