@@ -221,12 +221,28 @@ impl Queue {
                 return Err(Rejected { error, buf });
             }
         }
+        let addr = buf.as_ref().map_or(std::ptr::null_mut(), |b| b.as_ptr());
+        self.enqueue(op, offset, len, addr, buf, token)
+    }
+
+    /// Hand a checked operation to the backend and record it in a free slot (the caller
+    /// checked that one is free).
+    #[inline]
+    fn enqueue(
+        &mut self,
+        op: OpKind,
+        offset: u64,
+        len: u64,
+        addr: *mut u8,
+        buf: Option<IoBuf>,
+        token: u64,
+    ) -> std::result::Result<(), Rejected> {
         let slot = *self.free.last().expect("checked non-empty");
         let raw = RawOp {
             op,
             offset,
             len,
-            addr: buf.as_ref().map_or(std::ptr::null_mut(), |b| b.as_ptr()),
+            addr,
         };
         if let Err(error) = self.backend.push(slot, &raw) {
             return Err(Rejected { error, buf });
@@ -276,23 +292,8 @@ impl Queue {
             std::ptr::null_mut()
         };
         self.check(op, offset, len)?;
-        let slot = *self.free.last().expect("checked non-empty");
-        let raw = RawOp {
-            op,
-            offset,
-            len,
-            addr,
-        };
-        self.backend.push(slot, &raw)?;
-        self.free.pop();
-        self.slots[slot as usize] = Some(Slot {
-            token,
-            op,
-            offset,
-            len,
-            buf: None,
-        });
-        Ok(())
+        self.enqueue(op, offset, len, addr, None, token)
+            .map_err(Error::from)
     }
 
     /// Make more external memory usable by `submit_raw` after the queue was built (a pool that

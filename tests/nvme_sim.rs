@@ -2,8 +2,12 @@
 //! (bring-up, queue pairs, PRP lists, splitting, doorbells, timeouts, abort, reset) over the
 //! model's registers and queues in process memory. No root, no hardware.
 
+mod common;
+
 use std::collections::HashSet;
 use std::time::Duration;
+
+use common::{pattern, read_back, write_pattern};
 
 use rio::nvme::sim::{Fault, SimConfig, SimNamespace};
 use rio::nvme::spec::{Status, io_opcode};
@@ -36,24 +40,6 @@ fn sim(size: u64) -> SimConfig {
 
 fn open(cfg: &EngineConfig, s: SimConfig) -> Engine {
     Engine::open_sim(cfg, s, 1, RW).expect("driver brings up the model")
-}
-
-/// Deterministic, position-dependent content.
-fn pattern(off: u64, len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (((off as usize + i) as u64 * 2654435761) >> 7) as u8 ^ seed)
-        .collect()
-}
-
-fn write_pattern(q: &mut Queue, off: u64, len: usize, seed: u8) {
-    let mut b = q.alloc_buf(len).unwrap();
-    b.as_mut_slice().copy_from_slice(&pattern(off, len, seed));
-    q.write(off, b).expect("write");
-}
-
-fn read_back(q: &mut Queue, off: u64, len: usize) -> Vec<u8> {
-    let b = q.alloc_buf(len).unwrap();
-    q.read(off, b).expect("read").as_slice().to_vec()
 }
 
 /// Submit and wait for one read, returning its completion (errors included).

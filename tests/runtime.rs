@@ -108,19 +108,33 @@ fn sim_runtime(latency: Latency) -> Arc<Runtime> {
         },
     )
     .unwrap();
-    Runtime::start(
-        e,
-        RuntimeConfig {
-            cores: Some(vec![0]),
-            depth: 32,
-            idle: IdlePolicy::SleepAfter {
-                polls: 1000,
-                max_sleep: Duration::from_millis(1),
-            },
-            pool: pool(),
-        },
-    )
-    .unwrap()
+    let idle = IdlePolicy::SleepAfter {
+        polls: 1000,
+        max_sleep: Duration::from_millis(1),
+    };
+    Runtime::start(e, one_core(32, idle, pool())).unwrap()
+}
+
+/// One poller on CPU 0.
+fn one_core(depth: u32, idle: IdlePolicy, pool: PoolConfig) -> RuntimeConfig {
+    RuntimeConfig {
+        cores: Some(vec![0]),
+        depth,
+        idle,
+        pool,
+    }
+}
+
+/// A `DiskFile` over a fresh temporary file of `size` bytes, through io_uring.
+fn uring_file(size: usize, rt: RuntimeConfig) -> (tempfile::TempDir, DiskFile) {
+    let (d, p) = common::temp_file(size, 3);
+    let cfg = EngineConfig {
+        backend: BackendChoice::Uring,
+        hugepages: false,
+        ..EngineConfig::default()
+    };
+    let f = DiskFile::open(p.to_str().unwrap(), None, &cfg, rt).unwrap();
+    (d, f)
 }
 
 #[test]
@@ -219,24 +233,7 @@ fn no_heap_allocation_per_io_on_the_model() {
 #[test]
 fn no_heap_allocation_per_io_on_io_uring() {
     let _s = SERIAL.lock().unwrap();
-    let (_d, p) = common::temp_file(8 << 20, 3);
-    let cfg = EngineConfig {
-        backend: BackendChoice::Uring,
-        hugepages: false,
-        ..EngineConfig::default()
-    };
-    let f = DiskFile::open(
-        p.to_str().unwrap(),
-        None,
-        &cfg,
-        RuntimeConfig {
-            cores: Some(vec![0]),
-            depth: 32,
-            pool: pool(),
-            ..RuntimeConfig::default()
-        },
-    )
-    .unwrap();
+    let (_d, f) = uring_file(8 << 20, one_core(32, IdlePolicy::default(), pool()));
     let n = count_allocations(&f, 100_000);
     assert_eq!(n, 0, "{n} heap allocations across 100k I/Os");
     f.runtime().shutdown();
@@ -269,23 +266,7 @@ fn runtime_from_the_engine_configuration() {
 
 /// CPU used by the process while a runtime with one poller sits idle for `secs`.
 fn idle_cpu(idle: IdlePolicy, secs: f64) -> f64 {
-    let (_d, p) = common::temp_file(1 << 20, 0);
-    let cfg = EngineConfig {
-        hugepages: false,
-        ..EngineConfig::default()
-    };
-    let f = DiskFile::open(
-        p.to_str().unwrap(),
-        None,
-        &cfg,
-        RuntimeConfig {
-            cores: Some(vec![0]),
-            depth: 8,
-            idle,
-            pool: pool(),
-        },
-    )
-    .unwrap();
+    let (_d, f) = uring_file(1 << 20, one_core(8, idle, pool()));
     std::thread::sleep(Duration::from_millis(100));
     let t0 = rio_sys::rusage::process_cpu();
     std::thread::sleep(Duration::from_secs_f64(secs));
@@ -391,38 +372,15 @@ fn idle_pool_memory_goes_back_through_the_queues() {
         },
     )
     .unwrap();
-    let rt = Runtime::start(
-        e,
-        RuntimeConfig {
-            cores: Some(vec![0]),
-            depth: 16,
-            pool: releasing_pool(),
-            ..RuntimeConfig::default()
-        },
-    )
-    .unwrap();
+    let rt = Runtime::start(e, one_core(16, IdlePolicy::default(), releasing_pool())).unwrap();
     let f = DiskFile::region(&rt, 0, 1 << 20).unwrap();
     grows_then_gives_memory_back(&rt, &f);
     rt.shutdown();
 
-    let (_d, p) = common::temp_file(1 << 20, 0);
-    let cfg = EngineConfig {
-        backend: BackendChoice::Uring,
-        hugepages: false,
-        ..EngineConfig::default()
-    };
-    let f = DiskFile::open(
-        p.to_str().unwrap(),
-        None,
-        &cfg,
-        RuntimeConfig {
-            cores: Some(vec![0]),
-            depth: 16,
-            pool: releasing_pool(),
-            ..RuntimeConfig::default()
-        },
-    )
-    .unwrap();
+    let (_d, f) = uring_file(
+        1 << 20,
+        one_core(16, IdlePolicy::default(), releasing_pool()),
+    );
     grows_then_gives_memory_back(f.runtime(), &f);
     f.runtime().shutdown();
 }

@@ -13,8 +13,10 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
+use common::{pattern, read_back, write_pattern};
+
 use rio::target::OpenOptions;
-use rio::{Engine, EngineConfig, Queue};
+use rio::{Engine, EngineConfig};
 
 const RW: OpenOptions = OpenOptions {
     write: true,
@@ -44,23 +46,6 @@ fn config() -> EngineConfig {
 fn open(addr: &str, nsid: u32) -> Engine {
     Engine::open(&config(), &format!("pcie://{addr}/ns={nsid}"), RW)
         .unwrap_or_else(|e| panic!("open pcie://{addr}/ns={nsid}: {e}"))
-}
-
-fn pattern(off: u64, len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (((off as usize + i) as u64 * 2654435761) >> 7) as u8 ^ seed)
-        .collect()
-}
-
-fn write_pattern(q: &mut Queue, off: u64, len: usize, seed: u8) {
-    let mut b = q.alloc_buf(len).unwrap();
-    b.as_mut_slice().copy_from_slice(&pattern(off, len, seed));
-    q.write(off, b).expect("write");
-}
-
-fn read_back(q: &mut Queue, off: u64, len: usize) -> Vec<u8> {
-    let b = q.alloc_buf(len).unwrap();
-    q.read(off, b).expect("read").as_slice().to_vec()
 }
 
 #[test]

@@ -117,3 +117,23 @@ pub fn sh(cmd: &str, args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Deterministic, position-dependent content.
+pub fn pattern(off: u64, len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (((off as usize + i) as u64 * 2654435761) >> 7) as u8 ^ seed)
+        .collect()
+}
+
+/// Write `pattern(off, len, seed)` at `off` through `q` (blocking).
+pub fn write_pattern(q: &mut rio::Queue, off: u64, len: usize, seed: u8) {
+    let mut b = q.alloc_buf(len).unwrap();
+    b.as_mut_slice().copy_from_slice(&pattern(off, len, seed));
+    q.write(off, b).expect("write");
+}
+
+/// Read `len` bytes at `off` through `q` (blocking).
+pub fn read_back(q: &mut rio::Queue, off: u64, len: usize) -> Vec<u8> {
+    let b = q.alloc_buf(len).unwrap();
+    q.read(off, b).expect("read").as_slice().to_vec()
+}
