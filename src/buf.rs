@@ -88,7 +88,7 @@ impl Arena {
     }
 
     pub fn on_hugepages(&self) -> bool {
-        self.map.kind() == PageKind::Huge2M
+        self.map.kind().is_huge()
     }
 
     /// Bytes currently handed out.

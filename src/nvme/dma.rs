@@ -179,7 +179,8 @@ impl Mapper {
                 });
             }
             Mapper::Physical => {
-                if kind != PageKind::Huge2M || !base.is_multiple_of(HUGE as usize) {
+                // Hugetlb pages (2 MiB or 1 GiB) are physically contiguous per 2 MiB.
+                if !kind.is_huge() || !base.is_multiple_of(HUGE as usize) {
                     return Err(Error::BufferUnavailable {
                         requested: len,
                         reason: "physical-address DMA (uio_pci_generic) needs memory on 2 MiB \

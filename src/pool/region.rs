@@ -1,35 +1,13 @@
-//! The mappings pool buffers are carved from. Every system call of the pools is here, each
-//! with its `// SAFETY:` argument.
+//! The mappings pool buffers are carved from.
 //!
-//! `rio_sys::mem::Mapping` maps and populates in one step and knows 2 MiB pages only; a pool
-//! needs 1 GiB pages and has to bind a mapping to a NUMA node *before* its pages are faulted
-//! in, so it maps in three steps: reserve (mmap without populate), bind, populate
-//! (`MADV_POPULATE_WRITE`, which reports a failure instead of a SIGBUS), then `mlock` for 4 KiB
-//! pages. (This belongs in `rio-sys` once that crate grows a node-aware mapping.)
-
-use std::ptr::NonNull;
+//! A pool has to bind a mapping to a NUMA node *before* its pages are faulted in, so it maps
+//! in three steps, all system calls in `rio_sys::mem`: reserve (mmap without populate), bind
+//! (hwloc), then populate and lock.
 
 use super::PoolError;
 use super::numa::{Numa, Placement};
 
-/// Page size of a region.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PageKind {
-    Huge1G,
-    Huge2M,
-    /// 4 KiB pages, locked with `mlock`.
-    Normal,
-}
-
-impl PageKind {
-    pub fn bytes(self) -> usize {
-        match self {
-            PageKind::Huge1G => 1 << 30,
-            PageKind::Huge2M => 2 << 20,
-            PageKind::Normal => 4 << 10,
-        }
-    }
-}
+pub use rio_sys::mem::PageKind;
 
 /// Which page sizes to try for pool memory, largest first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -53,26 +31,13 @@ impl PagePolicy {
     }
 }
 
-const MAP_HUGE_SHIFT: libc::c_int = 26;
-const MAP_HUGE_2MB: libc::c_int = 21 << MAP_HUGE_SHIFT;
-const MAP_HUGE_1GB: libc::c_int = 30 << MAP_HUGE_SHIFT;
-
 /// A populated, pinned (hugetlb or mlocked), possibly NUMA-bound anonymous mapping, owned;
 /// unmapped on drop.
 #[derive(Debug)]
 pub(crate) struct Mapping {
-    ptr: NonNull<u8>,
-    len: usize,
-    kind: PageKind,
+    map: rio_sys::mem::Mapping,
     placement: Placement,
 }
-
-// SAFETY: a Mapping uniquely owns its region of process memory, like a Box<[u8]>; moving the
-// owner to another thread creates no aliasing.
-unsafe impl Send for Mapping {}
-// SAFETY: `&Mapping` only exposes the address, length and page kind; access to the bytes goes
-// through raw pointers whose users (PoolBuf) argue their own exclusivity.
-unsafe impl Sync for Mapping {}
 
 impl Mapping {
     /// Map at least `len` bytes for `cpu`'s pool, trying the page sizes of `policy` in order.
@@ -132,85 +97,30 @@ impl Mapping {
     }
 
     fn try_kind(len: usize, kind: PageKind, numa: &Numa, cpu: usize) -> std::io::Result<Mapping> {
-        let extra = match kind {
-            PageKind::Huge1G => libc::MAP_HUGETLB | MAP_HUGE_1GB,
-            PageKind::Huge2M => libc::MAP_HUGETLB | MAP_HUGE_2MB,
-            PageKind::Normal => 0,
-        };
-        // SAFETY: an anonymous private mapping at a kernel-chosen address touches no existing
-        // memory. Without MAP_NORESERVE, a hugetlb mapping reserves its pages here (ENOMEM if
-        // the pool cannot supply them) rather than at fault time.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | extra,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(|| std::io::Error::other("mmap NULL"))?;
-        // From here on, dropping `m` unmaps.
-        let mut m = Mapping {
-            ptr,
-            len,
-            kind,
-            placement: Placement::SingleNode,
-        };
-        {
-            // SAFETY: the range is our own fresh mapping, readable and writable, referenced by
-            // nothing else (no buffer has been carved and no device knows it). hwloc only
-            // uses the address and length of this slice (mbind); nothing reads the bytes.
-            let area = unsafe { std::slice::from_raw_parts(m.ptr.as_ptr(), m.len) };
-            m.placement = numa.bind(area, cpu);
-        }
-        // SAFETY: populating our own mapping; MADV_POPULATE_WRITE faults the pages in (on the
-        // bound node) and fails with an error, not a signal, if they cannot be supplied.
-        let r = unsafe { libc::madvise(p, len, libc::MADV_POPULATE_WRITE) };
-        if r != 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EINVAL) || kind != PageKind::Normal {
-                return Err(e);
-            }
-            // Kernel older than 5.14: mlock below populates 4 KiB pages.
-        }
-        if kind == PageKind::Normal {
-            // SAFETY: locking exactly our own live mapping.
-            if unsafe { libc::mlock(p, len) } != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-        }
-        Ok(m)
+        let mut map = rio_sys::mem::Mapping::reserve(len, kind)?;
+        // SAFETY: the range is our own fresh mapping, referenced by nothing else (no buffer has
+        // been carved and no device knows it). hwloc only uses the address and length of this
+        // slice (mbind); nothing reads the bytes, and no page has been faulted in yet.
+        let area = unsafe { std::slice::from_raw_parts(map.as_ptr(), map.len()) };
+        let placement = numa.bind(area, cpu);
+        map.populate_and_lock()?;
+        Ok(Mapping { map, placement })
     }
 
     pub(crate) fn as_ptr(&self) -> *mut u8 {
-        self.ptr.as_ptr()
+        self.map.as_ptr()
     }
     pub(crate) fn len(&self) -> usize {
-        self.len
+        self.map.len()
     }
     pub(crate) fn kind(&self) -> PageKind {
-        self.kind
+        self.map.kind()
     }
     pub(crate) fn placement(&self) -> Placement {
         self.placement
     }
     pub(crate) fn contains(&self, addr: usize) -> bool {
-        let base = self.ptr.as_ptr() as usize;
-        addr >= base && addr < base + self.len
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: we own the mapping; the pool drops a region only when every buffer carved
-        // from it is back on a free list (none is reachable), and it leaks the regions instead
-        // when buffers are still out at shutdown.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        self.map.contains(addr)
     }
 }
 

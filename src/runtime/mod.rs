@@ -521,10 +521,7 @@ impl Poller {
                     reason: e.to_string(),
                 })?;
             let generation = self.pools.generation(core).unwrap_or(0);
-            let regs: Vec<_> = regions
-                .iter()
-                .map(|r| (r.ptr, r.len, dma_pages(r.pages)))
-                .collect();
+            let regs: Vec<_> = regions.iter().map(|r| (r.ptr, r.len, r.pages)).collect();
             // SAFETY: the pools (held by this poller through `self.pools`, and by the runtime)
             // outlive the queue, which is dropped at the end of `run`; regions are never
             // unmapped while a queue maps them (see `Runtime::start`: the runtime's pools keep
@@ -563,7 +560,7 @@ impl Poller {
                     let seen = known;
                     for r in regions.iter().filter(|r| r.id as usize >= seen) {
                         // SAFETY: as for the initial regions.
-                        if let Err(e) = unsafe { q.add_region(r.ptr, r.len, dma_pages(r.pages)) } {
+                        if let Err(e) = unsafe { q.add_region(r.ptr, r.len, r.pages) } {
                             tracing::error!(core, error = %e, "cannot map a new pool region");
                         }
                         known = known.max(r.id as usize + 1);
@@ -668,17 +665,6 @@ fn release_from_poller_queue(ev: &crate::pool::RegionEvent) -> std::result::Resu
     // runs this hook, on this thread; no other reference to the queue is live meanwhile.
     let q = unsafe { &mut *q };
     q.remove_region(ev.region.ptr).map_err(|e| e.to_string())
-}
-
-/// A pool region's page size as the DMA layer sees it: 1 GiB pages are physically contiguous
-/// per 2 MiB as well.
-fn dma_pages(p: crate::pool::PageKind) -> rio_sys::mem::PageKind {
-    match p {
-        crate::pool::PageKind::Huge1G | crate::pool::PageKind::Huge2M => {
-            rio_sys::mem::PageKind::Huge2M
-        }
-        crate::pool::PageKind::Normal => rio_sys::mem::PageKind::Normal,
-    }
 }
 
 /// Hand a result to the slot's future (or, if the future is gone, drop it and free the slot).

@@ -6,11 +6,32 @@ use std::ptr::NonNull;
 /// Page size of a mapping.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PageKind {
+    /// 1 GiB hugepages from the hugetlb pool.
+    Huge1G,
     /// 2 MiB hugepages from the hugetlb pool.
     Huge2M,
     /// Ordinary 4 KiB pages.
     Normal,
 }
+
+impl PageKind {
+    pub fn bytes(self) -> usize {
+        match self {
+            PageKind::Huge1G => 1 << 30,
+            PageKind::Huge2M => 2 << 20,
+            PageKind::Normal => 4 << 10,
+        }
+    }
+
+    /// Whether pages of this kind are physically contiguous over 2 MiB (hugetlb pages).
+    pub fn is_huge(self) -> bool {
+        self != PageKind::Normal
+    }
+}
+
+const MAP_HUGE_SHIFT: libc::c_int = 26;
+const MAP_HUGE_2MB: libc::c_int = 21 << MAP_HUGE_SHIFT;
+const MAP_HUGE_1GB: libc::c_int = 30 << MAP_HUGE_SHIFT;
 
 /// An anonymous, page-aligned, zero-filled mapping owned by this value; unmapped on drop.
 #[derive(Debug)]
@@ -39,7 +60,7 @@ impl Mapping {
         }
         if huge {
             let hlen = len.div_ceil(HUGE) * HUGE;
-            if let Ok(ptr) = map(hlen, libc::MAP_HUGETLB | libc::MAP_POPULATE) {
+            if let Ok(ptr) = map(hlen, libc::MAP_HUGETLB | MAP_HUGE_2MB | libc::MAP_POPULATE) {
                 return Ok(Mapping {
                     ptr,
                     len: hlen,
@@ -61,6 +82,59 @@ impl Mapping {
             m.locked = unsafe { libc::mlock(m.ptr.as_ptr().cast(), m.len) } == 0;
         }
         Ok(m)
+    }
+
+    /// Map `len` bytes (a multiple of `kind`'s page size) without faulting any page in, so
+    /// the caller can set a memory policy (NUMA binding) first; then [`Mapping::populate`].
+    /// For hugetlb kinds the pages are reserved here (ENOMEM if the pool cannot supply them).
+    pub fn reserve(len: usize, kind: PageKind) -> std::io::Result<Mapping> {
+        if len == 0 || !len.is_multiple_of(kind.bytes()) {
+            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let extra = match kind {
+            PageKind::Huge1G => libc::MAP_HUGETLB | MAP_HUGE_1GB,
+            PageKind::Huge2M => libc::MAP_HUGETLB | MAP_HUGE_2MB,
+            PageKind::Normal => 0,
+        };
+        Ok(Mapping {
+            ptr: map(len, extra)?,
+            len,
+            kind,
+            locked: kind.is_huge(), // hugetlb pages are never swapped
+        })
+    }
+
+    /// Fault every page in (`MADV_POPULATE_WRITE`: a failure is an error, not a SIGBUS), and
+    /// lock 4 KiB pages with `mlock` (which also populates on kernels older than 5.14).
+    pub fn populate_and_lock(&mut self) -> std::io::Result<()> {
+        // SAFETY: populating exactly our own live mapping.
+        let r = unsafe {
+            libc::madvise(
+                self.ptr.as_ptr().cast(),
+                self.len,
+                libc::MADV_POPULATE_WRITE,
+            )
+        };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINVAL) || self.kind.is_huge() {
+                return Err(e);
+            }
+        }
+        if !self.locked {
+            // SAFETY: locking exactly our own live mapping.
+            if unsafe { libc::mlock(self.ptr.as_ptr().cast(), self.len) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            self.locked = true;
+        }
+        Ok(())
+    }
+
+    /// Whether `addr` lies in the mapping.
+    pub fn contains(&self, addr: usize) -> bool {
+        let base = self.ptr.as_ptr() as usize;
+        addr >= base && addr < base + self.len
     }
 
     pub fn as_ptr(&self) -> *mut u8 {
