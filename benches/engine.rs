@@ -18,6 +18,14 @@ use rio::config::BackendChoice;
 use rio::target::OpenOptions;
 use rio::{Engine, EngineConfig};
 
+/// An 8 MiB file of ones in /var/tmp (a real file system, for the page-cache benches).
+fn page_cache_file() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let path = dir.path().join("bench.dat");
+    std::fs::write(&path, vec![1u8; 8 << 20]).unwrap();
+    (dir, path)
+}
+
 fn buffers(c: &mut Criterion) {
     let mut g = c.benchmark_group("buffer_4k_get_put");
     let arena = Arena::new(4 << 20, false).unwrap();
@@ -39,9 +47,7 @@ fn buffers(c: &mut Criterion) {
 }
 
 fn queue_batch(c: &mut Criterion) {
-    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    let path = dir.path().join("bench.dat");
-    std::fs::write(&path, vec![1u8; 8 << 20]).unwrap();
+    let (_dir, path) = page_cache_file();
     let mut g = c.benchmark_group("qd32_batch_4k_read_page_cache");
     g.measurement_time(Duration::from_secs(3));
     for backend in [
@@ -91,9 +97,7 @@ fn queue_batch(c: &mut Criterion) {
 }
 
 fn qd1_round_trip(c: &mut Criterion) {
-    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    let path = dir.path().join("bench.dat");
-    std::fs::write(&path, vec![1u8; 8 << 20]).unwrap();
+    let (_dir, path) = page_cache_file();
     let mut g = c.benchmark_group("qd1_4k_read_round_trip");
     g.measurement_time(Duration::from_secs(3));
     for (name, backend, target) in [
@@ -150,9 +154,7 @@ fn async_vs_queue(c: &mut Criterion) {
             self.thread.unpark();
         }
     }
-    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    let path = dir.path().join("bench.dat");
-    std::fs::write(&path, vec![1u8; 8 << 20]).unwrap();
+    let (_dir, path) = page_cache_file();
     let file = path.to_str().unwrap().to_string();
     // Read before this thread is pinned (core_affinity reports the thread's own CPU set).
     let cpus = core_affinity::get_core_ids().unwrap_or_default();
