@@ -135,6 +135,19 @@ impl Queue {
         self.backend.name()
     }
 
+    /// Commands gathered per doorbell (vfio, model) or per `io_uring_enter` (uring; 0 means
+    /// only when the queue polls or waits). Always 1 on psync.
+    pub fn submit_batch(&self) -> u32 {
+        self.backend.submit_batch()
+    }
+
+    /// Sets the submission batch (the tuner's knob); no effect on psync. Commands never wait on
+    /// a timer to fill a batch: a partial batch goes out at the next poll that sees the device
+    /// idle-ish (nvme) or at the next poll/wait (uring).
+    pub fn set_submit_batch(&mut self, n: u32) {
+        self.backend.set_submit_batch(n)
+    }
+
     /// Counters of the userspace NVMe driver's queue pair (`None` on kernel backends).
     pub fn nvme_stats(&self) -> Option<crate::backend::nvme::NvmeQueueStats> {
         match &self.backend {

@@ -94,6 +94,25 @@ impl BackendQueue {
         }
     }
 
+    /// Commands gathered per doorbell or `io_uring_enter` (psync: every operation is its own
+    /// call, so 1).
+    pub fn submit_batch(&self) -> u32 {
+        match self {
+            BackendQueue::Uring(q) => q.submit_batch(),
+            BackendQueue::Psync(_) => 1,
+            BackendQueue::Nvme(q) => q.submit_batch(),
+        }
+    }
+
+    /// Sets the submission batch; a no-op on psync.
+    pub fn set_submit_batch(&mut self, n: u32) {
+        match self {
+            BackendQueue::Uring(q) => q.set_submit_batch(n),
+            BackendQueue::Psync(_) => {}
+            BackendQueue::Nvme(q) => q.set_submit_batch(n),
+        }
+    }
+
     /// The queue is being dropped with operations that never completed: do not wait for them
     /// (the queue leaks their memory instead).
     pub fn abandon(&mut self) {

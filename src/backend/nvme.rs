@@ -30,6 +30,8 @@ const SCAN_MS: u64 = 10;
 const ABORT_REQUESTED: u8 = 0x07;
 /// Commands gathered before an SQ doorbell while the device is busy (see `poll_once`).
 const DOORBELL_BATCH: u16 = 8;
+/// Largest doorbell batch a caller may set.
+pub(crate) const MAX_DOORBELL_BATCH: u16 = 256;
 /// Largest Write Zeroes / Deallocate per command, in blocks.
 const MAX_ZERO_BLOCKS: u64 = spec::MAX_NLB as u64;
 const MAX_DEALLOC_BLOCKS: u64 = u32::MAX as u64;
@@ -92,6 +94,8 @@ pub(crate) struct NvmeQueue {
     /// A protocol violation seen while reaping, reported after the batch is handed over.
     pending_error: Option<Error>,
     stats: NvmeQueueStats,
+    /// Commands gathered before the SQ doorbell rings while the device is busy.
+    doorbell_batch: u16,
     abandoned: bool,
     /// Completions produced outside a poll (a recovery in `push`), handed over by the next one.
     stash: Vec<Reaped>,
@@ -174,6 +178,7 @@ impl NvmeQueue {
             now_ms: coarse_ms(),
             pending_error: None,
             stats: NvmeQueueStats::default(),
+            doorbell_batch: DOORBELL_BATCH,
             abandoned: false,
             stash: Vec::new(),
             live: true,
@@ -182,6 +187,17 @@ impl NvmeQueue {
 
     pub fn backend_name(&self) -> &'static str {
         if self.sim { "sim" } else { "vfio" }
+    }
+
+    /// Commands gathered per SQ doorbell while the device is busy.
+    pub fn submit_batch(&self) -> u32 {
+        self.doorbell_batch as u32
+    }
+
+    /// Sets the doorbell batch (1 rings for every poll with new commands; clamped to
+    /// 1..=[`MAX_DOORBELL_BATCH`]).
+    pub fn set_submit_batch(&mut self, n: u32) {
+        self.doorbell_batch = n.clamp(1, MAX_DOORBELL_BATCH as u32) as u16;
     }
 
     pub fn stats(&self) -> NvmeQueueStats {
@@ -408,7 +424,7 @@ impl NvmeQueue {
         if unrung > 0 {
             let active = (self.trackers.len() - self.free.len()) as u16;
             let at_device = active.saturating_sub(unrung);
-            if (reaped == 0 || unrung >= DOORBELL_BATCH || at_device < DOORBELL_BATCH)
+            if (reaped == 0 || unrung >= self.doorbell_batch || at_device < self.doorbell_batch)
                 && ring.ring_sq()
             {
                 self.stats.doorbells += 1;

@@ -232,6 +232,15 @@ impl UringQueue {
         Ok(())
     }
 
+    /// SQEs gathered before `io_uring_enter` (0: only at the next poll or wait).
+    pub fn submit_batch(&self) -> u32 {
+        self.submit_batch
+    }
+
+    pub fn set_submit_batch(&mut self, n: u32) {
+        self.submit_batch = n.min(self.ring.params().sq_entries());
+    }
+
     fn inline(&self, op: &RawOp) -> i32 {
         use std::os::fd::AsFd;
         let fd = self.file.as_fd();

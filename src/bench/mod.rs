@@ -3,14 +3,17 @@
 //! - [`spec`]: the workload (fio's vocabulary) and its validation;
 //! - [`verify`]: block headers (offset, seed, CRC32C) written and checked;
 //! - [`run`]: one pinned thread per job, each with its own queue, keeping `iodepth` in flight;
+//! - [`series`]: per-window samples (100 ms) for the tuner, telemetry and `--report`;
 //! - [`report`]: merged hdrhistograms, fio-like JSON and a human summary.
 
 pub mod report;
 pub mod rng;
 pub mod run;
+pub mod series;
 pub mod spec;
 pub mod verify;
 
 pub use report::BenchResult;
-pub use run::{BenchError, Progress, run};
+pub use run::{BenchError, Progress, run, run_with};
+pub use series::{Point, Window, WindowSink};
 pub use spec::{BenchSpec, RwMode};

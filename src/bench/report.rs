@@ -27,7 +27,7 @@ pub struct DirCount {
 }
 
 impl DirCount {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         DirCount {
             ios: 0,
             bytes: 0,
@@ -42,6 +42,8 @@ pub struct JobOutcome {
     pub write: DirCount,
     pub window: Duration,
     pub verified: u64,
+    /// One point per 100 ms window (see [`super::series`]).
+    pub series: Vec<super::series::Point>,
 }
 
 impl JobOutcome {
@@ -51,6 +53,7 @@ impl JobOutcome {
             write: DirCount::new(),
             window: Duration::ZERO,
             verified: 0,
+            series: Vec::new(),
         }
     }
 
@@ -184,6 +187,8 @@ pub struct BenchResult {
     pub layout_seconds: Option<f64>,
     /// The run was ended early (Ctrl-C); the figures cover what ran.
     pub interrupted: bool,
+    /// Every job's 100 ms windows, in time order (ramp included, flagged).
+    pub series: Vec<super::series::Point>,
 }
 
 impl BenchResult {
@@ -194,6 +199,7 @@ impl BenchResult {
         cpu: Option<(Duration, Duration)>,
         interrupted: bool,
         layout_seconds: Option<f64>,
+        series: Vec<super::series::Point>,
     ) -> BenchResult {
         let mut read = new_hist();
         let mut write = new_hist();
@@ -255,6 +261,7 @@ impl BenchResult {
             latency_target,
             layout_seconds,
             interrupted,
+            series,
         }
     }
 

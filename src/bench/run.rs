@@ -10,6 +10,7 @@ use rio_sys::rusage::{CpuTimes, process_cpu};
 
 use super::report::{BenchResult, JobOutcome};
 use super::rng::Rng;
+use super::series::{HEAT_BUCKETS, NoSink, Point, WINDOW, Window, WindowSink};
 use super::spec::BenchSpec;
 use super::verify;
 use crate::buf::IoBuf;
@@ -82,6 +83,18 @@ pub fn run(
     stop: &AtomicBool,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<BenchResult, BenchError> {
+    run_with(engine, spec, opts, stop, &NoSink, progress)
+}
+
+/// [`run`], with `sink` shown every [`Window`] as a job closes it (on the job's thread).
+pub fn run_with(
+    engine: &Engine,
+    spec: &BenchSpec,
+    opts: RunOptions,
+    stop: &AtomicBool,
+    sink: &dyn WindowSink,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<BenchResult, BenchError> {
     spec.validate()?;
     let region = spec.resolve(&engine.target().geometry)?;
     let bs = spec.bs as u64;
@@ -135,7 +148,7 @@ pub fn run(
                             core_affinity::set_for_current(c);
                         }
                         let r = Job::new(engine, spec, opts, i as u64, start, per_job)
-                            .and_then(|mut j| j.run(stop, prog, clock));
+                            .and_then(|mut j| j.run(stop, prog, clock, sink));
                         prog.set_phase(Phase::Done);
                         if r.is_err() {
                             // One job's failure ends the others too.
@@ -165,9 +178,13 @@ pub fn run(
             .collect()
     });
     let mut jobs = Vec::new();
+    let mut series = Vec::new();
     for o in outcomes {
-        jobs.push(o?);
+        let mut o = o?;
+        series.append(&mut o.series);
+        jobs.push(o);
     }
+    series.sort_by(|a: &Point, b: &Point| a.t.total_cmp(&b.t).then(a.job.cmp(&b.job)));
     let cpu = match (
         *clock.cpu_start.lock().unwrap(),
         *clock.cpu_end.lock().unwrap(),
@@ -182,6 +199,7 @@ pub fn run(
         cpu,
         stop.load(Relaxed),
         layout_secs,
+        series,
     ))
 }
 
@@ -284,6 +302,11 @@ struct Job<'a> {
     /// Random payload for writes without verify.
     issued: u64,
     limit: u64,
+    /// The window being filled, and when it closes.
+    win: Window,
+    win_end: Instant,
+    /// Bytes of region per heat-map column.
+    heat_div: u64,
 }
 
 impl<'a> Job<'a> {
@@ -343,6 +366,9 @@ impl<'a> Job<'a> {
             bufs,
             issued: 0,
             limit: if spec.time_based { u64::MAX } else { len },
+            win: Window::new(idx as u32),
+            win_end: Instant::now(),
+            heat_div: (nblocks * bs).div_ceil(HEAT_BUCKETS as u64).max(1),
         })
     }
 
@@ -415,10 +441,16 @@ impl<'a> Job<'a> {
         stop: &AtomicBool,
         prog: &Progress,
         clock: &Clocks,
+        sink: &dyn WindowSink,
     ) -> Result<JobOutcome, BenchError> {
         let spec = self.spec;
         // The clock starts when the job is ready to submit (queue built, buffers filled).
         self.t0 = Instant::now();
+        self.win.reset(Duration::ZERO);
+        self.win.iodepth = spec.iodepth;
+        self.win.batch = self.q.submit_batch();
+        self.win_end = self.t0 + WINDOW;
+        let mut series = Vec::new();
         let measure_at = self.t0 + spec.ramp_time;
         let end_at = spec.runtime.map(|r| measure_at + r);
         let mut out = JobOutcome::new();
@@ -474,6 +506,8 @@ impl<'a> Job<'a> {
                 if measuring {
                     out.record(c.op, c.len, lat);
                 }
+                let slice = ((c.offset - self.start) / self.heat_div) as usize;
+                self.win.record(c.op, c.len, lat, slice);
                 n += 1;
                 bytes += c.len;
                 self.bufs[token] = c.buf;
@@ -486,7 +520,14 @@ impl<'a> Job<'a> {
                 prog.ios.fetch_add(n, Relaxed);
                 prog.bytes.fetch_add(bytes, Relaxed);
             }
+            if now >= self.win_end {
+                self.close_window(now, measuring, sink, &mut series);
+            }
         }
+        if self.win.ios() > 0 {
+            self.close_window(now, measuring, sink, &mut series);
+        }
+        out.series = series;
         out.window = if measuring {
             last_done.saturating_duration_since(window_start)
         } else {
@@ -500,6 +541,23 @@ impl<'a> Job<'a> {
             out.verified = out.read.ios;
         }
         Ok(out)
+    }
+
+    /// Hands the window ending at `now` to the sink and the series, and starts the next.
+    fn close_window(
+        &mut self,
+        now: Instant,
+        measuring: bool,
+        sink: &dyn WindowSink,
+        series: &mut Vec<Point>,
+    ) {
+        let end = now.saturating_duration_since(self.t0);
+        self.win.len = end.saturating_sub(self.win.start);
+        self.win.measuring = measuring;
+        sink.window(&self.win);
+        series.push(Point::from(&self.win));
+        self.win.reset(end);
+        self.win_end = now + WINDOW;
     }
 
     /// Read back every block this job wrote (or laid out) and check it.
