@@ -66,6 +66,26 @@ fn dur_arg(s: &str) -> Result<Duration, String> {
     parse_duration(s)
 }
 
+/// `--iodepth`: a number or `auto`.
+#[derive(Clone, Copy, Debug)]
+enum Depth {
+    Fixed(u32),
+    Auto,
+}
+
+fn depth_arg(s: &str) -> Result<Depth, String> {
+    if s == "auto" {
+        return Ok(Depth::Auto);
+    }
+    s.parse::<u32>()
+        .map(Depth::Fixed)
+        .map_err(|_| format!("expected a number or 'auto', got '{s}'"))
+}
+
+fn scope_arg(s: &str) -> Result<rio::bench::autotune::Scope, String> {
+    rio::bench::autotune::Scope::parse(s)
+}
+
 fn bool01(s: &str) -> Result<bool, String> {
     match s {
         "1" | "true" => Ok(true),
@@ -97,9 +117,21 @@ struct BenchArgs {
     /// Block size (4k, 128k, 1m ...).
     #[arg(long, default_value = "4k", value_parser = size_arg)]
     bs: u64,
-    /// Operations in flight per job.
-    #[arg(long, default_value_t = 32)]
-    iodepth: u32,
+    /// Operations in flight per job, or `auto`: the tuner picks the depth that gives the most
+    /// IOPS while p99 stays under --lat-target (within 1..=--iodepth-max).
+    #[arg(long, default_value = "32", value_parser = depth_arg)]
+    iodepth: Depth,
+    /// Upper bound of the depth with --iodepth auto (per job).
+    #[arg(long = "iodepth-max", default_value_t = 256)]
+    iodepth_max: u32,
+    /// p99 latency target (200us, 1ms ...): reported against, and steered by --iodepth auto.
+    /// Default: config / RIO_TARGET_LATENCY_US / RUSTFS_TARGET_LATENCY_US.
+    #[arg(long = "lat-target", value_parser = dur_arg)]
+    lat_target: Option<Duration>,
+    /// With --iodepth auto: one tuner per job's queue (`queue`) or one for the device
+    /// (`device`), its depth split over the jobs.
+    #[arg(long = "tune-scope", default_value = "queue", value_parser = scope_arg)]
+    tune_scope: rio::bench::autotune::Scope,
     /// Jobs: one thread and one queue each, pinned one per core.
     #[arg(long, default_value_t = 1)]
     numjobs: u32,
@@ -248,6 +280,15 @@ fn real_main(cli: Cli) -> Result<(), Fail> {
                 )));
             }
             cfg.submit_batch = a.iodepth_batch_submit;
+            if let Some(t) = a.lat_target {
+                let us = t.as_micros();
+                if !(10..=10_000_000).contains(&us) {
+                    return Err(usage(format!(
+                        "invalid --lat-target: expected 10us..=10s, got {us}us"
+                    )));
+                }
+                cfg.target_latency_us = Some(us as u64);
+            }
             bench(cfg, a)
         }
         Cmd::Info(a) => info(cfg, a),
@@ -315,7 +356,10 @@ fn bench(cfg: EngineConfig, a: BenchArgs) -> Result<(), Fail> {
         rw: a.rw,
         rwmixread: a.rwmixread,
         bs: u32_arg("--bs", a.bs)?,
-        iodepth: a.iodepth,
+        iodepth: match a.iodepth {
+            Depth::Fixed(n) => n,
+            Depth::Auto => a.iodepth_max,
+        },
         numjobs: a.numjobs,
         size: a.size.unwrap_or(0),
         offset: a.offset,
@@ -324,6 +368,21 @@ fn bench(cfg: EngineConfig, a: BenchArgs) -> Result<(), Fail> {
         ramp_time: a.ramp_time.unwrap_or_default(),
         verify: a.verify,
         seed: a.seed,
+        auto: match a.iodepth {
+            Depth::Fixed(_) => None,
+            Depth::Auto => {
+                let Some(us) = cfg.target_latency_us else {
+                    return Err(usage(
+                        "--iodepth auto needs a p99 target: --lat-target, or RUSTFS_TARGET_LATENCY_US"
+                            .to_string(),
+                    ));
+                };
+                Some(rio::bench::autotune::AutoDepth {
+                    target_p99: Duration::from_micros(us),
+                    scope: a.tune_scope,
+                })
+            }
+        },
     };
     spec.validate()?;
     let json = a.output_format == "json";

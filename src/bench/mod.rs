@@ -6,6 +6,7 @@
 //! - [`series`]: per-window samples (100 ms) for the tuner, telemetry and `--report`;
 //! - [`report`]: merged hdrhistograms, fio-like JSON and a human summary.
 
+pub mod autotune;
 pub mod report;
 pub mod rng;
 pub mod run;

@@ -44,6 +44,8 @@ pub struct JobOutcome {
     pub verified: u64,
     /// One point per 100 ms window (see [`super::series`]).
     pub series: Vec<super::series::Point>,
+    /// What `--iodepth auto` did (per job in queue scope).
+    pub tuner: Option<super::autotune::TunerReport>,
 }
 
 impl JobOutcome {
@@ -54,6 +56,7 @@ impl JobOutcome {
             window: Duration::ZERO,
             verified: 0,
             series: Vec::new(),
+            tuner: None,
         }
     }
 
@@ -189,6 +192,8 @@ pub struct BenchResult {
     pub interrupted: bool,
     /// Every job's 100 ms windows, in time order (ramp included, flagged).
     pub series: Vec<super::series::Point>,
+    /// `--iodepth auto`: the tuner's report (job 0's in queue scope; the device's otherwise).
+    pub tuner: Option<super::autotune::TunerReport>,
 }
 
 impl BenchResult {
@@ -201,6 +206,7 @@ impl BenchResult {
         layout_seconds: Option<f64>,
         series: Vec<super::series::Point>,
     ) -> BenchResult {
+        let tuner = jobs.iter().find_map(|j| j.tuner.clone());
         let mut read = new_hist();
         let mut write = new_hist();
         let (mut rio, mut rb, mut wio, mut wb, mut verified) = (0, 0, 0, 0, 0);
@@ -262,6 +268,7 @@ impl BenchResult {
             layout_seconds,
             interrupted,
             series,
+            tuner,
         }
     }
 
@@ -351,6 +358,24 @@ impl BenchResult {
                 if t.met { "met" } else { "MISSED" },
                 t.p99_us
             );
+        }
+        if let Some(t) = &self.tuner {
+            let _ = writeln!(
+                s,
+                "  tuner ({:?} scope): final QD {} per job, {} decisions, {} breaches, {}, confidence {:.2}",
+                t.scope,
+                t.final_qd,
+                t.decisions,
+                t.breaches,
+                match t.converged_after_s {
+                    Some(c) => format!("p99 under target from {c:.1}s on"),
+                    None => "p99 never settled under target".to_string(),
+                },
+                t.confidence
+            );
+            for r in &t.recommendations {
+                let _ = writeln!(s, "    - {r}");
+            }
         }
         if self.interrupted {
             let _ = writeln!(s, "  (interrupted: figures cover the time that ran)");

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use rio_sys::rusage::{CpuTimes, process_cpu};
 
+use super::autotune::{DeviceTuner, JobTuner, Scope};
 use super::report::{BenchResult, JobOutcome};
 use super::rng::Rng;
 use super::series::{HEAT_BUCKETS, NoSink, Point, WINDOW, Window, WindowSink};
@@ -125,6 +126,13 @@ pub fn run_with(
     {
         cores.retain(|c| c.id != m);
     }
+    let device_tuner = spec.auto.filter(|a| a.scope == Scope::Device).map(|a| {
+        DeviceTuner::new(
+            crate::tune::QdConfig::new(a.target_p99, spec.iodepth * spec.numjobs),
+            spec.numjobs,
+        )
+    });
+    let device_tuner = device_tuner.as_ref();
     let clock = Clocks::default();
     let progs: Vec<Progress> = (0..spec.numjobs).map(|_| Progress::default()).collect();
     let outcomes: Vec<Result<JobOutcome, BenchError>> = std::thread::scope(|s| {
@@ -148,7 +156,18 @@ pub fn run_with(
                             core_affinity::set_for_current(c);
                         }
                         let r = Job::new(engine, spec, opts, i as u64, start, per_job)
-                            .and_then(|mut j| j.run(stop, prog, clock, sink));
+                            .and_then(|mut j| {
+                                j.tuner = match spec.auto {
+                                    None => None,
+                                    Some(a) if a.scope == Scope::Queue => {
+                                        Some(JobTuner::Queue(Box::new(crate::tune::QdTuner::new(
+                                            crate::tune::QdConfig::new(a.target_p99, spec.iodepth),
+                                        ))))
+                                    }
+                                    Some(_) => device_tuner.map(JobTuner::Device),
+                                };
+                                j.run(stop, prog, clock, sink)
+                            });
                         prog.set_phase(Phase::Done);
                         if r.is_err() {
                             // One job's failure ends the others too.
@@ -307,6 +326,13 @@ struct Job<'a> {
     win_end: Instant,
     /// Bytes of region per heat-map column.
     heat_div: u64,
+    /// `--iodepth auto`: the tuner, the depth in force, and the idle tokens.
+    tuner: Option<JobTuner<'a>>,
+    depth: u32,
+    idle: Vec<usize>,
+    decisions: u64,
+    /// End of the last window whose p99 broke the target (seconds from start).
+    last_breach: Option<f64>,
 }
 
 impl<'a> Job<'a> {
@@ -369,6 +395,11 @@ impl<'a> Job<'a> {
             win: Window::new(idx as u32),
             win_end: Instant::now(),
             heat_div: (nblocks * bs).div_ceil(HEAT_BUCKETS as u64).max(1),
+            tuner: None,
+            depth: spec.iodepth,
+            idle: Vec::with_capacity(spec.iodepth as usize),
+            decisions: 0,
+            last_breach: None,
         })
     }
 
@@ -447,7 +478,11 @@ impl<'a> Job<'a> {
         // The clock starts when the job is ready to submit (queue built, buffers filled).
         self.t0 = Instant::now();
         self.win.reset(Duration::ZERO);
-        self.win.iodepth = spec.iodepth;
+        if let Some(t) = &self.tuner {
+            self.depth = t.depth().clamp(1, spec.iodepth);
+            self.q.set_submit_batch(crate::tune::qd::batch_for(self.depth));
+        }
+        self.win.iodepth = self.depth;
         self.win.batch = self.q.submit_batch();
         self.win_end = self.t0 + WINDOW;
         let mut series = Vec::new();
@@ -469,12 +504,10 @@ impl<'a> Job<'a> {
         let can_issue = |j: &Self, now: Instant| {
             !stop.load(Relaxed) && end_at.is_none_or(|e| now < e) && j.issued < j.limit
         };
-        for t in 0..spec.iodepth as usize {
-            if !can_issue(self, now) {
-                break;
-            }
-            self.issue(t, now)?;
+        for t in (0..spec.iodepth as usize).rev() {
+            self.idle.push(t);
         }
+        self.fill(now, &can_issue)?;
         if !measuring && now >= measure_at {
             measuring = true;
             window_start = now;
@@ -511,10 +544,9 @@ impl<'a> Job<'a> {
                 n += 1;
                 bytes += c.len;
                 self.bufs[token] = c.buf;
-                if can_issue(self, now) {
-                    self.issue(token, now)?;
-                }
+                self.idle.push(token);
             }
+            self.fill(now, &can_issue)?;
             if n > 0 {
                 last_done = now;
                 prog.ios.fetch_add(n, Relaxed);
@@ -528,6 +560,15 @@ impl<'a> Job<'a> {
             self.close_window(now, measuring, sink, &mut series);
         }
         out.series = series;
+        if let Some(t) = &self.tuner {
+            let end = now.saturating_duration_since(self.t0).as_secs_f64();
+            let converged = match self.last_breach {
+                None => Some(0.0),
+                Some(b) if b < end - 0.15 => Some(b),
+                Some(_) => None,
+            };
+            out.tuner = Some(t.report(converged, self.decisions));
+        }
         out.window = if measuring {
             last_done.saturating_duration_since(window_start)
         } else {
@@ -543,6 +584,20 @@ impl<'a> Job<'a> {
         Ok(out)
     }
 
+    /// Issues idle tokens while fewer than `depth` operations are in flight.
+    #[inline]
+    fn fill(
+        &mut self,
+        now: Instant,
+        can_issue: &dyn Fn(&Self, Instant) -> bool,
+    ) -> Result<(), BenchError> {
+        while self.q.in_flight() < self.depth && can_issue(self, now) {
+            let Some(t) = self.idle.pop() else { break };
+            self.issue(t, now)?;
+        }
+        Ok(())
+    }
+
     /// Hands the window ending at `now` to the sink and the series, and starts the next.
     fn close_window(
         &mut self,
@@ -556,7 +611,35 @@ impl<'a> Job<'a> {
         self.win.measuring = measuring;
         sink.window(&self.win);
         series.push(Point::from(&self.win));
+        if let Some(t) = &mut self.tuner {
+            let target_ns = self.spec.auto.map_or(0, |a| a.target_p99.as_nanos() as u64);
+            if self.win.ios() > 0 && self.win.pct(99.0) > target_ns {
+                self.last_breach = Some(end.as_secs_f64());
+            }
+            if let Some(d) = t.window(&self.win) {
+                self.decisions += 1;
+                tracing::debug!(
+                    target: "rio::tune",
+                    job = self.idx,
+                    qd_was = d.qd_was,
+                    qd = d.qd,
+                    batch = d.batch,
+                    reason = ?d.reason,
+                    measured_p99_us = d.measured_p99_us,
+                    measured_iops = d.measured_iops,
+                    best_qd = d.best_qd,
+                    predicted_p99_us = d.predicted_p99_us,
+                    predicted_iops = d.predicted_iops,
+                    confidence = d.confidence,
+                    "queue depth decision"
+                );
+            }
+            self.depth = t.depth().clamp(1, self.spec.iodepth);
+            self.q.set_submit_batch(crate::tune::qd::batch_for(self.depth));
+        }
         self.win.reset(end);
+        self.win.iodepth = self.depth;
+        self.win.batch = self.q.submit_batch();
         self.win_end = now + WINDOW;
     }
 

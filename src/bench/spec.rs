@@ -92,6 +92,8 @@ pub struct BenchSpec {
     pub verify: bool,
     /// Seed of offsets and data.
     pub seed: u64,
+    /// `--iodepth auto`: the tuner picks each window's depth within `1..=iodepth`.
+    pub auto: Option<super::autotune::AutoDepth>,
 }
 
 mod secs {
@@ -130,6 +132,7 @@ impl Default for BenchSpec {
             ramp_time: Duration::ZERO,
             verify: false,
             seed: 0x5249_4f21,
+            auto: None,
         }
     }
 }
@@ -171,6 +174,11 @@ impl BenchSpec {
                 "--rwmixread",
                 format!("expected 0..=100, got {}", self.rwmixread),
             ));
+        }
+        if let Some(a) = &self.auto
+            && a.target_p99.is_zero()
+        {
+            return Err(bad("--lat-target", "must be above zero"));
         }
         if self.time_based && self.runtime.is_none() {
             return Err(bad("--time_based", "needs --runtime"));

@@ -112,6 +112,9 @@ pub struct SimConfig {
     pub firmware: String,
     /// Pin the device thread to this CPU (as a device is "on the other core" of the driver).
     pub cpu: Option<usize>,
+    /// After this long from start, I/O service time follows the second latency instead (a
+    /// device that changes mid-run: a write cliff, background work).
+    pub latency_change: Option<(Duration, Latency)>,
 }
 
 impl Default for SimConfig {
@@ -134,6 +137,7 @@ impl Default for SimConfig {
             serial: "RIOSIM0001".to_string(),
             firmware: "1.0".to_string(),
             cpu: None,
+            latency_change: None,
         }
     }
 }
@@ -150,6 +154,7 @@ impl SimConfig {
     /// | `ns2bs=4096` | block size of namespace 2 (any `ns<k>bs`) |
     /// | `lat=10us` | fixed latency (`ns`, `us`, `ms`, `s`; `0` = none) |
     /// | `knee=8,base=20us,per_qd=5us` | knee latency curve (`base` defaults to 0) |
+    /// | `change_after=3s,knee2=4,base2=20us,per_qd2=10us` | from 3 s after start, this knee curve instead |
     /// | `mdts=N`, `mqes=N`, `qpairs=N`, `dstrd=N` | Identify MDTS, CAP.MQES (0-based), I/O queue pairs, CAP.DSTRD |
     /// | `data=0\|1`, `dbbuf=0\|1`, `vwc=0\|1` | RAM namespaces, shadow doorbells, write cache |
     /// | `ready=5ms` | CSTS.RDY delay |
@@ -167,6 +172,7 @@ impl SimConfig {
         let mut knee: Option<u32> = None;
         let mut base: Option<Duration> = None;
         let mut per_qd: Option<Duration> = None;
+        let (mut change_after, mut knee2, mut base2, mut per_qd2) = (None, None, None, None);
         let mut seen: Vec<&str> = Vec::new();
 
         for item in spec
@@ -217,6 +223,10 @@ impl SimConfig {
                 "vwc" => cfg.vwc = parse_bool(key, value)?,
                 "ready" => cfg.ready_delay = parse_duration(key, value)?,
                 "cpu" => cfg.cpu = Some(parse_int(key, value, 4095)? as usize),
+                "change_after" => change_after = Some(parse_duration(key, value)?),
+                "knee2" => knee2 = Some(parse_int(key, value, u32::MAX as u64)? as u32),
+                "base2" => base2 = Some(parse_duration(key, value)?),
+                "per_qd2" => per_qd2 = Some(parse_duration(key, value)?),
                 _ => {
                     let k = key
                         .strip_prefix("ns")
@@ -256,6 +266,25 @@ impl SimConfig {
             }
         }
 
+        match (change_after, knee2, per_qd2) {
+            (None, None, None) if base2.is_none() => {}
+            (Some(after), Some(knee_qd), Some(per_qd)) => {
+                cfg.latency_change = Some((
+                    after,
+                    Latency::Knee {
+                        base: base2.unwrap_or(Duration::ZERO),
+                        knee_qd,
+                        per_qd,
+                    },
+                ));
+            }
+            _ => {
+                return Err(
+                    "sim options 'change_after', 'knee2' and 'per_qd2' go together ('base2' optional)"
+                        .to_string(),
+                );
+            }
+        }
         match (lat, knee) {
             (Some(_), Some(_)) => {
                 return Err("sim options 'lat' and 'knee' cannot be combined".to_string());

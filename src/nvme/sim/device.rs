@@ -137,6 +137,8 @@ struct FaultState {
 }
 
 pub(super) struct Device {
+    /// When the device started (for `latency_change`).
+    born: Instant,
     pub(super) sh: Arc<Shared>,
     pub(super) cfg: SimConfig,
     // register-level state
@@ -185,6 +187,7 @@ impl Device {
             .map(|&fault| FaultState { fault, count: 0 })
             .collect();
         Device {
+            born: Instant::now(),
             sh,
             enabled: false,
             shn: 0,
@@ -612,7 +615,11 @@ impl Device {
             status,
             dw0,
         };
-        let delay = match self.cfg.latency {
+        let latency = match self.cfg.latency_change {
+            Some((after, l)) if self.born.elapsed() >= after => l,
+            _ => self.cfg.latency,
+        };
+        let delay = match latency {
             Latency::None => Duration::ZERO,
             Latency::Fixed(d) => d,
             Latency::Knee {

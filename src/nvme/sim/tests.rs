@@ -1159,6 +1159,18 @@ fn parse_good() {
         }
     );
     assert_eq!(c.namespaces[0].size_bytes, 512 << 10);
+    let c = SimConfig::parse("knee=8,per_qd=5us,change_after=3s,knee2=4,per_qd2=10us").unwrap();
+    assert_eq!(
+        c.latency_change,
+        Some((
+            Duration::from_secs(3),
+            Latency::Knee {
+                base: Duration::ZERO,
+                knee_qd: 4,
+                per_qd: Duration::from_micros(10)
+            }
+        ))
+    );
     assert_eq!(SimConfig::parse("lat=0").unwrap().latency, Latency::None);
     assert_eq!(
         SimConfig::parse("lat=2ms").unwrap().latency,
@@ -1188,6 +1200,8 @@ fn parse_bad() {
         ("knee=8", "per_qd"),
         ("per_qd=5us", "knee"),
         ("lat=1ms,knee=2,per_qd=1us", "knee"),
+        ("knee2=4", "change_after"),
+        ("change_after=1s,knee2=4", "per_qd2"),
         ("mdts=99", "mdts"),
         ("mqes=0", "mqes"),
         ("qpairs=0", "qpairs"),

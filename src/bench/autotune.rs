@@ -1,0 +1,263 @@
+//! `--iodepth auto`: the queue-depth tuner driving a bench job.
+//!
+//! Scope `queue`: each job's queue has its own [`QdTuner`], fed by that job's windows.
+//! Scope `device`: one tuner for the whole device. Each job's window is merged into the
+//! current epoch (histograms added, IOPS summed); when every job has reported (or one job
+//! reports twice, its window having rolled over before a slower job's), the tuner sees the
+//! total depth, the merged p99 and the summed IOPS, and its choice is split evenly over the
+//! jobs. A job takes the new depth at its next window.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use super::series::Window;
+use crate::tune::{Decision, QdConfig, QdTuner};
+
+/// Where the tuner acts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    Queue,
+    Device,
+}
+
+impl Scope {
+    pub fn parse(s: &str) -> Result<Scope, String> {
+        match s {
+            "queue" => Ok(Scope::Queue),
+            "device" => Ok(Scope::Device),
+            _ => Err(format!("expected queue or device, got '{s}'")),
+        }
+    }
+}
+
+/// The auto-depth settings of a bench.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct AutoDepth {
+    /// p99 latency the depth is chosen under.
+    #[serde(serialize_with = "micros")]
+    pub target_p99: Duration,
+    pub scope: Scope,
+}
+
+fn micros<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64() * 1e6)
+}
+
+/// What the tuner did over a run.
+#[derive(Clone, Debug, Serialize)]
+pub struct TunerReport {
+    pub scope: Scope,
+    pub target_p99_us: f64,
+    /// Depth per job at the end.
+    pub final_qd: u32,
+    pub decisions: u64,
+    pub breaches: u64,
+    /// Seconds from the start until the measured p99 stayed under target for good (`None`:
+    /// it never did).
+    pub converged_after_s: Option<f64>,
+    /// The learned curve at powers of two: queue depth, predicted p99 (µs), predicted IOPS.
+    pub curve: Vec<(u32, f64, f64)>,
+    pub confidence: f64,
+    /// Human-readable advice drawn from the curve.
+    pub recommendations: Vec<String>,
+}
+
+struct DevState {
+    tuner: QdTuner,
+    hist: Histogram<u64>,
+    reported: Vec<bool>,
+    depth_sum: u32,
+    ios: u64,
+    iops: f64,
+    lat_sum: f64,
+}
+
+/// The device-wide tuner shared by a bench's jobs.
+pub struct DeviceTuner {
+    state: Mutex<DevState>,
+    per_job: AtomicU32,
+    jobs: u32,
+}
+
+impl DeviceTuner {
+    pub fn new(cfg: QdConfig, jobs: u32) -> DeviceTuner {
+        let jobs = jobs.max(1);
+        let tuner = QdTuner::new(cfg);
+        let per_job = tuner.depth().div_ceil(jobs).max(1);
+        DeviceTuner {
+            state: Mutex::new(DevState {
+                tuner,
+                hist: Histogram::new_with_bounds(1, 3_600_000_000_000, 3).expect("bounds"),
+                reported: vec![false; jobs as usize],
+                depth_sum: 0,
+                ios: 0,
+                iops: 0.0,
+                lat_sum: 0.0,
+            }),
+            per_job: AtomicU32::new(per_job),
+            jobs,
+        }
+    }
+
+    fn window(&self, w: &Window) -> Option<Decision> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let j = (w.job as usize).min(st.reported.len() - 1);
+        let mut out = None;
+        if st.reported[j] {
+            out = Some(self.decide(&mut st));
+        }
+        st.reported[j] = true;
+        st.depth_sum += w.iodepth;
+        st.ios += w.ios();
+        st.iops += w.iops();
+        for d in [&w.read, &w.write] {
+            if d.ios > 0 {
+                let _ = st.hist.add(&d.hist);
+                st.lat_sum += d.hist.mean() * d.ios as f64;
+            }
+        }
+        if st.reported.iter().all(|r| *r) {
+            out = Some(self.decide(&mut st));
+        }
+        out
+    }
+
+    fn decide(&self, st: &mut DevState) -> Decision {
+        let p99 = if st.ios > 0 {
+            st.hist.value_at_percentile(99.0)
+        } else {
+            0
+        };
+        let mean = if st.ios > 0 {
+            st.lat_sum / st.ios as f64
+        } else {
+            0.0
+        };
+        let (depth, ios, iops) = (st.depth_sum, st.ios, st.iops);
+        let d = st.tuner.observe(depth.max(1), p99, mean, iops, ios);
+        self.per_job
+            .store(d.qd.div_ceil(self.jobs).max(1), Relaxed);
+        st.hist.reset();
+        st.reported.iter_mut().for_each(|r| *r = false);
+        st.depth_sum = 0;
+        st.ios = 0;
+        st.iops = 0.0;
+        st.lat_sum = 0.0;
+        d
+    }
+}
+
+/// A job's handle on its tuner.
+pub enum JobTuner<'a> {
+    Queue(Box<QdTuner>),
+    Device(&'a DeviceTuner),
+}
+
+impl JobTuner<'_> {
+    /// Depth this job should run at now.
+    pub fn depth(&self) -> u32 {
+        match self {
+            JobTuner::Queue(t) => t.depth(),
+            JobTuner::Device(d) => d.per_job.load(Relaxed),
+        }
+    }
+
+    /// Feeds a closed window; returns the decision if one was taken.
+    pub fn window(&mut self, w: &Window) -> Option<Decision> {
+        match self {
+            JobTuner::Queue(t) => {
+                let mean = {
+                    let n = w.ios();
+                    if n == 0 {
+                        0.0
+                    } else {
+                        (w.read.hist.mean() * w.read.ios as f64
+                            + w.write.hist.mean() * w.write.ios as f64)
+                            / n as f64
+                    }
+                };
+                Some(t.observe(w.iodepth, w.pct(99.0), mean, w.iops(), w.ios()))
+            }
+            JobTuner::Device(d) => d.window(w),
+        }
+    }
+
+    /// Depth bounds are per job; in device scope the tuner's are for the whole device.
+    pub fn report(&self, converged_after_s: Option<f64>, decisions: u64) -> TunerReport {
+        let guard;
+        let (t, scope, final_qd): (&QdTuner, Scope, u32) = match self {
+            JobTuner::Queue(t) => (t, Scope::Queue, t.depth()),
+            JobTuner::Device(d) => {
+                guard = d.state.lock().unwrap_or_else(|p| p.into_inner());
+                (&guard.tuner, Scope::Device, d.per_job.load(Relaxed))
+            }
+        };
+        TunerReport {
+            scope,
+            target_p99_us: t.config().target_p99.as_secs_f64() * 1e6,
+            final_qd,
+            decisions,
+            breaches: t.breaches(),
+            converged_after_s,
+            curve: t.curve(),
+            confidence: t.confidence(),
+            recommendations: recommendations(t),
+        }
+    }
+}
+
+/// Advice from a tuner's learned curve, in words.
+pub fn recommendations(t: &QdTuner) -> Vec<String> {
+    let cfg = t.config();
+    let target = cfg.target_p99.as_secs_f64() * 1e6;
+    let mut out = Vec::new();
+    if t.confidence() < 0.2 {
+        out.push(format!(
+            "low confidence ({:.2}): run longer before trusting the curve",
+            t.confidence()
+        ));
+    }
+    let curve = t.curve();
+    let feasible: Vec<_> = curve.iter().filter(|c| c.1 <= target).collect();
+    match (feasible.last(), curve.first()) {
+        (None, Some(first)) => out.push(format!(
+            "p99 target {target:.0} µs looks unreachable on this device: predicted p99 at QD {} is {:.0} µs",
+            first.0, first.1
+        )),
+        (Some(last), _) => {
+            if let Some(next) = curve.iter().find(|c| c.0 > last.0) {
+                out.push(format!(
+                    "p99 target {target:.0} µs unreachable above QD {}: QD {} is predicted at {:.0} µs",
+                    last.0, next.0, next.1
+                ));
+            } else {
+                out.push(format!(
+                    "p99 stays under {target:.0} µs up to QD {} (the bound): the device has headroom",
+                    last.0
+                ));
+            }
+            if let Some(best) = feasible.iter().max_by(|a, b| a.2.total_cmp(&b.2)) {
+                out.push(format!(
+                    "best predicted throughput under target: {:.0} IOPS at QD {} (p99 {:.0} µs); currently QD {}",
+                    best.2,
+                    best.0,
+                    best.1,
+                    t.depth()
+                ));
+            }
+        }
+        (None, None) => {}
+    }
+    if t.breaches() > 0 {
+        out.push(format!(
+            "{} window(s) broke the target; each cut the depth at once",
+            t.breaches()
+        ));
+    }
+    out
+}
