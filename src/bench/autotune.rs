@@ -60,8 +60,11 @@ pub struct TunerReport {
     /// Seconds from the start until the measured p99 stayed under target for good (`None`:
     /// it never did).
     pub converged_after_s: Option<f64>,
-    /// The learned curve at powers of two: queue depth, predicted p99 (µs), predicted IOPS.
-    pub curve: Vec<(u32, f64, f64)>,
+    /// The curve as measured: queue depth, smoothed p99 (µs), smoothed IOPS, windows at it.
+    pub curve: Vec<(u32, f64, f64, u64)>,
+    /// The latency model's local slope (d ln p99 / d log2 qd: 0 = depth is free, 1 =
+    /// saturated) and its confidence.
+    pub slope: f64,
     pub confidence: f64,
     /// Human-readable advice drawn from the curve.
     pub recommendations: Vec<String>,
@@ -81,6 +84,7 @@ struct DevState {
 pub struct DeviceTuner {
     state: Mutex<DevState>,
     per_job: AtomicU32,
+    batch: AtomicU32,
     jobs: u32,
 }
 
@@ -100,6 +104,7 @@ impl DeviceTuner {
                 lat_sum: 0.0,
             }),
             per_job: AtomicU32::new(per_job),
+            batch: AtomicU32::new(1),
             jobs,
         }
     }
@@ -140,8 +145,15 @@ impl DeviceTuner {
         };
         let (depth, ios, iops) = (st.depth_sum, st.ios, st.iops);
         let d = st.tuner.observe(depth.max(1), p99, mean, iops, ios);
-        self.per_job
-            .store(d.qd.div_ceil(self.jobs).max(1), Relaxed);
+        let per_job = d.qd.div_ceil(self.jobs).max(1);
+        self.per_job.store(per_job, Relaxed);
+        // The arm is the tuner's; its size follows each job's own depth.
+        let batch = if d.batch > 1 {
+            crate::tune::qd::batch_for(per_job)
+        } else {
+            1
+        };
+        self.batch.store(batch, Relaxed);
         st.hist.reset();
         st.reported.iter_mut().for_each(|r| *r = false);
         st.depth_sum = 0;
@@ -164,6 +176,14 @@ impl JobTuner<'_> {
         match self {
             JobTuner::Queue(t) => t.depth(),
             JobTuner::Device(d) => d.per_job.load(Relaxed),
+        }
+    }
+
+    /// Submission batch this job should use now.
+    pub fn batch(&self) -> u32 {
+        match self {
+            JobTuner::Queue(t) => t.batch(),
+            JobTuner::Device(d) => d.batch.load(Relaxed),
         }
     }
 
@@ -205,13 +225,14 @@ impl JobTuner<'_> {
             breaches: t.breaches(),
             converged_after_s,
             curve: t.curve(),
+            slope: t.slope(),
             confidence: t.confidence(),
             recommendations: recommendations(t),
         }
     }
 }
 
-/// Advice from a tuner's learned curve, in words.
+/// Advice from a tuner's measured curve and model, in words.
 pub fn recommendations(t: &QdTuner) -> Vec<String> {
     let cfg = t.config();
     let target = cfg.target_p99.as_secs_f64() * 1e6;
@@ -223,35 +244,47 @@ pub fn recommendations(t: &QdTuner) -> Vec<String> {
         ));
     }
     let curve = t.curve();
-    let feasible: Vec<_> = curve.iter().filter(|c| c.1 <= target).collect();
-    match (feasible.last(), curve.first()) {
-        (None, Some(first)) => out.push(format!(
-            "p99 target {target:.0} µs looks unreachable on this device: predicted p99 at QD {} is {:.0} µs",
-            first.0, first.1
+    let ok = curve.iter().filter(|c| c.1 <= target).max_by_key(|c| c.0);
+    let over = curve.iter().filter(|c| c.1 > target).min_by_key(|c| c.0);
+    match (ok, over) {
+        (None, Some(o)) => out.push(format!(
+            "p99 target {target:.0} µs unreachable on this device: even QD {} measured {:.0} µs",
+            o.0, o.1
         )),
-        (Some(last), _) => {
-            if let Some(next) = curve.iter().find(|c| c.0 > last.0) {
-                out.push(format!(
-                    "p99 target {target:.0} µs unreachable above QD {}: QD {} is predicted at {:.0} µs",
-                    last.0, next.0, next.1
-                ));
-            } else {
-                out.push(format!(
-                    "p99 stays under {target:.0} µs up to QD {} (the bound): the device has headroom",
-                    last.0
-                ));
-            }
-            if let Some(best) = feasible.iter().max_by(|a, b| a.2.total_cmp(&b.2)) {
-                out.push(format!(
-                    "best predicted throughput under target: {:.0} IOPS at QD {} (p99 {:.0} µs); currently QD {}",
-                    best.2,
-                    best.0,
-                    best.1,
-                    t.depth()
-                ));
-            }
+        (Some(k), Some(o)) if o.0 > k.0 => out.push(format!(
+            "p99 target {target:.0} µs unreachable above QD {}: QD {} measured {:.0} µs",
+            k.0, o.0, o.1
+        )),
+        (Some(k), None) if k.0 >= cfg.max => out.push(format!(
+            "p99 stays under {target:.0} µs up to QD {} (the bound): raise --iodepth-max for more",
+            k.0
+        )),
+        _ => {}
+    }
+    if let Some(best) = curve
+        .iter()
+        .filter(|c| c.1 <= target)
+        .max_by(|a, b| a.2.total_cmp(&b.2))
+    {
+        out.push(format!(
+            "best measured under target: {:.0} IOPS at QD {} (p99 {:.0} µs); now at QD {}",
+            best.2,
+            best.0,
+            best.1,
+            t.depth()
+        ));
+    }
+    let slope = t.slope();
+    if t.confidence() >= 0.2 {
+        if slope > 0.7 {
+            out.push(format!(
+                "latency grows almost in step with depth here (slope {slope:.2}): the device is saturated, more depth buys latency, not IOPS"
+            ));
+        } else if slope < 0.2 {
+            out.push(format!(
+                "latency barely moves with depth here (slope {slope:.2}): depth is nearly free"
+            ));
         }
-        (None, None) => {}
     }
     if t.breaches() > 0 {
         out.push(format!(

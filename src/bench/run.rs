@@ -155,8 +155,8 @@ pub fn run_with(
                         if let Some(c) = core {
                             core_affinity::set_for_current(c);
                         }
-                        let r = Job::new(engine, spec, opts, i as u64, start, per_job)
-                            .and_then(|mut j| {
+                        let r = Job::new(engine, spec, opts, i as u64, start, per_job).and_then(
+                            |mut j| {
                                 j.tuner = match spec.auto {
                                     None => None,
                                     Some(a) if a.scope == Scope::Queue => {
@@ -167,7 +167,8 @@ pub fn run_with(
                                     Some(_) => device_tuner.map(JobTuner::Device),
                                 };
                                 j.run(stop, prog, clock, sink)
-                            });
+                            },
+                        );
                         prog.set_phase(Phase::Done);
                         if r.is_err() {
                             // One job's failure ends the others too.
@@ -480,7 +481,7 @@ impl<'a> Job<'a> {
         self.win.reset(Duration::ZERO);
         if let Some(t) = &self.tuner {
             self.depth = t.depth().clamp(1, spec.iodepth);
-            self.q.set_submit_batch(crate::tune::qd::batch_for(self.depth));
+            self.q.set_submit_batch(t.batch());
         }
         self.win.iodepth = self.depth;
         self.win.batch = self.q.submit_batch();
@@ -635,7 +636,7 @@ impl<'a> Job<'a> {
                 );
             }
             self.depth = t.depth().clamp(1, self.spec.iodepth);
-            self.q.set_submit_batch(crate::tune::qd::batch_for(self.depth));
+            self.q.set_submit_batch(t.batch());
         }
         self.win.reset(end);
         self.win.iodepth = self.depth;
