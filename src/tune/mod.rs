@@ -8,8 +8,12 @@
 //! Every decision is a `tracing` event on target `rio::tune` with its inputs, the estimate,
 //! the chosen value and a confidence figure.
 
+pub mod pattern;
+pub mod prefetch;
 pub mod qd;
 pub mod rls;
 
+pub use pattern::{Classifier, Pattern};
+pub use prefetch::{PrefetchConfig, PrefetchStats, Prefetcher};
 pub use qd::{Decision, QdConfig, QdTuner, Reason};
 pub use rls::Rls;
