@@ -119,6 +119,9 @@ pub struct EngineConfig {
     pub pool_zero_on_free: bool,
     /// Runtime pollers: busy-poll (true) or park after a run of empty polls (false).
     pub busy_poll: bool,
+    /// `DiskFile` read-ahead for sequential and strided streams, and its budget per stream.
+    pub prefetch: bool,
+    pub prefetch_budget_bytes: u64,
 }
 
 impl Default for EngineConfig {
@@ -146,6 +149,8 @@ impl Default for EngineConfig {
             pool_adaptive: true,
             pool_zero_on_free: false,
             busy_poll: false,
+            prefetch: true,
+            prefetch_budget_bytes: 8 << 20,
         }
     }
 }
@@ -189,6 +194,10 @@ impl EngineConfig {
                 crate::runtime::IdlePolicy::default()
             },
             pool,
+            prefetch: crate::tune::PrefetchConfig {
+                enabled: self.prefetch,
+                budget: self.prefetch_budget_bytes,
+            },
             ..crate::runtime::RuntimeConfig::default()
         }
     }
@@ -463,6 +472,30 @@ pub const KNOBS: &[Knob] = &[
         help: "runtime pollers spin without pause (true) or park after 10,000 empty polls (false)",
         apply: |c, s| {
             c.busy_poll = boolean(s)?;
+            Ok(())
+        },
+    },
+    Knob {
+        key: "prefetch",
+        env: &["RIO_PREFETCH"],
+        accepted: "true, false",
+        help: "DiskFile read-ahead for sequential and strided streams (turns itself off for random ones)",
+        apply: |c, s| {
+            c.prefetch = boolean(s)?;
+            Ok(())
+        },
+    },
+    Knob {
+        key: "prefetch_budget",
+        env: &["RIO_PREFETCH_BUDGET"],
+        accepted: "64k..=1g",
+        help: "bytes each DiskFile stream may hold read ahead",
+        apply: |c, s| {
+            let v = parse_size(s).map_err(|e| e.to_string())?;
+            if !((64 << 10)..=(1 << 30)).contains(&v) {
+                return Err(format!("expected 64k..=1g, got {s}"));
+            }
+            c.prefetch_budget_bytes = v;
             Ok(())
         },
     },

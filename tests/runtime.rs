@@ -122,6 +122,7 @@ fn one_core(depth: u32, idle: IdlePolicy, pool: PoolConfig) -> RuntimeConfig {
         depth,
         idle,
         pool,
+        ..RuntimeConfig::default()
     }
 }
 
@@ -196,9 +197,79 @@ fn futures_from_many_threads_and_dropped_in_flight() {
     let w = waker();
     let b = f.buffer(4096).unwrap();
     drop(block_on(f.read_at(0, b), &w).unwrap());
+    // The file's read-ahead may hold buffers while it lives; they go home with it.
+    drop(f);
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(rt.pools().in_use(), 0, "dropped futures leaked buffers");
     rt.shutdown();
+}
+
+#[test]
+fn read_ahead_serves_sequential_reads_with_the_right_data() {
+    let _s = SERIAL.lock().unwrap();
+    let rt = sim_runtime(Latency::Fixed(Duration::from_micros(30)));
+    let f = DiskFile::region(&rt, 0, 16 << 20).unwrap();
+    let w = waker();
+    let data: Vec<u8> = (0..8 << 20).map(|i| (i * 7 % 251) as u8).collect();
+    block_on(f.write_all(0, &data), &w).unwrap();
+    let read = |off: u64| {
+        let b = f.buffer(4096).unwrap();
+        let (n, b) = block_on(f.read_at(off, b), &w).unwrap();
+        assert_eq!(n, 4096);
+        b.unwrap()
+    };
+    for blk in 0..1024u64 {
+        let b = read(blk * 4096);
+        let at = (blk * 4096) as usize;
+        assert_eq!(b.as_slice(), &data[at..at + 4096], "block {blk}");
+    }
+    let (pattern, st) = f.prefetch_stats().unwrap();
+    assert_eq!(pattern, rio::tune::Pattern::Sequential);
+    assert!(
+        st.hits + st.late_hits >= 900,
+        "read-ahead served too little: {st:?}"
+    );
+    // A write to a block already read ahead: the next read sees the new data.
+    let (_, st) = f.prefetch_stats().unwrap();
+    assert!(st.distance >= 1);
+    let mut nb = f.buffer(4096).unwrap();
+    nb.as_mut_slice().fill(0xA5);
+    block_on(f.write_at(1024 * 4096, nb), &w).unwrap();
+    assert!(read(1024 * 4096).as_slice().iter().all(|b| *b == 0xA5));
+    assert_eq!(
+        read(1025 * 4096).as_slice(),
+        &data[1025 * 4096..1026 * 4096]
+    );
+    // Random reads: nothing more is read ahead once the vote has flipped.
+    let mut x = 12345u64;
+    let mut next = || {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (x >> 33) % 2048 * 4096
+    };
+    for _ in 0..32 {
+        read(next());
+    }
+    let before = f.prefetch_stats().unwrap().1.issued;
+    for _ in 0..500 {
+        let off = next();
+        let b = read(off);
+        assert_eq!(b.as_slice()[..16], data[off as usize..off as usize + 16]);
+    }
+    let (pattern, st) = f.prefetch_stats().unwrap();
+    assert!(
+        matches!(
+            pattern,
+            rio::tune::Pattern::Random | rio::tune::Pattern::Bursty
+        ),
+        "{pattern:?}"
+    );
+    assert_eq!(st.issued, before, "random reads were read ahead: {st:?}");
+    drop(f);
+    std::thread::sleep(Duration::from_millis(20));
+    rt.shutdown();
+    assert_eq!(rt.pools().in_use(), 0, "read-ahead leaked buffers");
 }
 
 fn count_allocations(f: &DiskFile, ios: u64) -> u64 {

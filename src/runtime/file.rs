@@ -1,26 +1,65 @@
 //! `DiskFile`: a file-like handle over a runtime (a file through io_uring or psync, or a
 //! namespace region through the userspace driver), with async positional I/O on pool buffers.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use super::{IoOutput, Runtime, RuntimeConfig};
+use super::{IoFuture, IoOutput, Runtime, RuntimeConfig};
 use crate::config::EngineConfig;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::pool::PoolBuf;
 use crate::queue::OpKind;
 use crate::target::OpenOptions;
+use crate::tune::{Pattern, PrefetchStats, Prefetcher};
 
 /// How long `write_all` and friends wait for a pool buffer before giving up.
 const BUFFER_WAIT: Duration = Duration::from_secs(5);
 
 /// A region of a target served by a [`Runtime`]. Cheap to clone; `Send + Sync`.
+///
+/// Reads are one stream for read-ahead (clones share it): when they run sequential or
+/// strided, the next ones are read into pool buffers ahead of the caller and a matching
+/// `read_at` takes the prefetched buffer instead of going to the device (see
+/// [`crate::tune::prefetch`]). Writes through this handle (or its clones) invalidate what they
+/// overlap, and nothing is read ahead while one is in flight. A write through another handle
+/// or process is not seen: open one `DiskFile` per file where data changes under readers, or
+/// turn prefetch off ([`RuntimeConfig::prefetch`]).
 #[derive(Clone, Debug)]
 pub struct DiskFile {
     rt: Arc<Runtime>,
     base: u64,
     len: u64,
+    pf: Option<Arc<Stream>>,
+}
+
+/// The read-ahead state shared by a `DiskFile` and its clones.
+struct Stream {
+    p: Mutex<Prefetcher<IoFuture>>,
+    writes: AtomicU32,
+}
+
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stream").finish_non_exhaustive()
+    }
+}
+
+impl Stream {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Prefetcher<IoFuture>> {
+        self.p.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn stream(rt: &Runtime) -> Option<Arc<Stream>> {
+    let cfg = rt.prefetch_config();
+    cfg.enabled.then(|| {
+        Arc::new(Stream {
+            p: Mutex::new(Prefetcher::new(cfg)),
+            writes: AtomicU32::new(0),
+        })
+    })
 }
 
 impl DiskFile {
@@ -49,6 +88,7 @@ impl DiskFile {
         let size = engine.target().geometry.size;
         let rt = Runtime::start(engine, rt)?;
         Ok(DiskFile {
+            pf: stream(&rt),
             rt,
             base: 0,
             len: size,
@@ -62,6 +102,7 @@ impl DiskFile {
             rt: Arc::clone(rt),
             base,
             len,
+            pf: stream(rt),
         })
     }
 
@@ -98,14 +139,54 @@ impl DiskFile {
         }
     }
 
-    /// Read `buf.len()` bytes at `offset` into `buf`.
+    /// Read `buf.len()` bytes at `offset`. The data comes back in the returned buffer: `buf`
+    /// itself, or (when read-ahead had the block) a pool buffer of the same length that
+    /// already holds it, `buf` going back to its pool.
     pub async fn read_at(&self, offset: u64, buf: PoolBuf) -> IoOutput {
         let at = match self.check(offset, buf.len() as u64) {
             Ok(a) => a,
             Err(e) => return Err((e, Some(buf))),
         };
         let len = buf.len() as u64;
-        self.rt.submit(OpKind::Read, at, len, Some(buf)).await
+        let Some(pf) = &self.pf else {
+            return self.rt.submit(OpKind::Read, at, len, Some(buf)).await;
+        };
+        let t0 = Instant::now();
+        let hit = {
+            let mut p = pf.lock();
+            if pf.writes.load(Ordering::Acquire) > 0 {
+                p.clear();
+                None
+            } else {
+                let (hit, plan) = p.on_read(offset, len, self.len, t0, IoFuture::is_done);
+                for &(o, l) in plan.reads() {
+                    // Read-ahead never waits for memory: an exhausted pool means no prefetch.
+                    let Ok(b) = self.rt.buffer(l as usize, Duration::ZERO) else {
+                        break;
+                    };
+                    p.insert(
+                        o,
+                        l,
+                        self.rt.submit(OpKind::Read, self.base + o, l, Some(b)),
+                    );
+                }
+                hit
+            }
+        };
+        if let Some(f) = hit
+            && let Ok((n, Some(b))) = f.await
+            && n == len
+        {
+            drop(buf);
+            pf.lock()
+                .record_latency(true, t0.elapsed().as_secs_f64() * 1e6);
+            return Ok((n, Some(b)));
+        }
+        // A miss, or a prefetch that failed or came up short: read it for real.
+        let r = self.rt.submit(OpKind::Read, at, len, Some(buf)).await;
+        pf.lock()
+            .record_latency(false, t0.elapsed().as_secs_f64() * 1e6);
+        r
     }
 
     /// Write `buf` at `offset`.
@@ -115,7 +196,31 @@ impl DiskFile {
             Err(e) => return Err((e, Some(buf))),
         };
         let len = buf.len() as u64;
+        let Some(pf) = &self.pf else {
+            return self.rt.submit(OpKind::Write, at, len, Some(buf)).await;
+        };
+        // Read-ahead stops while the write is in flight and forgets what it overlaps, before
+        // and after: a prefetch racing the write at the device could hold either version.
+        pf.writes.fetch_add(1, Ordering::AcqRel);
+        // Ends the write's hold on read-ahead also when this future is dropped mid-way.
+        struct Done<'a>(&'a Stream, u64, u64);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.lock().invalidate(self.1, self.2);
+                self.0.writes.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        let _done = Done(pf, offset, len);
+        pf.lock().invalidate(offset, len);
         self.rt.submit(OpKind::Write, at, len, Some(buf)).await
+    }
+
+    /// What read-ahead sees in this file's reads, and its counters (`None`: prefetch off).
+    pub fn prefetch_stats(&self) -> Option<(Pattern, PrefetchStats)> {
+        self.pf.as_ref().map(|pf| {
+            let p = pf.lock();
+            (p.pattern(), p.stats())
+        })
     }
 
     /// Write all of `data` at `offset` (a multiple of the block size, as is `data.len()`),

@@ -63,6 +63,8 @@ pub struct RuntimeConfig {
     pub depth: u32,
     pub idle: IdlePolicy,
     pub pool: PoolConfig,
+    /// Read-ahead for `DiskFile` streams (on by default; see [`crate::tune::prefetch`]).
+    pub prefetch: crate::tune::PrefetchConfig,
 }
 
 impl Default for RuntimeConfig {
@@ -72,6 +74,7 @@ impl Default for RuntimeConfig {
             depth: 128,
             idle: IdlePolicy::default(),
             pool: PoolConfig::default(),
+            prefetch: crate::tune::PrefetchConfig::default(),
         }
     }
 }
@@ -138,6 +141,7 @@ pub struct Runtime {
     stop: Arc<AtomicBool>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     next: AtomicU32,
+    prefetch: crate::tune::PrefetchConfig,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -230,6 +234,7 @@ impl Runtime {
             stop,
             threads: Mutex::new(threads),
             next: AtomicU32::new(0),
+            prefetch: cfg.prefetch,
         };
         wait_ready(&ready_rx, rt.cores.len()).inspect_err(|_| rt.shutdown())?;
         Ok(Arc::new(rt))
@@ -256,6 +261,11 @@ impl Runtime {
 
     pub fn pools(&self) -> &Arc<Pools> {
         &self.pools
+    }
+
+    /// Read-ahead settings `DiskFile`s of this runtime start with.
+    pub fn prefetch_config(&self) -> crate::tune::PrefetchConfig {
+        self.prefetch
     }
 
     /// The cores pollers run on.
@@ -420,6 +430,16 @@ pub struct IoFuture {
 }
 
 impl IoFuture {
+    /// Whether the operation has finished (awaiting it will not wait).
+    pub fn is_done(&self) -> bool {
+        self.early.is_some()
+            || (self.slot != u32::MAX
+                && self.cs.slots[self.slot as usize]
+                    .state
+                    .load(Ordering::Acquire)
+                    == DONE)
+    }
+
     fn failed(cs: Arc<CoreShared>, e: Error, buf: Option<PoolBuf>) -> IoFuture {
         IoFuture {
             cs,
