@@ -198,6 +198,7 @@ impl EngineConfig {
                 enabled: self.prefetch,
                 budget: self.prefetch_budget_bytes,
             },
+            target_p99: self.target_latency_us.map(std::time::Duration::from_micros),
             ..crate::runtime::RuntimeConfig::default()
         }
     }
@@ -355,7 +356,7 @@ pub const KNOBS: &[Knob] = &[
         key: "target_latency_us",
         env: &["RIO_TARGET_LATENCY_US", "RUSTFS_TARGET_LATENCY_US"],
         accepted: "10..=10000000",
-        help: "p99 latency target in microseconds; bench reports whether it was met",
+        help: "p99 latency target in microseconds: bench reports against it, --iodepth auto and the runtime's pollers choose their queue depth under it",
         apply: |c, s| {
             c.target_latency_us = Some(int_in(s, 10, 10_000_000)?);
             Ok(())

@@ -37,12 +37,47 @@ struct Cli {
 enum Cmd {
     /// Measure IOPS, bandwidth and latency with fio's workload vocabulary.
     Bench(BenchArgs),
+    /// Probe a target at queue depths 1, 2, 4, … and print the curve rio learns (IOPS, mean,
+    /// p50, p99 per depth), the knee, and the depth it would choose under --lat-target.
+    Tune(TuneArgs),
     /// Describe a target: for pcie:// and sim:// the controller's identity, limits,
     /// namespaces with their LBA formats, and SMART/health.
     Info(InfoArgs),
     /// Prepare a host for the userspace driver: hugepages, and moving NVMe controllers between
     /// the kernel's nvme driver and vfio-pci.
     Setup(rio::setup::SetupArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct TuneArgs {
+    /// Target: a file, block device, pcie://ADDR or sim://... (read-only unless --rw writes).
+    #[arg(long)]
+    filename: String,
+    /// randread (default), read, randwrite, write or randrw.
+    #[arg(long, default_value = "randread", value_parser = rw_arg)]
+    rw: RwMode,
+    /// Block size.
+    #[arg(long, default_value = "4k", value_parser = size_arg)]
+    bs: u64,
+    /// p99 target the choice must meet (default: config / RUSTFS_TARGET_LATENCY_US; without
+    /// one the knee is reported).
+    #[arg(long = "lat-target", value_parser = dur_arg)]
+    lat_target: Option<Duration>,
+    /// Deepest depth probed.
+    #[arg(long = "iodepth-max", default_value_t = 256)]
+    iodepth_max: u32,
+    /// Time at each depth.
+    #[arg(long, default_value = "500ms", value_parser = dur_arg)]
+    step: Duration,
+    /// Bytes of the target to work on (default: all of it).
+    #[arg(long, value_parser = size_arg)]
+    size: Option<u64>,
+    /// Allow writing a raw block device or pcie:// target.
+    #[arg(long)]
+    force: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -291,8 +326,87 @@ fn real_main(cli: Cli) -> Result<(), Fail> {
             }
             bench(cfg, a)
         }
+        Cmd::Tune(a) => tune(cfg, a),
         Cmd::Info(a) => info(cfg, a),
         Cmd::Setup(a) => rio::setup::run(&a, Path::new("/sys")).map_err(Fail::from),
+    }
+}
+
+fn tune(cfg: EngineConfig, a: TuneArgs) -> Result<(), Fail> {
+    if a.iodepth_max == 0 || a.iodepth_max > rio::bench::spec::MAX_IODEPTH {
+        return Err(usage(format!(
+            "invalid --iodepth-max: expected 1..={}, got {}",
+            rio::bench::spec::MAX_IODEPTH,
+            a.iodepth_max
+        )));
+    }
+    if a.step < Duration::from_millis(100) {
+        return Err(usage("invalid --step: at least 100ms"));
+    }
+    let target = match a.lat_target {
+        Some(t) if t.is_zero() => return Err(usage("invalid --lat-target: must be above zero")),
+        Some(t) => Some(t),
+        None => cfg.target_latency_us.map(Duration::from_micros),
+    };
+    let spec = BenchSpec {
+        rw: a.rw,
+        bs: u32_arg("--bs", a.bs)?,
+        size: a.size.unwrap_or(0),
+        ..BenchSpec::default()
+    };
+    spec.validate()?;
+    let raw = is_block_device(Path::new(&a.filename))
+        || matches!(TargetSpec::parse(&a.filename), TargetSpec::Pcie { .. });
+    if spec.rw.writes() && raw && !a.force {
+        return Err(usage(format!(
+            "{}: --rw {} writes the raw device and destroys its contents; pass --force to allow it",
+            a.filename,
+            spec.rw.name()
+        )));
+    }
+    let engine = Engine::open(
+        &cfg,
+        &a.filename,
+        OpenOptions {
+            write: spec.rw.writes(),
+            direct: true,
+            create: false,
+        },
+    )?;
+    spec.resolve(&engine.target().geometry)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        let _ = signal_hook::flag::register_conditional_shutdown(sig, 130, Arc::clone(&stop));
+        let _ = signal_hook::flag::register(sig, Arc::clone(&stop));
+    }
+    let r = rio::bench::probe::probe(&engine, &spec, a.iodepth_max, a.step, target, &stop)?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&r).expect("report serializes")
+        );
+    } else {
+        println!(
+            "rio tune: {} bs={} on {} ({}), {} per depth{}",
+            spec.rw.name(),
+            spec.bs,
+            a.filename,
+            engine.selection().backend.name(),
+            humantime(a.step),
+            target.map_or(String::new(), |t| format!(", p99 target {}", humantime(t)))
+        );
+        print!("{}", r.to_human());
+    }
+    Ok(())
+}
+
+fn humantime(d: Duration) -> String {
+    if d.as_millis() < 1 {
+        format!("{}us", d.as_micros())
+    } else if d.as_secs() < 1 || d.subsec_millis() != 0 {
+        format!("{}ms", d.as_millis())
+    } else {
+        format!("{}s", d.as_secs())
     }
 }
 

@@ -8,7 +8,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll, Wake, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rio::config::BackendChoice;
 use rio::nvme::sim::{Latency, SimConfig, SimNamespace};
@@ -72,6 +72,26 @@ fn block_on<F: Future>(f: F, waker: &Waker) -> F::Output {
     }
 }
 
+/// Polls every future until all are done (an `async fn` submits nothing until polled).
+fn join_all<F: Future>(futs: Vec<F>, waker: &Waker) -> Vec<F::Output> {
+    let mut futs: Vec<_> = futs.into_iter().map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
+    let mut cx = Context::from_waker(waker);
+    while out.iter().any(Option::is_none) {
+        for (f, o) in futs.iter_mut().zip(out.iter_mut()) {
+            if o.is_none()
+                && let Poll::Ready(v) = f.as_mut().poll(&mut cx)
+            {
+                *o = Some(v);
+            }
+        }
+        if out.iter().any(Option::is_none) {
+            std::thread::park_timeout(Duration::from_millis(1));
+        }
+    }
+    out.into_iter().map(|o| o.expect("done")).collect()
+}
+
 fn waker() -> Waker {
     Waker::from(Arc::new(ThreadWaker(std::thread::current())))
 }
@@ -85,6 +105,10 @@ fn pool() -> PoolConfig {
 }
 
 fn sim_runtime(latency: Latency) -> Arc<Runtime> {
+    sim_runtime_with(latency, None)
+}
+
+fn sim_runtime_with(latency: Latency, target_p99: Option<Duration>) -> Arc<Runtime> {
     let cfg = EngineConfig {
         hugepages: false,
         ..EngineConfig::default()
@@ -112,7 +136,11 @@ fn sim_runtime(latency: Latency) -> Arc<Runtime> {
         polls: 1000,
         max_sleep: Duration::from_millis(1),
     };
-    Runtime::start(e, one_core(32, idle, pool())).unwrap()
+    let rc = RuntimeConfig {
+        target_p99,
+        ..one_core(32, idle, pool())
+    };
+    Runtime::start(e, rc).unwrap()
 }
 
 /// One poller on CPU 0.
@@ -270,6 +298,65 @@ fn read_ahead_serves_sequential_reads_with_the_right_data() {
     std::thread::sleep(Duration::from_millis(20));
     rt.shutdown();
     assert_eq!(rt.pools().in_use(), 0, "read-ahead leaked buffers");
+}
+
+#[test]
+fn pollers_tune_their_depth_under_a_p99_target() {
+    let _s = SERIAL.lock().unwrap();
+    // 1 ms + 200 µs per command past 4 in flight: p99 ≤ 3 ms allows about 14. Milliseconds,
+    // so that scheduling noise on a busy 2-CPU machine (model, poller and this thread) stays
+    // small against the curve.
+    let knee = Latency::Knee {
+        base: Duration::from_millis(1),
+        knee_qd: 4,
+        per_qd: Duration::from_micros(200),
+    };
+    let rt = sim_runtime_with(knee, Some(Duration::from_millis(3)));
+    let f = DiskFile::region(&rt, 0, 16 << 20).unwrap();
+    let w = waker();
+    let t0 = Instant::now();
+    let mut bufs: Vec<_> = (0..32).map(|_| Some(f.buffer(4096).unwrap())).collect();
+    let mut x = 7u64;
+    while t0.elapsed() < Duration::from_secs(3) {
+        // 32 reads at random offsets in flight at once: more than the target allows.
+        let futs: Vec<_> = bufs
+            .iter_mut()
+            .map(|b| {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                f.read_at((x >> 33) % 4096 * 4096, b.take().unwrap())
+            })
+            .collect();
+        for (i, r) in join_all(futs, &w).into_iter().enumerate() {
+            bufs[i] = r.unwrap().1;
+        }
+    }
+    let r = rt.recommendations();
+    let c = &r.per_core[0];
+    let depth = c.depth.expect("a tuner runs with a target");
+    assert!(
+        (3..=16).contains(&depth),
+        "depth {depth} (curve {:?})",
+        c.curve
+    );
+    assert!(c.curve.len() >= 3, "curve {:?}", c.curve);
+    // What it measured at the depth it settled on meets the target, and the advice says so.
+    let at = c.curve.iter().find(|p| p.0 == depth);
+    assert!(at.is_none_or(|p| p.1 <= 3300.0), "{:?}", c.curve);
+    assert!(
+        c.advice
+            .iter()
+            .any(|a| a.contains("best measured under target")),
+        "{r}"
+    );
+    drop(bufs);
+    drop(f);
+    rt.shutdown();
+    // Without a target: no tuner, and the advice says how to get one.
+    let rt = sim_runtime(Latency::None);
+    let r = rt.recommendations();
+    assert_eq!(r.per_core[0].depth, None);
+    assert!(r.to_string().contains("RUSTFS_TARGET_LATENCY_US"));
+    rt.shutdown();
 }
 
 fn count_allocations(f: &DiskFile, ios: u64) -> u64 {

@@ -245,18 +245,23 @@ pub fn recommendations(t: &QdTuner) -> Vec<String> {
     }
     let curve = t.curve();
     let ok = curve.iter().filter(|c| c.1 <= target).max_by_key(|c| c.0);
-    let over = curve.iter().filter(|c| c.1 > target).min_by_key(|c| c.0);
+    // The edge: the shallowest depth over target beyond the deepest one within it (a
+    // transient breach at a shallower depth does not move it).
+    let over = curve
+        .iter()
+        .filter(|c| c.1 > target && ok.is_none_or(|k| c.0 > k.0))
+        .min_by_key(|c| c.0);
     match (ok, over) {
         (None, Some(o)) => out.push(format!(
             "p99 target {target:.0} µs unreachable on this device: even QD {} measured {:.0} µs",
             o.0, o.1
         )),
-        (Some(k), Some(o)) if o.0 > k.0 => out.push(format!(
+        (Some(k), Some(o)) => out.push(format!(
             "p99 target {target:.0} µs unreachable above QD {}: QD {} measured {:.0} µs",
             k.0, o.0, o.1
         )),
         (Some(k), None) if k.0 >= cfg.max => out.push(format!(
-            "p99 stays under {target:.0} µs up to QD {} (the bound): raise --iodepth-max for more",
+            "p99 stays under {target:.0} µs up to QD {} (the bound): raise the depth limit for more",
             k.0
         )),
         _ => {}

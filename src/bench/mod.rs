@@ -7,6 +7,7 @@
 //! - [`report`]: merged hdrhistograms, fio-like JSON and a human summary.
 
 pub mod autotune;
+pub mod probe;
 pub mod report;
 pub mod rng;
 pub mod run;

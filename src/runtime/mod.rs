@@ -65,6 +65,10 @@ pub struct RuntimeConfig {
     pub pool: PoolConfig,
     /// Read-ahead for `DiskFile` streams (on by default; see [`crate::tune::prefetch`]).
     pub prefetch: crate::tune::PrefetchConfig,
+    /// p99 latency target. With one, each poller runs a queue-depth tuner
+    /// ([`crate::tune::qd`]) that caps its in-flight depth within `1..=depth` (requests over
+    /// the cap wait in the inbox), and [`Runtime::recommendations`] reports what it learned.
+    pub target_p99: Option<Duration>,
 }
 
 impl Default for RuntimeConfig {
@@ -75,6 +79,7 @@ impl Default for RuntimeConfig {
             idle: IdlePolicy::default(),
             pool: PoolConfig::default(),
             prefetch: crate::tune::PrefetchConfig::default(),
+            target_p99: None,
         }
     }
 }
@@ -121,6 +126,8 @@ struct CoreShared {
     inbox: crossbeam_queue::ArrayQueue<Request>,
     sleeping: AtomicBool,
     thread: std::sync::OnceLock<std::thread::Thread>,
+    /// The core's depth tuner (with a p99 target): the poller locks it once per window.
+    tuner: Option<Mutex<crate::tune::QdTuner>>,
 }
 
 impl CoreShared {
@@ -206,6 +213,11 @@ impl Runtime {
                 inbox: crossbeam_queue::ArrayQueue::new(nslots),
                 sleeping: AtomicBool::new(false),
                 thread: std::sync::OnceLock::new(),
+                tuner: cfg.target_p99.map(|t| {
+                    let mut c = crate::tune::QdConfig::new(t, depth);
+                    c.initial = depth.min(8);
+                    Mutex::new(crate::tune::QdTuner::new(c))
+                }),
             });
             let poller = Poller {
                 engine: Arc::clone(&engine),
@@ -261,6 +273,43 @@ impl Runtime {
 
     pub fn pools(&self) -> &Arc<Pools> {
         &self.pools
+    }
+
+    /// What the pollers' depth tuners learned, per core: the measured curve, the depth in
+    /// force, and advice in words (the seed's `get_optimization_recommendations`). Without a
+    /// p99 target there is no tuner, and the advice says how to get one.
+    pub fn recommendations(&self) -> Recommendations {
+        let per_core = self
+            .cores
+            .iter()
+            .map(|cs| match &cs.tuner {
+                None => CoreAdvice {
+                    core: cs.core,
+                    depth: None,
+                    target_p99_us: None,
+                    curve: Vec::new(),
+                    slope: 0.0,
+                    confidence: 0.0,
+                    advice: vec![
+                        "no p99 target: set RUSTFS_TARGET_LATENCY_US (or RuntimeConfig::target_p99) and rio will choose the queue depth under it"
+                            .to_string(),
+                    ],
+                },
+                Some(t) => {
+                    let t = t.lock().unwrap_or_else(|p| p.into_inner());
+                    CoreAdvice {
+                        core: cs.core,
+                        depth: Some(t.depth()),
+                        target_p99_us: Some(t.config().target_p99.as_secs_f64() * 1e6),
+                        curve: t.curve(),
+                        slope: t.slope(),
+                        confidence: t.confidence(),
+                        advice: crate::bench::autotune::recommendations(&t),
+                    }
+                }
+            })
+            .collect();
+        Recommendations { per_core }
     }
 
     /// Read-ahead settings `DiskFile`s of this runtime start with.
@@ -509,6 +558,90 @@ impl Drop for IoFuture {
     }
 }
 
+/// What [`Runtime::recommendations`] returns: per core, structured data and advice in words
+/// (`Display` prints the words).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Recommendations {
+    pub per_core: Vec<CoreAdvice>,
+}
+
+/// One poller's tuner, as seen from outside.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct CoreAdvice {
+    pub core: usize,
+    /// Depth cap in force (`None`: no tuner).
+    pub depth: Option<u32>,
+    pub target_p99_us: Option<f64>,
+    /// Measured: queue depth, smoothed p99 (µs), smoothed IOPS, windows.
+    pub curve: Vec<(u32, f64, f64, u64)>,
+    pub slope: f64,
+    pub confidence: f64,
+    pub advice: Vec<String>,
+}
+
+impl std::fmt::Display for Recommendations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for c in &self.per_core {
+            match c.depth {
+                Some(d) => writeln!(f, "core {}: queue depth {d}", c.core)?,
+                None => writeln!(f, "core {}:", c.core)?,
+            }
+            for a in &c.advice {
+                writeln!(f, "  - {a}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A poller's latency window for its tuner.
+struct TuneWindow {
+    /// Submission time per slot.
+    started: Box<[Instant]>,
+    hist: hdrhistogram::Histogram<u64>,
+    ios: u64,
+    lat_sum: f64,
+    start: Instant,
+    /// Depth cap in force.
+    limit: u32,
+}
+
+impl TuneWindow {
+    const LEN: Duration = Duration::from_millis(100);
+
+    /// Closes the window if it is due: feeds the tuner, returns the new cap.
+    fn maybe_close(&mut self, now: Instant, tuner: &Mutex<crate::tune::QdTuner>, core: usize) {
+        let len = now.saturating_duration_since(self.start);
+        if len < Self::LEN {
+            return;
+        }
+        if self.ios > 0 {
+            let p99 = self.hist.value_at_percentile(99.0);
+            let mean = self.lat_sum / self.ios as f64;
+            let iops = self.ios as f64 / len.as_secs_f64();
+            let mut t = tuner.lock().unwrap_or_else(|p| p.into_inner());
+            let d = t.observe(self.limit, p99, mean, iops, self.ios);
+            self.limit = t.depth();
+            tracing::debug!(
+                target: "rio::tune",
+                core,
+                qd_was = d.qd_was,
+                qd = d.qd,
+                reason = ?d.reason,
+                measured_p99_us = d.measured_p99_us,
+                measured_iops = d.measured_iops,
+                predicted_p99_us = d.predicted_p99_us,
+                confidence = d.confidence,
+                "runtime queue depth decision"
+            );
+        }
+        self.hist.reset();
+        self.ios = 0;
+        self.lat_sum = 0.0;
+        self.start = now;
+    }
+}
+
 /// One core's poller: owns the queue and is the pool's home thread for that core.
 struct Poller {
     engine: Arc<Engine>,
@@ -569,6 +702,15 @@ impl Poller {
         let mut comps: Vec<Completion> = Vec::with_capacity(self.depth as usize);
         let mut empty = 0u32;
         let mut last_maintain = Instant::now();
+        let mut tune = cs.tuner.as_ref().map(|t| TuneWindow {
+            started: vec![Instant::now(); cs.slots.len()].into_boxed_slice(),
+            hist: hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000_000, 3)
+                .expect("valid histogram bounds"),
+            ios: 0,
+            lat_sum: 0.0,
+            start: Instant::now(),
+            limit: t.lock().unwrap_or_else(|p| p.into_inner()).depth(),
+        });
         loop {
             let mut work = false;
             // Pool growth: map new regions for DMA before any buffer from them is used here.
@@ -587,16 +729,41 @@ impl Poller {
                     }
                 }
             }
-            while q.in_flight() < self.depth {
-                let Some(req) = cs.inbox.pop() else {
-                    break;
-                };
-                work = true;
-                self.submit(&mut q, req, &mut inflight);
+            let limit = tune.as_ref().map_or(self.depth, |t| t.limit);
+            if let Some(t) = &mut tune {
+                let now = Instant::now();
+                while q.in_flight() < limit {
+                    let Some(req) = cs.inbox.pop() else {
+                        break;
+                    };
+                    work = true;
+                    t.started[req.slot as usize] = now;
+                    self.submit(&mut q, req, &mut inflight);
+                }
+            } else {
+                while q.in_flight() < limit {
+                    let Some(req) = cs.inbox.pop() else {
+                        break;
+                    };
+                    work = true;
+                    self.submit(&mut q, req, &mut inflight);
+                }
             }
             comps.clear();
             if let Err(e) = q.poll(&mut comps) {
                 tracing::warn!(core, error = %e, "poll reported an error");
+            }
+            if let (Some(t), Some(tuner)) = (&mut tune, &cs.tuner) {
+                let now = Instant::now();
+                for c in &comps {
+                    let ns = now
+                        .saturating_duration_since(t.started[c.token as usize])
+                        .as_nanos() as u64;
+                    t.hist.saturating_record(ns.max(1));
+                    t.ios += 1;
+                    t.lat_sum += ns as f64;
+                }
+                t.maybe_close(now, tuner, core);
             }
             for c in comps.drain(..) {
                 work = true;

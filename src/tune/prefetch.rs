@@ -13,7 +13,7 @@
 //!   needs more lead: the distance doubles, up to the budget;
 //! - **waste** (prefetched and then dropped unread) above 30% halves it;
 //! - **latency gained**: the caller reports each read's latency. When, over 64+ reads of each
-//!   kind, a hit is not at least 5% faster than a miss (a page cache already does the work),
+//!   kind in a predictable stretch, a hit is not at least 5% faster than a miss (a page cache already does the work),
 //!   prefetch switches itself off for [`BACKOFF_READS`] reads and then tries again.
 
 use std::time::Instant;
@@ -259,6 +259,11 @@ impl<T> Prefetcher<T> {
 
     /// The latency of a finished read, and whether a prefetch served it.
     pub fn record_latency(&mut self, hit: bool, micros: f64) {
+        // Only reads of a predictable stream say what prefetch gains: the misses of a random
+        // stretch would set a bar that sequential hits are then measured against.
+        if !self.class.pattern().predictable() {
+            return;
+        }
         if hit {
             self.hit_lat.add(micros);
         } else {
