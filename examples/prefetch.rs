@@ -68,7 +68,7 @@ fn args() -> Result<Args, String> {
             _ => return Err(format!("unknown option {k}")),
         }
     }
-    if a.bs == 0 || a.bs % 4096 != 0 || a.size < 64 * a.bs {
+    if a.bs == 0 || !a.bs.is_multiple_of(4096) || a.size < 64 * a.bs {
         return Err("--bs must be a multiple of 4k and --size at least 64 blocks".into());
     }
     Ok(a)

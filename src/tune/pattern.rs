@@ -133,8 +133,11 @@ mod tests {
     use crate::bench::rng::Rng;
     use std::time::Duration;
 
+    /// An access: offset, length, time from the trace's start.
+    type Access = (u64, u64, Duration);
+
     /// Feeds a trace; returns the share of verdicts after warm-up that equal `want`.
-    fn accuracy(trace: &[(u64, u64, Duration)], want: fn(Pattern) -> bool) -> f64 {
+    fn accuracy(trace: &[Access], want: fn(Pattern) -> bool) -> f64 {
         let t0 = Instant::now();
         let mut c = Classifier::default();
         let mut good = 0;
@@ -181,7 +184,8 @@ mod tests {
                 (r.below(1 << 20) * 4096, 4096, at)
             })
             .collect();
-        let cases: [(&str, &[(u64, u64, Duration)], fn(Pattern) -> bool, f64); 6] = [
+        type Case<'a> = (&'a str, &'a [Access], fn(Pattern) -> bool, f64);
+        let cases: [Case; 6] = [
             ("sequential", &seq, |p| p == Pattern::Sequential, 1.0),
             (
                 "noisy sequential",

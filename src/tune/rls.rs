@@ -99,7 +99,7 @@ impl Rls {
                 self.p[[j, i]] = m;
             }
             // Rounding can push a variance to zero or below; keep it a covariance.
-            if !(self.p[[i, i]] > 1e-12) {
+            if self.p[[i, i]].is_nan() || self.p[[i, i]] <= 1e-12 {
                 self.p[[i, i]] = 1e-12;
             }
         }
