@@ -312,6 +312,19 @@ impl Pools {
         self.get_slow(cp, ci, len, owner, deadline)
     }
 
+    /// A buffer if one is free right now: no waiting, no growth, not counted as a miss. For
+    /// optional work (read-ahead) that must not grow the pool or allocate when it runs dry.
+    pub fn try_get(&self, core: usize, len: usize) -> Option<PoolBuf> {
+        let cp = &self.cores[self.core_index(core).ok()?];
+        let ci = self.class_for(len).ok()?;
+        let c = &cp.classes[ci];
+        let owner = cp.is_owner();
+        let addr = take(c, owner)?;
+        c.count_hit(owner);
+        // SAFETY: as in get.
+        Some(unsafe { PoolBuf::new(cp, addr, ci, len) })
+    }
+
     #[cold]
     fn get_slow(
         &self,

@@ -160,8 +160,9 @@ impl DiskFile {
             } else {
                 let (hit, plan) = p.on_read(offset, len, self.len, t0, IoFuture::is_done);
                 for &(o, l) in plan.reads() {
-                    // Read-ahead never waits for memory: an exhausted pool means no prefetch.
-                    let Ok(b) = self.rt.buffer(l as usize, Duration::ZERO) else {
+                    // Read-ahead never waits for memory, grows the pool or allocates: a dry pool
+                    // means no prefetch.
+                    let Some(b) = self.rt.try_buffer(l as usize) else {
                         break;
                     };
                     p.insert(

@@ -335,6 +335,13 @@ impl Runtime {
             })
     }
 
+    /// A pool buffer of `len` bytes if one is free now (round robin over the cores): no wait,
+    /// no pool growth, no allocation. For optional work such as read-ahead.
+    pub fn try_buffer(&self, len: usize) -> Option<PoolBuf> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) as usize % self.cores.len();
+        self.pools.try_get(self.cores[i].core, len)
+    }
+
     /// Submit `op` on `buf` (reads and writes) at `offset`; the future resolves when it
     /// completed, giving the buffer back. Runs on the core the buffer belongs to.
     pub fn submit(&self, op: OpKind, offset: u64, len: u64, buf: Option<PoolBuf>) -> IoFuture {

@@ -1,0 +1,226 @@
+//! The tuner end to end: `rio bench --iodepth auto` and `rio tune` on the software model with
+//! a latency knee, and their refusals.
+//!
+//! The model's curve is in milliseconds (1 ms + 200 µs per command past 4 in flight, so a p99
+//! target of 3 ms allows about 14): scheduling noise on a 2-CPU machine running the model, the
+//! job and the test stays small against it.
+
+mod common;
+
+use std::process::{Command, Output};
+
+/// One model at a time: each spins a device thread, and the machine may have only 2 CPUs.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+const KNEE: &str = "sim://size=256m,data=0,knee=4,base=1ms,per_qd=200us";
+
+fn rio(args: &[&str]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_rio"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("RIO_") || k.starts_with("RUSTFS_") || k == "RUST_LOG" {
+            c.env_remove(k);
+        }
+    }
+    c.args(args).output().expect("run rio")
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "rio failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON output")
+}
+
+fn usage_error(out: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {err}");
+    assert!(err.contains(needle), "stderr {err:?} lacks {needle:?}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn refusals() {
+    let auto = ["bench", "--filename", KNEE, "--runtime", "1"];
+    usage_error(
+        &rio(&[&auto[..], &["--iodepth", "auto"]].concat()),
+        "needs a p99 target",
+    );
+    usage_error(
+        &rio(&[&auto[..], &["--iodepth", "lots"]].concat()),
+        "expected a number or 'auto'",
+    );
+    usage_error(
+        &rio(&[&auto[..], &["--iodepth", "auto", "--lat-target", "0"]].concat()),
+        "--lat-target",
+    );
+    usage_error(
+        &rio(&[&auto[..], &["--tune-scope", "rack"]].concat()),
+        "expected queue or device",
+    );
+    usage_error(
+        &rio(&["tune", "--filename", KNEE, "--step", "10ms"]),
+        "--step",
+    );
+    usage_error(
+        &rio(&["tune", "--filename", KNEE, "--iodepth-max", "0"]),
+        "--iodepth-max",
+    );
+}
+
+/// p99 (µs) of a bench result, both directions.
+fn p99_us(r: &serde_json::Value) -> f64 {
+    let j = &r["jobs"][0];
+    let p = |d: &str| {
+        j[d]["lat_ns"]["percentile"]["99.000000"]
+            .as_f64()
+            .unwrap_or(0.0)
+    };
+    p("read").max(p("write")) / 1000.0
+}
+
+#[test]
+fn auto_depth_meets_the_target_per_queue() {
+    let _s = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let r = json(&rio(&[
+        "bench",
+        "--filename",
+        KNEE,
+        "--iodepth",
+        "auto",
+        "--iodepth-max",
+        "64",
+        "--lat-target",
+        "3ms",
+        "--ramp_time",
+        "2",
+        "--runtime",
+        "2",
+        "--time_based",
+        "--output-format",
+        "json",
+    ]));
+    let t = &r["tuner"];
+    assert_eq!(t["scope"], "queue");
+    let qd = t["final_qd"].as_u64().unwrap();
+    assert!((4..=20).contains(&qd), "final depth {qd}: {t}");
+    assert!(t["decisions"].as_u64().unwrap() >= 30, "{t}");
+    assert!(!t["recommendations"].as_array().unwrap().is_empty());
+    // Measured after the 2 s convergence window: p99 under target, and far more IOPS than
+    // QD 1 would give (1 ms each: 1,000 IOPS).
+    assert!(p99_us(&r) <= 3000.0, "p99 {} µs", p99_us(&r));
+    assert!(r["jobs"][0]["read"]["iops"].as_f64().unwrap() > 4000.0);
+    // The depth moved, and never past the bound.
+    let depths: Vec<u64> = r["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["iodepth"].as_u64().unwrap())
+        .collect();
+    assert!(depths.iter().all(|d| (1..=64).contains(d)), "{depths:?}");
+    assert!(depths.iter().any(|d| *d != depths[0]), "{depths:?}");
+}
+
+#[test]
+fn auto_depth_for_the_whole_device() {
+    let _s = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    // Two jobs on a file through io_uring (they sleep in the kernel while they wait, so two
+    // jobs fit two CPUs; two jobs beside a spinning model thread would not). The target is
+    // generous: the device-wide depth grows from 1 and is split over the jobs.
+    let (_d, f) = common::temp_file(64 << 20, 1);
+    let r = json(&rio(&[
+        "bench",
+        "--filename",
+        f.to_str().unwrap(),
+        "--backend",
+        "uring",
+        "--numjobs",
+        "2",
+        "--iodepth",
+        "auto",
+        "--iodepth-max",
+        "16",
+        "--tune-scope",
+        "device",
+        "--lat-target",
+        "20ms",
+        "--runtime",
+        "2",
+        "--time_based",
+        "--output-format",
+        "json",
+    ]));
+    let t = &r["tuner"];
+    assert_eq!(t["scope"], "device");
+    let per_job = t["final_qd"].as_u64().unwrap();
+    assert!((2..=16).contains(&per_job), "per-job depth {per_job}: {t}");
+    // The device's curve is in the total depth: it saw depths above one job's share.
+    let curve = t["curve"].as_array().unwrap();
+    assert!(
+        curve.iter().any(|c| c[0].as_u64().unwrap() > per_job),
+        "{t}"
+    );
+    // Both jobs run the same share (give or take the dither step, as their windows close at
+    // slightly different times).
+    let series = r["series"].as_array().unwrap();
+    let depth = |job: u64| -> Vec<u64> {
+        series
+            .iter()
+            .filter(|p| p["job"].as_u64() == Some(job))
+            .map(|p| p["iodepth"].as_u64().unwrap())
+            .collect()
+    };
+    let (a, b) = (depth(0), depth(1));
+    assert!(a.len() >= 10 && b.len() >= 10, "{a:?} {b:?}");
+    let (la, lb) = (*a.last().unwrap(), *b.last().unwrap());
+    assert!(la.abs_diff(lb) <= 2, "{a:?} {b:?}");
+    assert!(p99_us(&r) <= 20_000.0, "p99 {} µs", p99_us(&r));
+}
+
+#[test]
+fn tune_prints_the_curve_and_a_choice() {
+    let _s = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let r = json(&rio(&[
+        "tune",
+        "--filename",
+        KNEE,
+        "--lat-target",
+        "3ms",
+        "--iodepth-max",
+        "64",
+        "--step",
+        "400ms",
+        "--json",
+    ]));
+    let steps = r["steps"].as_array().unwrap();
+    let qds: Vec<u64> = steps.iter().map(|s| s["qd"].as_u64().unwrap()).collect();
+    assert_eq!(&qds[..4], &[1, 2, 4, 8]);
+    // Latency at QD 1 is the model's 1 ms; past the knee it grows.
+    let p99 = |i: usize| steps[i]["p99_us"].as_f64().unwrap();
+    assert!((900.0..2000.0).contains(&p99(0)), "QD 1 p99 {}", p99(0));
+    assert!(p99(qds.len() - 1) > 3000.0, "{steps:?}");
+    let choice = r["choice"].as_u64().expect("a depth meets 3 ms");
+    assert!((4..=16).contains(&choice), "choice {choice}");
+    let human = rio(&[
+        "tune",
+        "--filename",
+        KNEE,
+        "--lat-target",
+        "3ms",
+        "--iodepth-max",
+        "16",
+        "--step",
+        "200ms",
+    ]);
+    let out = String::from_utf8_lossy(&human.stdout);
+    assert!(
+        human.status.success(),
+        "{}",
+        String::from_utf8_lossy(&human.stderr)
+    );
+    assert!(
+        out.contains("<- choice") && out.contains("knee: QD"),
+        "{out}"
+    );
+}
