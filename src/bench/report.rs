@@ -189,6 +189,9 @@ pub struct BenchResult {
     pub interrupted: bool,
     /// Every job's 100 ms windows, in time order (ramp included, flagged).
     pub series: Vec<super::series::Point>,
+    /// Merged latency histogram of the measured window, both directions (ns), for `--report`.
+    #[serde(skip)]
+    pub latency: Histogram<u64>,
 }
 
 impl BenchResult {
@@ -216,6 +219,8 @@ impl BenchResult {
             window = window.max(j.window);
         }
         let secs = window.as_secs_f64();
+        let mut latency = read.clone();
+        latency.add(&write).expect("same bounds");
         let (usr, sys) = cpu.unwrap_or_default();
         let pct = |d: Duration| {
             if secs > 0.0 {
@@ -262,6 +267,7 @@ impl BenchResult {
             layout_seconds,
             interrupted,
             series,
+            latency,
         }
     }
 
