@@ -13,12 +13,12 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use rio::bench::run::{Phase, Progress, RunOptions};
+use rio::bench::series::{NoSink, WindowSink};
 use rio::bench::spec::parse_duration;
 use rio::bench::{BenchError, BenchSpec, RwMode};
-use rio::bench::series::{NoSink, WindowSink};
 use rio::config::{BackendChoice, EngineConfig, LogFormat, parse_size};
-use rio::telemetry::{Telemetry, TelemetryConfig};
 use rio::target::{OpenOptions, TargetSpec};
+use rio::telemetry::{Telemetry, TelemetryConfig};
 use rio::{Engine, Error};
 
 #[derive(Parser, Debug)]

@@ -24,7 +24,15 @@ fn rio() -> Command {
 
 fn bench(extra: &[&str]) -> std::process::Output {
     rio()
-        .args(["bench", "--filename", SIM, "--iodepth", "8", "--runtime", "1"])
+        .args([
+            "bench",
+            "--filename",
+            SIM,
+            "--iodepth",
+            "8",
+            "--runtime",
+            "1",
+        ])
         .arg("--time_based")
         .args(extra)
         .output()
@@ -76,7 +84,10 @@ fn report_bad_extension_is_refused_before_the_run() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(".html or .svg"), "{err}");
-    assert!(t0.elapsed() < Duration::from_secs(4), "the run did not start");
+    assert!(
+        t0.elapsed() < Duration::from_secs(4),
+        "the run did not start"
+    );
     assert!(!p.exists());
 }
 
@@ -85,7 +96,14 @@ fn log_format_json_flag() {
     let out = rio()
         .env("RIO_LOG", "info")
         .args(["--log-format", "json"])
-        .args(["bench", "--filename", SIM, "--runtime", "200ms", "--time_based"])
+        .args([
+            "bench",
+            "--filename",
+            SIM,
+            "--runtime",
+            "200ms",
+            "--time_based",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success());
@@ -139,7 +157,9 @@ fn export_reaches_rotel_over_http_and_grpc() {
     let dir = tempfile::tempdir().unwrap();
     for proto in ["http/protobuf", "grpc"] {
         let (gp, hp) = (free_port(), free_port());
-        let log = dir.path().join(format!("rotel-{}.log", proto.replace('/', "-")));
+        let log = dir
+            .path()
+            .join(format!("rotel-{}.log", proto.replace('/', "-")));
         let child = Command::new(&agent)
             .args(["start", "--exporter", "blackhole"])
             .args(["--otlp-grpc-endpoint", &format!("127.0.0.1:{gp}")])
@@ -155,14 +175,28 @@ fn export_reaches_rotel_over_http_and_grpc() {
         let port = if proto == "grpc" { gp } else { hp };
         let t0 = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(t0.elapsed() < Duration::from_secs(10), "rotel did not listen");
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "rotel did not listen"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         let out = rio()
-            .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://127.0.0.1:{port}"))
+            .env(
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                format!("http://127.0.0.1:{port}"),
+            )
             .env("OTEL_EXPORTER_OTLP_PROTOCOL", proto)
             .env("OTEL_METRIC_EXPORT_INTERVAL", "500")
-            .args(["bench", "--filename", SIM, "--iodepth", "16", "--runtime", "2"])
+            .args([
+                "bench",
+                "--filename",
+                SIM,
+                "--iodepth",
+                "16",
+                "--runtime",
+                "2",
+            ])
             .args(["--time_based", "--otel"])
             .output()
             .unwrap();
@@ -178,7 +212,10 @@ fn export_reaches_rotel_over_http_and_grpc() {
             }
             std::thread::sleep(Duration::from_millis(100));
         };
-        assert!(text.contains("Name: rio.io.duration\n"), "{proto}: no histogram");
+        assert!(
+            text.contains("Name: rio.io.duration\n"),
+            "{proto}: no histogram"
+        );
         assert!(text.contains("DataType: Histogram"));
         for g in ["p50", "p95", "p99", "p999"] {
             assert!(
@@ -189,11 +226,17 @@ fn export_reaches_rotel_over_http_and_grpc() {
         // Plausible values: the last p99 above zero and at least the last p50.
         let last = |name: &str| -> f64 {
             let at = text.rfind(&format!("Name: {name}\n")).unwrap();
-            let v = text[at..].lines().find(|l| l.starts_with("Value: ")).unwrap();
+            let v = text[at..]
+                .lines()
+                .find(|l| l.starts_with("Value: "))
+                .unwrap();
             v["Value: ".len()..].trim().parse().unwrap()
         };
         let (p50, p99) = (last("rio.io.duration.p50"), last("rio.io.duration.p99"));
-        assert!(p99 > 0.0 && p99 >= p50 && p99 < 1.0, "{proto}: p50 {p50} p99 {p99}");
+        assert!(
+            p99 > 0.0 && p99 >= p50 && p99 < 1.0,
+            "{proto}: p50 {p50} p99 {p99}"
+        );
         let at = text.rfind("Name: rio.io.duration\n").unwrap();
         let count: u64 = text[at..]
             .lines()

@@ -184,7 +184,10 @@ pub fn plots(r: &BenchResult) -> Result<Vec<(&'static str, String)>, PlotError> 
     Ok(vec![
         (TITLES[0], latency_histogram(r)?),
         (TITLES[1], latency_cdf(r)?),
-        (TITLES[2], over_time(r, TITLES[2], "IOPS", |p| p.iops, true)?),
+        (
+            TITLES[2],
+            over_time(r, TITLES[2], "IOPS", |p| p.iops, true)?,
+        ),
         (
             TITLES[3],
             over_time(r, TITLES[3], "p99 (µs)", |p| p.p99_us, false)?,
@@ -349,9 +352,7 @@ fn depth_over_time(r: &BenchResult) -> Result<String, PlotError> {
     let t = TITLES[4];
     let mut jobs: BTreeMap<u32, Vec<(f64, f64)>> = BTreeMap::new();
     for p in &r.series {
-        jobs.entry(p.job)
-            .or_default()
-            .push((p.t, p.iodepth as f64));
+        jobs.entry(p.job).or_default().push((p.t, p.iodepth as f64));
     }
     let tmax = r.series.iter().map(|p| p.t).fold(0.1, f64::max);
     let ymax = r

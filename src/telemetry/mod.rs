@@ -525,11 +525,9 @@ pub fn error_type(k: &IoErrorKind) -> String {
     match k {
         IoErrorKind::Os(e) => format!("os_{}", errno_name(*e)),
         IoErrorKind::Short { .. } => "short_transfer".into(),
-        IoErrorKind::Nvme(e) => format!(
-            "nvme_sct{:#x}_sc{:#04x}",
-            e.status.sct_raw(),
-            e.status.sc()
-        ),
+        IoErrorKind::Nvme(e) => {
+            format!("nvme_sct{:#x}_sc{:#04x}", e.status.sct_raw(), e.status.sc())
+        }
         IoErrorKind::TimedOut { .. } => "timed_out".into(),
         IoErrorKind::ControllerReset { .. } => "controller_reset".into(),
     }

@@ -187,7 +187,9 @@ fn config_precedence() {
     assert_eq!(c.timeout, Duration::from_secs(10));
 
     let bad = |k: &str| (k == "OTEL_EXPORTER_OTLP_PROTOCOL").then(|| "http/json".to_string());
-    let e = TelemetryConfig::resolve(&cfg, &bad).unwrap_err().to_string();
+    let e = TelemetryConfig::resolve(&cfg, &bad)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("http/json"), "{e}");
     let bad = |k: &str| (k == "OTEL_METRIC_EXPORT_INTERVAL").then(|| "soon".to_string());
     assert!(TelemetryConfig::resolve(&cfg, &bad).is_err());
@@ -405,7 +407,10 @@ fn every_metric_is_documented() {
             .lines()
             .find(|l| l.starts_with(&format!("| `{name}` |")))
             .unwrap_or_else(|| panic!("docs/TELEMETRY.md has no row for {name}"));
-        assert!(row.contains(inst) && row.contains(&format!("`{unit}`")), "{row}");
+        assert!(
+            row.contains(inst) && row.contains(&format!("`{unit}`")),
+            "{row}"
+        );
     }
     let dash = include_str!("../../grafana/rio-dashboard.json");
     let v: serde_json::Value = serde_json::from_str(dash).expect("dashboard is JSON");
