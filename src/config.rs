@@ -122,6 +122,14 @@ pub struct EngineConfig {
     /// `DiskFile` read-ahead for sequential and strided streams, and its budget per stream.
     pub prefetch: bool,
     pub prefetch_budget_bytes: u64,
+    /// Export metrics and spans over OTLP (see docs/TELEMETRY.md).
+    pub otel_export: bool,
+    /// OTLP base endpoint when `OTEL_EXPORTER_OTLP_ENDPOINT` is not set.
+    pub otel_endpoint: Option<String>,
+    /// OTLP protocol (`http/protobuf` or `grpc`) when `OTEL_EXPORTER_OTLP_PROTOCOL` is not set.
+    pub otel_protocol: Option<String>,
+    /// Metric export interval when `OTEL_METRIC_EXPORT_INTERVAL` is not set, in milliseconds.
+    pub otel_interval_ms: u64,
 }
 
 impl Default for EngineConfig {
@@ -151,6 +159,10 @@ impl Default for EngineConfig {
             busy_poll: false,
             prefetch: true,
             prefetch_budget_bytes: 8 << 20,
+            otel_export: false,
+            otel_endpoint: None,
+            otel_protocol: None,
+            otel_interval_ms: 5_000,
         }
     }
 }
@@ -511,6 +523,50 @@ pub const KNOBS: &[Knob] = &[
                 "json" => LogFormat::Json,
                 _ => return Err(format!("expected text or json, got '{s}'")),
             };
+            Ok(())
+        },
+    },
+    Knob {
+        key: "otel_export",
+        env: &["RIO_OTEL"],
+        accepted: "true, false",
+        help: "export metrics and spans over OTLP (`rio bench --otel` turns it on too)",
+        apply: |c, s| {
+            c.otel_export = boolean(s)?;
+            Ok(())
+        },
+    },
+    Knob {
+        key: "otel_endpoint",
+        env: &["RIO_OTEL_ENDPOINT"],
+        accepted: "http:// or https:// URL",
+        help: "OTLP base endpoint; OTEL_EXPORTER_OTLP_ENDPOINT (and the per-signal variables) take precedence",
+        apply: |c, s| {
+            if !(s.starts_with("http://") || s.starts_with("https://")) {
+                return Err(format!("expected an http:// or https:// URL, got '{s}'"));
+            }
+            c.otel_endpoint = Some(s.to_string());
+            Ok(())
+        },
+    },
+    Knob {
+        key: "otel_protocol",
+        env: &["RIO_OTEL_PROTOCOL"],
+        accepted: "http/protobuf, grpc",
+        help: "OTLP transport; OTEL_EXPORTER_OTLP_PROTOCOL takes precedence",
+        apply: |c, s| {
+            crate::telemetry::Protocol::parse(s)?;
+            c.otel_protocol = Some(s.to_ascii_lowercase());
+            Ok(())
+        },
+    },
+    Knob {
+        key: "otel_interval_ms",
+        env: &["RIO_OTEL_INTERVAL_MS"],
+        accepted: "100..=3600000",
+        help: "metric export interval; OTEL_METRIC_EXPORT_INTERVAL takes precedence",
+        apply: |c, s| {
+            c.otel_interval_ms = int_in(s, 100, 3_600_000)?;
             Ok(())
         },
     },

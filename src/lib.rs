@@ -32,6 +32,7 @@ pub mod queue;
 pub mod runtime;
 pub mod setup;
 pub mod target;
+pub mod telemetry;
 pub mod tune;
 
 pub use backend::nvme::NvmeQueueStats;

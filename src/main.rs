@@ -13,10 +13,12 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use rio::bench::run::{Phase, Progress, RunOptions};
+use rio::bench::series::{NoSink, WindowSink};
 use rio::bench::spec::parse_duration;
 use rio::bench::{BenchError, BenchSpec, RwMode};
 use rio::config::{BackendChoice, EngineConfig, LogFormat, parse_size};
 use rio::target::{OpenOptions, TargetSpec};
+use rio::telemetry::{Telemetry, TelemetryConfig};
 use rio::{Engine, Error};
 
 #[derive(Parser, Debug)]
@@ -29,6 +31,9 @@ struct Cli {
     /// Engine configuration file (TOML); environment variables override it.
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Log lines on stderr as text or JSON (overrides log_format / RIO_LOG_FORMAT).
+    #[arg(long = "log-format", global = true, value_parser = ["text", "json"])]
+    log_format: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -215,6 +220,21 @@ struct BenchArgs {
     /// Seed for offsets and data.
     #[arg(long, default_value_t = 0x5249_4f21)]
     seed: u64,
+    /// Export metrics and spans over OTLP while running (endpoint and protocol from the
+    /// standard OTEL_EXPORTER_OTLP_* variables or the otel_* config knobs; docs/TELEMETRY.md).
+    #[arg(long)]
+    otel: bool,
+    /// Write plots of the run (latency histogram and CDF, IOPS, p99 and queue depth over
+    /// time, LBA heat map) to FILE.html or FILE.svg.
+    #[arg(long, value_name = "FILE", value_parser = report_arg)]
+    report: Option<PathBuf>,
+}
+
+fn report_arg(s: &str) -> Result<PathBuf, String> {
+    let p = PathBuf::from(s);
+    rio::bench::plot::ReportFormat::from_path(&p)
+        .map(|_| p)
+        .map_err(|_| format!("'{s}': expected a file name ending in .html or .svg"))
 }
 
 /// A failure with its exit status.
@@ -281,26 +301,75 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(cfg: &EngineConfig) {
+fn init_logging(cfg: &EngineConfig, telemetry: Option<&Telemetry>) {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = std::env::var("RIO_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
         .unwrap_or_else(|_| "warn".into());
     let filter = tracing_subscriber::EnvFilter::try_new(&filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_target(false)
         .with_ansi(std::io::stderr().is_terminal());
-    match cfg.log_format {
-        LogFormat::Json => b.json().init(),
-        LogFormat::Text => b.without_time().init(),
-    }
+    let fmt = match cfg.log_format {
+        LogFormat::Json => fmt.json().with_filter(filter).boxed(),
+        LogFormat::Text => fmt.without_time().with_filter(filter).boxed(),
+    };
+    // Spans exported over OTLP have their own filter (RIO_TRACE_FILTER, default info).
+    let otel = telemetry.and_then(|t| t.tracing_layer()).map(|l| {
+        let f = std::env::var("RIO_TRACE_FILTER").unwrap_or_else(|_| "info".into());
+        l.with_filter(
+            tracing_subscriber::EnvFilter::try_new(&f)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+    });
+    tracing_subscriber::registry().with(fmt).with(otel).init();
 }
 
 fn real_main(cli: Cli) -> Result<(), Fail> {
     let mut cfg = EngineConfig::load(cli.config.as_deref())?;
-    init_logging(&cfg);
+    if let Some(f) = &cli.log_format {
+        cfg.log_format = if f == "json" {
+            LogFormat::Json
+        } else {
+            LogFormat::Text
+        };
+    }
+    cfg.otel_export |= matches!(&cli.cmd, Cmd::Bench(a) if a.otel);
+    // Before telemetry starts: its p99 alert uses the same target.
+    if let Cmd::Bench(a) = &cli.cmd
+        && let Some(t) = a.lat_target
+    {
+        let us = t.as_micros();
+        if !(10..=10_000_000).contains(&us) {
+            return Err(usage(format!(
+                "invalid --lat-target: expected 10us..=10s, got {us}us"
+            )));
+        }
+        cfg.target_latency_us = Some(us as u64);
+    }
+    let telemetry = if cfg.otel_export {
+        let tc = TelemetryConfig::from_env(&cfg).map_err(|e| usage(e.to_string()))?;
+        Some(Telemetry::start(tc).map_err(|e| usage(e.to_string()))?)
+    } else {
+        None
+    };
+    init_logging(&cfg, telemetry.as_ref());
+    let r = run_cmd(cli, cfg, telemetry.as_ref());
+    if let Some(t) = telemetry {
+        let s = t.shutdown();
+        eprintln!(
+            "rio: telemetry: {} export batches taken, {} dropped (collector down or slow), {} windows dropped, {} alerts",
+            s.exports, s.failed_exports, s.dropped_windows, s.alerts
+        );
+    }
+    r
+}
+
+fn run_cmd(cli: Cli, mut cfg: EngineConfig, telemetry: Option<&Telemetry>) -> Result<(), Fail> {
     match cli.cmd {
         Cmd::Bench(a) => {
             if let Some(b) = &a.backend {
@@ -315,20 +384,14 @@ fn real_main(cli: Cli) -> Result<(), Fail> {
                 )));
             }
             cfg.submit_batch = a.iodepth_batch_submit;
-            if let Some(t) = a.lat_target {
-                let us = t.as_micros();
-                if !(10..=10_000_000).contains(&us) {
-                    return Err(usage(format!(
-                        "invalid --lat-target: expected 10us..=10s, got {us}us"
-                    )));
-                }
-                cfg.target_latency_us = Some(us as u64);
-            }
-            bench(cfg, a)
+            bench(cfg, a, telemetry)
         }
         Cmd::Tune(a) => tune(cfg, a),
         Cmd::Info(a) => info(cfg, a),
-        Cmd::Setup(a) => rio::setup::run(&a, Path::new("/sys")).map_err(Fail::from),
+        Cmd::Setup(a) => {
+            let _span = tracing::info_span!("setup").entered();
+            rio::setup::run(&a, Path::new("/sys")).map_err(Fail::from)
+        }
     }
 }
 
@@ -465,7 +528,7 @@ fn u32_arg(name: &str, v: u64) -> Result<u32, Fail> {
     u32::try_from(v).map_err(|_| usage(format!("invalid {name}: {v} is too large")))
 }
 
-fn bench(cfg: EngineConfig, a: BenchArgs) -> Result<(), Fail> {
+fn bench(cfg: EngineConfig, a: BenchArgs, telemetry: Option<&Telemetry>) -> Result<(), Fail> {
     let spec = BenchSpec {
         rw: a.rw,
         rwmixread: a.rwmixread,
@@ -544,15 +607,18 @@ fn bench(cfg: EngineConfig, a: BenchArgs) -> Result<(), Fail> {
             path.display()
         )));
     }
-    let mut engine = Engine::open(
-        &cfg,
-        &path.to_string_lossy(),
-        OpenOptions {
-            write: writes,
-            direct: a.direct,
-            create,
-        },
-    )?;
+    let setup_span = tracing::info_span!("bench.setup", target = %path.display());
+    let mut engine = setup_span.in_scope(|| {
+        Engine::open(
+            &cfg,
+            &path.to_string_lossy(),
+            OpenOptions {
+                write: writes,
+                direct: a.direct,
+                create,
+            },
+        )
+    })?;
     if create {
         let len = spec.offset + a.size.unwrap_or(1 << 30);
         // Check the workload against the size the file will have before creating data.
@@ -570,15 +636,36 @@ fn bench(cfg: EngineConfig, a: BenchArgs) -> Result<(), Fail> {
         let _ = signal_hook::flag::register(sig, Arc::clone(&stop));
     }
     let mut display = Display::new(&cfg, std::io::stderr().is_terminal());
-    let result = rio::bench::run(&engine, &spec, RunOptions { layout }, &stop, &mut |p| {
-        display.tick(p)
+    let sink = telemetry.map(|t| {
+        t.sink(
+            engine.selection().backend.name(),
+            &engine.target().path.display().to_string(),
+        )
     });
+    let sink: &dyn WindowSink = match &sink {
+        Some(s) => s,
+        None => &NoSink,
+    };
+    let result = rio::bench::run_with(
+        &engine,
+        &spec,
+        RunOptions { layout },
+        &stop,
+        sink,
+        &mut |p| display.tick(p),
+    );
     display.finish();
     let result = result?;
     if json {
         println!("{}", result.to_json());
     } else {
         print!("{}", result.to_human());
+    }
+    if let Some(p) = &a.report {
+        rio::bench::plot::write_report(&result, p).map_err(|e| Fail {
+            code: 1,
+            msg: e.to_string(),
+        })?;
     }
     Ok(())
 }

@@ -70,3 +70,23 @@ need_pkg() {
 need_build_deps() {
     need_pkg pkg-config libhwloc-dev libudev-dev
 }
+
+# Path of rotel-agent (the OpenTelemetry collector shipped in the `rotel` PyPI package), or
+# nothing when rotel is not installed.
+rotel_agent_path() {
+    python3 -c 'import os, rotel; print(os.path.join(os.path.dirname(rotel.__file__), "rotel-agent"))' 2>/dev/null
+}
+
+# need_rotel: make sure rotel is installed (pip; --break-system-packages where the system pip
+# is externally managed). tests/otel.rs and scripts/otel-check use it.
+need_rotel() {
+    local a
+    a="$(rotel_agent_path)" && [ -x "$a" ] && return 0
+    need_cmd python3 python3
+    python3 -m pip --version >/dev/null 2>&1 || need_pkg python3-pip
+    info "pip install rotel"
+    python3 -m pip install --quiet rotel >&2 2>/dev/null ||
+        python3 -m pip install --quiet --break-system-packages rotel >&2 ||
+        die "pip install rotel failed"
+    a="$(rotel_agent_path)" && [ -x "$a" ] || die "rotel-agent missing after pip install rotel"
+}

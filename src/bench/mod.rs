@@ -4,9 +4,11 @@
 //! - [`verify`]: block headers (offset, seed, CRC32C) written and checked;
 //! - [`run`]: one pinned thread per job, each with its own queue, keeping `iodepth` in flight;
 //! - [`series`]: per-window samples (100 ms) for the tuner, telemetry and `--report`;
-//! - [`report`]: merged hdrhistograms, fio-like JSON and a human summary.
+//! - [`report`]: merged hdrhistograms, fio-like JSON and a human summary;
+//! - [`plot`]: `--report` as SVG or HTML plots.
 
 pub mod autotune;
+pub mod plot;
 pub mod probe;
 pub mod report;
 pub mod rng;

@@ -194,6 +194,9 @@ pub struct BenchResult {
     pub series: Vec<super::series::Point>,
     /// `--iodepth auto`: the tuner's report (job 0's in queue scope; the device's otherwise).
     pub tuner: Option<super::autotune::TunerReport>,
+    /// Merged latency histogram of the measured window, both directions (ns), for `--report`.
+    #[serde(skip)]
+    pub latency: Histogram<u64>,
 }
 
 impl BenchResult {
@@ -222,6 +225,8 @@ impl BenchResult {
             window = window.max(j.window);
         }
         let secs = window.as_secs_f64();
+        let mut latency = read.clone();
+        latency.add(&write).expect("same bounds");
         let (usr, sys) = cpu.unwrap_or_default();
         let pct = |d: Duration| {
             if secs > 0.0 {
@@ -269,6 +274,7 @@ impl BenchResult {
             interrupted,
             series,
             tuner,
+            latency,
         }
     }
 

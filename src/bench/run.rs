@@ -103,6 +103,7 @@ pub fn run_with(
     let mut layout_secs = None;
     if opts.layout {
         let t = Instant::now();
+        let _span = tracing::info_span!("bench.layout", bytes = region).entered();
         layout(engine, spec, region, stop, &shared, progress)?;
         layout_secs = Some(t.elapsed().as_secs_f64());
     }
@@ -134,6 +135,14 @@ pub fn run_with(
     });
     let device_tuner = device_tuner.as_ref();
     let clock = Clocks::default();
+    let run_span = tracing::info_span!(
+        "bench.run",
+        rw = spec.rw.name(),
+        bs = spec.bs,
+        iodepth = spec.iodepth,
+        numjobs = spec.numjobs
+    );
+    let _run = run_span.enter();
     let progs: Vec<Progress> = (0..spec.numjobs).map(|_| Progress::default()).collect();
     let outcomes: Vec<Result<JobOutcome, BenchError>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..spec.numjobs as usize)
@@ -149,9 +158,11 @@ pub fn run_with(
                 let core = ((spec.numjobs > 1 || model_cpu.is_some()) && !cores.is_empty())
                     .then(|| cores[i % cores.len()]);
                 let (prog, clock) = (&progs[i], &clock);
+                let job_span = tracing::info_span!(parent: &run_span, "bench.job", job = i);
                 std::thread::Builder::new()
                     .name(format!("rio-job-{i}"))
                     .spawn_scoped(s, move || {
+                        let _span = job_span.entered();
                         if let Some(c) = core {
                             core_affinity::set_for_current(c);
                         }
@@ -532,6 +543,7 @@ impl<'a> Job<'a> {
                     .as_nanos() as u64;
                 self.inflight_off[token] = u64::MAX;
                 if let Err(e) = c.result {
+                    sink.io_error(self.win.job, &e);
                     return Err(e.into());
                 }
                 if c.op == OpKind::Read && spec.verify {
@@ -578,6 +590,7 @@ impl<'a> Job<'a> {
         clock.end(self.spec.numjobs as usize);
         if spec.verify && spec.rw.writes() {
             prog.set_phase(Phase::Verify);
+            let _span = tracing::info_span!("bench.verify").entered();
             out.verified = self.read_back(stop, prog)?;
         } else if spec.verify {
             out.verified = out.read.ios;

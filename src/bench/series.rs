@@ -107,6 +107,9 @@ impl Window {
 /// Sees each window as a job closes it. Called on the job's thread: keep it short.
 pub trait WindowSink: Sync {
     fn window(&self, w: &Window);
+
+    /// An I/O of job `job` failed (the run ends with this error). Default: ignored.
+    fn io_error(&self, _job: u32, _e: &crate::error::IoError) {}
 }
 
 /// A sink that ignores everything.
