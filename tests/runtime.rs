@@ -136,9 +136,11 @@ fn sim_runtime_with(latency: Latency, target_p99: Option<Duration>) -> Arc<Runti
         polls: 1000,
         max_sleep: Duration::from_millis(1),
     };
+    // With a tuner, room above what the target allows, so the cap is the tuner's.
+    let depth = if target_p99.is_some() { 64 } else { 32 };
     let rc = RuntimeConfig {
         target_p99,
-        ..one_core(32, idle, pool())
+        ..one_core(depth, idle, pool())
     };
     Runtime::start(e, rc).unwrap()
 }
@@ -303,22 +305,23 @@ fn read_ahead_serves_sequential_reads_with_the_right_data() {
 #[test]
 fn pollers_tune_their_depth_under_a_p99_target() {
     let _s = SERIAL.lock().unwrap();
-    // 1 ms + 200 µs per command past 4 in flight: p99 ≤ 3 ms allows about 14. Milliseconds,
-    // so that scheduling noise on a busy 2-CPU machine (model, poller and this thread) stays
-    // small against the curve.
+    // 1 ms + 200 µs per command past 4 in flight: p99 ≤ 6 ms allows about 29. Milliseconds,
+    // so that the model's own tail (p99.9 about 3.5 ms at QD 4: its idle device thread wakes
+    // late now and then) and scheduling noise on 2 CPUs stay small against the curve.
     let knee = Latency::Knee {
         base: Duration::from_millis(1),
         knee_qd: 4,
         per_qd: Duration::from_micros(200),
     };
-    let rt = sim_runtime_with(knee, Some(Duration::from_millis(3)));
+    let rt = sim_runtime_with(knee, Some(Duration::from_millis(6)));
     let f = DiskFile::region(&rt, 0, 16 << 20).unwrap();
     let w = waker();
     let t0 = Instant::now();
-    let mut bufs: Vec<_> = (0..32).map(|_| Some(f.buffer(4096).unwrap())).collect();
+    let mut bufs: Vec<_> = (0..64).map(|_| Some(f.buffer(4096).unwrap())).collect();
     let mut x = 7u64;
     while t0.elapsed() < Duration::from_secs(3) {
-        // 32 reads at random offsets in flight at once: more than the target allows.
+        // 64 reads at random offsets in flight at once: more than the target allows (about
+        // 29); without the tuner all 64 would be at the device.
         let futs: Vec<_> = bufs
             .iter_mut()
             .map(|b| {
@@ -334,14 +337,14 @@ fn pollers_tune_their_depth_under_a_p99_target() {
     let c = &r.per_core[0];
     let depth = c.depth.expect("a tuner runs with a target");
     assert!(
-        (3..=16).contains(&depth),
+        (3..=40).contains(&depth),
         "depth {depth} (curve {:?})",
         c.curve
     );
     assert!(c.curve.len() >= 3, "curve {:?}", c.curve);
     // What it measured at the depth it settled on meets the target, and the advice says so.
     let at = c.curve.iter().find(|p| p.0 == depth);
-    assert!(at.is_none_or(|p| p.1 <= 3300.0), "{:?}", c.curve);
+    assert!(at.is_none_or(|p| p.1 <= 6600.0), "{:?}", c.curve);
     assert!(
         c.advice
             .iter()
