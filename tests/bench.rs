@@ -44,6 +44,15 @@ fn verify_reports_corruption_with_its_offset() {
     .unwrap();
     assert_eq!(r.verified_blocks, Some(1024));
     assert_eq!(r.job().read.total_ios, 1024);
+    // The 100 ms windows add up to the run, and the sequential pass lit every heat column
+    // (1024 blocks over 64 columns: 16 each).
+    let mut heat = vec![0u64; 64];
+    for p in &r.series {
+        for (h, v) in heat.iter_mut().zip(&p.heat) {
+            *h += *v as u64;
+        }
+    }
+    assert_eq!(heat, vec![16u64; 64]);
 
     // Flip one byte in the block at 3 MiB + 4 KiB, then read without laying out again.
     let bad = (3 << 20) + 4096 + 100;

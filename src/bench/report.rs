@@ -73,6 +73,19 @@ impl JobOutcome {
     }
 }
 
+impl JobOutcome {
+    /// Adds a measured window's counts and histograms.
+    pub(crate) fn add_window(&mut self, w: &super::series::Window) {
+        for (d, s) in [(&mut self.read, &w.read), (&mut self.write, &w.write)] {
+            d.ios += s.ios;
+            d.bytes += s.bytes;
+            if s.ios > 0 {
+                d.hist.add(&s.hist).expect("same histogram bounds");
+            }
+        }
+    }
+}
+
 impl Default for JobOutcome {
     fn default() -> Self {
         Self::new()
