@@ -198,10 +198,15 @@ fn tune_prints_the_curve_and_a_choice() {
     let steps = r["steps"].as_array().unwrap();
     let qds: Vec<u64> = steps.iter().map(|s| s["qd"].as_u64().unwrap()).collect();
     assert_eq!(&qds[..4], &[1, 2, 4, 8]);
-    // Latency at QD 1 is the model's 1 ms; past the knee it grows.
-    let p99 = |i: usize| steps[i]["p99_us"].as_f64().unwrap();
-    assert!((900.0..2000.0).contains(&p99(0)), "QD 1 p99 {}", p99(0));
-    assert!(p99(qds.len() - 1) > 6000.0, "{steps:?}");
+    // Latency at QD 1 is the model's 1 ms (the median: a p99 of a few hundred I/Os moves
+    // with one stall of the host); past the knee it grows.
+    let lat = |i: usize, k: &str| steps[i][k].as_f64().unwrap();
+    assert!(
+        (900.0..1500.0).contains(&lat(0, "p50_us")),
+        "QD 1 p50 {}",
+        lat(0, "p50_us")
+    );
+    assert!(lat(qds.len() - 1, "p99_us") > 6000.0, "{steps:?}");
     let choice = r["choice"].as_u64().expect("a depth meets 6 ms");
     assert!((4..=16).contains(&choice), "choice {choice}");
     let human = rio(&[

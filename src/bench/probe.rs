@@ -37,8 +37,9 @@ pub struct ProbeReport {
     pub recommendations: Vec<String>,
 }
 
-/// Runs `spec` for `step` (after a ramp of a quarter of it, at most 200 ms) at each depth 1, 2, 4, … up to `max_qd`, stopping early once p99
-/// passes four times the target. `stop` ends it (Ctrl-C) with what was measured.
+/// Runs `spec` for `step` (after a ramp of a quarter of it, at most 200 ms) at each depth 1,
+/// 2, 4, … up to `max_qd`, stopping early once the mean latency passes twice the target.
+/// `stop` ends it (Ctrl-C) with what was measured.
 pub fn probe(
     engine: &Engine,
     spec: &BenchSpec,
@@ -85,10 +86,13 @@ pub fn probe(
             p99_us,
         };
         tuner.observe(qd, (p99_us * 1000.0) as u64, st.mean_us * 1000.0, iops, ios);
+        let st_mean_us = st.mean_us;
         tracing::debug!(target: "rio::tune", qd, iops, p99_us, "probe step");
         steps.push(st);
+        // Far past the target: deeper only adds latency. Judged on the mean, which one stall
+        // of the host cannot move the way it moves a p99 of a few hundred I/Os.
         if let Some(t) = target
-            && p99_us > 4.0 * t.as_secs_f64() * 1e6
+            && st_mean_us > 2.0 * t.as_secs_f64() * 1e6
         {
             break;
         }

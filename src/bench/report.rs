@@ -27,6 +27,14 @@ pub struct DirCount {
 }
 
 impl DirCount {
+    /// One I/O of `bytes` that took `lat_ns`.
+    #[inline]
+    pub(crate) fn record(&mut self, bytes: u64, lat_ns: u64) {
+        self.ios += 1;
+        self.bytes += bytes;
+        self.hist.saturating_record(lat_ns.max(1));
+    }
+
     pub(crate) fn new() -> Self {
         DirCount {
             ios: 0,
@@ -62,14 +70,17 @@ impl JobOutcome {
 
     #[inline]
     pub fn record(&mut self, op: OpKind, bytes: u64, lat_ns: u64) {
-        let d = if op == OpKind::Read {
+        self.dir(op).record(bytes, lat_ns);
+    }
+
+    /// The direction an operation counts in.
+    #[inline]
+    pub(crate) fn dir(&mut self, op: OpKind) -> &mut DirCount {
+        if op == OpKind::Read {
             &mut self.read
         } else {
             &mut self.write
-        };
-        d.ios += 1;
-        d.bytes += bytes;
-        d.hist.saturating_record(lat_ns.max(1));
+        }
     }
 }
 

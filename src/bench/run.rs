@@ -639,8 +639,19 @@ impl<'a> Job<'a> {
             if self.win.ios() > 0 && self.win.pct(99.0) > target_ns {
                 self.last_breach = Some(end.as_secs_f64());
             }
+            // A span per decision (exported with the bench's spans when tracing export is
+            // on), the event inside it carrying the inputs and the estimate.
+            let span = tracing::info_span!(
+                "tune.decision",
+                job = self.idx,
+                qd = tracing::field::Empty,
+                reason = tracing::field::Empty
+            );
+            let _in = span.enter();
             if let Some(d) = t.window(&self.win) {
                 self.decisions += 1;
+                span.record("qd", d.qd);
+                span.record("reason", tracing::field::debug(d.reason));
                 tracing::debug!(
                     target: "rio::tune",
                     job = self.idx,

@@ -62,14 +62,11 @@ impl Window {
     /// Records one completion; `slice` is its heat column.
     #[inline]
     pub(crate) fn record(&mut self, op: OpKind, bytes: u64, lat_ns: u64, slice: usize) {
-        let d = if op == OpKind::Read {
-            &mut self.read
+        if op == OpKind::Read {
+            self.read.record(bytes, lat_ns);
         } else {
-            &mut self.write
-        };
-        d.ios += 1;
-        d.bytes += bytes;
-        d.hist.saturating_record(lat_ns.max(1));
+            self.write.record(bytes, lat_ns);
+        }
         self.heat[slice.min(HEAT_BUCKETS - 1)] += 1;
     }
 

@@ -627,7 +627,10 @@ impl TuneWindow {
             let mean = self.lat_sum / self.ios as f64;
             let iops = self.ios as f64 / len.as_secs_f64();
             let mut t = tuner.lock().unwrap_or_else(|p| p.into_inner());
+            let span = tracing::info_span!("tune.decision", core, qd = tracing::field::Empty);
+            let _in = span.enter();
             let d = t.observe(self.limit, p99, mean, iops, self.ios);
+            span.record("qd", d.qd);
             self.limit = t.depth();
             tracing::debug!(
                 target: "rio::tune",
