@@ -562,9 +562,17 @@ impl<'a> Job<'a> {
                 n += 1;
                 bytes += c.len;
                 self.bufs[token] = c.buf;
-                self.idle.push(token);
+                // Straight back out while under the depth (the common case); parked when the
+                // tuner lowered the depth, picked up by `fill` when it rises again.
+                if self.q.in_flight() < self.depth && can_issue(self, now) {
+                    self.issue(token, now)?;
+                } else {
+                    self.idle.push(token);
+                }
             }
-            self.fill(now, &can_issue)?;
+            if !self.idle.is_empty() {
+                self.fill(now, &can_issue)?;
+            }
             if n > 0 {
                 last_done = now;
                 prog.ios.fetch_add(n, Relaxed);
