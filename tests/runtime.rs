@@ -362,6 +362,69 @@ fn pollers_tune_their_depth_under_a_p99_target() {
     rt.shutdown();
 }
 
+/// Counts what the pollers' windows report.
+#[derive(Default)]
+struct CountingSink {
+    windows: AtomicU64,
+    reads: AtomicU64,
+    writes: AtomicU64,
+    max_p99_ns: AtomicU64,
+}
+
+impl rio::bench::WindowSink for CountingSink {
+    fn window(&self, w: &rio::bench::Window) {
+        self.windows.fetch_add(1, Ordering::Relaxed);
+        self.reads.fetch_add(w.read.ios, Ordering::Relaxed);
+        self.writes.fetch_add(w.write.ios, Ordering::Relaxed);
+        self.max_p99_ns.fetch_max(w.pct(99.0), Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn pollers_hand_their_windows_to_a_sink() {
+    let _s = SERIAL.lock().unwrap();
+    let sink = Arc::new(CountingSink::default());
+    let (_d, f) = uring_file(
+        8 << 20,
+        RuntimeConfig {
+            sink: Some(sink.clone()),
+            prefetch: rio::tune::PrefetchConfig {
+                enabled: false,
+                ..Default::default()
+            },
+            ..one_core(32, IdlePolicy::default(), pool())
+        },
+    );
+    let w = waker();
+    let mut b = Some(f.buffer(4096).unwrap());
+    for i in 0..3000u64 {
+        let (_, r) = block_on(f.read_at(i % 2048 * 4096, b.take().unwrap()), &w).unwrap();
+        b = r;
+    }
+    for i in 0..500u64 {
+        let (_, r) = block_on(f.write_at(i * 4096, b.take().unwrap()), &w).unwrap();
+        b = r;
+    }
+    block_on(f.sync_data(), &w).unwrap();
+    // The last window closes on its own once the poller is idle.
+    let t0 = Instant::now();
+    while sink.reads.load(Ordering::Relaxed) + sink.writes.load(Ordering::Relaxed) < 3500
+        && t0.elapsed() < Duration::from_secs(5)
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(sink.reads.load(Ordering::Relaxed), 3000);
+    assert_eq!(
+        sink.writes.load(Ordering::Relaxed),
+        500,
+        "the flush is not a write"
+    );
+    assert!(sink.windows.load(Ordering::Relaxed) >= 1);
+    assert!(sink.max_p99_ns.load(Ordering::Relaxed) > 0);
+    drop(b);
+    f.runtime().shutdown();
+}
+
 fn count_allocations(f: &DiskFile, ios: u64) -> u64 {
     let w = waker();
     let mut bufs: Vec<_> = (0..8).map(|_| Some(f.buffer(4096).unwrap())).collect();

@@ -69,6 +69,10 @@ pub struct RuntimeConfig {
     /// ([`crate::tune::qd`]) that caps its in-flight depth within `1..=depth` (requests over
     /// the cap wait in the inbox), and [`Runtime::recommendations`] reports what it learned.
     pub target_p99: Option<Duration>,
+    /// Each poller's 100 ms windows (latency histograms, counts, depth in force) and failed
+    /// I/Os go here: e.g. [`Telemetry::sink`](crate::telemetry::Telemetry::sink), to export
+    /// the runtime's metrics. `job` in a window is the poller's position.
+    pub sink: Option<Arc<dyn crate::bench::series::WindowSink + Send>>,
 }
 
 impl Default for RuntimeConfig {
@@ -80,6 +84,7 @@ impl Default for RuntimeConfig {
             pool: PoolConfig::default(),
             prefetch: crate::tune::PrefetchConfig::default(),
             target_p99: None,
+            sink: None,
         }
     }
 }
@@ -128,6 +133,10 @@ struct CoreShared {
     thread: std::sync::OnceLock<std::thread::Thread>,
     /// The core's depth tuner (with a p99 target): the poller locks it once per window.
     tuner: Option<Mutex<crate::tune::QdTuner>>,
+    /// Where the poller's windows go (telemetry), if anywhere.
+    sink: Option<Arc<dyn crate::bench::series::WindowSink + Send>>,
+    /// Position of this core in the runtime (the windows' `job`).
+    index: u32,
 }
 
 impl CoreShared {
@@ -213,6 +222,8 @@ impl Runtime {
                 inbox: crossbeam_queue::ArrayQueue::new(nslots),
                 sleeping: AtomicBool::new(false),
                 thread: std::sync::OnceLock::new(),
+                sink: cfg.sink.clone(),
+                index: shared.len() as u32,
                 tuner: cfg.target_p99.map(|t| {
                     let mut c = crate::tune::QdConfig::new(t, depth);
                     c.initial = depth.min(8);
@@ -601,35 +612,61 @@ impl std::fmt::Display for Recommendations {
     }
 }
 
-/// A poller's latency window for its tuner.
-struct TuneWindow {
+/// A poller's 100 ms measurement window, kept when a tuner or a window sink wants it: the
+/// same [`Window`](crate::bench::series::Window) a bench job keeps (one histogram update per
+/// completion), handed to the sink and to the tuner when it closes.
+struct Meter {
     /// Submission time per slot.
     started: Box<[Instant]>,
-    hist: hdrhistogram::Histogram<u64>,
-    ios: u64,
-    lat_sum: f64,
+    win: crate::bench::series::Window,
+    t0: Instant,
     start: Instant,
     /// Depth cap in force.
     limit: u32,
+    /// Heat-map column of a byte offset `o`: `(o * heat_mul) >> 64`.
+    heat_mul: u128,
 }
 
-impl TuneWindow {
+impl Meter {
     const LEN: Duration = Duration::from_millis(100);
 
-    /// Closes the window if it is due: feeds the tuner, returns the new cap.
-    fn maybe_close(&mut self, now: Instant, tuner: &Mutex<crate::tune::QdTuner>, core: usize) {
+    #[inline]
+    fn record(&mut self, c: &Completion, now: Instant) {
+        let ns = now
+            .saturating_duration_since(self.started[c.token as usize])
+            .as_nanos() as u64;
+        let slice = ((c.offset as u128 * self.heat_mul) >> 64) as usize;
+        self.win.record(c.op, c.len, ns, slice);
+    }
+
+    /// Closes the window if it is due: hands it to the sink, feeds the tuner (which may move
+    /// the cap), and starts the next.
+    fn maybe_close(&mut self, now: Instant, cs: &CoreShared, batch: u32) {
         let len = now.saturating_duration_since(self.start);
         if len < Self::LEN {
             return;
         }
-        if self.ios > 0 {
-            let p99 = self.hist.value_at_percentile(99.0);
-            let mean = self.lat_sum / self.ios as f64;
-            let iops = self.ios as f64 / len.as_secs_f64();
+        let core = cs.core;
+        if self.win.ios() > 0 {
+            self.win.len = len;
+            self.win.iodepth = self.limit;
+            self.win.batch = batch;
+            self.win.measuring = true;
+            if let Some(sink) = &cs.sink {
+                sink.window(&self.win);
+            }
+        }
+        if let Some(tuner) = &cs.tuner
+            && self.win.ios() > 0
+        {
+            let w = &self.win;
+            let mean = (w.read.hist.mean() * w.read.ios as f64
+                + w.write.hist.mean() * w.write.ios as f64)
+                / w.ios() as f64;
             let mut t = tuner.lock().unwrap_or_else(|p| p.into_inner());
             let span = tracing::info_span!("tune.decision", core, qd = tracing::field::Empty);
             let _in = span.enter();
-            let d = t.observe(self.limit, p99, mean, iops, self.ios);
+            let d = t.observe(self.limit, w.pct(99.0), mean, w.iops(), w.ios());
             span.record("qd", d.qd);
             self.limit = t.depth();
             tracing::debug!(
@@ -645,9 +682,7 @@ impl TuneWindow {
                 "runtime queue depth decision"
             );
         }
-        self.hist.reset();
-        self.ios = 0;
-        self.lat_sum = 0.0;
+        self.win.reset(now.saturating_duration_since(self.t0));
         self.start = now;
     }
 }
@@ -712,14 +747,16 @@ impl Poller {
         let mut comps: Vec<Completion> = Vec::with_capacity(self.depth as usize);
         let mut empty = 0u32;
         let mut last_maintain = Instant::now();
-        let mut tune = cs.tuner.as_ref().map(|t| TuneWindow {
+        let size = self.engine.target().geometry.size.max(1);
+        let mut meter = (cs.tuner.is_some() || cs.sink.is_some()).then(|| Meter {
             started: vec![Instant::now(); cs.slots.len()].into_boxed_slice(),
-            hist: hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000_000, 3)
-                .expect("valid histogram bounds"),
-            ios: 0,
-            lat_sum: 0.0,
+            win: crate::bench::series::Window::new(cs.index),
+            t0: Instant::now(),
             start: Instant::now(),
-            limit: t.lock().unwrap_or_else(|p| p.into_inner()).depth(),
+            limit: cs.tuner.as_ref().map_or(self.depth, |t| {
+                t.lock().unwrap_or_else(|p| p.into_inner()).depth()
+            }),
+            heat_mul: ((crate::bench::series::HEAT_BUCKETS as u128) << 64) / size as u128,
         });
         loop {
             let mut work = false;
@@ -739,15 +776,15 @@ impl Poller {
                     }
                 }
             }
-            let limit = tune.as_ref().map_or(self.depth, |t| t.limit);
-            if let Some(t) = &mut tune {
+            let limit = meter.as_ref().map_or(self.depth, |m| m.limit);
+            if let Some(m) = &mut meter {
                 let now = Instant::now();
                 while q.in_flight() < limit {
                     let Some(req) = cs.inbox.pop() else {
                         break;
                     };
                     work = true;
-                    t.started[req.slot as usize] = now;
+                    m.started[req.slot as usize] = now;
                     self.submit(&mut q, req, &mut inflight);
                 }
             } else {
@@ -763,17 +800,24 @@ impl Poller {
             if let Err(e) = q.poll(&mut comps) {
                 tracing::warn!(core, error = %e, "poll reported an error");
             }
-            if let (Some(t), Some(tuner)) = (&mut tune, &cs.tuner) {
+            if let Some(m) = &mut meter
+                && !comps.is_empty()
+            {
                 let now = Instant::now();
                 for c in &comps {
-                    let ns = now
-                        .saturating_duration_since(t.started[c.token as usize])
-                        .as_nanos() as u64;
-                    t.hist.saturating_record(ns.max(1));
-                    t.ios += 1;
-                    t.lat_sum += ns as f64;
+                    match &c.result {
+                        // Flushes and the like carry no data: they would skew the write
+                        // latency the window reports.
+                        Ok(_) if matches!(c.op, OpKind::Read | OpKind::Write) => m.record(c, now),
+                        Ok(_) => {}
+                        Err(e) => {
+                            if let Some(sink) = &cs.sink {
+                                sink.io_error(cs.index, e);
+                            }
+                        }
+                    }
                 }
-                t.maybe_close(now, tuner, core);
+                m.maybe_close(now, cs, q.submit_batch());
             }
             for c in comps.drain(..) {
                 work = true;
@@ -788,6 +832,13 @@ impl Poller {
                 break;
             }
             empty = empty.saturating_add(1);
+            // An idle poller still closes its last window (for the sink and the tuner).
+            if empty.is_multiple_of(1024)
+                && let Some(m) = &mut meter
+                && m.win.ios() > 0
+            {
+                m.maybe_close(Instant::now(), cs, q.submit_batch());
+            }
             if empty.is_multiple_of(1024)
                 && q.in_flight() == 0
                 && last_maintain.elapsed() >= MAINTAIN_EVERY
@@ -884,5 +935,15 @@ fn complete(cs: &CoreShared, slot: u32, res: Result<u64>, buf: Option<PoolBuf>) 
             s.state.store(FREE, Ordering::Release);
             let _ = cs.free.push(slot);
         }
+    }
+}
+
+/// Compile-time check: the telemetry sink fits `RuntimeConfig::sink`.
+#[cfg(test)]
+#[allow(dead_code)]
+fn telemetry_sink_fits(t: &crate::telemetry::Telemetry) -> RuntimeConfig {
+    RuntimeConfig {
+        sink: Some(Arc::new(t.sink("uring", "/dev/nvme0n1"))),
+        ..RuntimeConfig::default()
     }
 }
