@@ -93,7 +93,7 @@ fn open(a: &Args, prefetch: bool) -> Result<DiskFile, String> {
             enabled: prefetch,
             ..PrefetchConfig::default()
         },
-        target_p99: None,
+        ..RuntimeConfig::default()
     };
     DiskFile::open(&a.file, Some(a.size), &cfg, rt).map_err(|e| e.to_string())
 }
