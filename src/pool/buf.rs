@@ -44,8 +44,9 @@ impl PoolBuf {
     pub(crate) unsafe fn new(core: &CorePool, addr: usize, class: usize, len: usize) -> PoolBuf {
         PoolBuf {
             core: NonNull::from(core),
-            // Buffers are carved from mmap'ed regions: never null.
-            ptr: NonNull::new(addr as *mut u8).expect("buffer address is null"),
+            // SAFETY: buffers are carved from mmap'ed regions, which never start at (or wrap
+            // to) address 0; `addr` comes from a free list of such buffers (caller contract).
+            ptr: unsafe { NonNull::new_unchecked(addr as *mut u8) },
             len,
             class: class as u8,
         }

@@ -136,8 +136,11 @@ impl ClassPool {
                 first
             }
         };
-        self.own.out.store(self.own.out.load(Relaxed) + 1, Relaxed);
-        let now = self.in_use();
+        // Owner-only counter: load + store, and the value is reused for the high-water mark
+        // (atomic loads are not merged by the compiler, so `in_use()` would load it again).
+        let out = self.own.out.load(Relaxed) + 1;
+        self.own.out.store(out, Relaxed);
+        let now = out + self.sh.out.load(Acquire);
         if now > self.high_water.load(Relaxed) {
             self.high_water.fetch_max(now, Relaxed);
         }
