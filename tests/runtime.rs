@@ -363,6 +363,50 @@ fn pollers_tune_their_depth_under_a_p99_target() {
     rt.shutdown();
 }
 
+#[test]
+fn read_ahead_never_starves_the_host_of_slots() {
+    let _s = SERIAL.lock().unwrap();
+    // One core, 128 slots; four sequential streams whose read-ahead could each want 64.
+    let rt = sim_runtime(Latency::Fixed(Duration::from_micros(20)));
+    let files: Vec<DiskFile> = (0..4u64)
+        .map(|i| DiskFile::region(&rt, i * (8 << 20), 8 << 20).unwrap())
+        .collect();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let worker = {
+        let files = files.clone();
+        std::thread::spawn(move || {
+            let w = waker();
+            let mut bufs: Vec<_> = files
+                .iter()
+                .map(|f| Some(f.buffer(4096).unwrap()))
+                .collect();
+            for blk in 0..1500u64 {
+                for (f, b) in files.iter().zip(bufs.iter_mut()) {
+                    let (_, r) = block_on(f.read_at(blk * 4096, b.take().unwrap()), &w).unwrap();
+                    *b = r;
+                }
+            }
+            let _ = tx.send(());
+        })
+    };
+    // A hang here is the bug: read-ahead holding every slot while the host waits for one.
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("reads through four read-ahead streams stalled");
+    worker.join().unwrap();
+    let served: u64 = files
+        .iter()
+        .map(|f| {
+            let s = f.prefetch_stats().unwrap().1;
+            s.hits + s.late_hits
+        })
+        .sum();
+    assert!(served > 3000, "read-ahead served {served} of 6000");
+    drop(files);
+    std::thread::sleep(Duration::from_millis(20));
+    rt.shutdown();
+    assert_eq!(rt.pools().in_use(), 0);
+}
+
 /// Counts what the pollers' windows report.
 #[derive(Default)]
 struct CountingSink {

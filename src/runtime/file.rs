@@ -165,11 +165,13 @@ impl DiskFile {
                     let Some(b) = self.rt.try_buffer(l as usize) else {
                         break;
                     };
-                    p.insert(
-                        o,
-                        l,
-                        self.rt.submit(OpKind::Read, self.base + o, l, Some(b)),
-                    );
+                    // Nor does it wait for a runtime slot, or take the last half of them:
+                    // finished prefetches hold theirs until read, and the host's own requests
+                    // (this very read, on a miss) must always find one.
+                    match self.rt.try_submit(OpKind::Read, self.base + o, l, b) {
+                        Ok(f) => p.insert(o, l, f),
+                        Err(_) => break,
+                    }
                 }
                 hit
             }

@@ -356,6 +356,38 @@ impl Runtime {
     /// Submit `op` on `buf` (reads and writes) at `offset`; the future resolves when it
     /// completed, giving the buffer back. Runs on the core the buffer belongs to.
     pub fn submit(&self, op: OpKind, offset: u64, len: u64, buf: Option<PoolBuf>) -> IoFuture {
+        self.submit_inner(op, offset, len, buf, 0)
+            .unwrap_or_else(|_| unreachable!("a reserve of 0 always waits for a slot"))
+    }
+
+    /// [`submit`](Self::submit) for optional work (read-ahead): only if more than half of the
+    /// core's slots are free right now, never waiting. The other half stays for the host's own
+    /// requests, which a read-ahead that holds finished reads must never starve. The buffer
+    /// comes back when it is refused.
+    pub fn try_submit(
+        &self,
+        op: OpKind,
+        offset: u64,
+        len: u64,
+        buf: PoolBuf,
+    ) -> std::result::Result<IoFuture, Option<PoolBuf>> {
+        let idx = self
+            .cores
+            .iter()
+            .position(|c| c.core == buf.home_core())
+            .unwrap_or(0);
+        let reserve = self.cores[idx].slots.len() / 2;
+        self.submit_inner(op, offset, len, Some(buf), reserve)
+    }
+
+    fn submit_inner(
+        &self,
+        op: OpKind,
+        offset: u64,
+        len: u64,
+        buf: Option<PoolBuf>,
+        reserve: usize,
+    ) -> std::result::Result<IoFuture, Option<PoolBuf>> {
         let idx = match &buf {
             Some(b) => self
                 .cores
@@ -366,7 +398,10 @@ impl Runtime {
         };
         let cs = Arc::clone(&self.cores[idx]);
         if self.stop.load(Ordering::Acquire) {
-            return IoFuture::failed(cs, shut_down(), buf);
+            return Ok(IoFuture::failed(cs, shut_down(), buf));
+        }
+        if reserve > 0 && cs.free.len() <= reserve {
+            return Err(buf);
         }
         // A free slot; waiting (yielding) is the backpressure of a full core. It ends when a
         // slot frees up or the runtime shuts down (pollers complete everything before they
@@ -375,8 +410,11 @@ impl Runtime {
             if let Some(s) = cs.free.pop() {
                 break s;
             }
+            if reserve > 0 {
+                return Err(buf);
+            }
             if self.stop.load(Ordering::Acquire) {
-                return IoFuture::failed(cs, shut_down(), buf);
+                return Ok(IoFuture::failed(cs, shut_down(), buf));
             }
             cs.wake_poller();
             std::thread::yield_now();
@@ -404,12 +442,12 @@ impl Runtime {
             }
         }
         cs.wake_poller();
-        IoFuture {
+        Ok(IoFuture {
             cs,
             slot,
             epoch,
             early: None,
-        }
+        })
     }
 
     /// Stop the pollers after they drained what was submitted. Idempotent.
