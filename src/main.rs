@@ -407,7 +407,12 @@ fn tune(cfg: EngineConfig, a: TuneArgs) -> Result<(), Fail> {
         return Err(usage("invalid --step: at least 100ms"));
     }
     let target = match a.lat_target {
-        Some(t) if t.is_zero() => return Err(usage("invalid --lat-target: must be above zero")),
+        Some(t) if !(10..=10_000_000).contains(&t.as_micros()) => {
+            return Err(usage(format!(
+                "invalid --lat-target: expected 10us..=10s, got {}us",
+                t.as_micros()
+            )));
+        }
         Some(t) => Some(t),
         None => cfg.target_latency_us.map(Duration::from_micros),
     };

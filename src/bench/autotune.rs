@@ -2,10 +2,11 @@
 //!
 //! Scope `queue`: each job's queue has its own [`QdTuner`], fed by that job's windows.
 //! Scope `device`: one tuner for the whole device. Each job's window is merged into the
-//! current epoch (histograms added, IOPS summed); when every job has reported (or one job
-//! reports twice, its window having rolled over before a slower job's), the tuner sees the
-//! total depth, the merged p99 and the summed IOPS, and its choice is split evenly over the
-//! jobs. A job takes the new depth at its next window.
+//! current epoch (histograms added, IOPS summed); when every running job has reported (or one
+//! job reports twice, its window having rolled over before a slower job's: the epoch's depth
+//! and IOPS are then scaled to all running jobs), the tuner sees the total depth, the merged
+//! p99 and the summed IOPS, and its choice is split evenly over the running jobs. A job takes
+//! the new depth at its next window; a finished job leaves.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
@@ -74,6 +75,8 @@ struct DevState {
     tuner: QdTuner,
     hist: Histogram<u64>,
     reported: Vec<bool>,
+    /// Jobs still running (a finished job no longer reports).
+    active: Vec<bool>,
     depth_sum: u32,
     ios: u64,
     iops: f64,
@@ -85,7 +88,6 @@ pub struct DeviceTuner {
     state: Mutex<DevState>,
     per_job: AtomicU32,
     batch: AtomicU32,
-    jobs: u32,
 }
 
 impl DeviceTuner {
@@ -98,6 +100,7 @@ impl DeviceTuner {
                 tuner,
                 hist: Histogram::new_with_bounds(1, 3_600_000_000_000, 3).expect("bounds"),
                 reported: vec![false; jobs as usize],
+                active: vec![true; jobs as usize],
                 depth_sum: 0,
                 ios: 0,
                 iops: 0.0,
@@ -105,7 +108,6 @@ impl DeviceTuner {
             }),
             per_job: AtomicU32::new(per_job),
             batch: AtomicU32::new(1),
-            jobs,
         }
     }
 
@@ -126,10 +128,18 @@ impl DeviceTuner {
                 st.lat_sum += d.hist.mean() * d.ios as f64;
             }
         }
-        if st.reported.iter().all(|r| *r) {
+        if st.reported.iter().zip(&st.active).all(|(r, a)| *r || !*a) {
             out = Some(self.decide(&mut st));
         }
         out
+    }
+
+    /// Job `job` finished: epochs no longer wait for it, and the depth is split over the
+    /// jobs still running.
+    fn leave(&self, job: u32) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let j = (job as usize).min(st.active.len() - 1);
+        st.active[j] = false;
     }
 
     fn decide(&self, st: &mut DevState) -> Decision {
@@ -143,9 +153,16 @@ impl DeviceTuner {
         } else {
             0.0
         };
-        let (depth, ios, iops) = (st.depth_sum, st.ios, st.iops);
-        let d = st.tuner.observe(depth.max(1), p99, mean, iops, ios);
-        let per_job = d.qd.div_ceil(self.jobs).max(1);
+        // An epoch cut short (one job's window rolled over before another's closed) covers
+        // only the jobs that reported: scale its depth and IOPS to every running job, so the
+        // tuner sees the device's figures, not a fraction of them.
+        let active = st.active.iter().filter(|a| **a).count().max(1) as u32;
+        let reported = st.reported.iter().filter(|r| **r).count().max(1) as u32;
+        let scale = active.max(reported) as f64 / reported as f64;
+        let depth = ((st.depth_sum as f64 * scale).round() as u32).max(1);
+        let (ios, iops) = (st.ios, st.iops * scale);
+        let d = st.tuner.observe(depth, p99, mean, iops, ios);
+        let per_job = d.qd.div_ceil(active).max(1);
         self.per_job.store(per_job, Relaxed);
         // The arm is the tuner's; its size follows each job's own depth.
         let batch = if d.batch > 1 {
@@ -176,6 +193,13 @@ impl JobTuner<'_> {
         match self {
             JobTuner::Queue(t) => t.depth(),
             JobTuner::Device(d) => d.per_job.load(Relaxed),
+        }
+    }
+
+    /// The job finished (device scope: it stops counting toward the device's epochs).
+    pub fn leave(&self, job: u32) {
+        if let JobTuner::Device(d) = self {
+            d.leave(job);
         }
     }
 
@@ -298,4 +322,60 @@ pub fn recommendations(t: &QdTuner) -> Vec<String> {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::OpKind;
+
+    /// A window of `job` at `qd` on a device whose latency is flat at 50 µs (depth is free).
+    fn window(job: u32, qd: u32) -> Window {
+        let mut w = Window::new(job);
+        w.len = Duration::from_millis(100);
+        w.iodepth = qd;
+        for _ in 0..(qd as u64 * 200) {
+            w.record(OpKind::Read, 4096, 50_000, 0);
+        }
+        w
+    }
+
+    #[test]
+    fn device_scope_splits_the_depth_and_survives_a_finished_job() {
+        let d = DeviceTuner::new(QdConfig::new(Duration::from_micros(200), 64), 2);
+        let (a, b) = (JobTuner::Device(&d), JobTuner::Device(&d));
+        let mut decisions = 0;
+        for _ in 0..6 {
+            decisions += a.depth_window(0) as u32;
+            decisions += b.depth_window(1) as u32;
+        }
+        assert!(decisions >= 5, "{decisions} decisions in 6 epochs");
+        let grown = a.depth();
+        assert!(
+            grown >= 8,
+            "per-job depth {grown} on a device where depth is free"
+        );
+        assert_eq!(a.depth(), b.depth());
+        // Job 1 finishes. Job 0's windows alone now make the epochs, and the depth does not
+        // collapse (before: each lone window read as the whole device's depth, halved).
+        b.leave(1);
+        for _ in 0..10 {
+            a.depth_window(0);
+        }
+        assert!(
+            a.depth() >= grown,
+            "per-job depth fell to {} from {grown}",
+            a.depth()
+        );
+    }
+
+    impl JobTuner<'_> {
+        /// Feeds this job's next window at its current depth; whether a decision came of it.
+        fn depth_window(&self, job: u32) -> bool {
+            match self {
+                JobTuner::Device(d) => d.window(&window(job, self.depth())).is_some(),
+                JobTuner::Queue(_) => unreachable!(),
+            }
+        }
+    }
 }

@@ -254,6 +254,11 @@ struct Clocks {
     ended: AtomicUsize,
 }
 
+/// With `--iodepth auto`, a window is stretched until it holds this many I/Os (the tuner's
+/// `min_samples`) or reaches `MAX_WINDOW`.
+const MIN_WINDOW_IOS: u64 = 20;
+const MAX_WINDOW: Duration = Duration::from_secs(1);
+
 /// Bytes of arena a job needs: `depth` buffers of `bs` rounded up to their size class.
 fn arena_for(depth: u32, bs: u64) -> usize {
     let class = (bs as usize).next_power_of_two().max(4096);
@@ -578,7 +583,13 @@ impl<'a> Job<'a> {
                 prog.ios.fetch_add(n, Relaxed);
                 prog.bytes.fetch_add(bytes, Relaxed);
             }
-            if now >= self.win_end {
+            // A window closes after 100 ms, or, on a slow device, once it holds enough I/Os
+            // to say something (the tuner skips windows of fewer than 20), at most after 1 s.
+            if now >= self.win_end
+                && (self.tuner.is_none()
+                    || self.win.ios() >= MIN_WINDOW_IOS
+                    || now >= self.win_end + (MAX_WINDOW - WINDOW))
+            {
                 self.close_window(now, measuring, sink, &mut series, &mut out);
             }
         }
@@ -587,6 +598,7 @@ impl<'a> Job<'a> {
         }
         out.series = series;
         if let Some(t) = &self.tuner {
+            t.leave(self.idx as u32);
             let end = now.saturating_duration_since(self.t0).as_secs_f64();
             let converged = match self.last_breach {
                 None => Some(0.0),

@@ -93,7 +93,9 @@ impl Window {
         if s > 0.0 { self.ios() as f64 / s } else { 0.0 }
     }
 
-    /// Latency at percentile `p` (0..100) over both directions, in nanoseconds (0: no I/O).
+    /// Latency at percentile `p` (0..100), in nanoseconds (0: no I/O): the larger of the
+    /// reads' and the writes' (conservative for a mixed workload: the tuner keeps the slower
+    /// direction under target).
     pub fn pct(&self, p: f64) -> u64 {
         let r = (self.read.ios > 0).then(|| self.read.hist.value_at_percentile(p));
         let w = (self.write.ios > 0).then(|| self.write.hist.value_at_percentile(p));

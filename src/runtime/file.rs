@@ -205,17 +205,37 @@ impl DiskFile {
         // Read-ahead stops while the write is in flight and forgets what it overlaps, before
         // and after: a prefetch racing the write at the device could hold either version.
         pf.writes.fetch_add(1, Ordering::AcqRel);
-        // Ends the write's hold on read-ahead also when this future is dropped mid-way.
-        struct Done<'a>(&'a Stream, u64, u64);
-        impl Drop for Done<'_> {
+        // Ends the write's hold on read-ahead when it completed. If the future is dropped
+        // mid-way the write may still be in flight at the device, and a prefetch issued after
+        // the hold ended could read the old data: read-ahead then stays off for this stream
+        // (the hold is never released). Rare, and safe.
+        struct Hold<'a> {
+            s: &'a Stream,
+            offset: u64,
+            len: u64,
+            done: bool,
+        }
+        impl Drop for Hold<'_> {
             fn drop(&mut self) {
-                self.0.lock().invalidate(self.1, self.2);
-                self.0.writes.fetch_sub(1, Ordering::AcqRel);
+                self.s.lock().invalidate(self.offset, self.len);
+                if self.done {
+                    self.s.writes.fetch_sub(1, Ordering::AcqRel);
+                } else {
+                    tracing::debug!("write cancelled in flight: read-ahead off for this stream");
+                }
             }
         }
-        let _done = Done(pf, offset, len);
+        let mut hold = Hold {
+            s: pf,
+            offset,
+            len,
+            done: false,
+        };
         pf.lock().invalidate(offset, len);
-        self.rt.submit(OpKind::Write, at, len, Some(buf)).await
+        let r = self.rt.submit(OpKind::Write, at, len, Some(buf)).await;
+        hold.done = true;
+        drop(hold);
+        r
     }
 
     /// What read-ahead sees in this file's reads, and its counters (`None`: prefetch off).

@@ -679,11 +679,13 @@ impl Meter {
 
     /// Closes the window if it is due: hands it to the sink, feeds the tuner (which may move
     /// the cap), and starts the next.
-    fn maybe_close(&mut self, now: Instant, cs: &CoreShared, batch: u32) {
+    /// Returns the submission batch the tuner chose, if it decided.
+    fn maybe_close(&mut self, now: Instant, cs: &CoreShared, batch: u32) -> Option<u32> {
         let len = now.saturating_duration_since(self.start);
         if len < Self::LEN {
-            return;
+            return None;
         }
+        let mut chosen = None;
         let core = cs.core;
         if self.win.ios() > 0 {
             self.win.len = len;
@@ -707,6 +709,7 @@ impl Meter {
             let d = t.observe(self.limit, w.pct(99.0), mean, w.iops(), w.ios());
             span.record("qd", d.qd);
             self.limit = t.depth();
+            chosen = Some(t.batch());
             tracing::debug!(
                 target: "rio::tune",
                 core,
@@ -722,6 +725,7 @@ impl Meter {
         }
         self.win.reset(now.saturating_duration_since(self.t0));
         self.start = now;
+        chosen
     }
 }
 
@@ -855,7 +859,9 @@ impl Poller {
                         }
                     }
                 }
-                m.maybe_close(now, cs, q.submit_batch());
+                if let Some(b) = m.maybe_close(now, cs, q.submit_batch()) {
+                    q.set_submit_batch(b);
+                }
             }
             for c in comps.drain(..) {
                 work = true;
@@ -874,8 +880,9 @@ impl Poller {
             if empty.is_multiple_of(1024)
                 && let Some(m) = &mut meter
                 && m.win.ios() > 0
+                && let Some(b) = m.maybe_close(Instant::now(), cs, q.submit_batch())
             {
-                m.maybe_close(Instant::now(), cs, q.submit_batch());
+                q.set_submit_batch(b);
             }
             if empty.is_multiple_of(1024)
                 && q.in_flight() == 0

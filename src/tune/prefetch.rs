@@ -33,7 +33,8 @@ pub const BACKOFF_READS: u64 = 1024;
 #[derive(Clone, Copy, Debug)]
 pub struct PrefetchConfig {
     pub enabled: bool,
-    /// Bytes that may be cached or in flight ahead of the reader.
+    /// Bytes that may be cached or in flight ahead of the reader (at least one read ahead is
+    /// always allowed, even when a single read is larger).
     pub budget: u64,
 }
 
@@ -249,7 +250,9 @@ impl<T> Prefetcher<T> {
         let before = self.entries.len();
         self.entries
             .retain(|e| e.offset.saturating_add(e.len) <= offset || e.offset >= end);
-        self.stats.wasted += (before - self.entries.len()) as u64;
+        let dropped = (before - self.entries.len()) as u64;
+        self.stats.wasted += dropped;
+        self.wasted += dropped;
     }
 
     /// Drops every cached read (e.g. while a write is in flight anywhere in the stream).

@@ -361,12 +361,12 @@ impl QdTuner {
         }
         d.batch = self.arms.batch(self.cur);
         d.confidence = self.confidence();
+        d.best_qd = self.aim;
         if d.predicted_p99_us == 0.0 {
             let (p, i, _) = self.predict(d.best_qd.max(1));
             d.predicted_p99_us = p;
             d.predicted_iops = i;
         }
-        d.best_qd = self.aim;
         self.last = Some(d);
         d
     }
