@@ -336,6 +336,16 @@ impl Pools {
     ) -> Result<PoolBuf, PoolError> {
         let c = &cp.classes[ci];
         c.count_miss(owner, self.now_ns());
+        // A thread about to wait must not sit on free buffers other threads need: an owner's
+        // stash is invisible to them, and two owners each waiting for the other core's
+        // buffers while holding their own would wait out their deadlines (seen in the 8-thread
+        // stress test). Every stash this thread owns goes to the shared queues first.
+        for other in self.cores.iter().filter(|o| o.is_owner()) {
+            for oc in other.classes.iter() {
+                // SAFETY: is_owner() just said this thread owns `other`.
+                unsafe { oc.owner_flush() };
+            }
+        }
         let start = Instant::now();
         let mut grow_tried = false;
         let backoff = Backoff::new();
