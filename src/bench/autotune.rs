@@ -88,11 +88,14 @@ pub struct DeviceTuner {
     state: Mutex<DevState>,
     per_job: AtomicU32,
     batch: AtomicU32,
+    /// A job's own depth bound (`--iodepth-max`).
+    job_max: u32,
 }
 
 impl DeviceTuner {
     pub fn new(cfg: QdConfig, jobs: u32) -> DeviceTuner {
         let jobs = jobs.max(1);
+        let job_max = cfg.max.div_ceil(jobs).max(1);
         let tuner = QdTuner::new(cfg);
         let per_job = tuner.depth().div_ceil(jobs).max(1);
         DeviceTuner {
@@ -108,6 +111,7 @@ impl DeviceTuner {
             }),
             per_job: AtomicU32::new(per_job),
             batch: AtomicU32::new(1),
+            job_max,
         }
     }
 
@@ -162,7 +166,9 @@ impl DeviceTuner {
         let depth = ((st.depth_sum as f64 * scale).round() as u32).max(1);
         let (ios, iops) = (st.ios, st.iops * scale);
         let d = st.tuner.observe(depth, p99, mean, iops, ios);
-        let per_job = d.qd.div_ceil(active).max(1);
+        // Split over the running jobs, each within its own bound (after a job leaves, the
+        // others cannot take up its share beyond `--iodepth-max`).
+        let per_job = d.qd.div_ceil(active).clamp(1, self.job_max);
         self.per_job.store(per_job, Relaxed);
         // The arm is the tuner's; its size follows each job's own depth.
         let batch = if d.batch > 1 {
