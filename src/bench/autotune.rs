@@ -221,17 +221,7 @@ impl JobTuner<'_> {
     pub fn window(&mut self, w: &Window) -> Option<Decision> {
         match self {
             JobTuner::Queue(t) => {
-                let mean = {
-                    let n = w.ios();
-                    if n == 0 {
-                        0.0
-                    } else {
-                        (w.read.hist.mean() * w.read.ios as f64
-                            + w.write.hist.mean() * w.write.ios as f64)
-                            / n as f64
-                    }
-                };
-                Some(t.observe(w.iodepth, w.pct(99.0), mean, w.iops(), w.ios()))
+                Some(t.observe(w.iodepth, w.pct(99.0), w.mean_ns(), w.iops(), w.ios()))
             }
             JobTuner::Device(d) => d.window(w),
         }

@@ -87,6 +87,17 @@ impl Window {
         self.read.ios + self.write.ios
     }
 
+    /// Mean latency over both directions, in nanoseconds (0: no I/O).
+    pub fn mean_ns(&self) -> f64 {
+        let n = self.ios();
+        if n == 0 {
+            return 0.0;
+        }
+        (self.read.hist.mean() * self.read.ios as f64
+            + self.write.hist.mean() * self.write.ios as f64)
+            / n as f64
+    }
+
     /// I/Os per second over the window.
     pub fn iops(&self) -> f64 {
         let s = self.len.as_secs_f64();

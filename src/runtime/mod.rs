@@ -700,9 +700,7 @@ impl Meter {
             && self.win.ios() > 0
         {
             let w = &self.win;
-            let mean = (w.read.hist.mean() * w.read.ios as f64
-                + w.write.hist.mean() * w.write.ios as f64)
-                / w.ios() as f64;
+            let mean = w.mean_ns();
             let mut t = tuner.lock().unwrap_or_else(|p| p.into_inner());
             let span = tracing::info_span!("tune.decision", core, qd = tracing::field::Empty);
             let _in = span.enter();
