@@ -132,14 +132,23 @@ impl std::ops::DerefMut for PoolBuf {
     }
 }
 
+impl PoolBuf {
+    #[cold]
+    #[inline(never)]
+    fn zero(ptr: NonNull<u8>, size: usize) {
+        // SAFETY: the dropping PoolBuf still owns the whole [ptr, ptr+capacity) range (see
+        // as_slice); `size` is its class size.
+        unsafe { std::ptr::write_bytes(ptr.as_ptr(), 0, size) };
+    }
+}
+
 impl Drop for PoolBuf {
-    #[inline]
+    #[inline(always)]
     fn drop(&mut self) {
         let core = self.core_pool();
         let class = &core.classes[self.class as usize];
         if core.zero_on_free {
-            // SAFETY: we still own the whole [ptr, ptr+capacity) range (see as_slice).
-            unsafe { std::ptr::write_bytes(self.ptr.as_ptr(), 0, class.size) };
+            PoolBuf::zero(self.ptr, class.size);
         }
         let addr = self.ptr.as_ptr() as usize;
         if core.is_owner() {

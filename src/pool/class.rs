@@ -124,17 +124,8 @@ impl ClassPool {
         let local = unsafe { &mut *self.local.get() };
         let addr = match local.pop() {
             Some(a) => a,
-            None => {
-                // Take back remote returns, a batch at a time so other threads can still get.
-                let first = self.shared.pop()?;
-                for _ in 0..32 {
-                    match self.shared.pop() {
-                        Some(a) => local.push(a),
-                        None => break,
-                    }
-                }
-                first
-            }
+            // SAFETY: the caller is the owner (contract, passed on).
+            None => unsafe { self.owner_refill() }?,
         };
         // Owner-only counter: load + store, and the value is reused for the high-water mark
         // (atomic loads are not merged by the compiler, so `in_use()` would load it again).
@@ -145,6 +136,27 @@ impl ClassPool {
             self.high_water.fetch_max(now, Relaxed);
         }
         Some(addr)
+    }
+
+    /// The owner's stack is empty: take back remote returns, a batch at a time so other
+    /// threads can still get. Out of line so the owner's fast path stays small enough to
+    /// inline into callers.
+    ///
+    /// # Safety
+    /// The caller is the core's owner thread.
+    #[cold]
+    #[inline(never)]
+    unsafe fn owner_refill(&self) -> Option<usize> {
+        // SAFETY: the caller is the owner, the only thread touching `local` (contract).
+        let local = unsafe { &mut *self.local.get() };
+        let first = self.shared.pop()?;
+        for _ in 0..32 {
+            match self.shared.pop() {
+                Some(a) => local.push(a),
+                None => break,
+            }
+        }
+        Some(first)
     }
 
     /// Return a buffer on the owner path.
@@ -158,9 +170,16 @@ impl ClassPool {
         if local.len() < OWNER_CACHE {
             local.push(addr); // within the reserved capacity: no allocation
         } else {
-            self.push_shared(addr);
+            self.owner_spill(addr);
         }
         self.own.out.store(self.own.out.load(Relaxed) - 1, Relaxed);
+    }
+
+    /// The owner's stack is full: the buffer goes to the shared queue.
+    #[cold]
+    #[inline(never)]
+    fn owner_spill(&self, addr: usize) {
+        self.push_shared(addr);
     }
 
     /// Move the owner's stack to the shared queue (unbinding, maintenance).
@@ -175,7 +194,8 @@ impl ClassPool {
         }
     }
 
-    #[inline]
+    /// Out of line: it keeps `Pools::get`'s owner path small enough to inline.
+    #[inline(never)]
     pub(crate) fn shared_take(&self) -> Option<usize> {
         let addr = self.shared.pop()?;
         let now = self.sh.out.fetch_add(1, AcqRel) + 1 + self.own.out.load(Relaxed);
@@ -187,7 +207,8 @@ impl ClassPool {
 
     /// Return a buffer from a thread that is not the owner. The Release decrement is the
     /// last access to the pool, so a shutdown that reads the counter as zero may free it.
-    #[inline]
+    /// Out of line: it keeps the owner's return path in `PoolBuf::drop` small.
+    #[inline(never)]
     pub(crate) fn remote_put(&self, addr: usize) {
         self.push_shared(addr);
         self.sh.remote_returns.fetch_add(1, Relaxed);

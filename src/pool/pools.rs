@@ -292,7 +292,7 @@ impl Pools {
     /// A buffer of at least `len` bytes (`len()` = `len`) from `core`'s pool. If the class is
     /// empty: grow (adaptive strategy), else wait for a return until `deadline` (`None`: do not
     /// wait), then [`PoolError::Exhausted`].
-    #[inline]
+    #[inline(always)]
     pub fn get(
         &self,
         core: usize,
@@ -576,7 +576,7 @@ impl Pools {
     }
 }
 
-#[inline]
+#[inline(always)]
 fn take(c: &ClassPool, owner: bool) -> Option<usize> {
     if owner {
         // SAFETY: `owner` is the core's is_owner() evaluated on this thread during this call; only
