@@ -660,3 +660,53 @@ fn idle_pool_memory_goes_back_through_the_queues() {
     grows_then_gives_memory_back(f.runtime(), &f);
     f.runtime().shutdown();
 }
+
+/// Buffers the poller drops (futures abandoned in flight) land in its private stash; a poller
+/// going to sleep hands them to the shared queue, so a host thread waiting for a buffer gets
+/// one instead of waiting out its deadline.
+#[test]
+fn a_sleeping_poller_does_not_sit_on_freed_buffers() {
+    let _s = SERIAL.lock().unwrap();
+    let cfg = EngineConfig {
+        hugepages: false,
+        ..EngineConfig::default()
+    };
+    let sim = SimConfig {
+        latency: Latency::Fixed(Duration::from_millis(2)),
+        ..SimConfig::default()
+    };
+    let e = Engine::open_sim(&cfg, sim, 1, OpenOptions::default()).unwrap();
+    let pool = PoolConfig {
+        pages: PagePolicy::Normal,
+        classes: vec![4096],
+        initial_per_class: 8,
+        strategy: rio::pool::Strategy::Fixed,
+        ..PoolConfig::default()
+    };
+    let idle = IdlePolicy::SleepAfter {
+        polls: 100,
+        max_sleep: Duration::from_millis(1),
+    };
+    let rt = Runtime::start(e, one_core(32, idle, pool)).unwrap();
+    let bufs: Vec<_> = (0..8)
+        .map(|_| rt.buffer(4096, Duration::from_secs(1)).unwrap())
+        .collect();
+    assert!(rt.try_buffer(4096).is_none(), "the pool should be empty");
+    // Every buffer goes to the poller inside a read whose future is dropped: the poller drops
+    // it when the read completes, on its own thread.
+    for (i, b) in bufs.into_iter().enumerate() {
+        drop(rt.submit(rio::OpKind::Read, i as u64 * 4096, 4096, Some(b)));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    // Held, so each get must find another.
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        match rt.buffer(4096, Duration::from_millis(500)) {
+            Ok(b) => held.push(b),
+            Err(e) => panic!("a buffer freed on the poller stayed out of reach: {e}"),
+        }
+    }
+    drop(held);
+    rt.shutdown();
+    assert_eq!(rt.pools().in_use(), 0);
+}

@@ -71,6 +71,17 @@ impl OwnerGuard {
     pub fn pools(&self) -> &Arc<Pools> {
         &self.pools
     }
+
+    /// Hand this thread's private free lists to the shared queues, so other threads can take
+    /// those buffers. For an owner about to sleep: buffers returned on its thread would
+    /// otherwise sit in its stash, out of reach of a thread waiting in `get`.
+    pub fn flush(&self) {
+        for c in self.pools.cores[self.idx].classes.iter() {
+            // SAFETY: the guard is !Send, so this runs on the thread that bound the core, which
+            // is still its owner (only this guard's drop clears the token).
+            unsafe { c.owner_flush() };
+        }
+    }
 }
 
 impl Drop for OwnerGuard {

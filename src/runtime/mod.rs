@@ -772,7 +772,7 @@ impl Poller {
                 .map_or(0, |m| m as usize + 1);
             Ok((guard, q, generation, known))
         };
-        let (_guard, mut q, mut generation, mut known) = match setup() {
+        let (guard, mut q, mut generation, mut known) = match setup() {
             Ok(v) => {
                 let _ = ready.send(Ok(()));
                 v
@@ -893,6 +893,10 @@ impl Poller {
                 IdlePolicy::BusyPoll => std::hint::spin_loop(),
                 IdlePolicy::SleepAfter { polls, max_sleep } => {
                     if empty >= polls && q.in_flight() == 0 {
+                        // Buffers the host dropped on this thread sit in its private stash:
+                        // a host thread waiting in `Runtime::buffer` could not take them while
+                        // this poller sleeps.
+                        guard.flush();
                         cs.sleeping.store(true, Ordering::Release);
                         if cs.inbox.is_empty() && !self.stop.load(Ordering::Acquire) {
                             std::thread::park_timeout(max_sleep);
