@@ -73,6 +73,8 @@ pub struct NvmeQueueStats {
 pub(crate) struct NvmeQueue {
     ctrl: Arc<Controller>,
     sim: bool,
+    /// The controller is an inline model: each poll runs a pass of the device first.
+    sim_inline: bool,
     nsid: u32,
     lba_shift: u32,
     ring: Option<Ring>,
@@ -151,6 +153,7 @@ impl NvmeQueue {
         let max_xfer = ctrl.max_xfer() as u64;
         let timeout_ms = opts.command_timeout.map(|t| t.as_millis().max(1) as u64);
         let sim = ctrl.sim().is_some();
+        let sim_inline = ctrl.sim().is_some_and(|s| s.is_inline());
         tracing::debug!(
             ctrl = %ctrl.name,
             qid = ring.qid,
@@ -162,6 +165,7 @@ impl NvmeQueue {
             abort_ms: opts.admin_timeout.as_millis().max(1) as u64,
             ctrl,
             sim,
+            sim_inline,
             nsid,
             lba_shift,
             ring: Some(ring),
@@ -399,6 +403,13 @@ impl NvmeQueue {
         }
         if !self.live {
             return self.revive();
+        }
+        if self.sim_inline
+            && let Some(sim) = self.ctrl.sim()
+        {
+            // The model's device works here: fetch what the last doorbell announced, post
+            // its completions for the reap below.
+            sim.service();
         }
         // Backlog first (requests waiting for trackers), then one doorbell for everything.
         while let Some(&slot) = self.backlog.front() {

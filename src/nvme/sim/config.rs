@@ -112,6 +112,12 @@ pub struct SimConfig {
     pub firmware: String,
     /// Pin the device thread to this CPU (as a device is "on the other core" of the driver).
     pub cpu: Option<usize>,
+    /// The device does its work on the driver's thread: each poll of a queue runs one pass of
+    /// the model ([`SimController::service`](super::SimController::service)) and the device
+    /// thread only naps between passes (registers, admin commands, timed completions). No CPU
+    /// spins for the device, so a measurement needs one CPU less; the model's cost lands on
+    /// the polling thread, as a page-cache read's does on an io_uring submitter.
+    pub inline: bool,
     /// After this long from start, I/O service time follows the second latency instead (a
     /// device that changes mid-run: a write cliff, background work).
     pub latency_change: Option<(Duration, Latency)>,
@@ -137,6 +143,7 @@ impl Default for SimConfig {
             serial: "RIOSIM0001".to_string(),
             firmware: "1.0".to_string(),
             cpu: None,
+            inline: false,
             latency_change: None,
         }
     }
@@ -158,6 +165,8 @@ impl SimConfig {
     /// | `mdts=N`, `mqes=N`, `qpairs=N`, `dstrd=N` | Identify MDTS, CAP.MQES (0-based), I/O queue pairs, CAP.DSTRD |
     /// | `data=0\|1`, `dbbuf=0\|1`, `vwc=0\|1` | RAM namespaces, shadow doorbells, write cache |
     /// | `ready=5ms` | CSTS.RDY delay |
+    /// | `cpu=N` | pin the device thread to CPU N |
+    /// | `inline=0\|1` | the device works on the polling thread (see [`SimConfig::inline`]) |
     ///
     /// Errors are one-line messages naming the key.
     pub fn parse(spec: &str) -> Result<SimConfig, String> {
@@ -223,6 +232,7 @@ impl SimConfig {
                 "vwc" => cfg.vwc = parse_bool(key, value)?,
                 "ready" => cfg.ready_delay = parse_duration(key, value)?,
                 "cpu" => cfg.cpu = Some(parse_int(key, value, 4095)? as usize),
+                "inline" => cfg.inline = parse_bool(key, value)?,
                 "change_after" => change_after = Some(parse_duration(key, value)?),
                 "knee2" => knee2 = Some(parse_int(key, value, u32::MAX as u64)? as u32),
                 "base2" => base2 = Some(parse_duration(key, value)?),

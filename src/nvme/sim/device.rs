@@ -49,6 +49,8 @@ const BURST: u32 = 128;
 const SPIN_PASSES: u32 = 50_000;
 const YIELD_PASSES: u32 = 2_000;
 const MAX_SLEEP: Duration = Duration::from_micros(100);
+/// Between passes of an inline model's device thread.
+const INLINE_NAP: Duration = Duration::from_micros(50);
 /// What an I/O SQ's MMIO doorbell register is reset to after the model consumed a write, in
 /// shadow doorbell mode (no valid tail has this value).
 pub(super) const DOORBELL_IDLE: u32 = u32::MAX;
@@ -221,22 +223,62 @@ impl Device {
         }
     }
 
+    /// One pass over registers, queues, timed completions and backlogs; whether it did work.
+    #[inline]
+    pub(super) fn pass(&mut self) -> bool {
+        let mut work = self.poll_registers();
+        if self.rdy && !self.cfs {
+            work |= self.poll_admin();
+            work |= self.poll_io();
+            if !self.timed.is_empty() {
+                work |= self.poll_timed();
+            }
+            if self.backlogged > 0 {
+                work |= self.flush_backlogs();
+            }
+        }
+        work
+    }
+
+    /// The device thread of an inline model: a pass, then a nap (the driver's polls do the
+    /// I/O work; this thread serves bring-up, admin commands and timed completions, and keeps
+    /// I/O moving when nobody polls). The nap is short while a CSTS.RDY change is due.
+    pub(super) fn run_inline(dev: &std::sync::Mutex<Device>) {
+        loop {
+            // try_lock: a poller in a pass is doing this work already, and waiting for it
+            // would make its unlock a futex wake (a syscall on the data path).
+            let due = match dev.try_lock() {
+                Ok(mut d) => {
+                    if d.sh.stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    d.pass();
+                    d.pending_rdy.is_some()
+                }
+                Err(std::sync::TryLockError::Poisoned(p)) => {
+                    let mut d = p.into_inner();
+                    if d.sh.stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    d.pass();
+                    d.pending_rdy.is_some()
+                }
+                Err(std::sync::TryLockError::WouldBlock) => false,
+            };
+            std::thread::sleep(if due {
+                Duration::from_micros(5)
+            } else {
+                INLINE_NAP
+            });
+        }
+    }
+
     /// The polling loop of the device thread.
     pub(super) fn run(mut self) {
         let mut idle: u32 = 0;
         let mut sleep = Duration::from_micros(5);
         while !self.sh.stop.load(Ordering::Relaxed) {
-            let mut work = self.poll_registers();
-            if self.rdy && !self.cfs {
-                work |= self.poll_admin();
-                work |= self.poll_io();
-                if !self.timed.is_empty() {
-                    work |= self.poll_timed();
-                }
-                if self.backlogged > 0 {
-                    work |= self.flush_backlogs();
-                }
-            }
+            let work = self.pass();
             if work {
                 idle = 0;
                 sleep = Duration::from_micros(5);

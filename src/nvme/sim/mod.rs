@@ -28,8 +28,8 @@ mod io;
 #[cfg(test)]
 mod tests;
 
-use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
 
 pub use config::{Fault, Latency, SimConfig, SimNamespace};
 
@@ -64,6 +64,9 @@ pub struct SimStats {
     pub faults_injected: u64,
     /// Most commands fetched and not yet completed at once (all queues, withheld ones included).
     pub max_inflight: u64,
+    /// Inline model: passes that found work, run on polling threads by
+    /// [`SimController::service`] (the device thread's own passes are not counted).
+    pub inline_passes: u64,
 }
 
 impl SimStats {
@@ -93,6 +96,7 @@ pub(crate) struct StatCounters {
     resets: Counter,
     faults_injected: Counter,
     max_inflight: Counter,
+    inline_passes: Counter,
 }
 
 pub(crate) struct NsInfo {
@@ -125,6 +129,8 @@ pub struct SimController {
     sh: Arc<Shared>,
     dstrd: u8,
     cpu: Option<usize>,
+    /// The device, shared with the polling threads (inline model only).
+    inline: Option<Arc<Mutex<device::Device>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -160,7 +166,14 @@ impl SimController {
         let dstrd = cfg.dstrd;
         let cpu = cfg.cpu;
         let pinned = cpu;
+        let inline = cfg.inline;
         let dev = device::Device::new(Arc::clone(&sh), cfg);
+        let (dev, shared_dev) = if inline {
+            (None, Some(Arc::new(Mutex::new(dev))))
+        } else {
+            (Some(dev), None)
+        };
+        let for_thread = shared_dev.clone();
         let thread = std::thread::Builder::new()
             .name("rio-sim".to_string())
             .spawn(move || {
@@ -169,12 +182,17 @@ impl SimController {
                 {
                     tracing::warn!(cpu = c, "could not pin the model's thread");
                 }
-                dev.run()
+                match (dev, for_thread) {
+                    (Some(dev), _) => dev.run(),
+                    (None, Some(shared)) => device::Device::run_inline(&shared),
+                    (None, None) => unreachable!("one of the two is set"),
+                }
             })?;
         Ok(SimController {
             sh,
             dstrd,
             cpu: pinned,
+            inline: shared_dev,
             thread: Some(thread),
         })
     }
@@ -195,6 +213,33 @@ impl SimController {
     /// CAP.DSTRD of this controller.
     pub fn dstrd(&self) -> u8 {
         self.dstrd
+    }
+
+    /// Whether the device works on the polling threads ([`SimConfig::inline`]).
+    pub fn is_inline(&self) -> bool {
+        self.inline.is_some()
+    }
+
+    /// Inline model: run one pass of the device on the calling thread (fetch what the
+    /// doorbells announce, execute, post completions). Skipped if another thread is in a pass
+    /// (it does the same work). Returns whether it did work; always `false` for a threaded
+    /// model, whose own thread does the work.
+    #[inline]
+    pub fn service(&self) -> bool {
+        let Some(dev) = &self.inline else {
+            return false;
+        };
+        let mut d = match dev.try_lock() {
+            Ok(d) => d,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return false,
+        };
+        let work = d.pass();
+        if work {
+            // Under the device lock: one writer at a time.
+            self.sh.stats.inline_passes.add(1);
+        }
+        work
     }
 
     /// The CPU the device thread is pinned to, if any.
@@ -219,6 +264,7 @@ impl SimController {
             resets: s.resets.get(),
             faults_injected: s.faults_injected.get(),
             max_inflight: s.max_inflight.get(),
+            inline_passes: s.inline_passes.get(),
         }
     }
 

@@ -1184,6 +1184,9 @@ fn parse_good() {
         SimConfig::parse("size=3GiB").unwrap().namespaces[0].size_bytes,
         3 << 30
     );
+    assert!(SimConfig::parse("inline=1").unwrap().inline);
+    assert!(!SimConfig::parse("size=1M").unwrap().inline);
+    assert_eq!(SimConfig::parse("cpu=1").unwrap().cpu, Some(1));
 }
 
 #[test]
