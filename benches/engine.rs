@@ -7,8 +7,7 @@
 //!   per I/O plus the model's, on the other core), beside uring on the page cache;
 //! - a QD32 batch through the runtime's async API (futures, per-core poller thread) against the
 //!   same batch on a `Queue` used directly, both on the model and on the page cache;
-//! - the same comparison with QD32 held (fio's `iodepth=32`) on the page cache and on the
-//!   inline model, printing `ASYNC_VS_QUEUE` lines with the IOPS ratio of the two;
+//!   (`benches/async_vs_queue.rs` holds QD32 instead, in alternating rounds);
 //! - verify block fill and check (CRC32C + data generation) per 4 KiB block.
 
 use std::hint::black_box;
@@ -19,6 +18,10 @@ use rio::buf::Arena;
 use rio::config::BackendChoice;
 use rio::target::OpenOptions;
 use rio::{Engine, EngineConfig};
+
+#[path = "util/mod.rs"]
+mod util;
+use util::unpin_current;
 
 /// An 8 MiB file of ones in /var/tmp (a real file system, for the page-cache benches).
 fn page_cache_file() -> (tempfile::TempDir, std::path::PathBuf) {
@@ -135,24 +138,6 @@ fn qd1_round_trip(c: &mut Criterion) {
         });
     }
     g.finish();
-}
-
-/// Undo an earlier bench's pinning of this thread: allow every online CPU again. Threads
-/// inherit their creator's CPU set, so a model or poller thread spawned from a pinned thread
-/// would otherwise share its one CPU. Returns the online CPUs.
-fn unpin_current() -> Vec<usize> {
-    // SAFETY: sysconf has no memory effects; cpu_set_t is plain data, initialised by CPU_ZERO
-    // and CPU_SET within its size; sched_setaffinity reads `size_of::<cpu_set_t>()` bytes of it.
-    unsafe {
-        let n = libc::sysconf(libc::_SC_NPROCESSORS_ONLN).max(1) as usize;
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_ZERO(&mut set);
-        for c in 0..n {
-            libc::CPU_SET(c, &mut set);
-        }
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-        (0..n).collect()
-    }
 }
 
 fn async_vs_queue(c: &mut Criterion) {
@@ -283,195 +268,6 @@ fn async_vs_queue(c: &mut Criterion) {
     }
 }
 
-/// A minimal executor's task waker: waking queues the task once (a flag dedupes repeated
-/// wakes) on the run queue and unparks the executor thread, as tokio's current-thread
-/// scheduler does; only woken tasks are polled.
-struct TaskWaker {
-    idx: usize,
-    queued: std::sync::atomic::AtomicBool,
-    run: std::sync::Arc<RunQueue>,
-}
-
-struct RunQueue {
-    q: crossbeam_queue::ArrayQueue<usize>,
-    thread: std::thread::Thread,
-}
-
-impl std::task::Wake for TaskWaker {
-    fn wake(self: std::sync::Arc<Self>) {
-        self.wake_by_ref();
-    }
-    fn wake_by_ref(self: &std::sync::Arc<Self>) {
-        use std::sync::atomic::Ordering::AcqRel;
-        if !self.queued.swap(true, AcqRel) {
-            // Cannot fail: each task is queued at most once and the queue holds them all.
-            let _ = self.run.q.push(self.idx);
-            self.run.thread.unpark();
-        }
-    }
-}
-
-/// QD32 held (fio's `iodepth=32`): 32 reads in flight all the time, each completion
-/// resubmitted at once, through a `Queue` on the calling thread against the runtime's async
-/// API (one future per in-flight read, a poller thread), on the page cache and on the inline
-/// model (`sim://inline=1`: the device's work runs on the polling thread, so the comparison
-/// needs two CPUs, not three). Reported per 32 completions, beside the batch bench's figures.
-fn async_vs_queue_held(c: &mut Criterion) {
-    use rio::runtime::{IdlePolicy, Runtime, RuntimeConfig};
-    use std::sync::Arc;
-    use std::sync::atomic::Ordering::{Release, SeqCst};
-    use std::task::{Context, Poll, Waker};
-    use std::time::Instant;
-    const QD: usize = 32;
-    let (_dir, path) = page_cache_file();
-    let file = path.to_str().unwrap().to_string();
-    let cpus = unpin_current();
-    let last_cpu = cpus.last().copied().unwrap_or(0);
-    for (group, target, direct) in [
-        ("qd32_held_4k_read_page_cache_async_vs_queue", file, false),
-        (
-            "qd32_held_4k_read_on_inline_sim_async_vs_queue",
-            "sim://size=64m,data=0,inline=1".to_string(),
-            true,
-        ),
-    ] {
-        // Two busy threads at most, on two CPUs: this thread on the first, the poller on the
-        // last. The model is inline (its work runs on whichever thread polls the queue: this
-        // one for `Queue`, the poller for the runtime), as the kernel's work is for io_uring.
-        if let Some(&first) = cpus.first() {
-            core_affinity::set_for_current(core_affinity::CoreId { id: first });
-        }
-        let mut g = c.benchmark_group(group);
-        g.measurement_time(Duration::from_secs(3));
-        let cfg = EngineConfig {
-            hugepages: false,
-            direct,
-            ..Default::default()
-        };
-        // (time, completions) over every run of each side, warm-up included.
-        let mut queue_total = (Duration::ZERO, 0u64);
-        let mut async_total = (Duration::ZERO, 0u64);
-        {
-            let e = Engine::open(&cfg, &target, OpenOptions::default()).unwrap();
-            let mut q = e.queue(Some(QD as u32)).unwrap();
-            for i in 0..QD {
-                let buf = q.alloc_buf(4096).unwrap();
-                q.submit_read(i as u64 * 4096, buf, i as u64).unwrap();
-            }
-            let mut out = Vec::with_capacity(QD);
-            g.bench_function("queue", |b| {
-                b.iter_custom(|iters| {
-                    let want = iters * QD as u64;
-                    let mut done = 0u64;
-                    let start = Instant::now();
-                    while done < want {
-                        q.wait(1, Duration::from_secs(5), &mut out).unwrap();
-                        for c in out.drain(..) {
-                            done += 1;
-                            c.result.unwrap();
-                            let buf = c.buf.unwrap();
-                            q.submit_read(c.token * 4096, buf, c.token).unwrap();
-                        }
-                    }
-                    let t = start.elapsed();
-                    queue_total.0 += t;
-                    queue_total.1 += done;
-                    t
-                });
-            });
-            while q.in_flight() > 0 {
-                q.wait(QD, Duration::from_secs(5), &mut out).unwrap();
-            }
-        }
-        {
-            let e = Engine::open(&cfg, &target, OpenOptions::default()).unwrap();
-            let rt = Runtime::start(
-                e,
-                RuntimeConfig {
-                    depth: 64,
-                    idle: IdlePolicy::BusyPoll,
-                    cores: Some(vec![last_cpu]),
-                    ..RuntimeConfig::default()
-                },
-            )
-            .unwrap();
-            let run = Arc::new(RunQueue {
-                q: crossbeam_queue::ArrayQueue::new(QD),
-                thread: std::thread::current(),
-            });
-            let tasks: Vec<Arc<TaskWaker>> = (0..QD)
-                .map(|idx| {
-                    Arc::new(TaskWaker {
-                        idx,
-                        queued: false.into(),
-                        run: Arc::clone(&run),
-                    })
-                })
-                .collect();
-            let wakers: Vec<Waker> = tasks.iter().map(|t| Waker::from(Arc::clone(t))).collect();
-            let read = |i: usize, buf| rt.submit(rio::OpKind::Read, i as u64 * 4096, 4096, buf);
-            let mut futs: Vec<_> = (0..QD)
-                .map(|i| {
-                    // Every task starts queued: its first poll registers its waker.
-                    tasks[i].queued.store(true, Release);
-                    run.q.push(i).unwrap();
-                    read(i, Some(rt.buffer(4096, Duration::from_secs(1)).unwrap()))
-                })
-                .collect();
-            let mut spins = 0u32;
-            g.bench_function("runtime_async", |b| {
-                b.iter_custom(|iters| {
-                    let want = iters * QD as u64;
-                    let mut done = 0u64;
-                    let start = Instant::now();
-                    while done < want {
-                        let Some(i) = run.q.pop() else {
-                            // Idle executor: spin a little, then park.
-                            spins += 1;
-                            if spins > 2000 {
-                                std::thread::park_timeout(Duration::from_millis(1));
-                            } else {
-                                std::hint::spin_loop();
-                            }
-                            continue;
-                        };
-                        spins = 0;
-                        tasks[i].queued.store(false, SeqCst);
-                        let mut cx = Context::from_waker(&wakers[i]);
-                        // A task: read, and once it is done read again (polled at once: it
-                        // may already be done).
-                        while let Poll::Ready(r) = std::pin::Pin::new(&mut futs[i]).poll(&mut cx) {
-                            done += 1;
-                            let (_, buf) = r.unwrap();
-                            futs[i] = read(i, buf);
-                        }
-                    }
-                    let t = start.elapsed();
-                    async_total.0 += t;
-                    async_total.1 += done;
-                    t
-                });
-            });
-            // In-flight futures may be dropped: the poller frees their slots when they complete.
-            drop(futs);
-            rt.shutdown();
-        }
-        g.finish();
-        let iops = |(t, n): (Duration, u64)| n as f64 / t.as_secs_f64().max(1e-9);
-        // Test mode (`-- --test`) runs each side once: too little to compare.
-        let test_mode = std::env::args().any(|a| a == "--test");
-        if !test_mode && queue_total.1 > 0 && async_total.1 > 0 {
-            let ratio = iops(async_total) / iops(queue_total);
-            println!(
-                "ASYNC_VS_QUEUE {group}: queue {:.0} IOPS, async {:.0} IOPS, ratio {ratio:.3} ({:.1}% lower)",
-                iops(queue_total),
-                iops(async_total),
-                (1.0 - ratio) * 100.0
-            );
-        }
-    }
-}
-
 fn verify_blocks(c: &mut Criterion) {
     let mut g = c.benchmark_group("verify_4k_block");
     let mut block = vec![0u8; 4096];
@@ -491,7 +287,6 @@ criterion_group!(
     queue_batch,
     qd1_round_trip,
     async_vs_queue,
-    async_vs_queue_held,
     verify_blocks
 );
 criterion_main!(benches);

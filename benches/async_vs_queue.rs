@@ -1,0 +1,280 @@
+//! The runtime's async API against direct `Queue` use, QD32 held (fio's `iodepth=32`: each
+//! completion is resubmitted at once), 4 KiB reads, in alternating rounds.
+//!
+//! `cargo bench --bench async_vs_queue [-- --rounds N --secs S]`
+//!
+//! Two targets:
+//! - the page cache (io_uring, buffered): the kernel's copy is the device;
+//! - the inline software model (`sim://data=0,inline=1`): the model's work runs on whichever
+//!   thread polls the queue, so the comparison needs two CPUs, not three.
+//!
+//! The submitting thread runs on the first CPU and the runtime's poller on the last. The
+//! submitting thread is a minimal executor: one task per in-flight read, a run queue, and a
+//! task polled only after its waker ran.
+//!
+//! Each round runs both sides for `--secs` (default 1 s). The order alternates between
+//! rounds, and the verdict is the median of the per-round IOPS ratios. Single runs on this
+//! machine move by 10% and more, so a ratio of two separate runs would say little.
+//!
+//! `-- --test` (as `cargo bench -- --test` passes it) runs one short round and gives no
+//! verdict.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::{Duration, Instant};
+
+use rio::runtime::{IoFuture, Runtime, RuntimeConfig};
+use rio::target::OpenOptions;
+use rio::{Engine, EngineConfig, OpKind, Queue};
+
+#[path = "util/mod.rs"]
+mod util;
+
+const QD: usize = 32;
+
+/// Waking queues the task once (a flag dedupes repeated wakes) and unparks the executor, as
+/// tokio's current-thread scheduler does.
+struct TaskWaker {
+    idx: usize,
+    queued: AtomicBool,
+    run: Arc<RunQueue>,
+}
+
+struct RunQueue {
+    q: crossbeam_queue::ArrayQueue<usize>,
+    thread: std::thread::Thread,
+}
+
+impl Wake for TaskWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        if !self.queued.swap(true, Ordering::AcqRel) {
+            // Cannot fail: each task is queued at most once and the queue holds them all.
+            let _ = self.run.q.push(self.idx);
+            self.run.thread.unpark();
+        }
+    }
+}
+
+/// QD32 on a `Queue` on this thread. Returns the completions in `secs`.
+fn queue_round(q: &mut Queue, out: &mut Vec<rio::Completion>, secs: f64) -> (u64, Duration) {
+    let start = Instant::now();
+    let until = start + Duration::from_secs_f64(secs);
+    let mut done = 0u64;
+    loop {
+        q.wait(1, Duration::from_secs(5), out).expect("wait");
+        for c in out.drain(..) {
+            done += 1;
+            c.result.expect("read");
+            let buf = c.buf.expect("a read carries its buffer");
+            q.submit_read(c.token * 4096, buf, c.token).expect("submit");
+        }
+        // The clock is read once per wait, not per I/O.
+        if Instant::now() >= until {
+            return (done, start.elapsed());
+        }
+    }
+}
+
+struct AsyncSide {
+    rt: Arc<Runtime>,
+    run: Arc<RunQueue>,
+    tasks: Vec<Arc<TaskWaker>>,
+    wakers: Vec<Waker>,
+    futs: Vec<IoFuture>,
+}
+
+impl AsyncSide {
+    fn new(rt: Arc<Runtime>) -> AsyncSide {
+        let run = Arc::new(RunQueue {
+            q: crossbeam_queue::ArrayQueue::new(QD),
+            thread: std::thread::current(),
+        });
+        let tasks: Vec<_> = (0..QD)
+            .map(|idx| {
+                Arc::new(TaskWaker {
+                    idx,
+                    // Every task starts queued: its first poll registers its waker.
+                    queued: AtomicBool::new(true),
+                    run: Arc::clone(&run),
+                })
+            })
+            .collect();
+        let wakers = tasks.iter().map(|t| Waker::from(Arc::clone(t))).collect();
+        let futs = (0..QD)
+            .map(|i| {
+                run.q.push(i).expect("room for every task");
+                let buf = rt.buffer(4096, Duration::from_secs(1)).expect("pool buffer");
+                rt.submit(OpKind::Read, i as u64 * 4096, 4096, Some(buf))
+            })
+            .collect();
+        AsyncSide {
+            rt,
+            run,
+            tasks,
+            wakers,
+            futs,
+        }
+    }
+
+    /// QD32 through the runtime: poll woken tasks; a task whose read is done reads again.
+    fn round(&mut self, secs: f64) -> (u64, Duration) {
+        let start = Instant::now();
+        let until = start + Duration::from_secs_f64(secs);
+        let mut done = 0u64;
+        let mut spins = 0u32;
+        loop {
+            let Some(i) = self.run.q.pop() else {
+                if Instant::now() >= until {
+                    return (done, start.elapsed());
+                }
+                // Idle executor: spin a little, then park.
+                spins += 1;
+                if spins > 2000 {
+                    std::thread::park_timeout(Duration::from_millis(1));
+                } else {
+                    std::hint::spin_loop();
+                }
+                continue;
+            };
+            spins = 0;
+            self.tasks[i].queued.store(false, Ordering::SeqCst);
+            let mut cx = Context::from_waker(&self.wakers[i]);
+            while let Poll::Ready(r) = Pin::new(&mut self.futs[i]).poll(&mut cx) {
+                done += 1;
+                let (_, buf) = r.expect("read");
+                self.futs[i] = self
+                    .rt
+                    .submit(OpKind::Read, i as u64 * 4096, 4096, buf);
+            }
+            if done.is_multiple_of(1024) && Instant::now() >= until {
+                return (done, start.elapsed());
+            }
+        }
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
+    match args.iter().position(|a| a == name) {
+        Some(i) => match args.get(i + 1).map(|v| v.parse()) {
+            Some(Ok(v)) => v,
+            _ => {
+                eprintln!("async_vs_queue: {name} needs a number");
+                std::process::exit(2);
+            }
+        },
+        None => default,
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let test = args.iter().any(|a| a == "--test");
+    let (rounds, secs) = if test {
+        (1, 0.05)
+    } else {
+        (arg(&args, "--rounds", 7usize), arg(&args, "--secs", 1.0f64))
+    };
+    if rounds == 0 || !(secs > 0.0) {
+        eprintln!("async_vs_queue: --rounds and --secs must be positive");
+        std::process::exit(2);
+    }
+    let cpus = util::unpin_current();
+    let first = cpus.first().copied().unwrap_or(0);
+    let last = cpus.last().copied().unwrap_or(0);
+    let dir = tempfile::tempdir_in("/var/tmp").expect("temporary directory in /var/tmp");
+    let path = dir.path().join("async_vs_queue.dat");
+    std::fs::write(&path, vec![1u8; 8 << 20]).expect("write the page-cache file");
+    let targets = [
+        ("page_cache", path.to_str().expect("utf-8 path").to_string(), false),
+        ("inline_sim", "sim://size=64m,data=0,inline=1".to_string(), true),
+    ];
+    println!("async_vs_queue: QD{QD} held, 4 KiB reads, {rounds} rounds of {secs} s per side");
+    for (name, target, direct) in targets {
+        let cfg = EngineConfig {
+            hugepages: false,
+            direct,
+            ..Default::default()
+        };
+        // This thread (the Queue's, and the executor's) on the first CPU; the poller on the last.
+        core_affinity::set_for_current(core_affinity::CoreId { id: first });
+        let e = Engine::open(&cfg, &target, OpenOptions::default()).expect("open for Queue");
+        let mut q = e.queue(Some(QD as u32)).expect("queue");
+        for i in 0..QD as u64 {
+            let buf = q.alloc_buf(4096).expect("buffer");
+            q.submit_read(i * 4096, buf, i).expect("submit");
+        }
+        let mut out = Vec::with_capacity(QD);
+        let rt = Runtime::start(
+            Engine::open(&cfg, &target, OpenOptions::default()).expect("open for the runtime"),
+            RuntimeConfig {
+                depth: 64,
+                cores: Some(vec![last]),
+                // The default idle policy: the poller parks between async rounds instead of
+                // spinning through the Queue's.
+                ..RuntimeConfig::default()
+            },
+        )
+        .expect("runtime");
+        let mut side = AsyncSide::new(Arc::clone(&rt));
+        // Warm-up.
+        queue_round(&mut q, &mut out, secs / 4.0);
+        side.round(secs / 4.0);
+        let (mut qsum, mut asum) = ((0u64, Duration::ZERO), (0u64, Duration::ZERO));
+        let mut ratios = Vec::with_capacity(rounds);
+        for r in 0..rounds {
+            let (qr, ar) = if r % 2 == 0 {
+                let qr = queue_round(&mut q, &mut out, secs);
+                (qr, side.round(secs))
+            } else {
+                let ar = side.round(secs);
+                (queue_round(&mut q, &mut out, secs), ar)
+            };
+            let iops = |(n, t): (u64, Duration)| n as f64 / t.as_secs_f64();
+            let ratio = iops(ar) / iops(qr);
+            println!(
+                "  {name} round {r}: queue {:.0} IOPS, async {:.0} IOPS, ratio {ratio:.3}",
+                iops(qr),
+                iops(ar)
+            );
+            ratios.push(ratio);
+            qsum = (qsum.0 + qr.0, qsum.1 + qr.1);
+            asum = (asum.0 + ar.0, asum.1 + ar.1);
+        }
+        drop(side); // in-flight futures may be dropped: the poller frees their slots
+        rt.shutdown();
+        while q.in_flight() > 0 {
+            q.wait(QD, Duration::from_secs(5), &mut out).expect("drain");
+            out.clear();
+        }
+        let m = median(&mut ratios);
+        let lo = ratios.first().copied().unwrap_or(m);
+        let hi = ratios.last().copied().unwrap_or(m);
+        let iops = |(n, t): (u64, Duration)| n as f64 / t.as_secs_f64().max(1e-9);
+        if test {
+            println!("  {name}: test mode, one short round, no verdict");
+        } else {
+            println!(
+                "ASYNC_VS_QUEUE target={name} queue_iops={:.0} async_iops={:.0} median_ratio={m:.3} lower={:.1}% rounds_min={lo:.3} rounds_max={hi:.3}",
+                iops(qsum),
+                iops(asum),
+                (1.0 - m) * 100.0
+            );
+        }
+    }
+}
