@@ -109,7 +109,9 @@ impl AsyncSide {
         let futs = (0..QD)
             .map(|i| {
                 run.q.push(i).expect("room for every task");
-                let buf = rt.buffer(4096, Duration::from_secs(1)).expect("pool buffer");
+                let buf = rt
+                    .buffer(4096, Duration::from_secs(1))
+                    .expect("pool buffer");
                 rt.submit(OpKind::Read, i as u64 * 4096, 4096, Some(buf))
             })
             .collect();
@@ -148,9 +150,7 @@ impl AsyncSide {
             while let Poll::Ready(r) = Pin::new(&mut self.futs[i]).poll(&mut cx) {
                 done += 1;
                 let (_, buf) = r.expect("read");
-                self.futs[i] = self
-                    .rt
-                    .submit(OpKind::Read, i as u64 * 4096, 4096, buf);
+                self.futs[i] = self.rt.submit(OpKind::Read, i as u64 * 4096, 4096, buf);
             }
             if done.is_multiple_of(1024) && Instant::now() >= until {
                 return (done, start.elapsed());
@@ -201,8 +201,16 @@ fn main() {
     let path = dir.path().join("async_vs_queue.dat");
     std::fs::write(&path, vec![1u8; 8 << 20]).expect("write the page-cache file");
     let targets = [
-        ("page_cache", path.to_str().expect("utf-8 path").to_string(), false),
-        ("inline_sim", "sim://size=64m,data=0,inline=1".to_string(), true),
+        (
+            "page_cache",
+            path.to_str().expect("utf-8 path").to_string(),
+            false,
+        ),
+        (
+            "inline_sim",
+            "sim://size=64m,data=0,inline=1".to_string(),
+            true,
+        ),
     ];
     println!("async_vs_queue: QD{QD} held, 4 KiB reads, {rounds} rounds of {secs} s per side");
     for (name, target, direct) in targets {
