@@ -190,7 +190,7 @@ fn main() {
     } else {
         (arg(&args, "--rounds", 7usize), arg(&args, "--secs", 1.0f64))
     };
-    if rounds == 0 || !(secs > 0.0) {
+    if rounds == 0 || secs.is_nan() || secs <= 0.0 {
         eprintln!("async_vs_queue: --rounds and --secs must be positive");
         std::process::exit(2);
     }
