@@ -3,10 +3,12 @@
 //!
 //! `cargo bench --bench async_vs_queue [-- --rounds N --secs S]`
 //!
-//! Two targets:
+//! Targets:
 //! - the page cache (io_uring, buffered): the kernel's copy is the device;
 //! - the inline software model (`sim://data=0,inline=1`): the model's work runs on whichever
-//!   thread polls the queue, so the comparison needs two CPUs, not three.
+//!   thread polls the queue, so the comparison needs two CPUs, not three;
+//! - with three CPUs or more, the threaded model (`sim://data=0,cpu=N`), its device thread
+//!   pinned to a middle CPU: the condition issue 4 states.
 //!
 //! The submitting thread runs on the first CPU and the runtime's poller on the last. The
 //! submitting thread is a minimal executor: one task per in-flight read, a run queue, and a
@@ -200,7 +202,7 @@ fn main() {
     let dir = tempfile::tempdir_in("/var/tmp").expect("temporary directory in /var/tmp");
     let path = dir.path().join("async_vs_queue.dat");
     std::fs::write(&path, vec![1u8; 8 << 20]).expect("write the page-cache file");
-    let targets = [
+    let mut targets = vec![
         (
             "page_cache",
             path.to_str().expect("utf-8 path").to_string(),
@@ -212,6 +214,21 @@ fn main() {
             true,
         ),
     ];
+    // The issue's own condition: the threaded model, its device thread on a CPU of its own.
+    // That takes a third CPU (submitter, poller, model all busy at once).
+    if cpus.len() >= 3 {
+        let mid = cpus[cpus.len() / 2];
+        targets.push((
+            "threaded_sim",
+            format!("sim://size=64m,data=0,cpu={mid}"),
+            true,
+        ));
+    } else {
+        println!(
+            "async_vs_queue: threaded model skipped: it needs 3 CPUs (model, poller, submitter), this machine has {}",
+            cpus.len()
+        );
+    }
     println!("async_vs_queue: QD{QD} held, 4 KiB reads, {rounds} rounds of {secs} s per side");
     for (name, target, direct) in targets {
         let cfg = EngineConfig {

@@ -212,6 +212,17 @@ fn namespaces_of_different_block_sizes() {
     );
 }
 
+/// 64 writes of 8 KiB from `base` with thread `t`'s pattern, then each read back and compared.
+fn write_and_check_64(q: &mut Queue, base: u64, t: u8) {
+    for i in 0..64u64 {
+        write_pattern(q, base + i * 8192, 8192, t);
+    }
+    for i in 0..64u64 {
+        let off = base + i * 8192;
+        assert_eq!(read_back(q, off, 8192), pattern(off, 8192, t));
+    }
+}
+
 /// The inline model: the device's work runs on the threads that poll (three queues on three
 /// threads, so passes also meet each other on the device lock), and nothing is lost or
 /// corrupted on the way.
@@ -228,13 +239,7 @@ fn inline_model_serves_io_on_the_polling_threads() {
             std::thread::spawn(move || {
                 let mut q = e.queue(Some(32)).unwrap();
                 let base = t as u64 * (8 << 20);
-                for i in 0..64u64 {
-                    write_pattern(&mut q, base + i * 8192, 8192, t);
-                }
-                for i in 0..64u64 {
-                    let off = base + i * 8192;
-                    assert_eq!(read_back(&mut q, off, 8192), pattern(off, 8192, t));
-                }
+                write_and_check_64(&mut q, base, t);
                 // QD32 held for 5000 reads: each completion is resubmitted.
                 let mut out = Vec::new();
                 let (mut next, mut done) = (0u64, 0u64);
@@ -280,13 +285,7 @@ fn queues_on_several_threads_get_their_own_queue_pairs() {
             std::thread::spawn(move || {
                 let mut q = e.queue(Some(16)).unwrap();
                 let base = t as u64 * (8 << 20);
-                for i in 0..64u64 {
-                    write_pattern(&mut q, base + i * 8192, 8192, t);
-                }
-                for i in 0..64u64 {
-                    let off = base + i * 8192;
-                    assert_eq!(read_back(&mut q, off, 8192), pattern(off, 8192, t));
-                }
+                write_and_check_64(&mut q, base, t);
                 q.nvme_stats().unwrap()
             })
         })
