@@ -287,9 +287,9 @@ fn main() {
             q.wait(QD, Duration::from_secs(5), &mut out).expect("drain");
             out.clear();
         }
+        let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         let m = median(&mut ratios);
-        let lo = ratios.first().copied().unwrap_or(m);
-        let hi = ratios.last().copied().unwrap_or(m);
         let iops = |(n, t): (u64, Duration)| n as f64 / t.as_secs_f64().max(1e-9);
         if test {
             println!("  {name}: test mode, one short round, no verdict");

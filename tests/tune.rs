@@ -70,19 +70,24 @@ fn refusals() {
     );
 }
 
+/// Field `key` of every measured window of a `rio bench` JSON result, in order.
+fn measured_windows(r: &serde_json::Value, key: &str) -> Vec<f64> {
+    r["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["measuring"].as_bool() == Some(true))
+        .map(|p| p[key].as_f64().unwrap())
+        .collect()
+}
+
 /// The median of the measured windows' p99 (µs), and the windows' p99s. Judged by window and
 /// by the median, not by the whole run's p99: a stall of this VM's host (10-40 ms, seen in CI)
 /// can push the merged p99 of a 2 s run, or a quarter of its windows, past any target, and no
 /// queue depth prevents that. A tuner stuck deep fails this; one stuck shallow fails the IOPS
 /// check.
 fn median_window_p99(r: &serde_json::Value) -> (f64, Vec<f64>) {
-    let mut measured: Vec<f64> = r["series"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|p| p["measuring"].as_bool() == Some(true))
-        .map(|p| p["p99_us"].as_f64().unwrap())
-        .collect();
+    let mut measured = measured_windows(r, "p99_us");
     measured.sort_by(f64::total_cmp);
     let m = measured
         .get(measured.len() / 2)
@@ -116,12 +121,9 @@ fn auto_depth_meets_the_target_per_queue() {
     assert_eq!(t["scope"], "queue");
     // The depth it ran at, window by window after convergence: the median (a host stall at
     // the very end cuts the final depth, rightly, and says nothing of where it settled).
-    let mut depths: Vec<u64> = r["series"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|p| p["measuring"].as_bool() == Some(true))
-        .map(|p| p["iodepth"].as_u64().unwrap())
+    let mut depths: Vec<u64> = measured_windows(&r, "iodepth")
+        .into_iter()
+        .map(|d| d as u64)
         .collect();
     depths.sort_unstable();
     let qd = depths[depths.len() / 2];

@@ -356,8 +356,8 @@ impl Runtime {
     /// Submit `op` on `buf` (reads and writes) at `offset`; the future resolves when it
     /// completed, giving the buffer back. Runs on the core the buffer belongs to.
     pub fn submit(&self, op: OpKind, offset: u64, len: u64, buf: Option<PoolBuf>) -> IoFuture {
-        self.submit_inner(op, offset, len, buf, 0)
-            .unwrap_or_else(|_| unreachable!("a reserve of 0 always waits for a slot"))
+        self.submit_inner(op, offset, len, buf, false)
+            .unwrap_or_else(|_| unreachable!("a required submission always waits for a slot"))
     }
 
     /// [`submit`](Self::submit) for optional work (read-ahead): only if more than half of the
@@ -371,22 +371,18 @@ impl Runtime {
         len: u64,
         buf: PoolBuf,
     ) -> std::result::Result<IoFuture, Option<PoolBuf>> {
-        let idx = self
-            .cores
-            .iter()
-            .position(|c| c.core == buf.home_core())
-            .unwrap_or(0);
-        let reserve = self.cores[idx].slots.len() / 2;
-        self.submit_inner(op, offset, len, Some(buf), reserve)
+        self.submit_inner(op, offset, len, Some(buf), true)
     }
 
+    /// `optional`: refuse (giving the buffer back) unless more than half the core's slots are
+    /// free, and never wait for one.
     fn submit_inner(
         &self,
         op: OpKind,
         offset: u64,
         len: u64,
         buf: Option<PoolBuf>,
-        reserve: usize,
+        optional: bool,
     ) -> std::result::Result<IoFuture, Option<PoolBuf>> {
         let idx = match &buf {
             Some(b) => self
@@ -400,7 +396,7 @@ impl Runtime {
         if self.stop.load(Ordering::Acquire) {
             return Ok(IoFuture::failed(cs, shut_down(), buf));
         }
-        if reserve > 0 && cs.free.len() <= reserve {
+        if optional && cs.free.len() <= cs.slots.len() / 2 {
             return Err(buf);
         }
         // A free slot; waiting (yielding) is the backpressure of a full core. It ends when a
@@ -410,7 +406,7 @@ impl Runtime {
             if let Some(s) = cs.free.pop() {
                 break s;
             }
-            if reserve > 0 {
+            if optional {
                 return Err(buf);
             }
             if self.stop.load(Ordering::Acquire) {

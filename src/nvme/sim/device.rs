@@ -240,6 +240,18 @@ impl Device {
         work
     }
 
+    /// The inline model's device if no other thread is in a pass. A panic in a pass leaves
+    /// the device as consistent as the threaded model's would be: keep going.
+    pub(super) fn try_lock(
+        dev: &std::sync::Mutex<Device>,
+    ) -> Option<std::sync::MutexGuard<'_, Device>> {
+        match dev.try_lock() {
+            Ok(d) => Some(d),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
     /// The device thread of an inline model: a pass, then a nap (the driver's polls do the
     /// I/O work; this thread serves bring-up, admin commands and timed completions, and keeps
     /// I/O moving when nobody polls). The nap is short while a CSTS.RDY change is due.
@@ -247,23 +259,15 @@ impl Device {
         loop {
             // try_lock: a poller in a pass is doing this work already, and waiting for it
             // would make its unlock a futex wake (a syscall on the data path).
-            let due = match dev.try_lock() {
-                Ok(mut d) => {
+            let due = match Device::try_lock(dev) {
+                Some(mut d) => {
                     if d.sh.stop.load(Ordering::Relaxed) {
                         return;
                     }
                     d.pass();
                     d.pending_rdy.is_some()
                 }
-                Err(std::sync::TryLockError::Poisoned(p)) => {
-                    let mut d = p.into_inner();
-                    if d.sh.stop.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    d.pass();
-                    d.pending_rdy.is_some()
-                }
-                Err(std::sync::TryLockError::WouldBlock) => false,
+                None => false,
             };
             std::thread::sleep(if due {
                 Duration::from_micros(5)

@@ -229,10 +229,8 @@ impl SimController {
         let Some(dev) = &self.inline else {
             return false;
         };
-        let mut d = match dev.try_lock() {
-            Ok(d) => d,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => return false,
+        let Some(mut d) = device::Device::try_lock(dev) else {
+            return false;
         };
         let work = d.pass();
         if work {
