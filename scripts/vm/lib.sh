@@ -78,7 +78,7 @@ rotel_agent_path() {
 }
 
 # need_rotel: make sure rotel is installed (pip; --break-system-packages where the system pip
-# is externally managed). tests/otel.rs and scripts/otel-check use it.
+# is externally managed). cli/tests/otel.rs and scripts/otel-check use it.
 need_rotel() {
     local a
     a="$(rotel_agent_path)" && [ -x "$a" ] && return 0

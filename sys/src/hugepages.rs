@@ -216,7 +216,7 @@ pub fn hugetlbfs_mounts() -> io::Result<Vec<HugetlbfsMount>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pci::testutil::TempDir;
+    use crate::testutil::TempDir;
 
     fn pool_files(dir: &Path, total: u64, free: u64) {
         std::fs::create_dir_all(dir).unwrap();

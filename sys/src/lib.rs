@@ -13,11 +13,15 @@ pub mod blk;
 pub mod hugepages;
 pub mod io;
 pub mod mem;
+pub mod mmio;
 pub mod pagemap;
 pub mod pci;
 pub mod rusage;
 pub mod stat;
 pub mod vfio;
+
+#[cfg(test)]
+mod testutil;
 
 use std::io::Error;
 

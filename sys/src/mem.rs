@@ -85,7 +85,7 @@ impl Mapping {
     }
 
     /// Map `len` bytes (a multiple of `kind`'s page size) without faulting any page in, so
-    /// the caller can set a memory policy (NUMA binding) first; then [`Mapping::populate`].
+    /// the caller can set a memory policy (NUMA binding) first; then [`Mapping::populate_and_lock`].
     /// For hugetlb kinds the pages are reserved here (ENOMEM if the pool cannot supply them).
     pub fn reserve(len: usize, kind: PageKind) -> std::io::Result<Mapping> {
         if len == 0 || !len.is_multiple_of(kind.bytes()) {

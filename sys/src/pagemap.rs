@@ -63,7 +63,7 @@ pub fn virt_to_phys_in(pagemap: &Path, vaddr: u64, page_size: u64) -> io::Result
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pci::testutil::TempDir;
+    use crate::testutil::TempDir;
 
     #[test]
     fn fake_pagemap_entries() {

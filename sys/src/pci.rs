@@ -13,7 +13,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-pub use crate::vfio::MmioRegion;
+pub use crate::mmio::MmioRegion;
 
 /// A BAR mapped through sysfs `resource<N>` (the uio path): the same type as a VFIO BAR.
 pub type MmioResource = MmioRegion;
@@ -478,43 +478,28 @@ pub fn enable_bus_master(root: &Path, addr: &PciAddr) -> io::Result<()> {
     write_config(root, addr, 0x04, &cmd.to_le_bytes())
 }
 
-#[cfg(test)]
-pub(crate) mod testutil {
-    use std::path::{Path, PathBuf};
-    use std::sync::atomic::{AtomicU32, Ordering};
+/// The default IOMMU domain type of `addr`'s group (`kernel/iommu_groups/<g>/type`: "DMA",
+/// "DMA-FQ", "identity", ...), or `None` when the device has no IOMMU group or the kernel does
+/// not say.
+pub fn iommu_domain_type(root: &Path, addr: &PciAddr) -> Option<String> {
+    let t = std::fs::read_to_string(device_dir(root, addr).join("iommu_group/type")).ok()?;
+    Some(t.trim().to_string())
+}
 
-    /// A directory removed on drop (rio-sys has no dev-dependencies).
-    pub(crate) struct TempDir(PathBuf);
-
-    impl TempDir {
-        pub(crate) fn new() -> TempDir {
-            static N: AtomicU32 = AtomicU32::new(0);
-            let p = std::env::temp_dir().join(format!(
-                "rio-sys-test-{}-{}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::Relaxed)
-            ));
-            std::fs::create_dir_all(&p).unwrap();
-            TempDir(p)
-        }
-        pub(crate) fn path(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+/// Whether the IOMMU translates the device's DMA addresses (so a physical address handed to
+/// it through uio_pci_generic would fault): it has a group whose domain is not identity
+/// (passthrough).
+pub fn iommu_translates(root: &Path, addr: &PciAddr) -> bool {
+    let has_group = device_dir(root, addr).join("iommu_group").exists();
+    has_group && iommu_domain_type(root, addr).is_none_or(|t| t != "identity")
 }
 
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::symlink;
 
-    use super::testutil::TempDir;
     use super::*;
+    use crate::testutil::TempDir;
 
     fn a(s: &str) -> PciAddr {
         s.parse().unwrap()
@@ -705,20 +690,4 @@ mod tests {
         read_config(t.path(), &addr, 4, &mut b).unwrap();
         assert_eq!(u16::from_le_bytes(b), 0x0406);
     }
-}
-
-/// The default IOMMU domain type of `addr`'s group (`kernel/iommu_groups/<g>/type`: "DMA",
-/// "DMA-FQ", "identity", ...), or `None` when the device has no IOMMU group or the kernel does
-/// not say.
-pub fn iommu_domain_type(root: &Path, addr: &PciAddr) -> Option<String> {
-    let t = std::fs::read_to_string(device_dir(root, addr).join("iommu_group/type")).ok()?;
-    Some(t.trim().to_string())
-}
-
-/// Whether the IOMMU translates the device's DMA addresses (so a physical address handed to
-/// it through uio_pci_generic would fault): it has a group whose domain is not identity
-/// (passthrough).
-pub fn iommu_translates(root: &Path, addr: &PciAddr) -> bool {
-    let has_group = device_dir(root, addr).join("iommu_group").exists();
-    has_group && iommu_domain_type(root, addr).is_none_or(|t| t != "identity")
 }

@@ -1,0 +1,134 @@
+//! Backends: the engines behind a [`crate::Queue`], and the rules that choose one.
+//!
+//! Dispatch is an enum, not a trait object: the set is closed (uring, psync; vfio and the
+//! software model join later) and the hot path stays free of indirect calls.
+
+pub(crate) mod nvme;
+pub(crate) mod psync;
+pub(crate) mod uring;
+
+use std::time::Duration;
+
+use crate::error::Result;
+use crate::op::OpKind;
+
+/// One operation as a backend sees it. `addr` points into the queue's arena and stays valid
+/// until the backend reports the slot complete (the queue owns the buffer meanwhile).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RawOp {
+    pub op: OpKind,
+    pub offset: u64,
+    pub len: u64,
+    pub addr: *mut u8,
+}
+
+/// A backend's completion: the queue slot and the kernel-style result (bytes, or -errno), or
+/// a failure that an errno cannot describe.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Reaped {
+    pub slot: u32,
+    pub res: i32,
+    pub fail: Fail,
+}
+
+impl Reaped {
+    pub fn ok(slot: u32, res: i32) -> Reaped {
+        Reaped {
+            slot,
+            res,
+            fail: Fail::None,
+        }
+    }
+}
+
+/// Failures of the NVMe driver, typed rather than squeezed into an errno.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Fail {
+    None,
+    Nvme(crate::nvme::spec::NvmeError),
+    TimedOut { after_ms: u64 },
+    Reset { fatal: bool },
+}
+
+// One per queue, created once and never moved on the hot path: the size difference between
+// variants costs nothing, while boxing would add a pointer chase per operation.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum BackendQueue {
+    Uring(uring::UringQueue),
+    Psync(psync::PsyncQueue),
+    Nvme(nvme::NvmeQueue),
+}
+
+impl BackendQueue {
+    pub fn name(&self) -> &'static str {
+        match self {
+            BackendQueue::Uring(_) => "uring",
+            BackendQueue::Psync(_) => "psync",
+            BackendQueue::Nvme(q) => q.backend_name(),
+        }
+    }
+
+    #[inline]
+    pub fn push(&mut self, slot: u32, op: &RawOp) -> Result<()> {
+        match self {
+            BackendQueue::Uring(q) => q.push(slot, op),
+            BackendQueue::Psync(q) => q.push(slot, op),
+            BackendQueue::Nvme(q) => q.push(slot, op),
+        }
+    }
+
+    /// Submit what is pending and collect completions into `out`. With `want > 0`, block until
+    /// at least that many arrived or `timeout` passed (`None`: no deadline is the caller's
+    /// responsibility; the queue always passes one when blocking).
+    #[inline]
+    pub fn reap(
+        &mut self,
+        want: u32,
+        timeout: Option<Duration>,
+        out: &mut Vec<Reaped>,
+    ) -> Result<()> {
+        match self {
+            BackendQueue::Uring(q) => q.reap(want, timeout, out),
+            BackendQueue::Psync(q) => q.reap(want, timeout, out),
+            BackendQueue::Nvme(q) => q.reap(want, timeout, out),
+        }
+    }
+
+    /// Commands gathered per doorbell or `io_uring_enter` (psync: every operation is its own
+    /// call, so 1).
+    pub fn submit_batch(&self) -> u32 {
+        match self {
+            BackendQueue::Uring(q) => q.submit_batch(),
+            BackendQueue::Psync(_) => 1,
+            BackendQueue::Nvme(q) => q.submit_batch(),
+        }
+    }
+
+    /// Sets the submission batch; a no-op on psync.
+    pub fn set_submit_batch(&mut self, n: u32) {
+        match self {
+            BackendQueue::Uring(q) => q.set_submit_batch(n),
+            BackendQueue::Psync(_) => {}
+            BackendQueue::Nvme(q) => q.set_submit_batch(n),
+        }
+    }
+
+    /// The queue is being dropped with operations that never completed: do not wait for them
+    /// (the queue leaks their memory instead).
+    pub fn abandon(&mut self) {
+        match self {
+            BackendQueue::Uring(q) => q.abandon(),
+            BackendQueue::Psync(q) => q.abandon(),
+            BackendQueue::Nvme(q) => q.abandon(),
+        }
+    }
+}
+
+/// Whether an errno from `io_uring_setup` means "refused by policy" (seccomp, sysctl
+/// `kernel.io_uring_disabled`, no kernel support): the cases where falling back is right.
+pub(crate) fn is_refusal(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EPERM | libc::ENOSYS | libc::EACCES)
+    )
+}

@@ -1,0 +1,368 @@
+//! io_uring backend: O_DIRECT, the queue's arena registered once as fixed buffers
+//! (READ_FIXED/WRITE_FIXED), the target registered as a fixed file, one `io_uring_enter` per
+//! poll batch, optional SQPOLL, IOPOLL on NVMe devices with poll queues.
+//!
+//! Without SQPOLL the ring is created SINGLE_ISSUER + DEFER_TASKRUN + TASKRUN_FLAG (kernel
+//! 6.1+; older kernels fall back to a plain ring): completions are posted only when the owning
+//! thread enters with GETEVENTS, and the kernel raises a flag when some are waiting, so a poll
+//! with nothing to submit and nothing signalled costs no syscall.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use io_uring::{IoUring, opcode, types};
+
+use super::{RawOp, Reaped};
+use crate::error::{Error, Result};
+use crate::op::OpKind;
+
+/// Options the engine resolved for a ring.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct UringOptions {
+    pub sqpoll: Option<u32>,
+    pub iopoll: bool,
+    /// Submit as soon as this many SQEs are pending (0: only at the next poll or wait).
+    pub submit_batch: u32,
+}
+
+/// Largest single registered buffer the kernel accepts.
+const MAX_REG: usize = 1 << 30;
+
+pub(crate) struct UringQueue {
+    ring: IoUring,
+    file: File,
+    fixed_file: bool,
+    /// Arena base and length when registered as fixed buffers (in 1 GiB pieces).
+    /// Registered memory: (start address, length, index of its first fixed buffer). Each
+    /// region is registered in pieces of at most 1 GiB.
+    fixed_bufs: Vec<(usize, usize, u16)>,
+    /// The regions registered (arena first), for re-registration without one of them.
+    registered: Vec<(usize, usize)>,
+    /// SQEs pushed and not yet handed to the kernel.
+    pending: u32,
+    submit_batch: u32,
+    iopoll: bool,
+    /// Completions of operations done inline (non-read/write ops on an IOPOLL ring).
+    inline_done: Vec<Reaped>,
+    abandoned: bool,
+}
+
+/// What the ring ended up with, for the log.
+#[derive(Clone, Debug, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct UringFeatures {
+    pub fixed_buffers: bool,
+    pub fixed_file: bool,
+    pub sqpoll: bool,
+    pub iopoll: bool,
+    pub defer_taskrun: bool,
+}
+
+impl UringQueue {
+    /// Build a ring for `depth` operations over `file`, registering `regions` (base, len: the
+    /// queue's arena, and any memory the caller added) as fixed buffers.
+    /// The `io::Error` of `io_uring_setup` is returned as is so the caller can decide whether
+    /// it is a refusal (fall back) or a failure.
+    pub fn new(
+        file: File,
+        regions: &[(*mut u8, usize)],
+        depth: u32,
+        opts: UringOptions,
+    ) -> std::io::Result<(UringQueue, UringFeatures)> {
+        let entries = depth.next_power_of_two().max(8);
+        let build = |defer: bool| {
+            let mut b = IoUring::builder();
+            b.setup_cqsize(entries * 2);
+            if let Some(idle) = opts.sqpoll {
+                b.setup_sqpoll(idle);
+            } else if defer {
+                b.setup_single_issuer()
+                    .setup_defer_taskrun()
+                    .setup_taskrun_flag();
+            }
+            if opts.iopoll {
+                b.setup_iopoll();
+            }
+            b.build(entries)
+        };
+        let (ring, defer) = match build(opts.sqpoll.is_none()) {
+            Ok(r) => (r, opts.sqpoll.is_none()),
+            // EINVAL: a kernel older than 6.1 that lacks DEFER_TASKRUN.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && opts.sqpoll.is_none() => {
+                (build(false)?, false)
+            }
+            Err(e) => return Err(e),
+        };
+        let mut feats = UringFeatures {
+            sqpoll: opts.sqpoll.is_some(),
+            iopoll: opts.iopoll,
+            defer_taskrun: defer,
+            ..Default::default()
+        };
+        let fixed_file = ring.submitter().register_files(&[file.as_raw_fd()]).is_ok();
+        feats.fixed_file = fixed_file;
+        let (iovecs, table) = iovec_table(regions.iter().map(|&(b, l)| (b as usize, l)));
+        // SAFETY: the iovecs cover exactly the queue's arena and the regions its owner added,
+        // which are kept alive for as long as this ring exists (the Queue owns the arena and
+        // drops the ring first; added regions are the caller's contract; an abandoned queue
+        // leaks the arena).
+        let fixed_bufs = match unsafe { ring.submitter().register_buffers(&iovecs) } {
+            Ok(()) => table,
+            Err(e) => {
+                tracing::warn!(error = %e, "io_uring: cannot register buffers; using unregistered I/O");
+                Vec::new()
+            }
+        };
+        feats.fixed_buffers = !fixed_bufs.is_empty();
+        Ok((
+            UringQueue {
+                ring,
+                file,
+                fixed_file,
+                fixed_bufs,
+                registered: regions.iter().map(|&(b, l)| (b as usize, l)).collect(),
+                pending: 0,
+                submit_batch: opts.submit_batch,
+                iopoll: opts.iopoll,
+                inline_done: Vec::new(),
+                abandoned: false,
+            },
+            feats,
+        ))
+    }
+
+    /// Stop using a region registered at creation (a pool gave it back): the fixed buffers
+    /// are registered again without it. The caller (`Queue::remove_region`) has checked that
+    /// nothing is in flight (the kernel may be using the registered pages).
+    pub fn remove_region(&mut self, ptr: *mut u8) {
+        let Some(i) = self.registered.iter().position(|&(b, _)| b == ptr as usize) else {
+            return; // never registered (added later): nothing to do
+        };
+        self.registered.remove(i);
+        let _ = self.ring.submitter().unregister_buffers();
+        let (iovecs, table) = iovec_table(self.registered.iter().copied());
+        // SAFETY: the remaining regions are the arena and regions the owner still keeps alive
+        // (contract of `Engine::queue_with_regions`).
+        self.fixed_bufs = match unsafe { self.ring.submitter().register_buffers(&iovecs) } {
+            Ok(()) => table,
+            Err(e) => {
+                tracing::warn!(error = %e, "io_uring: re-registering buffers failed; using unregistered I/O");
+                Vec::new()
+            }
+        };
+    }
+
+    /// Index of the registered buffer that holds `[addr, addr+len)`, if any.
+    #[inline]
+    fn buf_index(&self, addr: *mut u8, len: u64) -> Option<u16> {
+        for &(base, blen, first) in &self.fixed_bufs {
+            let Some(a) = (addr as usize).checked_sub(base) else {
+                continue;
+            };
+            let end = a + len as usize;
+            if end > blen {
+                continue;
+            }
+            let idx = a / MAX_REG;
+            return (idx == (end - 1) / MAX_REG).then_some(first + idx as u16);
+        }
+        None
+    }
+
+    #[inline]
+    pub fn push(&mut self, slot: u32, op: &RawOp) -> Result<()> {
+        if self.iopoll && !matches!(op.op, OpKind::Read | OpKind::Write) {
+            // An IOPOLL ring accepts only reads and writes: do the rest synchronously.
+            let res = self.inline(op);
+            self.inline_done.push(Reaped::ok(slot, res));
+            return Ok(());
+        }
+        let raw = self.file.as_raw_fd();
+        macro_rules! build {
+            ($fd:expr) => {{
+                let fd = $fd;
+                match op.op {
+                    OpKind::Read => match self.buf_index(op.addr, op.len) {
+                        Some(i) => opcode::ReadFixed::new(fd, op.addr, op.len as u32, i)
+                            .offset(op.offset)
+                            .build(),
+                        None => opcode::Read::new(fd, op.addr, op.len as u32)
+                            .offset(op.offset)
+                            .build(),
+                    },
+                    OpKind::Write => match self.buf_index(op.addr, op.len) {
+                        Some(i) => opcode::WriteFixed::new(fd, op.addr, op.len as u32, i)
+                            .offset(op.offset)
+                            .build(),
+                        None => opcode::Write::new(fd, op.addr, op.len as u32)
+                            .offset(op.offset)
+                            .build(),
+                    },
+                    OpKind::Flush => opcode::Fsync::new(fd)
+                        .flags(types::FsyncFlags::DATASYNC)
+                        .build(),
+                    OpKind::WriteZeroes => opcode::Fallocate::new(fd, op.len)
+                        .offset(op.offset)
+                        .mode(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE)
+                        .build(),
+                    OpKind::Deallocate => opcode::Fallocate::new(fd, op.len)
+                        .offset(op.offset)
+                        .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
+                        .build(),
+                }
+            }};
+        }
+        let sqe = if self.fixed_file {
+            build!(types::Fixed(0))
+        } else {
+            build!(types::Fd(raw))
+        }
+        .user_data(slot as u64);
+        // SAFETY: the SQE's buffer (if any) is the arena memory of a buffer the Queue holds in
+        // its in-flight table until this slot's CQE is reaped; the file is owned by self.
+        unsafe { self.ring.submission().push(&sqe) }.map_err(|_| Error::QueueFull {
+            depth: self.ring.params().sq_entries(),
+        })?;
+        self.pending += 1;
+        if self.submit_batch > 0 && self.pending >= self.submit_batch {
+            // Hand a full batch to the kernel now rather than at the next poll.
+            enter_result(self.ring.submit())?;
+            self.pending = self.ring.submission().len() as u32;
+        }
+        Ok(())
+    }
+
+    /// SQEs gathered before `io_uring_enter` (0: only at the next poll or wait).
+    pub fn submit_batch(&self) -> u32 {
+        self.submit_batch
+    }
+
+    pub fn set_submit_batch(&mut self, n: u32) {
+        self.submit_batch = n.min(self.ring.params().sq_entries());
+    }
+
+    fn inline(&self, op: &RawOp) -> i32 {
+        use std::os::fd::AsFd;
+        let fd = self.file.as_fd();
+        let r = match op.op {
+            OpKind::Flush => rio_sys::io::fdatasync(fd),
+            OpKind::WriteZeroes => rio_sys::io::fallocate(
+                fd,
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                op.offset,
+                op.len,
+            ),
+            OpKind::Deallocate => rio_sys::io::fallocate(
+                fd,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                op.offset,
+                op.len,
+            ),
+            OpKind::Read | OpKind::Write => unreachable!("reads and writes go through the ring"),
+        };
+        match r {
+            Ok(()) => 0,
+            Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
+        }
+    }
+
+    #[inline]
+    pub fn reap(
+        &mut self,
+        want: u32,
+        timeout: Option<Duration>,
+        out: &mut Vec<Reaped>,
+    ) -> Result<()> {
+        out.append(&mut self.inline_done);
+        let want = want.saturating_sub(out.len() as u32);
+        let must_enter = {
+            let sq = self.ring.submission();
+            self.pending > 0 || sq.taskrun() || sq.cq_overflow()
+        } || self.iopoll
+            || want > 0;
+        if must_enter {
+            let sub = self.ring.submitter();
+            let r = match (want, timeout) {
+                (0, _) => sub.submit(),
+                (w, Some(t)) => {
+                    let ts = types::Timespec::from(t);
+                    let args = types::SubmitArgs::new().timespec(&ts);
+                    sub.submit_with_args(w as usize, &args)
+                }
+                (w, None) => sub.submit_and_wait(w as usize),
+            };
+            enter_result(r)?;
+            self.pending = self.ring.submission().len() as u32;
+        }
+        for cqe in self.ring.completion() {
+            out.push(Reaped::ok(cqe.user_data() as u32, cqe.result()));
+        }
+        Ok(())
+    }
+
+    pub fn abandon(&mut self) {
+        self.abandoned = true;
+    }
+}
+
+impl Drop for UringQueue {
+    fn drop(&mut self) {
+        if self.abandoned {
+            // Closing the ring makes the kernel cancel and wait for its requests in a worker;
+            // the buffers they target are leaked by the queue, so nothing is freed under them.
+            tracing::debug!("dropping io_uring with requests outstanding");
+        }
+    }
+}
+
+/// Map an `io_uring_enter` result: ETIME (a wait timed out), EINTR (a signal such as Ctrl-C;
+/// the caller re-checks its stop flag) and EBUSY/EAGAIN (completions must be reaped before more
+/// can be submitted; SQEs stay queued) are not failures.
+fn enter_result(r: std::io::Result<usize>) -> Result<()> {
+    match r {
+        Ok(_) => Ok(()),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN)
+            ) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(Error::Os {
+            op: "io_uring_enter",
+            path: "io_uring".into(),
+            source: e,
+        }),
+    }
+}
+
+/// Probe: can this process create an io_uring at all? Returns the setup error if not.
+pub(crate) fn probe() -> std::io::Result<()> {
+    IoUring::new(2).map(drop)
+}
+
+/// Whether `fd` for block device `name` supports polled I/O (nvme with poll queues).
+pub(crate) fn device_has_poll_queues(name: &str) -> bool {
+    std::fs::read_to_string(format!("/sys/class/block/{name}/queue/io_poll"))
+        .map(|s| s.trim() == "1")
+        .unwrap_or(false)
+}
+
+/// The iovecs registering `regions` (each in pieces of at most 1 GiB) and the lookup table of
+/// (start, length, index of the first piece).
+fn iovec_table(
+    regions: impl Iterator<Item = (usize, usize)>,
+) -> (Vec<libc::iovec>, Vec<(usize, usize, u16)>) {
+    let mut iovecs: Vec<libc::iovec> = Vec::new();
+    let mut table = Vec::new();
+    for (base, len) in regions {
+        table.push((base, len, iovecs.len() as u16));
+        iovecs.extend((0..len.div_ceil(MAX_REG)).map(|i| libc::iovec {
+            iov_base: (base + i * MAX_REG) as *mut libc::c_void,
+            iov_len: (len - i * MAX_REG).min(MAX_REG),
+        }));
+    }
+    (iovecs, table)
+}

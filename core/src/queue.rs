@@ -1,0 +1,593 @@
+//! The per-core queue: submit operations with a user token, poll completions.
+//!
+//! A [`Queue`] is owned by one thread (it is neither `Send` nor `Sync`). Data moves through
+//! [`IoBuf`]s the queue hands out; a submitted buffer is owned by the queue until its completion
+//! is reaped and then comes back in the [`Completion`]. Submissions are batched: the backend
+//! sees them at the next [`Queue::poll`] or [`Queue::wait`], which costs one `io_uring_enter` at
+//! most (none when nothing is pending and no completion has been signalled).
+
+use std::collections::VecDeque;
+use std::marker::PhantomData;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use crate::backend::{BackendQueue, Fail, RawOp, Reaped};
+use crate::buf::{Arena, IoBuf};
+use crate::error::{Error, IoError, IoErrorKind, Result};
+use crate::target::Geometry;
+
+pub use crate::op::OpKind;
+
+/// A finished operation.
+#[derive(Debug)]
+pub struct Completion {
+    /// The token given at submission.
+    pub token: u64,
+    pub op: OpKind,
+    pub offset: u64,
+    /// Bytes asked for.
+    pub len: u64,
+    /// Bytes transferred, or why it failed. A read or write that moved fewer bytes than asked is
+    /// an error ([`IoErrorKind::Short`]).
+    pub result: std::result::Result<u64, IoError>,
+    /// The buffer of a read or write, handed back.
+    pub buf: Option<IoBuf>,
+}
+
+/// A submission the queue refused. The buffer, if any, is handed back: nothing is lost.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct Rejected {
+    #[source]
+    pub error: Error,
+    pub buf: Option<IoBuf>,
+}
+
+impl From<Rejected> for Error {
+    fn from(r: Rejected) -> Error {
+        r.error
+    }
+}
+
+struct Slot {
+    token: u64,
+    op: OpKind,
+    offset: u64,
+    len: u64,
+    buf: Option<IoBuf>,
+}
+
+/// One queue pair's worth of I/O state, owned by one thread.
+pub struct Queue {
+    backend: BackendQueue,
+    arena: Rc<Arena>,
+    geometry: Geometry,
+    writable: bool,
+    depth: u32,
+    slots: Vec<Option<Slot>>,
+    free: Vec<u32>,
+    reaped: Vec<Reaped>,
+    /// Completions reaped by a blocking helper on behalf of `poll`.
+    ready: VecDeque<Completion>,
+    _not_send: PhantomData<*const ()>,
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue")
+            .field("backend", &self.backend.name())
+            .field("depth", &self.depth)
+            .field("in_flight", &self.in_flight())
+            .finish()
+    }
+}
+
+/// How long blocking helpers and `Drop` wait for a completion before giving up.
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(30);
+
+impl Queue {
+    pub(crate) fn new(
+        backend: BackendQueue,
+        arena: Rc<Arena>,
+        geometry: Geometry,
+        writable: bool,
+        depth: u32,
+    ) -> Queue {
+        Queue {
+            backend,
+            arena,
+            geometry,
+            writable,
+            depth,
+            slots: (0..depth).map(|_| None).collect(),
+            free: (0..depth).rev().collect(),
+            reaped: Vec::with_capacity(depth as usize),
+            ready: VecDeque::new(),
+            _not_send: PhantomData,
+        }
+    }
+
+    /// Name of the backend serving this queue.
+    pub fn backend_name(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    /// Commands gathered per doorbell (vfio, model) or per `io_uring_enter` (uring; 0 means
+    /// only when the queue polls or waits). Always 1 on psync.
+    pub fn submit_batch(&self) -> u32 {
+        self.backend.submit_batch()
+    }
+
+    /// Sets the submission batch (the tuner's knob); no effect on psync. Commands never wait on
+    /// a timer to fill a batch: a partial batch goes out at the next poll that sees the device
+    /// idle-ish (nvme) or at the next poll/wait (uring).
+    pub fn set_submit_batch(&mut self, n: u32) {
+        self.backend.set_submit_batch(n)
+    }
+
+    /// Counters of the userspace NVMe driver's queue pair (`None` on kernel backends).
+    pub fn nvme_stats(&self) -> Option<crate::backend::nvme::NvmeQueueStats> {
+        match &self.backend {
+            BackendQueue::Nvme(q) => Some(q.stats()),
+            _ => None,
+        }
+    }
+
+    /// Alignment and size of the target.
+    pub fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    /// Maximum operations in flight.
+    pub fn depth(&self) -> u32 {
+        self.depth
+    }
+
+    /// Operations submitted and not yet reaped.
+    pub fn in_flight(&self) -> u32 {
+        self.depth - self.free.len() as u32
+    }
+
+    /// A buffer from this queue's registered arena, with `len()` = `len`.
+    pub fn alloc_buf(&self, len: usize) -> Result<IoBuf> {
+        self.arena.alloc(len)
+    }
+
+    /// The arena buffers come from (for statistics).
+    pub fn arena(&self) -> &Arena {
+        &self.arena
+    }
+
+    fn check(&self, op: OpKind, offset: u64, len: u64) -> Result<()> {
+        if op != OpKind::Read && !self.writable {
+            return Err(Error::Unsupported {
+                op,
+                backend: "a target opened read-only",
+            });
+        }
+        if op != OpKind::Flush {
+            self.geometry.check_range(offset, len)?;
+        }
+        if self.free.is_empty() {
+            return Err(Error::QueueFull { depth: self.depth });
+        }
+        Ok(())
+    }
+
+    fn submit(
+        &mut self,
+        op: OpKind,
+        offset: u64,
+        len: u64,
+        buf: Option<IoBuf>,
+        token: u64,
+    ) -> std::result::Result<(), Rejected> {
+        if let Err(error) = self.check(op, offset, len) {
+            return Err(Rejected { error, buf });
+        }
+        if let Some(b) = &buf {
+            let align = self.geometry.mem_align as usize;
+            if !b.is_from(&self.arena) {
+                return Err(Rejected {
+                    error: Error::BufferUnavailable {
+                        requested: b.len(),
+                        reason: "buffer belongs to another queue's arena".into(),
+                    },
+                    buf,
+                });
+            }
+            let misaligned = if align.is_power_of_two() {
+                b.as_ptr() as usize & (align - 1) != 0
+            } else {
+                !(b.as_ptr() as usize).is_multiple_of(align)
+            };
+            if align > 1 && misaligned {
+                let error = Error::Alignment {
+                    what: "buffer address",
+                    value: b.as_ptr() as u64,
+                    align_name: "DMA alignment",
+                    align: align as u64,
+                };
+                return Err(Rejected { error, buf });
+            }
+        }
+        let addr = buf.as_ref().map_or(std::ptr::null_mut(), |b| b.as_ptr());
+        self.enqueue(op, offset, len, addr, buf, token)
+    }
+
+    /// Hand a checked operation to the backend and record it in a free slot (the caller
+    /// checked that one is free).
+    #[inline]
+    fn enqueue(
+        &mut self,
+        op: OpKind,
+        offset: u64,
+        len: u64,
+        addr: *mut u8,
+        buf: Option<IoBuf>,
+        token: u64,
+    ) -> std::result::Result<(), Rejected> {
+        let slot = *self.free.last().expect("checked non-empty");
+        let raw = RawOp {
+            op,
+            offset,
+            len,
+            addr,
+        };
+        if let Err(error) = self.backend.push(slot, &raw) {
+            return Err(Rejected { error, buf });
+        }
+        self.free.pop();
+        self.slots[slot as usize] = Some(Slot {
+            token,
+            op,
+            offset,
+            len,
+            buf,
+        });
+        Ok(())
+    }
+
+    /// Queue `op` on memory the queue does not own (a buffer pool's, registered with
+    /// [`crate::Engine::queue_with_regions`]). The completion carries no buffer. Offsets,
+    /// lengths and the address are checked like any submission.
+    ///
+    /// # Safety
+    /// For a read or write, `addr..addr+len` must stay valid (and, for a read, not be read or
+    /// written by anyone else) until this operation's completion has been reaped; the kernel or
+    /// the device writes into it meanwhile. For the vfio backend it must lie in a region given
+    /// to `queue_with_regions` (else the submission is rejected).
+    pub unsafe fn submit_raw(
+        &mut self,
+        op: OpKind,
+        offset: u64,
+        addr: *mut u8,
+        len: u64,
+        token: u64,
+    ) -> Result<()> {
+        if matches!(op, OpKind::Read | OpKind::Write) {
+            let align = self.geometry.mem_align as usize;
+            if addr.is_null() || (align > 1 && !(addr as usize).is_multiple_of(align)) {
+                return Err(Error::Alignment {
+                    what: "buffer address",
+                    value: addr as u64,
+                    align_name: "DMA alignment",
+                    align: align as u64,
+                });
+            }
+        }
+        let addr = if matches!(op, OpKind::Read | OpKind::Write) {
+            addr
+        } else {
+            std::ptr::null_mut()
+        };
+        self.check(op, offset, len)?;
+        self.enqueue(op, offset, len, addr, None, token)
+            .map_err(Error::from)
+    }
+
+    /// Make more external memory usable by `submit_raw` after the queue was built (a pool that
+    /// grew): mapped into the IOMMU for the vfio backend; io_uring does I/O on it without
+    /// fixed-buffer registration (same results, a little more kernel work per operation).
+    ///
+    /// # Safety
+    /// As for [`crate::Engine::queue_with_regions`]: the memory stays mapped and unmoved until
+    /// the queue is dropped.
+    pub unsafe fn add_region(
+        &mut self,
+        ptr: *mut u8,
+        len: usize,
+        kind: rio_sys::mem::PageKind,
+    ) -> Result<()> {
+        match &mut self.backend {
+            // SAFETY: caller contract.
+            BackendQueue::Nvme(q) => unsafe { q.add_region(ptr, len, kind) },
+            BackendQueue::Uring(_) | BackendQueue::Psync(_) => Ok(()),
+        }
+    }
+
+    /// Stop using a region given to `queue_with_regions` or `add_region` (a pool gave it back):
+    /// unmapped from the IOMMU, or io_uring's fixed buffers registered again without it. Only
+    /// with nothing in flight on this queue (else `Error::InUse`). Afterwards the caller may
+    /// unmap the memory.
+    pub fn remove_region(&mut self, ptr: *mut u8) -> Result<()> {
+        let in_flight = self.in_flight();
+        if in_flight > 0 {
+            return Err(Error::InUse {
+                path: "queue".into(),
+                reason: format!("{in_flight} operations in flight; remove regions when idle"),
+            });
+        }
+        match &mut self.backend {
+            BackendQueue::Nvme(q) => {
+                q.remove_region(ptr);
+                Ok(())
+            }
+            BackendQueue::Uring(q) => {
+                q.remove_region(ptr);
+                Ok(())
+            }
+            BackendQueue::Psync(_) => Ok(()),
+        }
+    }
+
+    /// Queue a read of `buf.len()` bytes at `offset` into `buf`.
+    pub fn submit_read(
+        &mut self,
+        offset: u64,
+        buf: IoBuf,
+        token: u64,
+    ) -> std::result::Result<(), Rejected> {
+        let len = buf.len() as u64;
+        self.submit(OpKind::Read, offset, len, Some(buf), token)
+    }
+
+    /// Queue a write of `buf.len()` bytes from `buf` at `offset`.
+    pub fn submit_write(
+        &mut self,
+        offset: u64,
+        buf: IoBuf,
+        token: u64,
+    ) -> std::result::Result<(), Rejected> {
+        let len = buf.len() as u64;
+        self.submit(OpKind::Write, offset, len, Some(buf), token)
+    }
+
+    /// Queue a flush of the device's volatile write cache (fdatasync on the kernel path).
+    pub fn submit_flush(&mut self, token: u64) -> Result<()> {
+        self.submit(OpKind::Flush, 0, 0, None, token)
+            .map_err(Error::from)
+    }
+
+    /// Queue zeroing `len` bytes at `offset`.
+    pub fn submit_write_zeroes(&mut self, offset: u64, len: u64, token: u64) -> Result<()> {
+        self.submit(OpKind::WriteZeroes, offset, len, None, token)
+            .map_err(Error::from)
+    }
+
+    /// Queue deallocating (trimming) `len` bytes at `offset`.
+    pub fn submit_deallocate(&mut self, offset: u64, len: u64, token: u64) -> Result<()> {
+        self.submit(OpKind::Deallocate, offset, len, None, token)
+            .map_err(Error::from)
+    }
+
+    /// Hand pending submissions to the backend and append finished operations to `out`
+    /// without blocking. Returns how many were appended.
+    pub fn poll(&mut self, out: &mut Vec<Completion>) -> Result<usize> {
+        self.reap(0, None, out)
+    }
+
+    /// Like [`Queue::poll`], but block until at least `min` operations have finished or
+    /// `timeout` passes (then fewer may be returned). `min` is capped at the number in flight.
+    pub fn wait(
+        &mut self,
+        min: usize,
+        timeout: Duration,
+        out: &mut Vec<Completion>,
+    ) -> Result<usize> {
+        self.reap(min, Some(timeout), out)
+    }
+
+    fn reap(
+        &mut self,
+        min: usize,
+        timeout: Option<Duration>,
+        out: &mut Vec<Completion>,
+    ) -> Result<usize> {
+        let before = out.len();
+        out.extend(self.ready.drain(..));
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            let got = out.len() - before;
+            let want = min.saturating_sub(got).min(self.in_flight() as usize) as u32;
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            self.reaped.clear();
+            let res = self.backend.reap(want, left, &mut self.reaped);
+            let mut bad = None;
+            for i in 0..self.reaped.len() {
+                let r = self.reaped[i];
+                match self.complete(r) {
+                    Ok(c) => out.push(c),
+                    Err(e) => bad = Some(e),
+                }
+            }
+            if let Some(e) = res.err().or(bad) {
+                // Nothing reaped is lost: what completed waits in `ready` for the next call.
+                self.ready.extend(out.drain(before..));
+                return Err(e);
+            }
+            let got = out.len() - before;
+            let satisfied = got >= min || self.in_flight() == 0;
+            if timeout.is_none() || satisfied || left.is_some_and(|l| l.is_zero()) {
+                return Ok(got);
+            }
+        }
+    }
+
+    fn complete(&mut self, r: Reaped) -> Result<Completion> {
+        // The backend is trusted less than the queue's own bookkeeping: a slot id that is out
+        // of range or not in flight is reported, never used to index blindly.
+        let slot = self
+            .slots
+            .get_mut(r.slot as usize)
+            .and_then(Option::take)
+            .ok_or(Error::BadCompletion {
+                backend: self.backend.name(),
+                slot: r.slot,
+            })?;
+        self.free.push(r.slot);
+        let fail = |kind| {
+            Err(IoError {
+                op: slot.op,
+                offset: slot.offset,
+                len: slot.len,
+                kind,
+            })
+        };
+        let result = if let Some(kind) = match r.fail {
+            Fail::None => None,
+            Fail::Nvme(e) => Some(IoErrorKind::Nvme(e)),
+            Fail::TimedOut { after_ms } => Some(IoErrorKind::TimedOut { after_ms }),
+            Fail::Reset { fatal } => Some(IoErrorKind::ControllerReset { fatal }),
+        } {
+            fail(kind)
+        } else if r.res < 0 {
+            Err(IoError {
+                op: slot.op,
+                offset: slot.offset,
+                len: slot.len,
+                kind: IoErrorKind::Os(-r.res),
+            })
+        } else {
+            let done = r.res as u64;
+            match slot.op {
+                OpKind::Read | OpKind::Write if done != slot.len => Err(IoError {
+                    op: slot.op,
+                    offset: slot.offset,
+                    len: slot.len,
+                    kind: IoErrorKind::Short { done: done as u32 },
+                }),
+                OpKind::Read | OpKind::Write => Ok(done),
+                _ => Ok(slot.len),
+            }
+        };
+        Ok(Completion {
+            token: slot.token,
+            op: slot.op,
+            offset: slot.offset,
+            len: slot.len,
+            result,
+            buf: slot.buf,
+        })
+    }
+
+    /// Wait for the completion of `token`, stashing others for the next `poll`.
+    fn wait_token(&mut self, token: u64) -> Result<Completion> {
+        let deadline = Instant::now() + DEFAULT_WAIT;
+        let mut got = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::Timeout(DEFAULT_WAIT));
+            }
+            self.reap(1, Some(left), &mut got)?;
+            let mut found = None;
+            for c in got.drain(..) {
+                if found.is_none() && c.token == token {
+                    found = Some(c);
+                } else {
+                    self.ready.push_back(c);
+                }
+            }
+            if let Some(c) = found {
+                return Ok(c);
+            }
+        }
+    }
+
+    /// Blocking read into `buf` at `offset`; returns the filled buffer.
+    pub fn read(&mut self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
+        let token = self.private_token();
+        self.submit_read(offset, buf, token)?;
+        let c = self.wait_token(token)?;
+        c.result?;
+        Ok(c.buf.expect("read completion carries its buffer"))
+    }
+
+    /// Blocking write of `buf` at `offset`; returns the buffer for reuse.
+    pub fn write(&mut self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
+        let token = self.private_token();
+        self.submit_write(offset, buf, token)?;
+        let c = self.wait_token(token)?;
+        c.result?;
+        Ok(c.buf.expect("write completion carries its buffer"))
+    }
+
+    /// Blocking flush.
+    pub fn flush(&mut self) -> Result<()> {
+        let token = self.private_token();
+        self.submit_flush(token)?;
+        self.wait_token(token)?.result?;
+        Ok(())
+    }
+
+    /// Blocking write-zeroes.
+    pub fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()> {
+        let token = self.private_token();
+        self.submit_write_zeroes(offset, len, token)?;
+        self.wait_token(token)?.result?;
+        Ok(())
+    }
+
+    /// Blocking deallocate (trim).
+    pub fn deallocate(&mut self, offset: u64, len: u64) -> Result<()> {
+        let token = self.private_token();
+        self.submit_deallocate(offset, len, token)?;
+        self.wait_token(token)?.result?;
+        Ok(())
+    }
+
+    /// Blocking helpers use tokens from the top of the space, documented as reserved.
+    fn private_token(&self) -> u64 {
+        u64::MAX - self.free.len() as u64
+    }
+
+    /// Reap every operation in flight (bounded by `timeout`), dropping their buffers.
+    /// Returns the number still in flight afterwards.
+    pub fn drain(&mut self, timeout: Duration) -> u32 {
+        let deadline = Instant::now() + timeout;
+        let mut sink = Vec::new();
+        while self.in_flight() > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            if self.reap(1, Some(left), &mut sink).is_err() {
+                break;
+            }
+            sink.clear();
+        }
+        self.in_flight()
+    }
+}
+
+impl Drop for Queue {
+    fn drop(&mut self) {
+        let left = self.drain(DEFAULT_WAIT);
+        if left > 0 {
+            // The kernel (or a worker thread) may still write into these buffers: leak the
+            // arena and the in-flight buffers rather than free memory under an active DMA.
+            tracing::error!(
+                in_flight = left,
+                "queue dropped with operations that never completed; leaking their buffers"
+            );
+            for s in self.slots.iter_mut() {
+                if let Some(slot) = s.take() {
+                    std::mem::forget(slot.buf);
+                }
+            }
+            std::mem::forget(Rc::clone(&self.arena));
+            self.backend.abandon();
+        }
+    }
+}

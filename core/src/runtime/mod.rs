@@ -1,0 +1,1026 @@
+//! The embedding runtime: one pinned poller thread per configured core, each owning that core's
+//! queue and buffer pool; any thread (tokio tasks included) submits through a per-core lock-free
+//! inbox and gets a runtime-agnostic future (a `Waker`, no executor dependency).
+//!
+//! ```text
+//!  task ──IoFuture──► inbox[core] (ArrayQueue) ──► poller(core): Queue::submit_raw ──► device
+//!    ▲                                                   │ poll
+//!    └──── waker.wake() ◄── slot[token] ◄────────────────┘
+//! ```
+//!
+//! - Requests live in a per-core slab of slots allocated once; a future holds a slot index and
+//!   its epoch. No heap allocation per I/O.
+//! - The buffer (a [`PoolBuf`]) travels with the request; the poller keeps it until the
+//!   completion is reaped. A future dropped while its I/O is in flight marks the slot
+//!   abandoned: the poller then drops the buffer (home to its pool) and frees the slot.
+//! - Submissions are batched: the poller takes everything waiting in the inbox, then polls once.
+//! - Idle policy: busy-poll, or sleep after N empty polls (`IdlePolicy`).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::op::OpKind;
+use crate::pool::{PoolBuf, PoolConfig, Pools};
+use crate::queue::{Completion, Queue};
+
+mod file;
+pub use file::DiskFile;
+
+/// What a poller does when a poll found nothing to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IdlePolicy {
+    /// Spin: lowest latency, a full core per poller.
+    BusyPoll,
+    /// After `polls` empty polls with nothing in flight, park until woken by a submission
+    /// (or `max_sleep` passes).
+    SleepAfter { polls: u32, max_sleep: Duration },
+}
+
+impl Default for IdlePolicy {
+    fn default() -> Self {
+        IdlePolicy::SleepAfter {
+            polls: 10_000,
+            max_sleep: Duration::from_millis(1),
+        }
+    }
+}
+
+/// Configuration of a [`Runtime`].
+#[derive(Clone)]
+pub struct RuntimeConfig {
+    /// OS CPU numbers to run pollers on (default: every CPU `core_affinity` reports, capped at
+    /// 4; for a `sim://` target, every CPU but the model's).
+    pub cores: Option<Vec<usize>>,
+    /// Operations in flight per core.
+    pub depth: u32,
+    pub idle: IdlePolicy,
+    pub pool: PoolConfig,
+    /// Read-ahead for `DiskFile` streams (on by default; see [`crate::tune::prefetch`]).
+    pub prefetch: crate::tune::PrefetchConfig,
+    /// p99 latency target. With one, each poller runs a queue-depth tuner
+    /// ([`crate::tune::qd`]) that caps its in-flight depth within `1..=depth` (requests over
+    /// the cap wait in the inbox), and [`Runtime::recommendations`] reports what it learned.
+    pub target_p99: Option<Duration>,
+    /// Each poller's 100 ms windows (latency histograms, counts, depth in force) and failed
+    /// I/Os go here: e.g. `rio_otel::Telemetry::sink` (crate `rio-otel`), to export
+    /// the runtime's metrics. `job` in a window is the poller's position.
+    pub sink: Option<Arc<dyn crate::window::WindowSink + Send>>,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            cores: None,
+            depth: 128,
+            idle: IdlePolicy::default(),
+            pool: PoolConfig::default(),
+            prefetch: crate::tune::PrefetchConfig::default(),
+            target_p99: None,
+            sink: None,
+        }
+    }
+}
+
+/// How often an idle poller runs pool maintenance.
+const MAINTAIN_EVERY: Duration = Duration::from_millis(100);
+
+const FREE: u8 = 0;
+const PENDING: u8 = 1;
+const DONE: u8 = 2;
+const ABANDONED: u8 = 3;
+
+/// One request's rendezvous between a future and a poller. Cache-line aligned: the poller
+/// completes one slot while the submitter polls the next.
+#[repr(align(128))]
+struct Slot {
+    state: AtomicU8,
+    /// Bumped each time the slot is reused: a stale future never sees a newer request.
+    epoch: AtomicU32,
+    /// Written by the poller while the slot is PENDING (or ABANDONED), read by the future once
+    /// it saw DONE: the state's release/acquire hand-over makes the accesses exclusive.
+    result: std::cell::UnsafeCell<Option<(Result<u64>, Option<PoolBuf>)>>,
+    /// Lock-free registration (the `atomic-waker` crate, as in futures and smol).
+    waker: atomic_waker::AtomicWaker,
+}
+
+struct Request {
+    op: OpKind,
+    offset: u64,
+    len: u64,
+    buf: Option<PoolBuf>,
+    slot: u32,
+}
+
+// SAFETY: a Slot's UnsafeCell is accessed by one side at a time, handed over through `state`
+// (see `result`); everything else in it is Sync.
+unsafe impl Sync for Slot {}
+
+/// What a core's submitters and its poller share.
+struct CoreShared {
+    core: usize,
+    slots: Box<[Slot]>,
+    free: crossbeam_queue::ArrayQueue<u32>,
+    inbox: crossbeam_queue::ArrayQueue<Request>,
+    sleeping: AtomicBool,
+    thread: std::sync::OnceLock<std::thread::Thread>,
+    /// The core's depth tuner (with a p99 target): the poller locks it once per window.
+    tuner: Option<Mutex<crate::tune::QdTuner>>,
+    /// Where the poller's windows go (telemetry), if anywhere.
+    sink: Option<Arc<dyn crate::window::WindowSink + Send>>,
+    /// Position of this core in the runtime (the windows' `job`).
+    index: u32,
+}
+
+impl CoreShared {
+    fn wake_poller(&self) {
+        if self.sleeping.load(Ordering::Acquire)
+            && let Some(t) = self.thread.get()
+        {
+            t.unpark();
+        }
+    }
+}
+
+/// The runtime: pollers, pools, and the engine they serve.
+pub struct Runtime {
+    engine: Arc<Engine>,
+    pools: Arc<Pools>,
+    cores: Vec<Arc<CoreShared>>,
+    stop: Arc<AtomicBool>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    next: AtomicU32,
+    prefetch: crate::tune::PrefetchConfig,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field(
+                "cores",
+                &self.cores.iter().map(|c| c.core).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl Runtime {
+    /// Start pollers for `engine` (an open target) on the configured cores.
+    pub fn start(engine: Engine, cfg: RuntimeConfig) -> Result<Arc<Runtime>> {
+        let engine = Arc::new(engine);
+        let cores = match cfg.cores.clone() {
+            Some(c) if !c.is_empty() => c,
+            _ => default_cores(&engine),
+        };
+        let mut pool_cfg = cfg.pool.clone();
+        let user_hook = pool_cfg.on_region.take();
+        // A region the pool gives back must first leave the queue that maps it (IOMMU, io_uring
+        // registration). Pollers run the pool's maintenance themselves, when idle, with their
+        // queue published in a thread-local; from any other thread the unmap is refused and the
+        // region kept.
+        pool_cfg.on_region = Some(Arc::new(move |ev: &crate::pool::RegionEvent| {
+            if ev.kind == crate::pool::RegionEventKind::Unmapping {
+                release_from_poller_queue(ev)?;
+            }
+            match &user_hook {
+                Some(h) => h(ev),
+                None => Ok(()),
+            }
+        }));
+        let pools = Pools::new(pool_cfg, &cores)?;
+        let depth = cfg.depth.max(1);
+        let nslots = (depth as usize * 4).max(64);
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut shared = Vec::new();
+        let mut threads = Vec::new();
+        let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<()>>(cores.len());
+        for &core in &cores {
+            let cs = Arc::new(CoreShared {
+                core,
+                slots: (0..nslots)
+                    .map(|_| Slot {
+                        state: AtomicU8::new(FREE),
+                        epoch: AtomicU32::new(0),
+                        result: std::cell::UnsafeCell::new(None),
+                        waker: atomic_waker::AtomicWaker::new(),
+                    })
+                    .collect(),
+                free: {
+                    let q = crossbeam_queue::ArrayQueue::new(nslots);
+                    for i in 0..nslots as u32 {
+                        let _ = q.push(i);
+                    }
+                    q
+                },
+                inbox: crossbeam_queue::ArrayQueue::new(nslots),
+                sleeping: AtomicBool::new(false),
+                thread: std::sync::OnceLock::new(),
+                sink: cfg.sink.clone(),
+                index: shared.len() as u32,
+                tuner: cfg.target_p99.map(|t| {
+                    let mut c = crate::tune::QdConfig::new(t, depth);
+                    c.initial = depth.min(8);
+                    Mutex::new(crate::tune::QdTuner::new(c))
+                }),
+            });
+            let poller = Poller {
+                engine: Arc::clone(&engine),
+                pools: Arc::clone(&pools),
+                shared: Arc::clone(&cs),
+                stop: Arc::clone(&stop),
+                depth,
+                idle: cfg.idle,
+            };
+            let tx: Sender<Result<()>> = ready_tx.clone();
+            let h = std::thread::Builder::new()
+                .name(format!("rio-poll-{core}"))
+                .spawn(move || poller.run(tx))
+                .map_err(|e| Error::BackendUnavailable {
+                    backend: "runtime",
+                    reason: format!("cannot start a poller thread: {e}"),
+                })?;
+            let _ = cs.thread.set(h.thread().clone());
+            shared.push(cs);
+            threads.push(h);
+        }
+        let rt = Runtime {
+            engine,
+            pools,
+            cores: shared,
+            stop,
+            threads: Mutex::new(threads),
+            next: AtomicU32::new(0),
+            prefetch: cfg.prefetch,
+        };
+        wait_ready(&ready_rx, rt.cores.len()).inspect_err(|_| rt.shutdown())?;
+        Ok(Arc::new(rt))
+    }
+
+    /// Open `target` with `config` and start a runtime configured from it
+    /// ([`EngineConfig::runtime_config`](crate::config::EngineConfig::runtime_config): pools, depth, idle policy).
+    pub fn open(target: &str, config: &crate::config::EngineConfig) -> Result<Arc<Runtime>> {
+        let engine = Engine::open(
+            config,
+            target,
+            crate::target::OpenOptions {
+                write: true,
+                direct: true,
+                create: false,
+            },
+        )?;
+        Runtime::start(engine, config.runtime_config())
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    pub fn pools(&self) -> &Arc<Pools> {
+        &self.pools
+    }
+
+    /// What the pollers' depth tuners learned, per core: the measured curve, the depth in
+    /// force, and advice in words (the seed's `get_optimization_recommendations`). Without a
+    /// p99 target there is no tuner, and the advice says how to get one.
+    pub fn recommendations(&self) -> Recommendations {
+        let per_core = self
+            .cores
+            .iter()
+            .map(|cs| match &cs.tuner {
+                None => CoreAdvice {
+                    core: cs.core,
+                    depth: None,
+                    target_p99_us: None,
+                    curve: Vec::new(),
+                    slope: 0.0,
+                    confidence: 0.0,
+                    advice: vec![
+                        "no p99 target: set RUSTFS_TARGET_LATENCY_US (or RuntimeConfig::target_p99) and rio will choose the queue depth under it"
+                            .to_string(),
+                    ],
+                },
+                Some(t) => {
+                    let t = t.lock().unwrap_or_else(|p| p.into_inner());
+                    CoreAdvice {
+                        core: cs.core,
+                        depth: Some(t.depth()),
+                        target_p99_us: Some(t.config().target_p99.as_secs_f64() * 1e6),
+                        curve: t.curve(),
+                        slope: t.slope(),
+                        confidence: t.confidence(),
+                        advice: crate::tune::recommendations(&t),
+                    }
+                }
+            })
+            .collect();
+        Recommendations { per_core }
+    }
+
+    /// Read-ahead settings `DiskFile`s of this runtime start with.
+    pub fn prefetch_config(&self) -> crate::tune::PrefetchConfig {
+        self.prefetch
+    }
+
+    /// The cores pollers run on.
+    pub fn cores(&self) -> Vec<usize> {
+        self.cores.iter().map(|c| c.core).collect()
+    }
+
+    /// A pool buffer of `len` bytes from the next core's pool (round robin), waiting up to
+    /// `wait` when the pool is exhausted. The seed's `get_optimized_buffer`.
+    pub fn buffer(&self, len: usize, wait: Duration) -> Result<PoolBuf> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) as usize % self.cores.len();
+        let core = self.cores[i].core;
+        self.pools
+            .get(core, len, Some(Instant::now() + wait))
+            .map_err(|e| Error::BufferUnavailable {
+                requested: len,
+                reason: e.to_string(),
+            })
+    }
+
+    /// A pool buffer of `len` bytes if one is free now (round robin over the cores): no wait,
+    /// no pool growth, no allocation. For optional work such as read-ahead.
+    pub fn try_buffer(&self, len: usize) -> Option<PoolBuf> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) as usize % self.cores.len();
+        self.pools.try_get(self.cores[i].core, len)
+    }
+
+    /// Submit `op` on `buf` (reads and writes) at `offset`; the future resolves when it
+    /// completed, giving the buffer back. Runs on the core the buffer belongs to.
+    pub fn submit(&self, op: OpKind, offset: u64, len: u64, buf: Option<PoolBuf>) -> IoFuture {
+        self.submit_inner(op, offset, len, buf, false)
+            .unwrap_or_else(|_| unreachable!("a required submission always waits for a slot"))
+    }
+
+    /// [`submit`](Self::submit) for optional work (read-ahead): only if more than half of the
+    /// core's slots are free right now, never waiting. The other half stays for the host's own
+    /// requests, which a read-ahead that holds finished reads must never starve. The buffer
+    /// comes back when it is refused.
+    pub fn try_submit(
+        &self,
+        op: OpKind,
+        offset: u64,
+        len: u64,
+        buf: PoolBuf,
+    ) -> std::result::Result<IoFuture, Option<PoolBuf>> {
+        self.submit_inner(op, offset, len, Some(buf), true)
+    }
+
+    /// `optional`: refuse (giving the buffer back) unless more than half the core's slots are
+    /// free, and never wait for one.
+    fn submit_inner(
+        &self,
+        op: OpKind,
+        offset: u64,
+        len: u64,
+        buf: Option<PoolBuf>,
+        optional: bool,
+    ) -> std::result::Result<IoFuture, Option<PoolBuf>> {
+        let idx = match &buf {
+            Some(b) => self
+                .cores
+                .iter()
+                .position(|c| c.core == b.home_core())
+                .unwrap_or(0),
+            None => self.next.fetch_add(1, Ordering::Relaxed) as usize % self.cores.len(),
+        };
+        let cs = Arc::clone(&self.cores[idx]);
+        if self.stop.load(Ordering::Acquire) {
+            return Ok(IoFuture::failed(cs, shut_down(), buf));
+        }
+        if optional && cs.free.len() <= cs.slots.len() / 2 {
+            return Err(buf);
+        }
+        // A free slot; waiting (yielding) is the backpressure of a full core. It ends when a
+        // slot frees up or the runtime shuts down (pollers complete everything before they
+        // exit, so a slot always frees up while they run).
+        let slot = loop {
+            if let Some(s) = cs.free.pop() {
+                break s;
+            }
+            if optional {
+                return Err(buf);
+            }
+            if self.stop.load(Ordering::Acquire) {
+                return Ok(IoFuture::failed(cs, shut_down(), buf));
+            }
+            cs.wake_poller();
+            std::thread::yield_now();
+        };
+        let s = &cs.slots[slot as usize];
+        let epoch = s.epoch.fetch_add(1, Ordering::AcqRel).wrapping_add(1);
+        s.state.store(PENDING, Ordering::Release);
+        let mut req = Request {
+            op,
+            offset,
+            len,
+            buf,
+            slot,
+        };
+        // The inbox has as many places as there are slots, and this request holds one: the
+        // push cannot find it full for long (only while the poller is between pops).
+        loop {
+            match cs.inbox.push(req) {
+                Ok(()) => break,
+                Err(r) => {
+                    req = r;
+                    cs.wake_poller();
+                    std::thread::yield_now();
+                }
+            }
+        }
+        cs.wake_poller();
+        Ok(IoFuture {
+            cs,
+            slot,
+            epoch,
+            early: None,
+        })
+    }
+
+    /// Stop the pollers after they drained what was submitted. Idempotent.
+    pub fn shutdown(&self) {
+        self.stop.store(true, Ordering::Release);
+        for c in &self.cores {
+            if let Some(t) = c.thread.get() {
+                t.unpark();
+            }
+        }
+        let threads = std::mem::take(&mut *self.threads.lock().expect("poisoned"));
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn shut_down() -> Error {
+    Error::BackendUnavailable {
+        backend: "runtime",
+        reason: "the runtime is shut down".into(),
+    }
+}
+
+fn wait_ready(rx: &Receiver<Result<()>>, n: usize) -> Result<()> {
+    for _ in 0..n {
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(Error::Timeout(Duration::from_secs(60))),
+        }
+    }
+    Ok(())
+}
+
+/// Cores for pollers when none are configured: those on the NVMe controller's NUMA node (for
+/// `pcie://` targets whose PCI device reports one), else all that `core_affinity` reports; at
+/// most 4, leaving out the software model's CPU when there is more than one.
+fn default_cores(engine: &Engine) -> Vec<usize> {
+    let mut cores: Vec<usize> = core_affinity::get_core_ids()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    if let crate::target::TargetKind::Nvme { controller, .. } = &engine.target().kind
+        && let Ok(addr) = controller.parse::<rio_sys::pci::PciAddr>()
+        && let Ok(dev) = rio_sys::pci::device(std::path::Path::new("/sys"), &addr)
+        && let Some(node) = dev.numa_node.filter(|&n| n >= 0)
+    {
+        let near = crate::pool::cpus_of_node(node as u32);
+        let local: Vec<usize> = cores.iter().copied().filter(|c| near.contains(c)).collect();
+        if !local.is_empty() {
+            tracing::info!(node, cores = ?local, "pollers on the NVMe controller's NUMA node");
+            cores = local;
+        }
+    }
+    if let Some(m) = engine
+        .controller()
+        .and_then(|c| c.sim())
+        .and_then(|s| s.cpu())
+        && cores.len() > 1
+    {
+        cores.retain(|&c| c != m);
+    }
+    cores.truncate(4);
+    if cores.is_empty() {
+        cores.push(0);
+    }
+    cores
+}
+
+/// A submitted operation; resolves to the bytes transferred and the buffer.
+pub struct IoFuture {
+    cs: Arc<CoreShared>,
+    slot: u32,
+    epoch: u32,
+    /// Failed before submission.
+    early: Option<(Error, Option<PoolBuf>)>,
+}
+
+impl IoFuture {
+    /// Whether the operation has finished (awaiting it will not wait).
+    pub fn is_done(&self) -> bool {
+        self.early.is_some()
+            || (self.slot != u32::MAX
+                && self.cs.slots[self.slot as usize]
+                    .state
+                    .load(Ordering::Acquire)
+                    == DONE)
+    }
+
+    fn failed(cs: Arc<CoreShared>, e: Error, buf: Option<PoolBuf>) -> IoFuture {
+        IoFuture {
+            cs,
+            slot: u32::MAX,
+            epoch: 0,
+            early: Some((e, buf)),
+        }
+    }
+}
+
+/// Output of an [`IoFuture`]: on success the bytes transferred and the buffer; on failure the
+/// error and the buffer (nothing is lost).
+pub type IoOutput = std::result::Result<(u64, Option<PoolBuf>), (Error, Option<PoolBuf>)>;
+
+impl Future for IoFuture {
+    type Output = IoOutput;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<IoOutput> {
+        if let Some((e, b)) = self.early.take() {
+            return Poll::Ready(Err((e, b)));
+        }
+        let s = &self.cs.slots[self.slot as usize];
+        if s.state.load(Ordering::Acquire) != DONE {
+            s.waker.register(cx.waker());
+            // Re-check after publishing the waker: the poller may have completed meanwhile.
+            if s.state.load(Ordering::Acquire) != DONE {
+                return Poll::Pending;
+            }
+        }
+        // SAFETY: the state is DONE (acquired above): the poller has written the result and
+        // will not touch the slot again until it is freed below; this future is its only user.
+        let (res, buf) = unsafe { (*s.result.get()).take() }.expect("a done slot holds its result");
+        // The waker was taken by the poller (or, if stored after that, is stale and harmless:
+        // a spurious wake is allowed by the Future contract).
+        s.state.store(FREE, Ordering::Release);
+        let _ = self.cs.free.push(self.slot);
+        self.slot = u32::MAX;
+        Poll::Ready(match res {
+            Ok(n) => Ok((n, buf)),
+            Err(e) => Err((e, buf)),
+        })
+    }
+}
+
+impl Drop for IoFuture {
+    fn drop(&mut self) {
+        if self.slot == u32::MAX {
+            return;
+        }
+        let s = &self.cs.slots[self.slot as usize];
+        if s.epoch.load(Ordering::Acquire) != self.epoch {
+            return;
+        }
+        // In flight: the poller frees the slot (and drops the buffer) when it completes.
+        if s.state
+            .compare_exchange(PENDING, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            return;
+        }
+        // Already done but never polled: free it here (the buffer goes home on drop).
+        // SAFETY: the state is DONE (the CAS above failed with an acquire load): as in `poll`.
+        drop(unsafe { (*s.result.get()).take() });
+        drop(s.waker.take());
+        s.state.store(FREE, Ordering::Release);
+        let _ = self.cs.free.push(self.slot);
+    }
+}
+
+/// What [`Runtime::recommendations`] returns: per core, structured data and advice in words
+/// (`Display` prints the words).
+#[derive(Clone, Debug)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct Recommendations {
+    pub per_core: Vec<CoreAdvice>,
+}
+
+/// One poller's tuner, as seen from outside.
+#[derive(Clone, Debug)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct CoreAdvice {
+    pub core: usize,
+    /// Depth cap in force (`None`: no tuner).
+    pub depth: Option<u32>,
+    pub target_p99_us: Option<f64>,
+    /// Measured: queue depth, smoothed p99 (µs), smoothed IOPS, windows.
+    pub curve: Vec<(u32, f64, f64, u64)>,
+    pub slope: f64,
+    pub confidence: f64,
+    pub advice: Vec<String>,
+}
+
+impl std::fmt::Display for Recommendations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for c in &self.per_core {
+            match c.depth {
+                Some(d) => writeln!(f, "core {}: queue depth {d}", c.core)?,
+                None => writeln!(f, "core {}:", c.core)?,
+            }
+            for a in &c.advice {
+                writeln!(f, "  - {a}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A poller's 100 ms measurement window, kept when a tuner or a window sink wants it: the
+/// same [`Window`](crate::window::Window) a bench job keeps (one histogram update per
+/// completion), handed to the sink and to the tuner when it closes.
+struct Meter {
+    /// Submission time per slot.
+    started: Box<[Instant]>,
+    win: crate::window::Window,
+    t0: Instant,
+    start: Instant,
+    /// Depth cap in force.
+    limit: u32,
+    /// Heat-map column of a byte offset `o`: `(o * heat_mul) >> 64`.
+    heat_mul: u128,
+}
+
+impl Meter {
+    const LEN: Duration = Duration::from_millis(100);
+
+    #[inline]
+    fn record(&mut self, c: &Completion, now: Instant) {
+        let ns = now
+            .saturating_duration_since(self.started[c.token as usize])
+            .as_nanos() as u64;
+        let slice = ((c.offset as u128 * self.heat_mul) >> 64) as usize;
+        self.win.record(c.op, c.len, ns, slice);
+    }
+
+    /// Closes the window if it is due: hands it to the sink, feeds the tuner (which may move
+    /// the cap), and starts the next.
+    /// Returns the submission batch the tuner chose, if it decided.
+    fn maybe_close(&mut self, now: Instant, cs: &CoreShared, batch: u32) -> Option<u32> {
+        let len = now.saturating_duration_since(self.start);
+        if len < Self::LEN {
+            return None;
+        }
+        let mut chosen = None;
+        let core = cs.core;
+        if self.win.ios() > 0 {
+            self.win.len = len;
+            self.win.iodepth = self.limit;
+            self.win.batch = batch;
+            self.win.measuring = true;
+            if let Some(sink) = &cs.sink {
+                sink.window(&self.win);
+            }
+        }
+        if let Some(tuner) = &cs.tuner
+            && self.win.ios() > 0
+        {
+            let w = &self.win;
+            let mean = w.mean_ns();
+            let mut t = tuner.lock().unwrap_or_else(|p| p.into_inner());
+            let span = tracing::info_span!("tune.decision", core, qd = tracing::field::Empty);
+            let _in = span.enter();
+            let d = t.observe(self.limit, w.pct(99.0), mean, w.iops(), w.ios());
+            span.record("qd", d.qd);
+            self.limit = t.depth();
+            chosen = Some(t.batch());
+            tracing::debug!(
+                target: "rio::tune",
+                core,
+                qd_was = d.qd_was,
+                qd = d.qd,
+                reason = ?d.reason,
+                measured_p99_us = d.measured_p99_us,
+                measured_iops = d.measured_iops,
+                predicted_p99_us = d.predicted_p99_us,
+                confidence = d.confidence,
+                "runtime queue depth decision"
+            );
+        }
+        self.win.reset(now.saturating_duration_since(self.t0));
+        self.start = now;
+        chosen
+    }
+}
+
+/// One core's poller: owns the queue and is the pool's home thread for that core.
+struct Poller {
+    engine: Arc<Engine>,
+    pools: Arc<Pools>,
+    shared: Arc<CoreShared>,
+    stop: Arc<AtomicBool>,
+    depth: u32,
+    idle: IdlePolicy,
+}
+
+impl Poller {
+    fn run(self, ready: Sender<Result<()>>) {
+        let core = self.shared.core;
+        if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
+            tracing::warn!(core, "could not pin the poller thread");
+        }
+        let setup = || -> Result<(crate::pool::OwnerGuard, Queue, u64, usize)> {
+            let guard =
+                self.pools
+                    .bind_current_thread(core)
+                    .map_err(|e| Error::BufferUnavailable {
+                        requested: 0,
+                        reason: e.to_string(),
+                    })?;
+            let regions = self
+                .pools
+                .regions(core)
+                .map_err(|e| Error::BufferUnavailable {
+                    requested: 0,
+                    reason: e.to_string(),
+                })?;
+            let generation = self.pools.generation(core).unwrap_or(0);
+            let regs: Vec<_> = regions.iter().map(|r| (r.ptr, r.len, r.pages)).collect();
+            // SAFETY: the pools (held by this poller through `self.pools`, and by the runtime)
+            // outlive the queue, which is dropped at the end of `run`; regions are never
+            // unmapped while a queue maps them (see `Runtime::start`: the runtime's pools keep
+            // their memory until they are dropped, after every poller has exited).
+            let q = unsafe { self.engine.queue_with_regions(self.depth, 1 << 20, &regs)? };
+            let known = regions
+                .iter()
+                .map(|r| r.id)
+                .max()
+                .map_or(0, |m| m as usize + 1);
+            Ok((guard, q, generation, known))
+        };
+        let (guard, mut q, mut generation, mut known) = match setup() {
+            Ok(v) => {
+                let _ = ready.send(Ok(()));
+                v
+            }
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                return;
+            }
+        };
+        let cs = &*self.shared;
+        let mut inflight: Vec<Option<PoolBuf>> = (0..cs.slots.len()).map(|_| None).collect();
+        let mut comps: Vec<Completion> = Vec::with_capacity(self.depth as usize);
+        let mut empty = 0u32;
+        let mut last_maintain = Instant::now();
+        let size = self.engine.target().geometry.size.max(1);
+        let mut meter = (cs.tuner.is_some() || cs.sink.is_some()).then(|| Meter {
+            started: vec![Instant::now(); cs.slots.len()].into_boxed_slice(),
+            win: crate::window::Window::new(cs.index),
+            t0: Instant::now(),
+            start: Instant::now(),
+            limit: cs.tuner.as_ref().map_or(self.depth, |t| {
+                t.lock().unwrap_or_else(|p| p.into_inner()).depth()
+            }),
+            heat_mul: ((crate::window::HEAT_BUCKETS as u128) << 64) / size as u128,
+        });
+        loop {
+            let mut work = false;
+            // Pool growth: map new regions for DMA before any buffer from them is used here.
+            if let Ok(g) = self.pools.generation(core)
+                && g != generation
+            {
+                generation = g;
+                if let Ok(regions) = self.pools.regions(core) {
+                    let seen = known;
+                    for r in regions.iter().filter(|r| r.id as usize >= seen) {
+                        // SAFETY: as for the initial regions.
+                        if let Err(e) = unsafe { q.add_region(r.ptr, r.len, r.pages) } {
+                            tracing::error!(core, error = %e, "cannot map a new pool region");
+                        }
+                        known = known.max(r.id as usize + 1);
+                    }
+                }
+            }
+            let limit = meter.as_ref().map_or(self.depth, |m| m.limit);
+            if let Some(m) = &mut meter {
+                let now = Instant::now();
+                while q.in_flight() < limit {
+                    let Some(req) = cs.inbox.pop() else {
+                        break;
+                    };
+                    work = true;
+                    m.started[req.slot as usize] = now;
+                    self.submit(&mut q, req, &mut inflight);
+                }
+            } else {
+                while q.in_flight() < limit {
+                    let Some(req) = cs.inbox.pop() else {
+                        break;
+                    };
+                    work = true;
+                    self.submit(&mut q, req, &mut inflight);
+                }
+            }
+            comps.clear();
+            if let Err(e) = q.poll(&mut comps) {
+                tracing::warn!(core, error = %e, "poll reported an error");
+            }
+            if let Some(m) = &mut meter
+                && !comps.is_empty()
+            {
+                let now = Instant::now();
+                for c in &comps {
+                    match &c.result {
+                        // Flushes and the like carry no data: they would skew the write
+                        // latency the window reports.
+                        Ok(_) if matches!(c.op, OpKind::Read | OpKind::Write) => m.record(c, now),
+                        Ok(_) => {}
+                        Err(e) => {
+                            if let Some(sink) = &cs.sink {
+                                sink.io_error(cs.index, e);
+                            }
+                        }
+                    }
+                }
+                if let Some(b) = m.maybe_close(now, cs, q.submit_batch()) {
+                    q.set_submit_batch(b);
+                }
+            }
+            for c in comps.drain(..) {
+                work = true;
+                let buf = inflight[c.token as usize].take();
+                complete(cs, c.token as u32, c.result.map_err(Error::Io), buf);
+            }
+            if work {
+                empty = 0;
+                continue;
+            }
+            if self.stop.load(Ordering::Acquire) && q.in_flight() == 0 && cs.inbox.is_empty() {
+                break;
+            }
+            empty = empty.saturating_add(1);
+            // An idle poller still closes its last window (for the sink and the tuner).
+            if empty.is_multiple_of(1024)
+                && let Some(m) = &mut meter
+                && m.win.ios() > 0
+                && let Some(b) = m.maybe_close(Instant::now(), cs, q.submit_batch())
+            {
+                q.set_submit_batch(b);
+            }
+            if empty.is_multiple_of(1024)
+                && q.in_flight() == 0
+                && last_maintain.elapsed() >= MAINTAIN_EVERY
+            {
+                last_maintain = Instant::now();
+                self.maintain(&mut q);
+            }
+            match self.idle {
+                IdlePolicy::BusyPoll => std::hint::spin_loop(),
+                IdlePolicy::SleepAfter { polls, max_sleep } => {
+                    if empty >= polls && q.in_flight() == 0 {
+                        // Buffers the host dropped on this thread sit in its private stash:
+                        // a host thread waiting in `Runtime::buffer` could not take them while
+                        // this poller sleeps.
+                        guard.flush();
+                        cs.sleeping.store(true, Ordering::Release);
+                        if cs.inbox.is_empty() && !self.stop.load(Ordering::Acquire) {
+                            std::thread::park_timeout(max_sleep);
+                        }
+                        cs.sleeping.store(false, Ordering::Release);
+                    } else {
+                        std::hint::spin_loop();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Give idle pool memory back (adaptive pools): the pool unmaps regions whose buffers are
+    /// all free and idle; the hook takes each out of this queue first.
+    fn maintain(&self, q: &mut Queue) {
+        let core = self.shared.core;
+        POLLER_QUEUE.with(|c| c.set((q as *mut Queue, core)));
+        let r = self.pools.maintain(core);
+        POLLER_QUEUE.with(|c| c.set((std::ptr::null_mut(), usize::MAX)));
+        match r {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(core, bytes = n, "pool memory given back"),
+            Err(e) => tracing::warn!(core, error = %e, "pool maintenance failed"),
+        }
+    }
+
+    fn submit(&self, q: &mut Queue, mut req: Request, inflight: &mut [Option<PoolBuf>]) {
+        let addr = req
+            .buf
+            .as_mut()
+            .map_or(std::ptr::null_mut(), |b| b.as_mut_ptr());
+        let len = match (&req.buf, req.op) {
+            (Some(b), OpKind::Read | OpKind::Write) => b.len() as u64,
+            _ => req.len,
+        };
+        // SAFETY: the buffer is kept in `inflight` (owned by this poller) until the completion
+        // of this token is reaped; it lies in a pool region the queue maps.
+        let r = unsafe { q.submit_raw(req.op, req.offset, addr, len, req.slot as u64) };
+        match r {
+            Ok(()) => inflight[req.slot as usize] = req.buf.take(),
+            Err(e) => complete(&self.shared, req.slot, Err(e), req.buf.take()),
+        }
+    }
+}
+
+thread_local! {
+    /// The queue of the poller running on this thread, while it runs pool maintenance.
+    static POLLER_QUEUE: std::cell::Cell<(*mut Queue, usize)> =
+        const { std::cell::Cell::new((std::ptr::null_mut(), usize::MAX)) };
+}
+
+/// Unmapping hook: take the region out of this poller's queue, or refuse (not on a poller
+/// thread, another core's region, or I/O in flight).
+fn release_from_poller_queue(ev: &crate::pool::RegionEvent) -> std::result::Result<(), String> {
+    let (q, core) = POLLER_QUEUE.with(|c| c.get());
+    if q.is_null() || core != ev.core {
+        return Err("only the core's poller may release its pool regions".into());
+    }
+    // SAFETY: set by `Poller::maintain` to its own queue for the duration of the call that
+    // runs this hook, on this thread; no other reference to the queue is live meanwhile.
+    let q = unsafe { &mut *q };
+    q.remove_region(ev.region.ptr).map_err(|e| e.to_string())
+}
+
+/// Hand a result to the slot's future (or, if the future is gone, drop it and free the slot).
+fn complete(cs: &CoreShared, slot: u32, res: Result<u64>, buf: Option<PoolBuf>) {
+    let s = &cs.slots[slot as usize];
+    // SAFETY: the slot is PENDING or ABANDONED: only this poller accesses the result until the
+    // state becomes DONE (released by the CAS below).
+    unsafe { *s.result.get() = Some((res, buf)) };
+    match s
+        .state
+        .compare_exchange(PENDING, DONE, Ordering::AcqRel, Ordering::Acquire)
+    {
+        Ok(_) => {
+            s.waker.wake();
+        }
+        Err(_) => {
+            // Abandoned: nobody will poll it.
+            // SAFETY: ABANDONED: the future is gone; only this poller sees the slot.
+            drop(unsafe { (*s.result.get()).take() });
+            s.state.store(FREE, Ordering::Release);
+            let _ = cs.free.push(slot);
+        }
+    }
+}
+
+/// The runtime reads its settings from the engine's knobs (`rio::config` is plain data and knows
+/// none of its readers).
+impl crate::config::EngineConfig {
+    /// The runtime's configuration (pools, pollers) from these knobs: pools capped at
+    /// `buffer_pool_bytes` per core, on hugepages when `hugepages`.
+    pub fn runtime_config(&self) -> RuntimeConfig {
+        use crate::pool::{PagePolicy, PoolConfig, Strategy};
+        let pool = PoolConfig {
+            initial_per_class: self.pool_initial_buffers,
+            max_bytes_per_core: self.buffer_pool_bytes,
+            strategy: if self.pool_adaptive {
+                PoolConfig::default().strategy
+            } else {
+                Strategy::Fixed
+            },
+            zero_on_free: self.pool_zero_on_free,
+            pages: if self.hugepages {
+                PagePolicy::Huge2M
+            } else {
+                PagePolicy::Normal
+            },
+            ..PoolConfig::default()
+        };
+        RuntimeConfig {
+            depth: self.queue_depth,
+            idle: if self.busy_poll {
+                IdlePolicy::BusyPoll
+            } else {
+                IdlePolicy::default()
+            },
+            pool,
+            prefetch: crate::tune::PrefetchConfig {
+                enabled: self.prefetch,
+                budget: self.prefetch_budget_bytes,
+            },
+            target_p99: self.target_latency_us.map(std::time::Duration::from_micros),
+            ..RuntimeConfig::default()
+        }
+    }
+}
