@@ -96,12 +96,11 @@ fn exhaustion_waits_until_the_deadline_then_errors() {
     let p = Pools::new(small(2), &[0]).unwrap();
     let held: Vec<PoolBuf> = (0..2).map(|_| p.get(0, 8000, None).unwrap()).collect();
     assert_eq!(held[0].capacity(), 8192);
+    // No deadline: no wait (judged by what the pool says it did; the clock only bounds a
+    // hang, generously, as a busy host can stall any thread for tens of milliseconds).
     let t = Instant::now();
     let e = p.get(0, 8000, None).unwrap_err();
-    assert!(
-        t.elapsed() < Duration::from_millis(50),
-        "no deadline: no wait"
-    );
+    assert!(t.elapsed() < Duration::from_secs(5), "no deadline: no wait");
     assert!(
         matches!(
             e,
@@ -109,6 +108,7 @@ fn exhaustion_waits_until_the_deadline_then_errors() {
                 class: 8192,
                 in_use: 2,
                 capacity: 2,
+                waited: Duration::ZERO,
                 ..
             }
         ),

@@ -81,6 +81,8 @@ struct DevState {
     ios: u64,
     iops: f64,
     lat_sum: f64,
+    /// Decisions taken for the device (each job counts only those its windows triggered).
+    decisions: u64,
 }
 
 /// The device-wide tuner shared by a bench's jobs.
@@ -108,6 +110,7 @@ impl DeviceTuner {
                 ios: 0,
                 iops: 0.0,
                 lat_sum: 0.0,
+                decisions: 0,
             }),
             per_job: AtomicU32::new(per_job),
             batch: AtomicU32::new(1),
@@ -166,6 +169,7 @@ impl DeviceTuner {
         let depth = ((st.depth_sum as f64 * scale).round() as u32).max(1);
         let (ios, iops) = (st.ios, st.iops * scale);
         let d = st.tuner.observe(depth, p99, mean, iops, ios);
+        st.decisions += 1;
         // Split over the running jobs, each within its own bound (after a job leaves, the
         // others cannot take up its share beyond `--iodepth-max`).
         let per_job = d.qd.div_ceil(active).clamp(1, self.job_max);
@@ -227,14 +231,16 @@ impl JobTuner<'_> {
         }
     }
 
-    /// Depth bounds are per job; in device scope the tuner's are for the whole device.
+    /// Depth bounds are per job; in device scope the tuner's are for the whole device, and so
+    /// is the count of decisions (`decisions` is this job's own, used in queue scope).
     pub fn report(&self, converged_after_s: Option<f64>, decisions: u64) -> TunerReport {
         let guard;
-        let (t, scope, final_qd): (&QdTuner, Scope, u32) = match self {
-            JobTuner::Queue(t) => (t, Scope::Queue, t.depth()),
+        let (t, scope, final_qd, decisions): (&QdTuner, Scope, u32, u64) = match self {
+            JobTuner::Queue(t) => (t, Scope::Queue, t.depth(), decisions),
             JobTuner::Device(d) => {
                 guard = d.state.lock().unwrap_or_else(|p| p.into_inner());
-                (&guard.tuner, Scope::Device, d.per_job.load(Relaxed))
+                let n = guard.decisions;
+                (&guard.tuner, Scope::Device, d.per_job.load(Relaxed), n)
             }
         };
         TunerReport {
@@ -278,6 +284,10 @@ mod tests {
             decisions += b.depth_window(1) as u32;
         }
         assert!(decisions >= 5, "{decisions} decisions in 6 epochs");
+        // The report counts the device's decisions, whichever job's window triggered them
+        // (job 0's own count may be 0: job 1's windows close the epochs here).
+        assert_eq!(a.report(None, 0).decisions, decisions as u64);
+        assert_eq!(b.report(None, 0).decisions, decisions as u64);
         let grown = a.depth();
         assert!(
             grown >= 8,

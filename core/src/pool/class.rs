@@ -133,7 +133,7 @@ impl ClassPool {
         self.own.out.store(out, Relaxed);
         let now = out + self.sh.out.load(Acquire);
         if now > self.high_water.load(Relaxed) {
-            self.high_water.fetch_max(now, Relaxed);
+            self.raise_high_water(now);
         }
         Some(addr)
     }
@@ -200,9 +200,20 @@ impl ClassPool {
         let addr = self.shared.pop()?;
         let now = self.sh.out.fetch_add(1, AcqRel) + 1 + self.own.out.load(Relaxed);
         if now > self.high_water.load(Relaxed) {
-            self.high_water.fetch_max(now, Relaxed);
+            self.raise_high_water(now);
         }
         Some(addr)
+    }
+
+    /// Raises the high-water mark to `now` buffers out, at most the class's capacity: the two
+    /// counters can overstate what is out for a moment (a remote return publishes its buffer
+    /// before its decrement lands, so a taker may count it twice), and no more buffers than
+    /// the class holds can ever be out. Cold: it runs only when the mark moves.
+    #[cold]
+    #[inline(never)]
+    fn raise_high_water(&self, now: i64) {
+        let cap = self.capacity.load(Relaxed) as i64;
+        self.high_water.fetch_max(now.min(cap), Relaxed);
     }
 
     /// Return a buffer from a thread that is not the owner. The Release decrement is the

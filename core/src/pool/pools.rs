@@ -392,7 +392,12 @@ impl Pools {
                         class: c.size,
                         in_use: c.in_use().max(0) as usize,
                         capacity: c.capacity.load(Relaxed),
-                        waited: now - start,
+                        // Without a deadline the call never sleeps: it waited for nothing.
+                        waited: if deadline.is_some() {
+                            now - start
+                        } else {
+                            Duration::ZERO
+                        },
                     });
                 }
             }
