@@ -77,7 +77,8 @@ struct TuneArgs {
     /// Bytes of the target to work on (default: all of it).
     #[arg(long, value_parser = size_arg)]
     size: Option<u64>,
-    /// Allow writing a raw block device or pcie:// target.
+    /// Allow writing a raw block device or pcie:// target, an existing file rio did not lay
+    /// out, or a file whose permission bits deny writing.
     #[arg(long)]
     force: bool,
     /// Print JSON.
@@ -203,7 +204,9 @@ struct BenchArgs {
     /// normal or json.
     #[arg(long = "output-format", default_value = "normal", value_parser = ["normal", "json"])]
     output_format: String,
-    /// Allow writing a raw block device (its contents are destroyed).
+    /// Allow writing a raw block device (its contents are destroyed), an existing file rio did
+    /// not lay out (rio marks the files it creates), or a file whose permission bits deny
+    /// writing (also as root).
     #[arg(long)]
     force: bool,
     /// Create --filename if it does not exist (needs --size).
@@ -442,6 +445,12 @@ fn tune(cfg: EngineConfig, a: TuneArgs) -> Result<(), Fail> {
         },
     )?;
     spec.resolve(&engine.target().geometry)?;
+    if spec.rw.writes()
+        && !a.force
+        && let Some(why) = rio_cli::bench::guard::write_refusal(Path::new(&a.filename))
+    {
+        return Err(usage(why));
+    }
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         let _ = signal_hook::flag::register_conditional_shutdown(sig, 130, Arc::clone(&stop));
@@ -631,8 +640,25 @@ fn bench(cfg: EngineConfig, a: BenchArgs, telemetry: Option<&Telemetry>) -> Resu
         geo.size = len;
         spec.resolve(&geo)?;
         engine.target_mut().ensure_len(len)?;
+        // Ours: a later write run on it needs no --force.
+        if let Err(e) = rio_cli::bench::guard::mark(&path) {
+            tracing::warn!(
+                file = %path.display(),
+                error = %e,
+                "cannot mark the file as rio's (no user extended attributes here?): a later write run on it will need --force"
+            );
+        }
     }
     spec.resolve(&engine.target().geometry)?;
+    // An existing file rio did not lay out, or whose permission bits deny writing: refused
+    // before anything is written (rio_cli::bench::guard).
+    if writes
+        && !create
+        && !a.force
+        && let Some(why) = rio_cli::bench::guard::write_refusal(&path)
+    {
+        return Err(usage(why));
+    }
 
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {

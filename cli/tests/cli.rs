@@ -382,24 +382,35 @@ fn default_target_runs_and_is_removed() {
 
 #[test]
 fn verify_mixed_workload_both_backends() {
-    let (_d, p) = temp_file(16 << 20, 0);
-    for backend in ["uring", "psync"] {
+    // rio creates the file (and marks it), so both runs may write it without --force.
+    let d = tempfile::tempdir_in(common::backing_dir()).unwrap();
+    let p = d.path().join("mixed.dat");
+    for (i, backend) in ["uring", "psync"].into_iter().enumerate() {
+        let create: &[&str] = if i == 0 {
+            &["--create", "--size", "16m"]
+        } else {
+            &[]
+        };
         let out = run(&[
-            "bench",
-            "--filename",
-            p.to_str().unwrap(),
-            "--rw",
-            "randrw",
-            "--verify",
-            "--numjobs",
-            "2",
-            "--iodepth",
-            "16",
-            "--backend",
-            backend,
-            "--output-format",
-            "json",
-        ]);
+            &[
+                "bench",
+                "--filename",
+                p.to_str().unwrap(),
+                "--rw",
+                "randrw",
+                "--verify",
+                "--numjobs",
+                "2",
+                "--iodepth",
+                "16",
+                "--backend",
+                backend,
+                "--output-format",
+                "json",
+            ][..],
+            create,
+        ]
+        .concat());
         assert!(
             out.status.success(),
             "{backend}: {}",
@@ -410,6 +421,105 @@ fn verify_mixed_workload_both_backends() {
         assert!(v["verified_blocks"].as_u64().unwrap() > 0);
         assert!(v["jobs"][0]["write"]["total_ios"].as_u64().unwrap() > 0);
         assert!(v["jobs"][0]["read"]["total_ios"].as_u64().unwrap() > 0);
+    }
+}
+
+/// An existing file rio did not lay out, or one whose permission bits deny writing, is
+/// written only with --force: refused with exit 2 and one line naming it, before anything is
+/// written. Files rio creates carry its marker, and later write runs on them need nothing.
+#[test]
+fn existing_files_rio_did_not_lay_out_need_force() {
+    let (_d, p) = temp_file(1 << 20, 0x5a);
+    let f = p.to_str().unwrap();
+    let before = digest(&p);
+    for args in [
+        &["--rw", "write"][..],
+        &["--rw", "randrw"][..],
+        // A verified read lays the file out first: that writes too.
+        &["--rw", "randread", "--verify"][..],
+    ] {
+        let out = run(&[&["bench", "--filename", f][..], args].concat());
+        assert_usage_error(&out, "--force");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("did not lay out"),
+            "{args:?}"
+        );
+        assert_eq!(digest(&p), before, "{args:?} wrote to the user's file");
+    }
+    let out = run(&[
+        "tune",
+        "--filename",
+        f,
+        "--rw",
+        "randwrite",
+        "--step",
+        "100ms",
+    ]);
+    assert_usage_error(&out, "--force");
+    assert_eq!(digest(&p), before);
+    // Reads need nothing, and change nothing.
+    let out = run(&["bench", "--filename", f, "--rw", "randread", "--size", "1m"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(digest(&p), before);
+    // --force: the user offered it.
+    let out = run(&["bench", "--filename", f, "--rw", "write", "--force"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_ne!(digest(&p), before);
+
+    // A file rio creates is marked, and written again without --force.
+    let d = tempfile::tempdir_in(common::backing_dir()).unwrap();
+    let mine = d.path().join("mine.dat");
+    let m = mine.to_str().unwrap();
+    let out = run(&[
+        "bench",
+        "--filename",
+        m,
+        "--create",
+        "--size",
+        "2m",
+        "--rw",
+        "write",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !rio_cli::bench::guard::is_marked(&mine) {
+        common::missing("user extended attributes on the test file system (rio's marker)");
+        return;
+    }
+    let out = run(&["bench", "--filename", m, "--rw", "randwrite", "--verify"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Its permission bits deny writing: refused, also for root, unless forced.
+    let mut perm = std::fs::metadata(&mine).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o444);
+    std::fs::set_permissions(&mine, perm).unwrap();
+    let before = digest(&mine);
+    let out = run(&["bench", "--filename", m, "--rw", "write"]);
+    assert_usage_error(&out, "--force");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("mode 0444"));
+    assert_eq!(digest(&mine), before);
+    if common::is_root() {
+        let out = run(&["bench", "--filename", m, "--rw", "write", "--force"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 

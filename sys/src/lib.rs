@@ -19,6 +19,7 @@ pub mod pci;
 pub mod rusage;
 pub mod stat;
 pub mod vfio;
+pub mod xattr;
 
 #[cfg(test)]
 mod testutil;
