@@ -198,6 +198,11 @@ struct BenchArgs {
     /// Write blocks with a header (offset, seed, CRC32C) and check everything read back.
     #[arg(long, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "crc32c", value_parser = verify_arg, default_value = "0")]
     verify: bool,
+    /// Write nothing: read the region (--offset, --size, --bs) that earlier --verify runs
+    /// wrote, check every block's header, and report each bad block (fio's verify_only).
+    /// Exit 1 when any is bad.
+    #[arg(long = "verify-only", alias = "verify_only")]
+    verify_only: bool,
     /// auto, uring or psync (overrides config and RIO_BACKEND).
     #[arg(long)]
     backend: Option<String>,
@@ -609,6 +614,9 @@ fn bench(cfg: EngineConfig, a: BenchArgs, telemetry: Option<&Telemetry>) -> Resu
             (p, !exists)
         }
     };
+    if a.verify_only {
+        return verify_only(&cfg, &a, &spec, &path, create);
+    }
     let layout = create || (spec.verify && spec.rw.reads());
     let writes = spec.rw.writes() || layout;
     let raw_pcie = matches!(
@@ -697,6 +705,66 @@ fn bench(cfg: EngineConfig, a: BenchArgs, telemetry: Option<&Telemetry>) -> Resu
             code: 1,
             msg: e.to_string(),
         })?;
+    }
+    Ok(())
+}
+
+/// `rio bench --verify-only`: check every block of the region, write nothing.
+fn verify_only(
+    cfg: &EngineConfig,
+    a: &BenchArgs,
+    spec: &BenchSpec,
+    path: &Path,
+    create: bool,
+) -> Result<(), Fail> {
+    if create || a.create {
+        return Err(usage(
+            "--verify-only checks an existing target; it creates nothing",
+        ));
+    }
+    if a.rw.writes() || a.verify {
+        return Err(usage(
+            "--verify-only writes nothing: it takes no write workload (--rw) and no --verify",
+        ));
+    }
+    let engine = Engine::open(
+        cfg,
+        &path.to_string_lossy(),
+        OpenOptions {
+            write: false,
+            direct: a.direct,
+            create: false,
+        },
+    )?;
+    let spec = BenchSpec {
+        numjobs: 1,
+        ..spec.clone()
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        let _ = signal_hook::flag::register_conditional_shutdown(sig, 130, Arc::clone(&stop));
+        let _ = signal_hook::flag::register(sig, Arc::clone(&stop));
+    }
+    let prog = rio_cli::bench::Progress::default();
+    let r = rio_cli::bench::check::check_region(&engine, &spec, &stop, &prog)?;
+    if a.output_format == "json" {
+        let v = serde_json::json!({ "verify_only": r });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v).expect("serializable")
+        );
+    } else {
+        print!("{}", r.to_human());
+    }
+    if r.bad > 0 {
+        let first = &r.bad_blocks[0];
+        return Err(Fail {
+            code: 1,
+            msg: format!(
+                "verify-only: {} of {} blocks bad (first at offset {}: {})",
+                r.bad, r.blocks, first.offset, first.reason
+            ),
+        });
     }
     Ok(())
 }

@@ -117,8 +117,9 @@ pub enum IoErrorKind {
     Nvme(crate::nvme::spec::NvmeError),
     /// The command did not complete within the command timeout and was aborted.
     TimedOut { after_ms: u64 },
-    /// The controller was reset while the command was outstanding (a command did not
-    /// complete after an abort, or the controller reported a fatal status).
+    /// The controller was reset while the command was outstanding: a command did not
+    /// complete after an abort (`fatal: false`), or the controller failed (`fatal: true`:
+    /// CSTS.CFS, it lost power or was reset from outside, or it left the bus).
     ControllerReset { fatal: bool },
 }
 
@@ -141,7 +142,7 @@ fn describe(k: &IoErrorKind) -> String {
             format!("no completion after {after_ms} ms: command aborted")
         }
         IoErrorKind::ControllerReset { fatal: true } => {
-            "controller fatal status (CSTS.CFS): command failed by the reset that followed".into()
+            "the controller failed (fatal status, lost power, or gone): command failed by the reset that followed".into()
         }
         IoErrorKind::ControllerReset { fatal: false } => {
             "controller reset while the command was outstanding".into()

@@ -43,6 +43,31 @@ need_cmd() {
     command -v "$1" >/dev/null 2>&1 || die "'$1' still missing after installing $2"
 }
 
+# need_qemu_system: qemu-system-x86_64 from the distribution. A machine image may carry a
+# qemu-utils from another release (a backport: 10.0 beside bookworm's 7.2) whose Breaks: keep
+# the distribution's qemu-system-x86 from installing beside it; then qemu-utils is taken at
+# qemu-system-x86's version too (a downgrade, asked for explicitly). The VM scripts are written
+# for the distribution's QEMU (7.2).
+need_qemu_system() {
+    command -v qemu-system-x86_64 >/dev/null 2>&1 && return 0
+    [ "$(id -u)" = 0 ] || die "need root to install qemu-system-x86"
+    if [ "$_RIO_APT_UPDATED" = 0 ]; then
+        info "apt-get update"
+        apt-get update -qq >&2 || die "apt-get update failed"
+        _RIO_APT_UPDATED=1
+    fi
+    local want have
+    want="$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')"
+    have="$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null || true)"
+    if [ -n "$want" ] && [ "$want" != "(none)" ] && [ -n "$have" ] && [ "$have" != "$want" ]; then
+        info "qemu-utils $have is from another release than qemu-system-x86 $want: taking qemu-utils $want"
+        apt_install --allow-downgrades qemu-system-x86 "qemu-utils=$want"
+    else
+        apt_install qemu-system-x86
+    fi
+    command -v qemu-system-x86_64 >/dev/null 2>&1 || die "qemu-system-x86_64 still missing after installing qemu-system-x86"
+}
+
 # Make sure apt-get can see package lists (a fresh container has none; then
 # `apt-get download` fails with "Unable to locate package").
 apt_lists_present() {

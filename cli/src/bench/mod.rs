@@ -8,6 +8,7 @@
 //! - [`plot`]: `--report` as SVG or HTML plots.
 
 pub mod autotune;
+pub mod check;
 pub mod guard;
 pub mod plot;
 pub mod probe;

@@ -64,7 +64,7 @@ impl Progress {
             _ => Phase::Done,
         }
     }
-    fn set_phase(&self, p: Phase) {
+    pub(crate) fn set_phase(&self, p: Phase) {
         self.phase.store(p as u8, Relaxed);
     }
 }

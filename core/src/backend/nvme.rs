@@ -531,9 +531,9 @@ impl NvmeQueue {
     /// controller; with timeouts on, a command past its deadline is aborted, and one that has
     /// not completed `abort_ms` after its abort (or whose abort itself failed) resets it.
     fn scan(&mut self, now: u64, out: &mut Vec<Reaped>) -> Result<()> {
-        if self.ctrl.fatal_status() {
-            tracing::error!(ctrl = %self.ctrl.name, "controller fatal status (CSTS.CFS)");
-            return self.reset_and_recover(out, "controller fatal status (CSTS.CFS)", true);
+        if let Some(why) = self.ctrl.fatal_status() {
+            tracing::error!(ctrl = %self.ctrl.name, reason = why, "controller needs a reset");
+            return self.reset_and_recover(out, why, true);
         }
         let Some(limit) = self.timeout_ms else {
             return Ok(());

@@ -633,9 +633,31 @@ impl Controller {
     }
 
     /// CSTS.CFS: the controller hit a fatal error.
-    pub(crate) fn fatal_status(&self) -> bool {
+    /// Why the controller cannot go on as it is, if it cannot: CSTS.CFS, all ones (the device
+    /// is gone from the bus), or not ready while rio has it enabled (it lost power or was reset
+    /// from outside, and every queue with it). Each calls for a reset.
+    pub(crate) fn fatal_status(&self) -> Option<&'static str> {
         let c = self.regs.csts();
-        c.cfs() || c.is_all_ones()
+        if c.is_all_ones() {
+            Some("controller gone (CSTS reads all ones)")
+        } else if c.cfs() {
+            Some("controller fatal status (CSTS.CFS)")
+        } else if !c.rdy() {
+            Some("controller not ready (it lost power, or was reset from outside)")
+        } else {
+            None
+        }
+    }
+
+    /// The admin queue, after a reset if the controller needs one ([`Self::fatal_status`]: it
+    /// lost power, failed, or was reset from outside since rio enabled it): admin commands to
+    /// a controller that is not ready would only time out. The I/O queues notice the new
+    /// generation at their next poll and create themselves again.
+    fn ready_admin(&self) -> Result<MutexGuard<'_, Admin>> {
+        if let Some(why) = self.fatal_status() {
+            self.reset(self.generation(), why)?;
+        }
+        self.admin()
     }
 
     fn admin(&self) -> Result<MutexGuard<'_, Admin>> {
@@ -650,7 +672,7 @@ impl Controller {
 
     /// Run one admin command synchronously.
     pub(crate) fn admin_command(&self, cmd: SubmissionEntry) -> Result<CompletionEntry> {
-        let mut a = self.admin()?;
+        let mut a = self.ready_admin()?;
         exec(&self.regs, &self.name, &mut a, cmd, self.opts.admin_timeout)
     }
 
@@ -734,7 +756,7 @@ impl Controller {
     /// Create CQ then SQ in one admin-lock section, and return the generation read under that
     /// lock: a reset (which holds the lock throughout) cannot slip in between.
     fn create_queues_on_device(&self, ring: &Ring) -> Result<u64> {
-        let mut a = self.admin()?;
+        let mut a = self.ready_admin()?;
         let generation = self.generation();
         let t = self.opts.admin_timeout;
         let n = ring.entries as u32;

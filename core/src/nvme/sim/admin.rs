@@ -239,6 +239,12 @@ impl Device {
             }
             feature::VOLATILE_WRITE_CACHE if self.cfg.vwc => {
                 self.vwc_enabled = e.cdw11 & 1 != 0;
+                // Turning the cache off writes it back first.
+                if !self.vwc_enabled
+                    && let Some(c) = self.cache.as_mut()
+                {
+                    c.flush(None);
+                }
                 OK
             }
             feature::ARBITRATION

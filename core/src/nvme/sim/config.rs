@@ -95,6 +95,15 @@ pub struct SimConfig {
     pub sgl: bool,
     /// Volatile write cache present (Identify VWC; Set Features VWC accepted).
     pub vwc: bool,
+    /// Model what a volatile write cache loses at a power cut
+    /// ([`SimController::power_cut`](super::SimController::power_cut)): while the cache is
+    /// enabled, the model keeps the durable contents of every block written (Write, Write
+    /// Zeroes, Deallocate) since the last Flush, and a cut puts them back. Needs `vwc` and
+    /// `store_data`. When the kept blocks pass [`SimConfig::write_cache_max`] bytes the cache
+    /// destages: everything written so far becomes durable, as a real cache writes back.
+    pub write_cache: bool,
+    /// Bytes of kept block contents at which the modelled cache destages (default 64 MiB).
+    pub write_cache_max: u64,
     /// I/O service time.
     pub latency: Latency,
     /// `true`: namespaces are RAM. `false`: no data moves at all (reads leave the host buffer
@@ -135,6 +144,8 @@ impl Default for SimConfig {
             dbbuf: true,
             sgl: false,
             vwc: true,
+            write_cache: false,
+            write_cache_max: 64 << 20,
             latency: Latency::None,
             store_data: true,
             ready_delay: Duration::ZERO,
@@ -164,6 +175,7 @@ impl SimConfig {
     /// | `change_after=3s,knee2=4,base2=20us,per_qd2=10us` | from 3 s after start, this knee curve instead |
     /// | `mdts=N`, `mqes=N`, `qpairs=N`, `dstrd=N` | Identify MDTS, CAP.MQES (0-based), I/O queue pairs, CAP.DSTRD |
     /// | `data=0\|1`, `dbbuf=0\|1`, `vwc=0\|1` | RAM namespaces, shadow doorbells, write cache |
+    /// | `wcache=0\|1`, `wcache_max=64m` | model the write cache's loss at a power cut (see [`SimConfig::write_cache`]) |
     /// | `ready=5ms` | CSTS.RDY delay |
     /// | `cpu=N` | pin the device thread to CPU N |
     /// | `inline=0\|1` | the device works on the polling thread (see [`SimConfig::inline`]) |
@@ -230,6 +242,8 @@ impl SimConfig {
                 "data" => cfg.store_data = parse_bool(key, value)?,
                 "dbbuf" => cfg.dbbuf = parse_bool(key, value)?,
                 "vwc" => cfg.vwc = parse_bool(key, value)?,
+                "wcache" => cfg.write_cache = parse_bool(key, value)?,
+                "wcache_max" => cfg.write_cache_max = parse_size(key, value)?,
                 "ready" => cfg.ready_delay = parse_duration(key, value)?,
                 "cpu" => cfg.cpu = Some(parse_int(key, value, 4095)? as usize),
                 "inline" => cfg.inline = parse_bool(key, value)?,
@@ -350,6 +364,9 @@ impl SimConfig {
         }
         if self.mqes == 0 {
             return Err("mqes (0-based) must be at least 1".to_string());
+        }
+        if self.write_cache && !(self.vwc && self.store_data) {
+            return Err("wcache=1 needs vwc=1 and data=1 (a cache of stored data)".to_string());
         }
         if self.max_io_queues == 0 || self.max_io_queues == u16::MAX {
             return Err("max_io_queues must be 1..=65534".to_string());

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use super::cache::{PowerCutReport, WriteCache};
 use super::config::{Fault, Latency, SimConfig};
 use super::host::dma;
 use super::{Shared, cap_value};
@@ -173,6 +174,8 @@ pub(super) struct Device {
     fatal_fired: bool,
     inflight: u64,
     pub(super) vwc_enabled: bool,
+    /// The write cache's loss model (`SimConfig::write_cache`).
+    pub(super) cache: Option<WriteCache>,
     pub(super) error_log: [ErrorLogEntry; ERROR_LOG_ENTRIES],
     pub(super) error_count: u64,
     pub(super) started: Instant,
@@ -188,6 +191,9 @@ impl Device {
             .filter(|f| **f != Fault::IgnoreAbort)
             .map(|&fault| FaultState { fault, count: 0 })
             .collect();
+        let cache = cfg
+            .write_cache
+            .then(|| WriteCache::new(&sh.ns, cfg.write_cache_max));
         Device {
             born: Instant::now(),
             sh,
@@ -216,6 +222,7 @@ impl Device {
             fatal_fired: false,
             inflight: 0,
             vwc_enabled: cfg.vwc,
+            cache,
             error_log: [ErrorLogEntry::zeroed(); ERROR_LOG_ENTRIES],
             error_count: 0,
             started: Instant::now(),
@@ -226,6 +233,9 @@ impl Device {
     /// One pass over registers, queues, timed completions and backlogs; whether it did work.
     #[inline]
     pub(super) fn pass(&mut self) -> bool {
+        if self.sh.power.pending.load(Ordering::Acquire) {
+            self.lose_power();
+        }
         let mut work = self.poll_registers();
         if self.rdy && !self.cfs {
             work |= self.poll_admin();
@@ -379,6 +389,9 @@ impl Device {
         }
         self.cc = cc;
         self.page_size = ps;
+        // Doorbells start at zero with the controller: writes to them while it was disabled
+        // (a driver that submitted before noticing a power loss) mean nothing.
+        self.zero_doorbells();
         self.cqs[0] = Some(Cq {
             base: acq,
             size: aqa.cq_entries(),
@@ -403,6 +416,45 @@ impl Device {
         self.set_rdy_later(true);
     }
 
+    /// A power cut asked for by [`SimController::power_cut`](super::SimController::power_cut):
+    /// the write cache loses what the cut loses, and the controller comes back in its
+    /// power-on state (CC, AQA, ASQ, ACQ zero; not ready; no queues, commands or completions
+    /// in flight). Namespace contents survive as the cut left them.
+    fn lose_power(&mut self) {
+        let how = self.sh.power.take_request();
+        let report = match (self.cache.as_mut(), how) {
+            (Some(c), Some(h)) => c.cut(&self.sh.ns, h),
+            _ => PowerCutReport::default(),
+        };
+        if self.enabled || self.rdy || self.cfs {
+            self.disable();
+        }
+        self.enabled = false;
+        self.pending_rdy = None;
+        self.rdy = false;
+        self.cfs = false;
+        self.shn = 0;
+        self.shst = 0;
+        self.vwc_enabled = self.cfg.vwc;
+        self.sh.bar.store(reg::CC, 0);
+        self.sh.bar.store(reg::AQA, 0);
+        self.sh.bar.store64(reg::ASQ, 0);
+        self.sh.bar.store64(reg::ACQ, 0);
+        self.write_csts();
+        self.sh.power.finish(report);
+    }
+
+    fn zero_doorbells(&self) {
+        for qid in 0..=self.cfg.max_io_queues {
+            self.sh
+                .bar
+                .store(spec::sq_tail_doorbell(qid, self.cfg.dstrd), 0);
+            self.sh
+                .bar
+                .store(spec::cq_head_doorbell(qid, self.cfg.dstrd), 0);
+        }
+    }
+
     /// CC.EN 1 -> 0: controller reset. Everything queue-related is forgotten.
     fn disable(&mut self) {
         self.sh.stats.resets.add(1);
@@ -418,14 +470,7 @@ impl Device {
         self.timed.clear();
         self.backlogged = 0;
         self.inflight = 0;
-        for qid in 0..=self.cfg.max_io_queues {
-            self.sh
-                .bar
-                .store(spec::sq_tail_doorbell(qid, self.cfg.dstrd), 0);
-            self.sh
-                .bar
-                .store(spec::cq_head_doorbell(qid, self.cfg.dstrd), 0);
-        }
+        self.zero_doorbells();
         self.cfs = false;
         self.set_rdy_later(false);
     }

@@ -237,6 +237,15 @@ impl NsMem {
         }
     }
 
+    /// Copies `data` into `[off, off + data.len())` (the write cache restoring a block). Only
+    /// the device (the thread in a pass) writes namespace memory.
+    pub(crate) fn poke(&self, off: u64, data: &[u8]) {
+        let dst = self.at(off, data.len());
+        // SAFETY: `dst` is in bounds (checked by `at`); `data` is a distinct, caller-owned
+        // buffer; the caller is the device, the only writer of namespace memory.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) }
+    }
+
     /// Copies `[off, off + out.len())` into `out`.
     pub(crate) fn peek(&self, off: u64, out: &mut [u8]) {
         let src = self.at(off, out.len());

@@ -125,11 +125,16 @@ impl Device {
         let r = match e.opcode {
             io_opcode::READ | io_opcode::WRITE => self.read_write(e),
             io_opcode::FLUSH => {
-                if e.nsid == spec::NSID_ALL {
-                    Ok(())
+                let ns = if e.nsid == spec::NSID_ALL {
+                    Ok(None)
                 } else {
-                    self.ns_index(e.nsid).map(|_| ())
-                }
+                    self.ns_index(e.nsid).map(Some)
+                };
+                ns.map(|ns| {
+                    if let Some(c) = self.cache.as_mut() {
+                        c.flush(ns);
+                    }
+                })
             }
             io_opcode::WRITE_ZEROES => self.write_zeroes(e),
             io_opcode::DATASET_MANAGEMENT => self.dsm(e),
@@ -154,6 +159,9 @@ impl Device {
         }
         let (off, len) = self.lba_range(ns, slba, nlb)?;
         let write = e.opcode == io_opcode::WRITE;
+        if write {
+            self.before_change(ns, off, len);
+        }
         let ps = self.page_size;
         match self.sh.ns[ns].mem.as_ref() {
             Some(mem) if write => walk_prps(e.prp1, e.prp2, len, ps, |addr, o, n| {
@@ -178,6 +186,7 @@ impl Device {
         let nlb = (e.cdw12 & 0xFFFF) as u64 + 1;
         let (off, len) = self.lba_range(ns, slba, nlb)?;
         // DEAC (cdw12 bit 25) changes nothing here: deallocated blocks read as zeros too.
+        self.before_change(ns, off, len);
         if let Some(mem) = self.sh.ns[ns].mem.as_ref() {
             mem.zero_range(off, len);
         }
@@ -203,15 +212,26 @@ impl Device {
         for (i, r) in ranges().enumerate() {
             spans[i] = self.lba_range(ns, r.slba, r.nlb as u64)?;
         }
-        if e.cdw11 & dsm_attr::DEALLOCATE != 0
-            && let Some(mem) = self.sh.ns[ns].mem.as_ref()
-        {
+        if e.cdw11 & dsm_attr::DEALLOCATE != 0 && self.sh.ns[ns].mem.is_some() {
             for &(off, len) in &spans[..nr] {
                 if len > 0 {
-                    mem.zero_range(off, len);
+                    self.before_change(ns, off, len);
+                    if let Some(mem) = self.sh.ns[ns].mem.as_ref() {
+                        mem.zero_range(off, len);
+                    }
                 }
             }
         }
         Ok(())
+    }
+
+    /// `[off, off + len)` of namespace `ns` is about to change: with the write cache enabled
+    /// (and modelled), keep its durable contents until the next Flush.
+    fn before_change(&mut self, ns: usize, off: u64, len: u64) {
+        if self.vwc_enabled
+            && let Some(c) = self.cache.as_mut()
+        {
+            c.before_change(&self.sh.ns, ns, off, len);
+        }
     }
 }

@@ -21,6 +21,7 @@
 //! The memory contract is that of DMA, see [`SimController::bar`].
 
 mod admin;
+mod cache;
 mod config;
 mod device;
 mod host;
@@ -28,9 +29,11 @@ mod io;
 #[cfg(test)]
 mod tests;
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+pub use cache::{PowerCut, PowerCutReport};
 pub use config::{Fault, Latency, SimConfig, SimNamespace};
 
 use crate::nvme::spec::{self, reg};
@@ -106,12 +109,37 @@ pub(crate) struct NsInfo {
     mem: Option<NsMem>,
 }
 
+/// A power cut asked of the device ([`SimController::power_cut`]) and its outcome.
+#[derive(Default)]
+pub(crate) struct PowerLine {
+    /// A cut is asked for and not done yet (the device checks it each pass).
+    pending: AtomicBool,
+    request: Mutex<Option<PowerCut>>,
+    done: Mutex<Option<PowerCutReport>>,
+}
+
+impl PowerLine {
+    fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn take_request(&self) -> Option<PowerCut> {
+        PowerLine::lock(&self.request).take()
+    }
+
+    pub(crate) fn finish(&self, report: PowerCutReport) {
+        *PowerLine::lock(&self.done) = Some(report);
+        self.pending.store(false, Ordering::Release);
+    }
+}
+
 /// State shared between the handle and the device thread.
 pub(crate) struct Shared {
     bar: Bar,
     ns: Vec<NsInfo>,
     stop: AtomicBool,
     stats: StatCounters,
+    power: PowerLine,
 }
 
 /// CAP for a configuration: MQES, CQR=1, TO, DSTRD, CSS=NVM, MPSMIN=0 (4 KiB), MPSMAX=4 (64 KiB).
@@ -162,6 +190,7 @@ impl SimController {
             ns,
             stop: AtomicBool::new(false),
             stats: StatCounters::default(),
+            power: PowerLine::default(),
         });
         let dstrd = cfg.dstrd;
         let cpu = cfg.cpu;
@@ -263,6 +292,33 @@ impl SimController {
             faults_injected: s.faults_injected.get(),
             max_inflight: s.max_inflight.get(),
             inline_passes: s.inline_passes.get(),
+        }
+    }
+
+    /// Cuts the power and brings it back: the write cache loses what `how` says of the blocks
+    /// written since the last Flush (only with [`SimConfig::write_cache`]; otherwise every
+    /// completed write was durable and nothing is lost), and the controller restarts in its
+    /// power-on state: not ready, CC zero, every queue and command in flight gone, as after a
+    /// real outage. The driver sees CSTS.RDY clear, resets the controller and goes on; the
+    /// commands it had outstanding fail. Returns which unflushed blocks were lost and kept.
+    /// Waits for the device (at most 10 s) to carry it out.
+    pub fn power_cut(&self, how: PowerCut) -> std::io::Result<PowerCutReport> {
+        let p = &self.sh.power;
+        *PowerLine::lock(&p.done) = None;
+        *PowerLine::lock(&p.request) = Some(how);
+        p.pending.store(true, Ordering::Release);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(r) = PowerLine::lock(&p.done).take() {
+                return Ok(r);
+            }
+            if Instant::now() >= deadline {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the model's device did not carry out the power cut within 10 s",
+                ));
+            }
+            std::thread::sleep(Duration::from_micros(200));
         }
     }
 
