@@ -263,7 +263,21 @@ impl DiskFile {
         Ok(())
     }
 
-    /// Make written data durable (a device flush / fdatasync).
+    /// Make written data durable: an NVMe Flush of the namespace (userspace driver), or
+    /// `fdatasync` of the file or block device (io_uring, psync).
+    ///
+    /// What is durable when:
+    /// - a write whose future has completed is acknowledged, not durable: on a device with a
+    ///   volatile write cache it can still be lost to a power cut, wholly or in part (block by
+    ///   block: a multi-block write may survive torn, each block old or new);
+    /// - once `sync_data` returns `Ok`, every write whose future completed *before* it was
+    ///   called survives a power cut; writes still in flight when it was called are not
+    ///   covered (await them first);
+    /// - an error from `sync_data` says nothing about which writes reached the medium: write
+    ///   them again and call it again.
+    ///
+    /// The software model shows this (`SimConfig::write_cache`, `SimController::power_cut`;
+    /// `core/tests/power_loss.rs`).
     pub async fn sync_data(&self) -> Result<()> {
         self.rt
             .submit(OpKind::Flush, 0, 0, None)
