@@ -8,5 +8,6 @@
 //! The engine is the `rio` crate and the OpenTelemetry export is `rio-otel`; this crate is the
 //! only one that knows about command lines, terminals and plots.
 
+pub mod args;
 pub mod bench;
 pub mod setup;

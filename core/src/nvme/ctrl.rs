@@ -78,6 +78,59 @@ pub struct Namespace {
     pub thin_provisioned: bool,
 }
 
+impl Namespace {
+    /// The namespace an Identify Namespace structure describes: `Ok(None)` for an inactive
+    /// one (NSZE 0), an error naming the field when rio cannot use it (a block size that is
+    /// not a power of two from 512 B to 64 KiB, metadata with each block, a size that does
+    /// not fit in bytes). The device is untrusted input: nothing here panics.
+    pub fn from_identify(
+        nsid: u32,
+        ns: &IdentifyNamespace,
+    ) -> std::result::Result<Option<Namespace>, String> {
+        if ns.nsze == 0 {
+            return Ok(None);
+        }
+        let bs = ns.block_size();
+        if !(512..=65536).contains(&bs) || !bs.is_power_of_two() {
+            return Err(format!(
+                "LBA format {} has block size {bs} (LBADS {}): rio needs 512 B..=64 KiB",
+                ns.current_format_index(),
+                ns.current_format().lbads
+            ));
+        }
+        if ns.metadata_size() > 0 {
+            // rio sends no metadata pointer: a device would DMA separate metadata to address
+            // 0, and interleaved metadata changes the layout of every block.
+            return Err(format!(
+                "formatted with {} bytes of metadata per block ({}): rio transfers no metadata",
+                ns.metadata_size(),
+                if ns.extended_metadata() {
+                    "interleaved"
+                } else {
+                    "separate"
+                }
+            ));
+        }
+        let size_bytes = ns
+            .nsze
+            .checked_mul(bs as u64)
+            .ok_or_else(|| format!("NSZE {} blocks of {bs} B overflows a byte count", ns.nsze))?;
+        Ok(Some(Namespace {
+            nsid,
+            block_size: bs,
+            blocks: ns.nsze,
+            size_bytes,
+            metadata_size: ns.metadata_size(),
+            lba_formats: (0..ns.num_lba_formats())
+                .filter_map(|i| ns.lba_format(i))
+                .map(|f| (f.data_size(), f.ms, f.relative_performance()))
+                .collect(),
+            current_format: ns.current_format_index(),
+            thin_provisioned: ns.thin_provisioned(),
+        }))
+    }
+}
+
 /// What keeps the BAR mapped and the device reachable.
 enum Transport {
     Sim(SimController),
@@ -529,22 +582,13 @@ impl Controller {
             // SAFETY: as above.
             let b = unsafe { std::slice::from_raw_parts(admin.page.ptr(), PAGE) };
             let ns = IdentifyNamespace::from_prefix(b).expect("page holds 4 KiB");
-            if ns.nsze == 0 {
-                continue;
+            match Namespace::from_identify(nsid, &ns) {
+                Ok(Some(n)) => namespaces.push(n),
+                Ok(None) => {}
+                Err(why) => {
+                    tracing::warn!(ctrl = %self.name, nsid, reason = %why, "namespace not usable; skipped")
+                }
             }
-            namespaces.push(Namespace {
-                nsid,
-                block_size: ns.block_size(),
-                blocks: ns.nsze,
-                size_bytes: ns.size_bytes(),
-                metadata_size: ns.metadata_size(),
-                lba_formats: (0..ns.num_lba_formats())
-                    .filter_map(|i| ns.lba_format(i))
-                    .map(|f| (f.data_size(), f.ms, f.relative_performance()))
-                    .collect(),
-                current_format: ns.current_format_index(),
-                thin_provisioned: ns.thin_provisioned(),
-            });
         }
         self.namespaces = namespaces;
 
@@ -628,7 +672,8 @@ impl Controller {
         self.generation.load(Ordering::Acquire)
     }
 
-    pub(crate) fn is_dead(&self) -> bool {
+    /// Whether a reset failed and the controller is unusable for good (every command fails).
+    pub fn is_dead(&self) -> bool {
         self.dead.load(Ordering::Acquire)
     }
 
@@ -1060,5 +1105,39 @@ impl Drop for Controller {
         if let Some(m) = self.dbbuf.take() {
             m.release(&self.mapper);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ns(nsze: u64, lbads: u8, ms: u16) -> IdentifyNamespace {
+        let mut n = IdentifyNamespace::zeroed();
+        n.nsze = nsze;
+        n.lbaf[0].lbads = lbads;
+        n.lbaf[0].ms = ms;
+        n
+    }
+
+    #[test]
+    fn identify_namespace_is_checked_before_use() {
+        assert!(
+            Namespace::from_identify(1, &ns(0, 12, 0))
+                .unwrap()
+                .is_none()
+        );
+        let n = Namespace::from_identify(1, &ns(8, 12, 0)).unwrap().unwrap();
+        assert_eq!((n.block_size, n.size_bytes), (4096, 32768));
+        // Block sizes the device may claim and rio cannot use: 0 (LBADS past 31), 256 B,
+        // 128 KiB; a size past u64; metadata with every block.
+        for (lbads, why) in [(40, "block size 0"), (8, "256"), (17, "131072")] {
+            let e = Namespace::from_identify(1, &ns(8, lbads, 0)).unwrap_err();
+            assert!(e.contains(why), "{e}");
+        }
+        let e = Namespace::from_identify(1, &ns(u64::MAX, 12, 0)).unwrap_err();
+        assert!(e.contains("overflows"), "{e}");
+        let e = Namespace::from_identify(1, &ns(8, 12, 8)).unwrap_err();
+        assert!(e.contains("metadata"), "{e}");
     }
 }

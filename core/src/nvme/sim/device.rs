@@ -172,7 +172,7 @@ pub(super) struct Device {
     ignore_abort: bool,
     io_seen: u64,
     fatal_fired: bool,
-    inflight: u64,
+    pub(super) inflight: u64,
     pub(super) vwc_enabled: bool,
     /// The write cache's loss model (`SimConfig::write_cache`).
     pub(super) cache: Option<WriteCache>,
@@ -691,6 +691,21 @@ impl Device {
         dw0: u32,
     ) {
         self.io_seen += 1;
+        if self.sh.hostile_on.load(Ordering::Relaxed)
+            && self.hostile_completion(
+                qid,
+                e,
+                Post {
+                    sqid: qid,
+                    cid: e.cid,
+                    status,
+                    dw0,
+                },
+            )
+        {
+            self.check_fatal();
+            return;
+        }
         let kind = match self.fault_kind(false, e.opcode) {
             Some(Err(())) => {
                 self.hold(qid, e.cid, false);

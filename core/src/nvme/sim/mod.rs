@@ -25,6 +25,7 @@ mod cache;
 mod config;
 mod device;
 mod host;
+mod hostile;
 mod io;
 #[cfg(test)]
 mod tests;
@@ -140,6 +141,9 @@ pub(crate) struct Shared {
     stop: AtomicBool,
     stats: StatCounters,
     power: PowerLine,
+    /// The hostile script ([`SimController::misbehave`]) and whether one is running.
+    hostile: Mutex<std::collections::VecDeque<u8>>,
+    hostile_on: AtomicBool,
 }
 
 /// CAP for a configuration: MQES, CQR=1, TO, DSTRD, CSS=NVM, MPSMIN=0 (4 KiB), MPSMAX=4 (64 KiB).
@@ -191,6 +195,8 @@ impl SimController {
             stop: AtomicBool::new(false),
             stats: StatCounters::default(),
             power: PowerLine::default(),
+            hostile: Mutex::new(std::collections::VecDeque::new()),
+            hostile_on: AtomicBool::new(false),
         });
         let dstrd = cfg.dstrd;
         let cpu = cfg.cpu;
@@ -320,6 +326,18 @@ impl SimController {
             }
             std::thread::sleep(Duration::from_micros(200));
         }
+    }
+
+    /// From now on, I/O completions follow `script` (see the table in `hostile.rs`: other
+    /// command ids, arbitrary status fields and entries, duplicates, drops, garbage EventIdx
+    /// values) until it is used up; an empty script ends one early. For fuzzing the driver:
+    /// whatever the device does, every command must complete exactly once, with data or a
+    /// typed error, and nothing may panic.
+    pub fn misbehave(&self, script: &[u8]) {
+        let mut s = self.sh.hostile.lock().unwrap_or_else(|p| p.into_inner());
+        s.clear();
+        s.extend(script.iter().copied());
+        self.sh.hostile_on.store(!s.is_empty(), Ordering::Relaxed);
     }
 
     /// Copies `len` bytes at byte `offset` of namespace `nsid` (1-based). Peek at ranges whose
