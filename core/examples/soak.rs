@@ -78,7 +78,7 @@ fn args() -> Result<Args, String> {
             other => return Err(format!("unknown argument {other}")),
         }
     }
-    if !(a.minutes > 0.0) {
+    if a.minutes.is_nan() || a.minutes <= 0.0 {
         return Err("--minutes must be positive".into());
     }
     Ok(a)
@@ -125,7 +125,7 @@ fn model(stop: &AtomicBool, t: &Totals) -> Result<(), String> {
     let mut round = 0u64;
     while !stop.load(Relaxed) {
         round += 1;
-        if round % 40 == 0 {
+        if round.is_multiple_of(40) {
             model
                 .power_cut(PowerCut::LoseAll)
                 .map_err(|e| e.to_string())?;
@@ -135,7 +135,7 @@ fn model(stop: &AtomicBool, t: &Totals) -> Result<(), String> {
         // lost completion on others; the rest complete normally.
         let mut script = Vec::new();
         let mut injected = 0;
-        if round % 2 == 0 {
+        if round.is_multiple_of(2) {
             for _ in 0..32 {
                 match rng.next_u64() % 8 {
                     0 => {
@@ -347,12 +347,12 @@ async fn runtime(f: DiskFile, stop: Arc<AtomicBool>, t: Arc<Totals>) {
                     continue;
                 };
                 let fut: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> =
-                    if rng.next_u64() % 3 == 0 {
+                    if rng.next_u64().is_multiple_of(3) {
                         Box::pin(f.write_at(off, b))
                     } else {
                         Box::pin(f.read_at(off, b))
                     };
-                if rng.next_u64() % 16 == 0 {
+                if rng.next_u64().is_multiple_of(16) {
                     // Abandoned in flight: the buffer must still come back to the pool.
                     let _ = tokio::time::timeout(Duration::from_micros(1), fut).await;
                     t.faults.fetch_add(1, Relaxed);
