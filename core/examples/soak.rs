@@ -17,7 +17,7 @@
 //!
 //! Every `--sample-secs` it prints the RSS, open descriptors and pool buffers in use; at the
 //! end, after the runtime shut down, the last line:
-//! `SOAK minutes=M ios=N faults=F typed_errors=E rss_growth_kib=K fd_growth=D leaks=L lost=X dup=Y`
+//! `SOAK minutes=M ios=N faults=F rss_growth_kib=K leaks=L lost=X dup=Y typed_errors=E untyped=U fd_growth=D`
 //! (RSS growth from the first sample, after warm-up, to the last). Exit 1 if anything leaked,
 //! was lost or duplicated, or a fault came back untyped.
 
@@ -483,14 +483,14 @@ fn main() {
             eprintln!("soak: {f}");
         }
         println!(
-            "SOAK minutes={:.1} ios={} faults={} typed_errors={} untyped={untyped} rss_growth_kib={rss_growth} fd_growth={} leaks={leaks} lost={} dup={}",
+            "SOAK minutes={:.1} ios={} faults={} rss_growth_kib={rss_growth} leaks={leaks} lost={} dup={} typed_errors={} untyped={untyped} fd_growth={}",
             start.elapsed().as_secs_f64() / 60.0,
             t.ios.load(Relaxed),
             t.faults.load(Relaxed),
-            t.typed_errors.load(Relaxed),
-            last.1 as i64 - first.1 as i64,
             t.lost.load(Relaxed),
             t.dup.load(Relaxed),
+            t.typed_errors.load(Relaxed),
+            last.1 as i64 - first.1 as i64,
         );
         let bad = !failures.is_empty()
             || leaks > 0

@@ -18,6 +18,11 @@ const RW: OpenOptions = OpenOptions {
 };
 
 fn engine() -> Engine {
+    engine_over(BS as u32, 16 << 20, true)
+}
+
+/// The real driver over a model of one namespace; `write_cache`: model what a cut loses.
+fn engine_over(block_size: u32, size_bytes: u64, write_cache: bool) -> Engine {
     let cfg = EngineConfig {
         hugepages: false,
         buffer_pool_bytes: 16 << 20,
@@ -25,10 +30,10 @@ fn engine() -> Engine {
     };
     let sim = SimConfig {
         namespaces: vec![SimNamespace {
-            block_size: BS as u32,
-            size_bytes: 16 << 20,
+            block_size,
+            size_bytes,
         }],
-        write_cache: true,
+        write_cache,
         ..SimConfig::default()
     };
     Engine::open_sim(&cfg, sim, 1, RW).expect("driver brings up the model")
@@ -155,19 +160,7 @@ fn lose_all_reverts_every_unflushed_block_and_keeps_nothing() {
 
 #[test]
 fn without_the_cache_model_a_cut_loses_nothing_and_the_driver_recovers() {
-    let cfg = EngineConfig {
-        hugepages: false,
-        buffer_pool_bytes: 16 << 20,
-        ..EngineConfig::default()
-    };
-    let sim = SimConfig {
-        namespaces: vec![SimNamespace {
-            block_size: 512,
-            size_bytes: 4 << 20,
-        }],
-        ..SimConfig::default()
-    };
-    let e = Engine::open_sim(&cfg, sim, 1, RW).unwrap();
+    let e = engine_over(512, 4 << 20, false);
     let mut q = e.queue(None).unwrap();
     write_pattern(&mut q, 0, 65536, 4);
     let r = cut(&e, PowerCut::LoseAll);
