@@ -88,10 +88,7 @@ pub fn check_region(
     let nblocks = region / bs;
     let depth = spec.iodepth.max(1);
     let t0 = Instant::now();
-    let mut q = engine.queue_sized(
-        depth,
-        depth as usize * (bs as usize).next_power_of_two().max(4096) + (2 << 20),
-    )?;
+    let mut q = engine.queue_sized(depth, super::run::arena_for(depth, bs))?;
     let mut free = Vec::with_capacity(depth as usize);
     for _ in 0..depth {
         free.push(q.alloc_buf(bs as usize)?);

@@ -261,7 +261,7 @@ const MIN_WINDOW_IOS: u64 = 20;
 const MAX_WINDOW: Duration = Duration::from_secs(1);
 
 /// Bytes of arena a job needs: `depth` buffers of `bs` rounded up to their size class.
-fn arena_for(depth: u32, bs: u64) -> usize {
+pub(crate) fn arena_for(depth: u32, bs: u64) -> usize {
     let class = (bs as usize).next_power_of_two().max(4096);
     depth as usize * class + (2 << 20)
 }
