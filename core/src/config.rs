@@ -141,6 +141,11 @@ pub struct EngineConfig {
     pub nvme_admin_timeout_ms: u64,
     /// NVMe driver: use shadow doorbells when the controller offers Doorbell Buffer Config.
     pub nvme_shadow_doorbells: bool,
+    /// NVMe driver: when reads and writes use SGLs instead of PRPs.
+    pub nvme_sgl: SglMode,
+    /// NVMe driver: retries of a command that failed with a status allowing one (DNR clear),
+    /// after the delay the controller asks for (CRD); 0: none.
+    pub nvme_retries: u8,
     /// NVMe driver: accept controllers bound to uio_pci_generic (no IOMMU: the device can DMA
     /// anywhere in physical memory).
     pub allow_unsafe_dma: bool,
@@ -185,6 +190,8 @@ impl Default for EngineConfig {
             nvme_timeout_ms: 30_000,
             nvme_admin_timeout_ms: 5_000,
             nvme_shadow_doorbells: true,
+            nvme_sgl: SglMode::Auto,
+            nvme_retries: 3,
             allow_unsafe_dma: false,
             pool_initial_buffers: 16,
             pool_adaptive: true,
@@ -410,6 +417,26 @@ pub const KNOBS: &[Knob] = &[
         help: "NVMe driver: use shadow doorbells (Doorbell Buffer Config) when the controller offers them",
         apply: |c, s| {
             c.nvme_shadow_doorbells = boolean(s)?;
+            Ok(())
+        },
+    },
+    Knob {
+        key: "nvme_sgl",
+        env: &["RIO_NVME_SGL"],
+        accepted: "auto, off, always",
+        help: "NVMe driver: describe buffers with SGLs when the controller supports them and a transfer spans more than two pages (auto), never (off), or for every read and write (always)",
+        apply: |c, s| {
+            c.nvme_sgl = s.parse()?;
+            Ok(())
+        },
+    },
+    Knob {
+        key: "nvme_retries",
+        env: &["RIO_NVME_RETRIES"],
+        accepted: "0..=10",
+        help: "NVMe driver: retries of a command that failed with a status allowing a retry (DNR clear), each after the delay the controller asks for (CRD)",
+        apply: |c, s| {
+            c.nvme_retries = int_in(s, 0, 10)?;
             Ok(())
         },
     },
@@ -661,6 +688,35 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
     };
     n.checked_mul(1u64 << shift)
         .ok_or_else(|| format!("'{s}' is too large"))
+}
+
+/// When the driver describes data buffers with scatter-gather lists.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "lowercase"))]
+pub enum SglMode {
+    /// When the controller supports SGLs and a transfer would need a PRP list (more than two
+    /// memory pages): one descriptor per contiguous piece instead of one entry per page.
+    #[default]
+    Auto,
+    /// PRPs only.
+    Off,
+    /// Every read and write through an SGL (the controller must support them); for testing
+    /// the SGL path.
+    Always,
+}
+
+impl std::str::FromStr for SglMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(SglMode::Auto),
+            "off" | "prp" => Ok(SglMode::Off),
+            "always" | "on" => Ok(SglMode::Always),
+            _ => Err(format!("'{s}' is not auto, off or always")),
+        }
+    }
 }
 
 #[cfg(test)]

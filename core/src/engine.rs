@@ -150,20 +150,17 @@ impl Engine {
             (None, Some(cfg)) => (Controller::open_sim(cfg, &nopts)?, BackendKind::Sim),
             (None, None) => unreachable!("open_nvme needs an address or a model"),
         };
-        let ns = ctrl
-            .namespace(nsid)
-            .cloned()
-            .ok_or_else(|| Error::NotFound {
-                path: format!(
-                    "{target} (namespace {nsid}; active: {})",
-                    ctrl.namespaces()
-                        .iter()
-                        .map(|n| n.nsid.to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-                .into(),
-            })?;
+        let ns = ctrl.namespace(nsid).ok_or_else(|| Error::NotFound {
+            path: format!(
+                "{target} (namespace {nsid}; active: {})",
+                ctrl.namespaces()
+                    .iter()
+                    .map(|n| n.nsid.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+            .into(),
+        })?;
         if ns.metadata_size > 0 {
             return Err(Error::BadTarget {
                 path: target.into(),

@@ -54,6 +54,11 @@ pub enum Error {
     Unsupported { op: OpKind, backend: &'static str },
 
     /// The queue already holds its maximum number of in-flight operations.
+    #[error(
+        "a read or write of {len} bytes is larger than one operation may be ({max} bytes); split it"
+    )]
+    TooLarge { len: u64, max: u64 },
+
     #[error("queue full ({depth} operations in flight)")]
     QueueFull { depth: u32 },
 

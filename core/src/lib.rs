@@ -59,3 +59,8 @@ pub use error::{Error, IoError, IoErrorKind, Result};
 pub use op::OpKind;
 pub use queue::{Completion, Queue, Rejected};
 pub use window::{Window, WindowSink};
+
+/// The largest read or write one operation may move: Linux's limit for a single read or
+/// write (`MAX_RW_COUNT`, 2 GiB less 4 KiB), which also keeps byte counts inside the i32 a
+/// completion reports. Larger transfers are refused with [`Error::TooLarge`].
+pub const MAX_IO_BYTES: u64 = 0x7FFF_F000;

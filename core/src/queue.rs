@@ -168,6 +168,14 @@ impl Queue {
         if op != OpKind::Flush {
             self.geometry.check_range(offset, len)?;
         }
+        if matches!(op, OpKind::Read | OpKind::Write) && len > crate::MAX_IO_BYTES {
+            // Results are reported as an i32 byte count (as io_uring's are), and Linux moves
+            // at most this much per read or write anyway.
+            return Err(Error::TooLarge {
+                len,
+                max: crate::MAX_IO_BYTES,
+            });
+        }
         if self.free.is_empty() {
             return Err(Error::QueueFull { depth: self.depth });
         }
@@ -449,6 +457,7 @@ impl Queue {
             Fail::Nvme(e) => Some(IoErrorKind::Nvme(e)),
             Fail::TimedOut { after_ms } => Some(IoErrorKind::TimedOut { after_ms }),
             Fail::Reset { fatal } => Some(IoErrorKind::ControllerReset { fatal }),
+            Fail::Errno(e) => Some(IoErrorKind::Os(e)),
         } {
             fail(kind)
         } else if r.res < 0 {

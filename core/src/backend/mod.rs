@@ -46,8 +46,14 @@ impl Reaped {
 pub(crate) enum Fail {
     None,
     Nvme(crate::nvme::spec::NvmeError),
-    TimedOut { after_ms: u64 },
-    Reset { fatal: bool },
+    TimedOut {
+        after_ms: u64,
+    },
+    Reset {
+        fatal: bool,
+    },
+    /// The driver could not build the command (an errno, e.g. EINVAL).
+    Errno(i32),
 }
 
 // One per queue, created once and never moved on the hot path: the size difference between

@@ -13,21 +13,23 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::backend::{Fail, RawOp, Reaped};
+use crate::config::SglMode;
 use crate::error::{Error, Result};
-use crate::nvme::ctrl::{Controller, PAGE};
+use crate::nvme::ctrl::{AbortSubmit, AbortTicket, Controller, PAGE};
 use crate::nvme::dma::{DmaMem, DmaRegion};
 use crate::nvme::ring::Ring;
-use crate::nvme::spec::{self, DsmRange, NvmeError, SubmissionEntry};
+use crate::nvme::spec::{self, DsmRange, NvmeError, SglDescriptor, SubmissionEntry};
 use crate::op::OpKind;
 
 /// Command ids: low 12 bits index the tracker, high 4 bits count its reuses, so a stale
 /// completion for a reused tracker is recognised (as Linux's nvme driver does).
 const CID_INDEX_BITS: u32 = 12;
 const CID_INDEX_MASK: u16 = (1 << CID_INDEX_BITS) - 1;
-/// How often (ms) outstanding commands are checked against the timeout.
+/// How often (ms) outstanding commands are checked against the timeout, and the admin queue
+/// polled for abort answers and asynchronous events.
 const SCAN_MS: u64 = 10;
 /// Generic status "Command Abort Requested".
-const ABORT_REQUESTED: u8 = 0x07;
+const ABORT_REQUESTED: u8 = spec::generic_status::ABORT_REQUESTED;
 /// Commands gathered before an SQ doorbell while the device is busy (see `poll_once`).
 const DOORBELL_BATCH: u16 = 8;
 /// Largest doorbell batch a caller may set.
@@ -35,16 +37,32 @@ pub(crate) const MAX_DOORBELL_BATCH: u16 = 256;
 /// Largest Write Zeroes / Deallocate per command, in blocks.
 const MAX_ZERO_BLOCKS: u64 = spec::MAX_NLB as u64;
 const MAX_DEALLOC_BLOCKS: u64 = u32::MAX as u64;
+/// PRP entries one tracker's two list pages hold: 512 + 512, less the chain entry.
+const PRP_LIST_ENTRIES: usize = 2 * (PAGE / 8) - 1;
+/// Re-creating a queue pair after a reset: first retry after this long, doubling up to the
+/// maximum while it keeps failing.
+const REVIVE_BACKOFF_MIN_MS: u64 = 1;
+const REVIVE_BACKOFF_MAX_MS: u64 = 1000;
 
 #[derive(Clone, Copy, Debug, Default)]
 struct Tracker {
     active: bool,
     epoch: u8,
+    /// Counted as timed out already (an abort may still be waiting for its turn).
+    timed_out: bool,
+    /// Retries of this piece so far.
+    retries: u8,
     slot: u32,
     opcode: u8,
+    /// The piece of the request this command carries: byte offset into it, and length.
+    pos: u64,
+    len: u64,
     submitted_ms: u64,
     /// When an abort was sent (0: none).
     abort_ms: u64,
+    /// Waiting to be sent again at this time (0: not waiting); its completion arrived with a
+    /// status that allows a retry.
+    retry_due_ms: u64,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -59,6 +77,17 @@ struct Req {
     active: bool,
 }
 
+impl Req {
+    /// Bytes to transfer (1 for a flush: it is one command).
+    #[inline]
+    fn total(&self) -> u64 {
+        match self.op.op {
+            OpKind::Flush => 1,
+            _ => self.op.len,
+        }
+    }
+}
+
 /// Counters of one queue pair.
 #[derive(Clone, Copy, Debug, Default)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
@@ -67,8 +96,25 @@ pub struct NvmeQueueStats {
     pub doorbells: u64,
     pub bad_completions: u64,
     pub aborts: u64,
+    /// Aborts that had to wait: the controller-wide abort limit was reached, or the admin
+    /// queue was busy.
+    pub aborts_deferred: u64,
     pub resets: u64,
     pub timeouts: u64,
+    /// Commands sent again after a status that allowed it.
+    pub retries: u64,
+    /// Commands whose data was described with an SGL.
+    pub sgl_commands: u64,
+}
+
+/// Whether the queue pair exists on the controller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OnDevice {
+    Yes,
+    /// Certainly not (deleted by a reset, or its creation failed with an error status).
+    No,
+    /// Unknown (a creation that did not complete): its id and memory are never reused.
+    Unknown,
 }
 
 pub(crate) struct NvmeQueue {
@@ -78,21 +124,33 @@ pub(crate) struct NvmeQueue {
     sim_inline: bool,
     nsid: u32,
     lba_shift: u32,
+    /// The controller's namespace epoch when the geometry above was read.
+    ns_epoch: u64,
+    /// Why new I/O is refused for good (the namespace changed under the queue).
+    ns_broken: Option<String>,
     ring: Option<Ring>,
     generation: u64,
     trackers: Vec<Tracker>,
+    /// The abort sent for each tracker, while one is outstanding.
+    tickets: Vec<Option<Arc<AbortTicket>>>,
     free: Vec<u16>,
-    /// Two PRP list pages per tracker.
+    /// Trackers waiting to be sent again (see `Tracker::retry_due_ms`).
+    retrying: Vec<u16>,
+    /// Two PRP list pages per tracker (or SGL segments).
     prp: Option<DmaMem>,
     /// DMA mappings of the queue's arena and of any memory its owner added.
     regions: Vec<DmaRegion>,
     reqs: Vec<Req>,
     backlog: VecDeque<u32>,
     max_xfer: u64,
+    sgl: SglMode,
+    /// The controller supports SGLs and the options allow them.
+    sgl_ok: bool,
+    max_retries: u8,
     timeout_ms: Option<u64>,
     abort_ms: u64,
     last_scan_ms: u64,
-    /// CLOCK_MONOTONIC_COARSE at the last poll.
+    /// CLOCK_MONOTONIC_COARSE, refreshed at each poll and push.
     now_ms: u64,
     /// A protocol violation seen while reaping, reported after the batch is handed over.
     pending_error: Option<Error>,
@@ -102,8 +160,11 @@ pub(crate) struct NvmeQueue {
     abandoned: bool,
     /// Completions produced outside a poll (a recovery in `push`), handed over by the next one.
     stash: Vec<Reaped>,
-    /// The queue pair exists on the controller (false after a reset until re-created).
-    live: bool,
+    on_device: OnDevice,
+    /// Re-creating the queue pair failed: not before this time again, and why.
+    revive_at_ms: u64,
+    revive_backoff_ms: u64,
+    revive_error: Option<String>,
 }
 
 impl NvmeQueue {
@@ -115,10 +176,21 @@ impl NvmeQueue {
         regions: &[(*mut u8, usize, rio_sys::mem::PageKind)],
         depth: u32,
     ) -> Result<NvmeQueue> {
+        let ns_epoch = ctrl.namespace_epoch();
         let ns = ctrl.namespace(nsid).ok_or_else(|| Error::Controller {
             ctrl: ctrl.name.clone(),
             reason: format!("namespace {nsid} is not active"),
         })?;
+        let max_xfer = ctrl.max_xfer() as u64;
+        if max_xfer < ns.block_size as u64 {
+            return Err(Error::Controller {
+                ctrl: ctrl.name.clone(),
+                reason: format!(
+                    "largest transfer (MDTS) {max_xfer} B is smaller than namespace {nsid}'s block ({} B)",
+                    ns.block_size
+                ),
+            });
+        }
         let lba_shift = ns.block_size.trailing_zeros();
         let opts = ctrl.options().clone();
         let entries = opts.io_queue_entries.unwrap_or_else(|| {
@@ -151,17 +223,22 @@ impl NvmeQueue {
                 }
             }
         }
-        let max_xfer = ctrl.max_xfer() as u64;
         let timeout_ms = opts.command_timeout.map(|t| t.as_millis().max(1) as u64);
         let sim = ctrl.sim().is_some();
         let sim_inline = ctrl.sim().is_some_and(|s| s.is_inline());
+        let sgl_ok = ctrl.uses_sgl();
+        if opts.sgl == SglMode::Always && !sgl_ok {
+            tracing::warn!(ctrl = %ctrl.name, "nvme_sgl=always, but the controller does not support SGLs: using PRPs");
+        }
         tracing::debug!(
             ctrl = %ctrl.name,
             qid = ring.qid,
             entries = ring.entries,
             trackers = ntr,
+            sgl = sgl_ok,
             "I/O queue pair created"
         );
+        let now = coarse_ms();
         Ok(NvmeQueue {
             abort_ms: opts.admin_timeout.as_millis().max(1) as u64,
             ctrl,
@@ -169,24 +246,34 @@ impl NvmeQueue {
             sim_inline,
             nsid,
             lba_shift,
+            ns_epoch,
+            ns_broken: None,
             ring: Some(ring),
             generation,
             trackers: vec![Tracker::default(); ntr],
+            tickets: vec![None; ntr],
             free: (0..ntr as u16).rev().collect(),
+            retrying: Vec::new(),
             prp: Some(prp),
             regions: mapped,
             reqs: Vec::with_capacity(depth as usize),
             backlog: VecDeque::with_capacity(depth as usize),
             max_xfer,
+            sgl: opts.sgl,
+            sgl_ok,
+            max_retries: opts.max_retries,
             timeout_ms,
-            last_scan_ms: coarse_ms(),
-            now_ms: coarse_ms(),
+            last_scan_ms: now,
+            now_ms: now,
             pending_error: None,
             stats: NvmeQueueStats::default(),
             doorbell_batch: DOORBELL_BATCH,
             abandoned: false,
             stash: Vec::new(),
-            live: true,
+            on_device: OnDevice::Yes,
+            revive_at_ms: 0,
+            revive_backoff_ms: REVIVE_BACKOFF_MIN_MS,
+            revive_error: None,
         })
     }
 
@@ -215,7 +302,9 @@ impl NvmeQueue {
 
     #[inline]
     pub fn push(&mut self, slot: u32, op: &RawOp) -> Result<()> {
-        if self.ctrl.generation() != self.generation || !self.live {
+        // Commands are stamped with this clock (timeouts count from it): never an old one.
+        self.now_ms = coarse_ms();
+        if self.ctrl.generation() != self.generation || self.on_device != OnDevice::Yes {
             // Another queue reset the controller: fail what this queue had outstanding (handed
             // over at the next poll) and create the queue pair again before taking more.
             let mut failed = std::mem::take(&mut self.stash);
@@ -227,10 +316,11 @@ impl NvmeQueue {
             self.stash = failed;
             r?;
         }
-        if self.free.len() == self.trackers.len() {
-            // Idle until now: the clock of the last poll may be old (timeouts are measured
-            // from it).
-            self.now_ms = coarse_ms();
+        if let Some(why) = &self.ns_broken {
+            return Err(Error::Controller {
+                ctrl: self.ctrl.name.clone(),
+                reason: why.clone(),
+            });
         }
         let region = if op.len > 0 && !op.addr.is_null() {
             match self
@@ -250,20 +340,7 @@ impl NvmeQueue {
             0
         };
         let i = slot as usize;
-        if i >= self.reqs.len() {
-            self.reqs.resize(
-                i + 1,
-                Req {
-                    op: *op,
-                    region: 0,
-                    issued: 0,
-                    outstanding: 0,
-                    fail: Fail::None,
-                    active: false,
-                },
-            );
-        }
-        self.reqs[i] = Req {
+        let req = Req {
             op: *op,
             region,
             issued: 0,
@@ -271,95 +348,213 @@ impl NvmeQueue {
             fail: Fail::None,
             active: true,
         };
+        if i >= self.reqs.len() {
+            self.reqs.resize(
+                i + 1,
+                Req {
+                    active: false,
+                    ..req
+                },
+            );
+        }
+        self.reqs[i] = req;
         if !self.backlog.is_empty() || !self.issue(slot) {
             self.backlog.push_back(slot);
         }
         Ok(())
     }
 
+    /// Whether a read or write piece of `n` bytes at `addr` goes out with an SGL: when the
+    /// controller takes them and the options say so (`auto`: only where a PRP list would be
+    /// needed, i.e. past the second memory page).
+    #[inline]
+    fn use_sgl(&self, iova: u64, n: u64) -> bool {
+        if !self.sgl_ok {
+            return false;
+        }
+        match self.sgl {
+            SglMode::Always => true,
+            SglMode::Off => false,
+            SglMode::Auto => n > first_page_bytes(iova) + PAGE as u64,
+        }
+    }
+
+    /// Length of the next command of request `req` starting `pos` bytes into it: at most
+    /// MDTS, at most what the tracker's PRP list describes for this buffer's offset within a
+    /// page, a whole number of blocks.
+    #[inline]
+    fn piece_len(&self, req: &Req, pos: u64) -> u64 {
+        let rest = req.total() - pos;
+        match req.op.op {
+            OpKind::Flush => 1,
+            OpKind::WriteZeroes => rest.min(MAX_ZERO_BLOCKS << self.lba_shift),
+            OpKind::Deallocate => rest.min(MAX_DEALLOC_BLOCKS << self.lba_shift),
+            OpKind::Read | OpKind::Write => {
+                let n = rest.min(self.max_xfer);
+                let iova = self.regions[req.region as usize]
+                    .iova(req.op.addr.wrapping_add(pos as usize) as *const u8);
+                let n = if self.use_sgl(iova, n) {
+                    n
+                } else {
+                    // PRP1 covers the rest of the first page, the list the pages after it.
+                    n.min(first_page_bytes(iova) + (PRP_LIST_ENTRIES * PAGE) as u64)
+                };
+                // Whole blocks; never 0 (max_xfer >= block size, checked at creation, and the
+                // PRP span is at least 4 MiB - 4 KiB).
+                let bs_mask = (1u64 << self.lba_shift) - 1;
+                (n & !bs_mask).max(1 << self.lba_shift).min(rest)
+            }
+        }
+    }
+
+    /// The command for bytes `pos..pos+n` of request `slot` on tracker `t` (its list pages
+    /// are written here). `Err(errno)` if the buffer cannot be described (a driver bug: the
+    /// piece length is chosen to fit).
+    fn command(
+        &mut self,
+        slot: u32,
+        t: u16,
+        pos: u64,
+        n: u64,
+    ) -> std::result::Result<SubmissionEntry, i32> {
+        let req = self.reqs[slot as usize];
+        let op = req.op;
+        let slba = (op.offset + pos) >> self.lba_shift;
+        let list_off = t as usize * 2 * PAGE;
+        let lists = self.prp.as_ref().expect("prp pages present");
+        Ok(match op.op {
+            OpKind::Read | OpKind::Write => {
+                let nlb = (n >> self.lba_shift) as u32;
+                let region = &self.regions[req.region as usize];
+                let addr = op.addr.wrapping_add(pos as usize);
+                let base = if op.op == OpKind::Read {
+                    SubmissionEntry::read(self.nsid, slba, nlb, 0, 0)
+                } else {
+                    SubmissionEntry::write(self.nsid, slba, nlb, 0, 0)
+                };
+                if self.use_sgl(region.iova(addr), n) {
+                    let d =
+                        build_sgl(region, addr, n as usize, lists, list_off).ok_or(libc::EINVAL)?;
+                    self.stats.sgl_commands += 1;
+                    base.with_sgl(d)
+                } else {
+                    let (p1, p2) = build_prps(region, addr, n as usize, lists, list_off)
+                        .ok_or(libc::EINVAL)?;
+                    base.with_prp(p1, p2)
+                }
+            }
+            OpKind::Flush => SubmissionEntry::flush(self.nsid),
+            OpKind::WriteZeroes => {
+                SubmissionEntry::write_zeroes(self.nsid, slba, (n >> self.lba_shift) as u32, false)
+            }
+            OpKind::Deallocate => {
+                let range = DsmRange::new(slba, (n >> self.lba_shift) as u32);
+                // SAFETY: the tracker's list pages are live DMA memory owned by this queue
+                // and not in use by the device (the tracker is not outstanding).
+                unsafe {
+                    std::ptr::write_volatile(lists.ptr().add(list_off).cast::<DsmRange>(), range)
+                };
+                SubmissionEntry::deallocate(self.nsid, 1, lists.iova(list_off))
+            }
+        })
+    }
+
     /// Turn as much of request `slot` into commands as trackers and SQ space allow. Returns
-    /// true when the whole request is issued.
+    /// true when the whole request is issued (or failed).
     #[inline]
     fn issue(&mut self, slot: u32) -> bool {
-        // Stamped with the clock of the last poll: timeouts are coarse (tens of ms at least),
-        // and this keeps clock reads off the per-command path.
         let now = self.now_ms;
-        let ring = self
-            .ring
-            .as_mut()
-            .expect("ring present while the queue lives");
-        let req = &mut self.reqs[slot as usize];
-        let total = match req.op.op {
-            OpKind::Flush => 1,
-            _ => req.op.len,
-        };
-        while req.issued < total {
+        loop {
+            let req = self.reqs[slot as usize];
+            let total = req.total();
+            if req.issued >= total {
+                return true;
+            }
             if req.fail != Fail::None {
                 // A piece failed: do not issue the rest.
-                req.issued = total;
-                break;
+                self.reqs[slot as usize].issued = total;
+                self.complete_if_done(slot, &mut Vec::new());
+                return true;
             }
             // No SQ-space check: trackers are one fewer than the ring's entries, so a free
             // tracker means a free slot (the SQ head the device reports is not trusted).
             let Some(t) = self.free.pop() else {
                 return false;
             };
+            let pos = req.issued;
+            let n = self.piece_len(&req, pos);
+            let cmd = match self.command(slot, t, pos, n) {
+                Ok(c) => c,
+                Err(errno) => {
+                    self.free.push(t);
+                    let r = &mut self.reqs[slot as usize];
+                    r.fail = Fail::Errno(errno);
+                    r.issued = total;
+                    let mut done = std::mem::take(&mut self.stash);
+                    self.complete_if_done(slot, &mut done);
+                    self.stash = done;
+                    return true;
+                }
+            };
             let tr = &mut self.trackers[t as usize];
             tr.epoch = tr.epoch.wrapping_add(1) & 0xF;
             let cid = (tr.epoch as u16) << CID_INDEX_BITS | t;
-            let prp = self.prp.as_ref().expect("prp pages present");
-            let list_off = t as usize * 2 * PAGE;
-            let op = req.op;
-            let pos = op.offset + req.issued;
-            let slba = pos >> self.lba_shift;
-            let (cmd, n) = match op.op {
-                OpKind::Read | OpKind::Write => {
-                    let n = (total - req.issued).min(self.max_xfer);
-                    let nlb = (n >> self.lba_shift) as u32;
-                    let region = &self.regions[req.region as usize];
-                    let addr = op.addr.wrapping_add(req.issued as usize);
-                    let (prp1, prp2) = build_prps(region, addr, n as usize, prp, list_off);
-                    let cmd = if op.op == OpKind::Read {
-                        SubmissionEntry::read(self.nsid, slba, nlb, prp1, prp2)
-                    } else {
-                        SubmissionEntry::write(self.nsid, slba, nlb, prp1, prp2)
-                    };
-                    (cmd, n)
-                }
-                OpKind::Flush => (SubmissionEntry::flush(self.nsid), 1),
-                OpKind::WriteZeroes => {
-                    let n = (total - req.issued).min(MAX_ZERO_BLOCKS << self.lba_shift);
-                    let nlb = (n >> self.lba_shift) as u32;
-                    (
-                        SubmissionEntry::write_zeroes(self.nsid, slba, nlb, false),
-                        n,
-                    )
-                }
-                OpKind::Deallocate => {
-                    let n = (total - req.issued).min(MAX_DEALLOC_BLOCKS << self.lba_shift);
-                    let range = DsmRange::new(slba, (n >> self.lba_shift) as u32);
-                    // SAFETY: the tracker's list pages are live DMA memory owned by this queue
-                    // and not in use by the device (the tracker was free).
-                    unsafe {
-                        std::ptr::write_volatile(prp.ptr().add(list_off).cast::<DsmRange>(), range)
-                    };
-                    (
-                        SubmissionEntry::deallocate(self.nsid, 1, prp.iova(list_off)),
-                        n,
-                    )
-                }
+            *tr = Tracker {
+                active: true,
+                epoch: tr.epoch,
+                timed_out: false,
+                retries: 0,
+                slot,
+                opcode: cmd.opcode,
+                pos,
+                len: n,
+                submitted_ms: now,
+                abort_ms: 0,
+                retry_due_ms: 0,
             };
-            tr.active = true;
-            tr.slot = slot;
-            tr.opcode = cmd.opcode;
-            tr.submitted_ms = now;
-            tr.abort_ms = 0;
-            ring.push(&cmd.with_cid(cid));
-            req.issued += n;
-            req.outstanding += 1;
+            self.tickets[t as usize] = None;
+            self.ring
+                .as_mut()
+                .expect("ring present while the queue lives")
+                .push(&cmd.with_cid(cid));
+            let r = &mut self.reqs[slot as usize];
+            r.issued += n;
+            r.outstanding += 1;
             self.stats.commands += 1;
         }
-        true
+    }
+
+    /// Send again the pieces whose retry delay has passed (same tracker, new epoch).
+    fn resend_due(&mut self) {
+        let now = self.now_ms;
+        let mut i = 0;
+        while i < self.retrying.len() {
+            let t = self.retrying[i];
+            let tr = self.trackers[t as usize];
+            if tr.retry_due_ms > now {
+                i += 1;
+                continue;
+            }
+            self.retrying.swap_remove(i);
+            let cmd = match self.command(tr.slot, t, tr.pos, tr.len) {
+                Ok(c) => c,
+                Err(_) => unreachable!("the same piece was described before"),
+            };
+            let tr = &mut self.trackers[t as usize];
+            tr.epoch = tr.epoch.wrapping_add(1) & 0xF;
+            tr.retry_due_ms = 0;
+            tr.submitted_ms = now;
+            tr.abort_ms = 0;
+            tr.timed_out = false;
+            let cid = (tr.epoch as u16) << CID_INDEX_BITS | t;
+            self.tickets[t as usize] = None;
+            self.ring
+                .as_mut()
+                .expect("ring present")
+                .push(&cmd.with_cid(cid));
+            self.stats.commands += 1;
+            self.stats.retries += 1;
+        }
     }
 
     pub fn reap(
@@ -399,10 +594,14 @@ impl NvmeQueue {
     /// Submit what is pending, collect completions, check timeouts.
     #[inline]
     fn poll_once(&mut self, out: &mut Vec<Reaped>) -> Result<()> {
+        // The clock first: commands issued from the backlog below are stamped with it, and an
+        // owner that did not poll for a long while must not see fresh commands time out.
+        let now = coarse_ms();
+        self.now_ms = now;
         if self.ctrl.generation() != self.generation {
             return self.recover(out, false);
         }
-        if !self.live {
+        if self.on_device != OnDevice::Yes {
             return self.revive();
         }
         if self.sim_inline
@@ -411,6 +610,9 @@ impl NvmeQueue {
             // The model's device works here: fetch what the last doorbell announced, post
             // its completions for the reap below.
             sim.service();
+        }
+        if !self.retrying.is_empty() {
+            self.resend_due();
         }
         // Backlog first (requests waiting for trackers), then one doorbell for everything.
         while let Some(&slot) = self.backlog.front() {
@@ -442,156 +644,236 @@ impl NvmeQueue {
                 self.stats.doorbells += 1;
             }
         }
-        let now = coarse_ms();
-        self.now_ms = now;
-        if self.free.len() < self.trackers.len() && now.saturating_sub(self.last_scan_ms) >= SCAN_MS
-        {
+        if now.saturating_sub(self.last_scan_ms) >= SCAN_MS {
             self.last_scan_ms = now;
             self.scan(now, out)?;
         }
         Ok(())
     }
 
-    /// Take every completion the controller has posted; returns how many entries were read.
+    /// Take the completions the controller has posted, at most a ring's worth per poll (a
+    /// device that keeps posting cannot pin the poller); returns how many entries were read.
     /// A completion is used only if its SQ id is this queue's and its command id names an
-    /// active tracker of the current epoch: the device is untrusted input.
+    /// active tracker of the current epoch that is not waiting for a retry: the device is
+    /// untrusted input.
     fn reap_cq(&mut self, out: &mut Vec<Reaped>) -> u32 {
+        let now = self.now_ms;
         let ring = self.ring.as_mut().expect("ring present");
+        let qid = ring.qid;
+        let limit = ring.entries as u32;
         let mut reaped = 0u32;
-        while let Some(cqe) = ring.next_cqe() {
+        while reaped < limit {
+            let Some(cqe) = self.ring.as_mut().expect("ring present").next_cqe() else {
+                break;
+            };
             reaped += 1;
             let idx = (cqe.cid & CID_INDEX_MASK) as usize;
             let epoch = (cqe.cid >> CID_INDEX_BITS) as u8;
-            let valid = cqe.sq_id == ring.qid
+            let valid = cqe.sq_id == qid
                 && self
                     .trackers
                     .get(idx)
-                    .is_some_and(|t| t.active && t.epoch == epoch);
+                    .is_some_and(|t| t.active && t.epoch == epoch && t.retry_due_ms == 0);
             if !valid {
                 self.stats.bad_completions += 1;
                 tracing::warn!(
                     ctrl = %self.ctrl.name,
-                    qid = ring.qid,
+                    qid,
                     cid = cqe.cid,
                     sq_id = cqe.sq_id,
                     "completion for a command id that is not outstanding (stale, duplicate or out of range); dropped"
                 );
                 self.pending_error.get_or_insert(Error::BadNvmeCompletion {
                     ctrl: self.ctrl.name.clone(),
-                    qid: ring.qid,
+                    qid,
                     cid: cqe.cid,
                     sq_id: cqe.sq_id,
                 });
                 continue;
             }
-            let tr = &mut self.trackers[idx];
-            tr.active = false;
-            let slot = tr.slot;
+            let status = cqe.status();
+            let tr = self.trackers[idx];
             let aborted = tr.abort_ms != 0;
-            let submitted = tr.submitted_ms;
-            let opcode = tr.opcode;
+            let slot = tr.slot;
+            if !status.is_success() {
+                let req = &self.reqs[slot as usize];
+                let retry = !status.dnr()
+                    && !aborted
+                    && tr.retries < self.max_retries
+                    && req.fail == Fail::None
+                    && !(status.sct_raw() == 0 && status.sc() == ABORT_REQUESTED);
+                if retry {
+                    // DNR clear: the controller says the same command may succeed. After the
+                    // delay it asks for (CRD selects CRDT1..3, 100 ms units), on this tracker.
+                    let delay = self
+                        .ctrl
+                        .identify_data()
+                        .retry_delay_ms(status.crd())
+                        .unwrap_or(0);
+                    let t = &mut self.trackers[idx];
+                    t.retries += 1;
+                    t.retry_due_ms = now.saturating_add(delay).max(1);
+                    self.retrying.push(idx as u16);
+                    tracing::debug!(ctrl = %self.ctrl.name, qid, cid = cqe.cid, %status,
+                        retry = t.retries, delay_ms = delay, "retrying a command");
+                    continue;
+                }
+            }
+            self.trackers[idx].active = false;
+            self.tickets[idx] = None;
             self.free.push(idx as u16);
             let req = &mut self.reqs[slot as usize];
             req.outstanding -= 1;
-            let status = cqe.status();
             if !status.is_success() && req.fail == Fail::None {
                 req.fail = if aborted && status.sct_raw() == 0 && status.sc() == ABORT_REQUESTED {
                     Fail::TimedOut {
-                        after_ms: coarse_ms().saturating_sub(submitted),
+                        after_ms: coarse_ms().saturating_sub(tr.submitted_ms),
                     }
                 } else {
-                    Fail::Nvme(NvmeError::new(false, opcode, status))
+                    Fail::Nvme(NvmeError::new(false, tr.opcode, status))
                 };
             }
-            let total = if req.op.op == OpKind::Flush {
-                1
-            } else {
-                req.op.len
-            };
-            if req.outstanding == 0 && (req.issued >= total || req.fail != Fail::None) {
-                if req.issued < total {
-                    // Failed before everything was issued: it may still sit in the backlog.
-                    self.backlog.retain(|&s| s != slot);
-                }
-                req.active = false;
-                out.push(Reaped {
-                    slot,
-                    res: match req.op.op {
-                        OpKind::Read | OpKind::Write => req.op.len as i32,
-                        _ => 0,
-                    },
-                    fail: req.fail,
-                });
-            }
+            self.complete_if_done(slot, out);
         }
         reaped
     }
 
-    /// Every 10 ms while commands are outstanding: a fatal controller status resets the
-    /// controller; with timeouts on, a command past its deadline is aborted, and one that has
-    /// not completed `abort_ms` after its abort (or whose abort itself failed) resets it.
+    /// Hand over request `slot` if nothing of it is outstanding and it is fully issued or
+    /// failed.
+    fn complete_if_done(&mut self, slot: u32, out: &mut Vec<Reaped>) {
+        let req = &mut self.reqs[slot as usize];
+        let total = req.total();
+        if !req.active || req.outstanding != 0 || (req.issued < total && req.fail == Fail::None) {
+            return;
+        }
+        if req.issued < total {
+            // Failed before everything was issued: it may still sit in the backlog.
+            self.backlog.retain(|&s| s != slot);
+        }
+        req.active = false;
+        out.push(Reaped {
+            slot,
+            // Lengths are at most `MAX_IO_BYTES` (checked at submission), so this fits.
+            res: match req.op.op {
+                OpKind::Read | OpKind::Write => i32::try_from(req.op.len).unwrap_or(i32::MAX),
+                _ => 0,
+            },
+            fail: req.fail,
+        });
+    }
+
+    /// Every 10 ms: a fatal controller status resets the controller; the admin queue is
+    /// polled (abort answers, asynchronous events); a namespace change is picked up; with
+    /// timeouts on, a command past its deadline is aborted (asynchronously, within the
+    /// controller-wide abort limit), and one that has not completed `abort_ms` after its abort
+    /// (or whose abort failed) resets the controller.
     fn scan(&mut self, now: u64, out: &mut Vec<Reaped>) -> Result<()> {
-        if let Some(why) = self.ctrl.fatal_status() {
+        let busy = self.free.len() < self.trackers.len();
+        if busy && let Some(why) = self.ctrl.fatal_status() {
             tracing::error!(ctrl = %self.ctrl.name, reason = why, "controller needs a reset");
             return self.reset_and_recover(out, why, true);
+        }
+        self.ctrl.poll_admin();
+        if self.ctrl.namespace_epoch() != self.ns_epoch {
+            self.namespace_changed();
         }
         let Some(limit) = self.timeout_ms else {
             return Ok(());
         };
+        if !busy {
+            return Ok(());
+        }
         let qid = self.qid();
-        let mut aborting = self
-            .trackers
-            .iter()
-            .filter(|t| t.active && t.abort_ms != 0)
-            .count();
-        let abort_limit = self.ctrl.abort_limit().max(1) as usize;
         let mut reset = None;
         for i in 0..self.trackers.len() {
             let t = self.trackers[i];
-            if !t.active {
+            if !t.active || t.retry_due_ms != 0 {
                 continue;
             }
-            if t.abort_ms == 0 && now.saturating_sub(t.submitted_ms) >= limit {
-                self.stats.timeouts += 1;
+            let age = now.saturating_sub(t.submitted_ms);
+            if t.abort_ms == 0 && age >= limit {
                 let cid = (t.epoch as u16) << CID_INDEX_BITS | i as u16;
-                tracing::warn!(
-                    ctrl = %self.ctrl.name,
-                    qid,
-                    cid,
-                    opcode = spec::opcode_name(false, t.opcode),
-                    after_ms = now - t.submitted_ms,
-                    "command timed out; aborting"
-                );
-                if aborting >= abort_limit {
-                    // More aborts than the controller accepts at once (Identify ACL): the
-                    // device is not keeping up with anything; reset instead.
-                    reset = Some("more commands timed out than the abort limit allows");
-                    break;
+                if !t.timed_out {
+                    self.stats.timeouts += 1;
+                    self.trackers[i].timed_out = true;
+                    tracing::warn!(
+                        ctrl = %self.ctrl.name,
+                        qid,
+                        cid,
+                        opcode = spec::opcode_name(false, t.opcode),
+                        after_ms = age,
+                        "command timed out; aborting"
+                    );
                 }
-                self.stats.aborts += 1;
-                aborting += 1;
-                match self.ctrl.abort(qid, cid) {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        tracing::warn!(ctrl = %self.ctrl.name, qid, cid, "controller declined the abort")
+                match self.ctrl.submit_abort(qid, cid) {
+                    Ok(AbortSubmit::Sent(ticket)) => {
+                        self.stats.aborts += 1;
+                        self.trackers[i].abort_ms = now.max(1);
+                        self.tickets[i] = Some(ticket);
+                    }
+                    Ok(AbortSubmit::Deferred) => {
+                        // The abort limit is controller-wide: others' aborts are still out,
+                        // or the admin queue is busy. Try at the next scan; if that never
+                        // comes, the commands holding the limit reset the controller.
+                        self.stats.aborts_deferred += 1;
+                        if age >= limit + 2 * self.abort_ms {
+                            reset = Some("a timed-out command could not be aborted in time");
+                            break;
+                        }
                     }
                     Err(e) => {
-                        // The admin queue did not answer either: no point in waiting more.
                         tracing::warn!(ctrl = %self.ctrl.name, qid, cid, error = %e, "abort failed");
-                        self.trackers[i].abort_ms = coarse_ms().max(1);
-                        reset = Some("an abort failed");
+                        reset = Some("an abort could not be sent");
                         break;
                     }
                 }
-                self.trackers[i].abort_ms = coarse_ms().max(1);
-            } else if t.abort_ms != 0 && now.saturating_sub(t.abort_ms) >= self.abort_ms {
-                reset = Some("a command did not complete after its abort");
+            } else if t.abort_ms != 0 {
+                let state = self.tickets[i].as_ref().map(|k| k.state());
+                if state == Some(AbortTicket::FAILED) {
+                    reset = Some("an abort failed");
+                    break;
+                }
+                if now.saturating_sub(t.abort_ms) >= self.abort_ms {
+                    reset = Some(if state == Some(AbortTicket::DECLINED) {
+                        "the controller declined an abort and the command did not complete"
+                    } else {
+                        "a command did not complete after its abort"
+                    });
+                    break;
+                }
             }
         }
         if let Some(why) = reset {
             return self.reset_and_recover(out, why, false);
         }
         Ok(())
+    }
+
+    /// The controller re-read its namespaces: take a new size as it is; a new block size, or
+    /// the namespace gone, stops this queue (commands sized for the old blocks would address
+    /// the wrong data).
+    fn namespace_changed(&mut self) {
+        self.ns_epoch = self.ctrl.namespace_epoch();
+        match self.ctrl.namespace(self.nsid) {
+            Some(ns) if ns.block_size.trailing_zeros() == self.lba_shift => {
+                tracing::info!(ctrl = %self.ctrl.name, nsid = self.nsid, blocks = ns.blocks,
+                    "namespace changed; geometry re-read");
+            }
+            Some(ns) => {
+                self.ns_broken = Some(format!(
+                    "namespace {} was reformatted ({} B blocks, was {} B): open the target again",
+                    self.nsid,
+                    ns.block_size,
+                    1u32 << self.lba_shift
+                ));
+            }
+            None => {
+                self.ns_broken = Some(format!("namespace {} is no longer active", self.nsid));
+            }
+        }
+        if let Some(why) = &self.ns_broken {
+            tracing::error!(ctrl = %self.ctrl.name, nsid = self.nsid, "{why}");
+        }
     }
 
     fn reset_and_recover(&mut self, out: &mut Vec<Reaped>, why: &str, fatal: bool) -> Result<()> {
@@ -611,33 +893,71 @@ impl NvmeQueue {
         self.ctrl.wait_reset_done();
         self.reap_cq(out);
         self.fail_all(out, fatal);
-        self.live = false;
+        // The reset deleted the queue pair: it is certainly gone in the new generation.
         self.generation = self.ctrl.generation();
+        self.on_device = OnDevice::No;
+        self.revive_at_ms = 0;
+        self.revive_backoff_ms = REVIVE_BACKOFF_MIN_MS;
         self.revive()
     }
 
     /// Create the queue pair again after a reset; until that works the queue refuses work.
+    /// Failed attempts back off (1 ms doubling to 1 s) instead of sending admin commands at
+    /// every poll.
     fn revive(&mut self) -> Result<()> {
+        let refuse = |why: String| Error::Controller {
+            ctrl: self.ctrl.name.clone(),
+            reason: why,
+        };
         if self.ctrl.is_dead() {
-            return Err(Error::Controller {
-                ctrl: self.ctrl.name.clone(),
-                reason: "the controller failed to reset and is unusable".into(),
-            });
+            return Err(refuse(
+                "the controller failed to reset and is unusable".into(),
+            ));
+        }
+        if self.on_device == OnDevice::Unknown {
+            // A creation that did not complete: only a reset makes the id usable again.
+            let _ = self.ctrl.reset(
+                self.generation,
+                "creating an I/O queue pair did not complete",
+            );
+            return Err(refuse(format!(
+                "queue pair {} is in an unknown state; the controller is being reset",
+                self.qid()
+            )));
+        }
+        let now = coarse_ms();
+        if now < self.revive_at_ms {
+            return Err(refuse(format!(
+                "cannot create queue pair {} again after a reset (next try in {} ms): {}",
+                self.qid(),
+                self.revive_at_ms - now,
+                self.revive_error.as_deref().unwrap_or("unknown error")
+            )));
         }
         let ring = self.ring.as_mut().expect("ring present");
+        let qid = ring.qid;
         match self.ctrl.recreate_io_ring(ring) {
             Ok(generation) => {
                 self.generation = generation;
-                self.live = true;
+                self.on_device = OnDevice::Yes;
+                self.revive_backoff_ms = REVIVE_BACKOFF_MIN_MS;
+                self.revive_error = None;
                 Ok(())
             }
-            Err(e) => Err(Error::Controller {
-                ctrl: self.ctrl.name.clone(),
-                reason: format!(
-                    "cannot create queue pair {} again after a reset: {e}",
-                    ring.qid
-                ),
-            }),
+            Err(f) => {
+                self.on_device = if f.gone {
+                    OnDevice::No
+                } else {
+                    OnDevice::Unknown
+                };
+                self.revive_at_ms = now + self.revive_backoff_ms;
+                self.revive_backoff_ms = (self.revive_backoff_ms * 2).min(REVIVE_BACKOFF_MAX_MS);
+                let msg = f.error.to_string();
+                self.revive_error = Some(msg.clone());
+                Err(refuse(format!(
+                    "cannot create queue pair {qid} again after a reset: {msg}"
+                )))
+            }
         }
     }
 
@@ -646,7 +966,9 @@ impl NvmeQueue {
         for (i, t) in self.trackers.iter_mut().enumerate() {
             if t.active {
                 t.active = false;
+                t.retry_due_ms = 0;
                 self.free.push(i as u16);
+                self.tickets[i] = None;
                 let req = &mut self.reqs[t.slot as usize];
                 if t.abort_ms != 0 && req.fail == Fail::None {
                     // It timed out (and caused or preceded the reset).
@@ -656,6 +978,7 @@ impl NvmeQueue {
                 }
             }
         }
+        self.retrying.clear();
         self.backlog.clear();
         for (slot, req) in self.reqs.iter_mut().enumerate() {
             if req.active {
@@ -711,16 +1034,27 @@ impl NvmeQueue {
 impl Drop for NvmeQueue {
     fn drop(&mut self) {
         let mapper = self.ctrl.mapper();
-        if self.abandoned {
-            // Commands may still be in the device: keep the rings, lists and arena mapped.
-            tracing::error!(ctrl = %self.ctrl.name, qid = self.qid(), "abandoning a queue pair with commands outstanding");
-            std::mem::forget(self.ring.take());
-            std::mem::forget(self.prp.take());
+        if self.abandoned || self.on_device == OnDevice::Unknown {
+            // Commands may still be in the device, or the queue pair may exist on it: keep
+            // the rings, lists and arena mapped.
+            tracing::error!(ctrl = %self.ctrl.name, qid = self.qid(),
+                "dropping a queue pair the device may still use; its memory is kept");
+            if let Some(mut r) = self.ring.take() {
+                r.leak();
+                std::mem::forget(r);
+            }
+            if let Some(mut p) = self.prp.take() {
+                p.leak();
+                std::mem::forget(p);
+            }
             std::mem::forget(std::mem::take(&mut self.regions));
             return;
         }
         if let Some(ring) = self.ring.take() {
-            self.ctrl.delete_io_ring(ring, self.generation);
+            match self.on_device {
+                OnDevice::Yes => self.ctrl.delete_io_ring(ring, self.generation),
+                _ => self.ctrl.release_ring(ring),
+            }
         }
         if let Some(p) = self.prp.take() {
             p.release(mapper);
@@ -731,9 +1065,16 @@ impl Drop for NvmeQueue {
     }
 }
 
+/// Bytes from a device address to the end of its memory page.
+#[inline]
+fn first_page_bytes(iova: u64) -> u64 {
+    PAGE as u64 - (iova & (PAGE as u64 - 1))
+}
+
 /// PRP1/PRP2 for `len` bytes at `addr` (NVMe 1.4 §4.3): PRP2 unused, a second page, or a list
 /// in the tracker's two list pages (the last entry of the first page chains to the second when
-/// more than 512 entries are needed).
+/// more than 512 entries are needed). `None` when the list pages cannot describe it (the
+/// caller sizes pieces so that this does not happen).
 #[inline]
 fn build_prps(
     arena: &DmaRegion,
@@ -741,18 +1082,21 @@ fn build_prps(
     len: usize,
     lists: &DmaMem,
     list_off: usize,
-) -> (u64, u64) {
+) -> Option<(u64, u64)> {
     let prp1 = arena.iova(addr);
-    let first = PAGE - (prp1 as usize & (PAGE - 1));
+    let first = first_page_bytes(prp1) as usize;
     if len <= first {
-        return (prp1, 0);
+        return Some((prp1, 0));
     }
     let rest = len - first;
     let second = addr.wrapping_add(first);
     if rest <= PAGE {
-        return (prp1, arena.iova(second));
+        return Some((prp1, arena.iova(second)));
     }
     let pages = rest.div_ceil(PAGE);
+    if pages > PRP_LIST_ENTRIES {
+        return None;
+    }
     const PER_PAGE: usize = PAGE / 8;
     let list = lists.ptr().wrapping_add(list_off).cast::<u64>();
     let mut slot = 0usize;
@@ -763,15 +1107,54 @@ fn build_prps(
             unsafe { list.add(slot).write(lists.iova(list_off + PAGE)) };
             slot += 1;
         }
-        assert!(slot < 2 * PER_PAGE, "transfer exceeds the PRP list space");
-        // SAFETY: as above (max_xfer bounds `pages` to what two list pages hold).
+        // SAFETY: `pages <= PRP_LIST_ENTRIES` keeps `slot < 2 * PER_PAGE`: inside the
+        // tracker's two list pages.
         unsafe {
             list.add(slot)
                 .write(arena.iova(second.wrapping_add(p * PAGE)))
         };
         slot += 1;
     }
-    (prp1, lists.iova(list_off))
+    Some((prp1, lists.iova(list_off)))
+}
+
+/// SGL1 for `len` bytes at `addr` (NVMe 1.4 §4.4): one Data Block descriptor when the buffer
+/// is contiguous in device address space (always behind an IOMMU), else a Last Segment
+/// descriptor pointing at the Data Block descriptors written in the tracker's list page.
+#[inline]
+fn build_sgl(
+    arena: &DmaRegion,
+    addr: *mut u8,
+    len: usize,
+    lists: &DmaMem,
+    list_off: usize,
+) -> Option<SglDescriptor> {
+    const MAX: usize = 2 * PAGE / SglDescriptor::BYTES;
+    let mut first = None;
+    let mut count = 0usize;
+    let list = lists.ptr().wrapping_add(list_off).cast::<SglDescriptor>();
+    let mut overflow = false;
+    arena.runs(addr, len, |iova, n| {
+        let d = SglDescriptor::data_block(iova, n as u32);
+        if count == 0 {
+            first = Some(d);
+        }
+        if count < MAX {
+            // SAFETY: `count < MAX`: inside the tracker's two list pages.
+            unsafe { std::ptr::write_volatile(list.add(count), d) };
+        } else {
+            overflow = true;
+        }
+        count += 1;
+    });
+    if overflow {
+        return None;
+    }
+    match count {
+        1 => first,
+        0 => None,
+        n => Some(SglDescriptor::last_segment(lists.iova(list_off), n as u32)),
+    }
 }
 
 /// Milliseconds of CLOCK_MONOTONIC_COARSE: a few ns to read, plenty for command timeouts.

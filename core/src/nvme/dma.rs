@@ -127,6 +127,37 @@ impl DmaRegion {
         }
     }
 
+    /// The device-contiguous runs of `ptr..ptr+len` (inside the region), in order: one for a
+    /// linear (IOMMU or identity) translation, one per physically contiguous stretch of 2 MiB
+    /// pages otherwise.
+    pub fn runs(&self, ptr: *const u8, len: usize, mut f: impl FnMut(u64, usize)) {
+        match &self.tr {
+            Translation::Linear(_) => f(self.iova(ptr), len),
+            Translation::Pages(_) => {
+                let mut start = self.iova(ptr);
+                let mut run = 0usize;
+                let mut off = 0usize;
+                while off < len {
+                    let p = ptr.wrapping_add(off);
+                    let to_boundary =
+                        HUGE as usize - ((p as usize - self.vaddr) & (HUGE as usize - 1));
+                    let n = to_boundary.min(len - off);
+                    let iova = self.iova(p);
+                    if run > 0 && iova != start + run as u64 {
+                        f(start, run);
+                        start = iova;
+                        run = 0;
+                    }
+                    run += n;
+                    off += n;
+                }
+                if run > 0 {
+                    f(start, run);
+                }
+            }
+        }
+    }
+
     pub fn starts_at(&self, ptr: *const u8) -> bool {
         ptr as usize == self.vaddr
     }
@@ -230,8 +261,11 @@ impl Mapper {
 /// Zeroed, page aligned, pinned (hugepages when reserved, else locked 4 KiB pages).
 #[derive(Debug)]
 pub(crate) struct DmaMem {
-    map: Mapping,
+    /// Dropped in `Drop` unless leaked.
+    map: std::mem::ManuallyDrop<Mapping>,
     region: DmaRegion,
+    /// Never give the memory back: a device may still write it.
+    leaked: bool,
 }
 
 impl DmaMem {
@@ -252,7 +286,11 @@ impl DmaMem {
         // SAFETY: the mapping is owned by the returned value, which releases the region in
         // its owner's drop before the mapping is unmapped (see `DmaMem::release`).
         let region = unsafe { mapper.map(map.as_ptr(), map.len(), map.kind())? };
-        Ok(DmaMem { map, region })
+        Ok(DmaMem {
+            map: std::mem::ManuallyDrop::new(map),
+            region,
+            leaked: false,
+        })
     }
 
     pub fn ptr(&self) -> *mut u8 {
@@ -271,12 +309,32 @@ impl DmaMem {
         unsafe { std::ptr::write_bytes(self.map.as_ptr(), 0, self.map.len()) }
     }
 
-    /// Unmap from the device and free. A `DmaMem` dropped without this (the admin queue at
-    /// controller teardown) keeps its IOMMU mapping until the VFIO container closes: VFIO holds
-    /// the pages pinned meanwhile, so the device never reaches memory the process reuses.
+    /// Unmap from the device and free. A `DmaMem` dropped without this keeps its IOMMU
+    /// mapping until the VFIO container closes: VFIO holds the pages pinned meanwhile, so the
+    /// device never reaches memory the process reuses. (With physical addresses there is no
+    /// such guard: the controller stops bus mastering before its memory is dropped.)
     pub fn release(mut self, mapper: &Mapper) {
+        self.unmap(mapper);
+    }
+
+    /// Remove the device's mapping (IOMMU mode); the memory itself is freed on drop.
+    pub fn unmap(&mut self, mapper: &Mapper) {
         mapper.release(&mut self.region);
-        drop(self.map);
+    }
+
+    /// Never return this memory to the system (the device may still write it): dropping the
+    /// value then frees nothing.
+    pub fn leak(&mut self) {
+        self.leaked = true;
+    }
+}
+
+impl Drop for DmaMem {
+    fn drop(&mut self) {
+        if !self.leaked {
+            // SAFETY: `map` is dropped exactly once, here, and never used afterwards.
+            unsafe { std::mem::ManuallyDrop::drop(&mut self.map) }
+        }
     }
 }
 

@@ -82,11 +82,19 @@ impl Regs {
         spec::Csts(self.read32(spec::reg::CSTS))
     }
 
+    /// Bytes of BAR0 mapped.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
     /// Address of a doorbell register, for a queue pair to keep (checked once here, then
-    /// written without bounds checks on the hot path).
-    pub fn doorbell(&self, off: usize) -> Doorbell {
+    /// written without bounds checks on the hot path); `None` when it lies outside BAR0.
+    pub fn doorbell(&self, off: usize) -> Option<Doorbell> {
+        if !off.is_multiple_of(4) || off.checked_add(4)? > self.len {
+            return None;
+        }
         let w = self.word(off);
-        Doorbell(w as *const AtomicU32)
+        Some(Doorbell(w as *const AtomicU32))
     }
 }
 

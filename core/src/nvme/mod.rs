@@ -11,11 +11,14 @@
 pub(crate) mod ctrl;
 pub(crate) mod dma;
 pub(crate) mod mmio;
+pub mod quirks;
 pub(crate) mod ring;
 pub mod sim;
 pub mod spec;
 
-pub use ctrl::{Controller, Namespace, NvmeOptions};
+pub use crate::config::SglMode;
+pub use ctrl::{Controller, ControllerEvent, Namespace, NvmeOptions};
+pub use quirks::Quirks;
 
 /// The driver reads its options from the engine's knobs (`rio::config` is plain data and knows
 /// none of its readers).
@@ -31,6 +34,8 @@ impl crate::config::EngineConfig {
             hugepages: self.hugepages,
             max_io_queues: 64,
             allow_unsafe_dma: self.allow_unsafe_dma,
+            sgl: self.nvme_sgl,
+            max_retries: self.nvme_retries,
         }
     }
 }

@@ -230,6 +230,18 @@ impl Ring {
         self.sq.release(mapper);
         self.cq.release(mapper);
     }
+
+    /// Remove the device's mappings of the rings (IOMMU mode); memory is freed on drop.
+    pub fn unmap(&mut self, mapper: &Mapper) {
+        self.sq.unmap(mapper);
+        self.cq.unmap(mapper);
+    }
+
+    /// Never return the rings' memory to the system (the device may still use it).
+    pub fn leak(&mut self) {
+        self.sq.leak();
+        self.cq.leak();
+    }
 }
 
 /// Store `new` in a shadow doorbell and say whether the MMIO doorbell must be written too

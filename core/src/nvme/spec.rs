@@ -346,6 +346,9 @@ pub mod feature {
     pub const HOST_CONTROLLED_THERMAL_MANAGEMENT: u8 = 0x10;
     /// Non-Operational Power State Config.
     pub const NON_OPERATIONAL_POWER_STATE_CONFIG: u8 = 0x11;
+    /// Host Behavior Support (512-byte data structure; byte 0 = ACRE, Advanced Command Retry
+    /// Enable).
+    pub const HOST_BEHAVIOR_SUPPORT: u8 = 0x16;
 
     /// Get Features SEL: current value.
     pub const SEL_CURRENT: u8 = 0;
@@ -375,6 +378,20 @@ pub mod log_page {
     pub const TELEMETRY_HOST: u8 = 0x07;
     /// Telemetry Controller-Initiated.
     pub const TELEMETRY_CONTROLLER: u8 = 0x08;
+}
+
+/// Generic command status codes the driver acts on (SCT 0).
+pub mod generic_status {
+    /// Invalid Field in Command.
+    pub const INVALID_FIELD: u8 = 0x02;
+    /// Command Abort Requested.
+    pub const ABORT_REQUESTED: u8 = 0x07;
+}
+
+/// Command specific status codes the driver acts on (SCT 1).
+pub mod command_specific_status {
+    /// Invalid Queue Identifier (Create / Delete I/O queue).
+    pub const INVALID_QID: u8 = 0x01;
 }
 
 /// Dataset Management command attributes (CDW11), NVMe 1.4 Dataset
@@ -426,8 +443,8 @@ pub enum QueuePriority {
 
 /// Submission Queue Entry – Command Format (NVMe 1.4 §4.2, Figure 104/105).
 ///
-/// A 64-byte command. `flags` holds FUSE (bits 1:0) and PSDT (bits 7:6); rio
-/// only uses PRPs, so PSDT is 0. The command identifier (`cid`) is filled in
+/// A 64-byte command. `flags` holds FUSE (bits 1:0) and PSDT (bits 7:6: 0 for
+/// PRPs, 1 for an SGL, see [`SubmissionEntry::with_sgl`]). The command identifier (`cid`) is filled in
 /// by the queue at submission time; constructors leave it at 0.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -541,9 +558,24 @@ impl SubmissionEntry {
         self
     }
 
-    /// PRP or SGL for Data Transfer (0 = PRPs).
+    /// PRP or SGL for Data Transfer (0 = PRPs, 1 = SGL with a contiguous metadata buffer).
     pub const fn psdt(&self) -> u8 {
         self.flags >> 6
+    }
+
+    /// Describe the data with an SGL (PSDT = 01b): `desc` becomes SGL1 in the data pointer
+    /// (CDW6-9), replacing PRP1/PRP2.
+    pub const fn with_sgl(mut self, desc: SglDescriptor) -> Self {
+        self.flags = (self.flags & 0x3F) | 0x40;
+        let (a, b) = desc.to_dptr();
+        self.prp1 = a;
+        self.prp2 = b;
+        self
+    }
+
+    /// SGL1 of a command with PSDT 01b or 10b.
+    pub const fn sgl1(&self) -> SglDescriptor {
+        SglDescriptor::from_dptr(self.prp1, self.prp2)
     }
 
     // ----- Admin commands -------------------------------------------------
@@ -703,6 +735,30 @@ impl SubmissionEntry {
             prp1,
             0,
         )
+    }
+
+    /// Asynchronous Event Request (NVMe 1.4 §5.2): completes when the controller has an event
+    /// to report (or is reset).
+    pub const fn async_event_request() -> Self {
+        Self::new(admin_opcode::ASYNC_EVENT_REQUEST)
+    }
+
+    /// Set Features – Asynchronous Event Configuration: which events the controller reports
+    /// ([`aec`] bits).
+    pub const fn set_async_event_config(mask: u32) -> Self {
+        Self::set_features(feature::ASYNC_EVENT_CONFIG, mask, false)
+    }
+
+    /// Get Log Page – Changed Namespace List (LID 04h, 4 KiB): clears the Namespace Attribute
+    /// Changed event.
+    pub const fn get_changed_ns_list(prp1: u64) -> Self {
+        Self::get_log_page(log_page::CHANGED_NS_LIST, NSID_ALL, 4096, 0, prp1, 0)
+    }
+
+    /// Get Log Page – Firmware Slot Information (LID 03h, 512 bytes): clears the Firmware
+    /// Activation Starting event.
+    pub const fn get_firmware_slot_log(prp1: u64) -> Self {
+        Self::get_log_page(log_page::FIRMWARE_SLOT, NSID_ALL, 512, 0, prp1, 0)
     }
 
     /// Abort (NVMe 1.4 §5.1): CDW10 = CID << 16 | SQID.
@@ -1206,6 +1262,187 @@ impl fmt::Display for NvmeError {
 }
 
 impl std::error::Error for NvmeError {}
+
+// ---------------------------------------------------------------------------
+// Scatter gather lists
+// ---------------------------------------------------------------------------
+
+/// SGL descriptor types (NVMe 1.4 §4.4, Figure 114), the high nibble of the identifier byte.
+pub mod sgl_type {
+    /// A contiguous data buffer.
+    pub const DATA_BLOCK: u8 = 0x0;
+    /// Data the controller discards (reads) or does not transfer.
+    pub const BIT_BUCKET: u8 = 0x1;
+    /// Points at the next segment of descriptors; more segments follow it.
+    pub const SEGMENT: u8 = 0x2;
+    /// Points at the last segment of descriptors.
+    pub const LAST_SEGMENT: u8 = 0x3;
+}
+
+/// One SGL descriptor (NVMe 1.4 §4.4, Figure 112): 16 bytes, address, length, identifier
+/// (type in bits 7:4, subtype in bits 3:0; subtype 0 = address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SglDescriptor {
+    /// Address of the data (Data Block) or of the next segment.
+    pub addr: u64,
+    /// Length in bytes of the data, or of the next segment (a multiple of 16).
+    pub len: u32,
+    /// Reserved.
+    pub rsvd: [u8; 3],
+    /// SGL identifier: type << 4 | subtype.
+    pub id: u8,
+}
+
+assert_layout!(SglDescriptor, 16, { addr @ 0, len @ 8, rsvd @ 12, id @ 15 });
+impl_pod!(SglDescriptor, 16);
+
+impl SglDescriptor {
+    /// Bytes per descriptor.
+    pub const BYTES: usize = 16;
+
+    const fn with(kind: u8, addr: u64, len: u32) -> Self {
+        SglDescriptor {
+            addr,
+            len,
+            rsvd: [0; 3],
+            id: kind << 4,
+        }
+    }
+
+    /// A Data Block descriptor: `len` bytes at `addr`.
+    pub const fn data_block(addr: u64, len: u32) -> Self {
+        Self::with(sgl_type::DATA_BLOCK, addr, len)
+    }
+
+    /// A Segment descriptor: `count` descriptors at `addr`, more segments after them.
+    pub const fn segment(addr: u64, count: u32) -> Self {
+        Self::with(sgl_type::SEGMENT, addr, count * 16)
+    }
+
+    /// A Last Segment descriptor: `count` descriptors at `addr`, the last of the list.
+    pub const fn last_segment(addr: u64, count: u32) -> Self {
+        Self::with(sgl_type::LAST_SEGMENT, addr, count * 16)
+    }
+
+    /// Descriptor type ([`sgl_type`]).
+    pub const fn kind(&self) -> u8 {
+        self.id >> 4
+    }
+
+    /// Descriptor subtype (0: address).
+    pub const fn subtype(&self) -> u8 {
+        self.id & 0xF
+    }
+
+    /// The two quadwords of a command's data pointer.
+    pub const fn to_dptr(self) -> (u64, u64) {
+        let hi = self.len as u64
+            | (self.rsvd[0] as u64) << 32
+            | (self.rsvd[1] as u64) << 40
+            | (self.rsvd[2] as u64) << 48
+            | (self.id as u64) << 56;
+        (self.addr, hi)
+    }
+
+    /// The descriptor held in a command's data pointer.
+    pub const fn from_dptr(lo: u64, hi: u64) -> Self {
+        SglDescriptor {
+            addr: lo,
+            len: hi as u32,
+            rsvd: [(hi >> 32) as u8, (hi >> 40) as u8, (hi >> 48) as u8],
+            id: (hi >> 56) as u8,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Asynchronous events
+// ---------------------------------------------------------------------------
+
+/// Asynchronous Event Type (completion dword 0 bits 2:0, NVMe 1.4 §5.2.1).
+pub mod async_event_type {
+    /// Error status (a general error not tied to a command).
+    pub const ERROR: u8 = 0;
+    /// SMART / Health status (a critical warning was raised).
+    pub const SMART_HEALTH: u8 = 1;
+    /// Notice (namespace attributes changed, firmware activation starting, ...).
+    pub const NOTICE: u8 = 2;
+    /// I/O command set specific status.
+    pub const IO_COMMAND_SET: u8 = 6;
+    /// Vendor specific.
+    pub const VENDOR: u8 = 7;
+}
+
+/// Asynchronous Event Information for notices (dword 0 bits 15:8 when the type is
+/// [`async_event_type::NOTICE`]).
+pub mod async_event_notice {
+    /// Namespace Attribute Changed: read the Changed Namespace List log.
+    pub const NS_ATTRIBUTE_CHANGED: u8 = 0x00;
+    /// Firmware Activation Starting: read the Firmware Slot Information log.
+    pub const FIRMWARE_ACTIVATION_STARTING: u8 = 0x01;
+    /// Telemetry Log Changed.
+    pub const TELEMETRY_LOG_CHANGED: u8 = 0x02;
+}
+
+/// Asynchronous Event Configuration bits (Set Features 0Bh, CDW11).
+pub mod aec {
+    /// Every SMART / Health critical warning (bits 7:0).
+    pub const CRITICAL_WARNINGS: u32 = 0xFF;
+    /// Namespace Attribute Notices.
+    pub const NS_ATTRIBUTE: u32 = 1 << 8;
+    /// Firmware Activation Notices.
+    pub const FIRMWARE_ACTIVATION: u32 = 1 << 9;
+}
+
+/// An asynchronous event, as the completion of an Asynchronous Event Request reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AsyncEvent {
+    /// [`async_event_type`].
+    pub kind: u8,
+    /// Asynchronous Event Information (e.g. [`async_event_notice`], or the critical
+    /// warning bit number for SMART events).
+    pub info: u8,
+    /// The log page to read to clear the event.
+    pub log_page: u8,
+}
+
+impl AsyncEvent {
+    /// Decodes completion dword 0.
+    pub const fn from_dw0(dw0: u32) -> Self {
+        AsyncEvent {
+            kind: (dw0 & 0x7) as u8,
+            info: (dw0 >> 8) as u8,
+            log_page: (dw0 >> 16) as u8,
+        }
+    }
+
+    /// Encodes completion dword 0.
+    pub const fn to_dw0(self) -> u32 {
+        (self.kind as u32 & 0x7) | (self.info as u32) << 8 | (self.log_page as u32) << 16
+    }
+
+    /// A short name, for logs and telemetry.
+    pub const fn name(&self) -> &'static str {
+        match (self.kind, self.info) {
+            (async_event_type::NOTICE, async_event_notice::NS_ATTRIBUTE_CHANGED) => {
+                "namespace attribute changed"
+            }
+            (async_event_type::NOTICE, async_event_notice::FIRMWARE_ACTIVATION_STARTING) => {
+                "firmware activation starting"
+            }
+            (async_event_type::NOTICE, async_event_notice::TELEMETRY_LOG_CHANGED) => {
+                "telemetry log changed"
+            }
+            (async_event_type::NOTICE, _) => "notice",
+            (async_event_type::SMART_HEALTH, _) => "SMART/health warning",
+            (async_event_type::ERROR, _) => "error",
+            (async_event_type::IO_COMMAND_SET, _) => "I/O command set event",
+            (async_event_type::VENDOR, _) => "vendor event",
+            _ => "reserved event type",
+        }
+    }
+}
 
 // ---------------------------------------------------------------------------
 // Controller registers
@@ -2004,6 +2241,32 @@ impl IdentifyController {
         self.sgls & 0x3 != 0
     }
 
+    /// SGLs supported, and data blocks must be dword aligned (SGLS bits 1:0 = 10b).
+    pub const fn sgl_dword_aligned(&self) -> bool {
+        self.sgls & 0x3 == 0x2
+    }
+
+    /// OAES bit 8: the controller sends Namespace Attribute Changed notices.
+    pub const fn oaes_ns_attribute(&self) -> bool {
+        self.oaes & (1 << 8) != 0
+    }
+
+    /// OAES bit 9: the controller sends Firmware Activation Starting notices.
+    pub const fn oaes_firmware_activation(&self) -> bool {
+        self.oaes & (1 << 9) != 0
+    }
+
+    /// Command Retry Delay Time for a completion's CRD field (1..=3): CRDTn in units of
+    /// 100 ms. `None` for CRD 0 (retry at once) or out of range.
+    pub const fn retry_delay_ms(&self, crd: u8) -> Option<u64> {
+        match crd {
+            1 => Some(self.crdt1 as u64 * 100),
+            2 => Some(self.crdt2 as u64 * 100),
+            3 => Some(self.crdt3 as u64 * 100),
+            _ => None,
+        }
+    }
+
     /// A volatile write cache is present (Flush is meaningful).
     pub const fn volatile_write_cache(&self) -> bool {
         self.vwc & Self::VWC_PRESENT != 0
@@ -2579,6 +2842,48 @@ pub fn prp_list_entries_needed(addr: u64, len: u64, page_size: u64) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sgl_descriptor_in_the_data_pointer() {
+        let d = SglDescriptor::data_block(0x1234_5678_9ABC, 4100);
+        let c = SubmissionEntry::read(1, 0, 9, 0, 0).with_sgl(d);
+        assert_eq!(c.psdt(), 1);
+        assert_eq!(c.prp1, 0x1234_5678_9ABC);
+        assert_eq!(c.prp2, 4100);
+        assert_eq!(c.sgl1(), d);
+        let seg = SglDescriptor::last_segment(0x1000, 3);
+        assert_eq!(
+            (seg.kind(), seg.subtype(), seg.len),
+            (sgl_type::LAST_SEGMENT, 0, 48)
+        );
+        let (lo, hi) = seg.to_dptr();
+        assert_eq!(hi >> 56, 0x30);
+        assert_eq!(SglDescriptor::from_dptr(lo, hi), seg);
+        assert_eq!(seg.as_bytes()[15], 0x30);
+        assert_eq!(SglDescriptor::segment(8, 2).kind(), sgl_type::SEGMENT);
+    }
+
+    #[test]
+    fn async_event_round_trip() {
+        let e = AsyncEvent {
+            kind: async_event_type::NOTICE,
+            info: async_event_notice::NS_ATTRIBUTE_CHANGED,
+            log_page: log_page::CHANGED_NS_LIST,
+        };
+        assert_eq!(e.to_dw0(), 0x04_00_02);
+        assert_eq!(AsyncEvent::from_dw0(e.to_dw0()), e);
+        assert_eq!(e.name(), "namespace attribute changed");
+        assert_eq!(
+            AsyncEvent::from_dw0(0x02_01_01).name(),
+            "SMART/health warning"
+        );
+        let mut id = IdentifyController::zeroed();
+        id.crdt2 = 3;
+        assert_eq!(id.retry_delay_ms(2), Some(300));
+        assert_eq!(id.retry_delay_ms(0), None);
+        id.sgls = 2;
+        assert!(id.supports_sgl() && id.sgl_dword_aligned());
+    }
 
     #[test]
     fn read_encoding() {
