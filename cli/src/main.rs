@@ -421,6 +421,10 @@ fn bench(cfg: EngineConfig, a: BenchArgs, telemetry: Option<&Telemetry>) -> Resu
         let _ = signal_hook::flag::register(sig, Arc::clone(&stop));
     }
     let mut display = Display::new(&cfg, std::io::stderr().is_terminal());
+    if let (Some(t), Some(c)) = (telemetry, engine.controller()) {
+        // The userspace driver's controller: its health events become metrics and alerts.
+        t.watch_nvme(Arc::clone(c));
+    }
     let sink = telemetry.map(|t| {
         t.sink(
             engine.selection().backend.name(),

@@ -21,25 +21,15 @@ const RW: OpenOptions = OpenOptions {
 };
 
 fn config() -> EngineConfig {
-    EngineConfig {
-        hugepages: false,
-        buffer_pool_bytes: 16 << 20,
-        ..EngineConfig::default()
-    }
+    common::sim_engine_config()
 }
 
 fn sim(size: u64) -> SimConfig {
-    SimConfig {
-        namespaces: vec![SimNamespace {
-            block_size: 512,
-            size_bytes: size,
-        }],
-        ..SimConfig::default()
-    }
+    common::sim_one_ns(size)
 }
 
 fn open(cfg: &EngineConfig, s: SimConfig) -> Engine {
-    Engine::open_sim(cfg, s, 1, RW).expect("driver brings up the model")
+    common::open_sim_rw(cfg, s)
 }
 
 /// Submit and wait for one read, returning its completion (errors included).

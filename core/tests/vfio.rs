@@ -197,3 +197,99 @@ fn vfio_queue_pairs_per_thread_and_reopen() {
     let off = 16u64 << 20;
     assert_eq!(read_back(&mut q, off, 8192), pattern(off, 8192, 0));
 }
+
+#[test]
+#[ignore = "needs an NVMe controller on vfio-pci: run inside the VM by scripts/vm-test"]
+fn vfio_sgl_and_prp_paths_on_qemu() {
+    let Some(a) = pci("RIO_TEST_PCI") else { return };
+    for mode in [rio::nvme::SglMode::Always, rio::nvme::SglMode::Off] {
+        let cfg = EngineConfig {
+            nvme_sgl: mode,
+            buffer_pool_bytes: 16 << 20,
+            ..config()
+        };
+        let e = Engine::open(&cfg, &format!("pcie://{a}/ns=1"), RW).unwrap();
+        let c = e.controller().unwrap();
+        assert!(
+            c.identify_data().supports_sgl(),
+            "QEMU's controller offers SGLs"
+        );
+        assert_eq!(c.pci_id(), (0x1b36, 0x0010));
+        assert!(c.quirks().bogus_ns_ids, "QEMU's entry of the quirks table");
+        let mut q = e.queue(Some(8)).unwrap();
+        let mut lens = vec![4096usize, 8192, 12288, 65536, 256 << 10];
+        lens.push(c.max_xfer() as usize * 3 + 4096);
+        for (i, len) in lens.into_iter().enumerate() {
+            let off = (8 + i as u64) << 21;
+            let seed = i as u8
+                ^ if mode == rio::nvme::SglMode::Off {
+                    0x11
+                } else {
+                    0x77
+                };
+            write_pattern(&mut q, off, len, seed);
+            assert_eq!(
+                read_back(&mut q, off, len),
+                pattern(off, len, seed),
+                "{mode:?} len {len}"
+            );
+        }
+        // A buffer 8 bytes past a page boundary, across several commands.
+        let len = c.max_xfer() as usize * 2;
+        let mut w = q.alloc_buf(len + 4096).unwrap();
+        let r = q.alloc_buf(len + 4096).unwrap();
+        let off = 40u64 << 20;
+        let data = pattern(off, len, 0x3c);
+        w.as_mut_slice()[8..8 + len].copy_from_slice(&data);
+        let mut out = Vec::new();
+        // SAFETY: both buffers outlive the operations, which are reaped before they drop.
+        unsafe {
+            let wp = w.as_mut_slice().as_mut_ptr().add(8);
+            q.submit_raw(rio::OpKind::Write, off, wp, len as u64, 1)
+                .unwrap();
+            q.wait(1, Duration::from_secs(60), &mut out).unwrap();
+            out.pop().unwrap().result.unwrap();
+            let rp = r.as_slice().as_ptr().cast_mut().add(8);
+            q.submit_raw(rio::OpKind::Read, off, rp, len as u64, 2)
+                .unwrap();
+            q.wait(1, Duration::from_secs(60), &mut out).unwrap();
+            out.pop().unwrap().result.unwrap();
+        }
+        assert!(r.as_slice()[8..8 + len] == data[..], "{mode:?} unaligned");
+        let st = q.nvme_stats().unwrap();
+        match mode {
+            rio::nvme::SglMode::Always => {
+                assert_eq!(st.sgl_commands, st.commands, "{st:?}")
+            }
+            _ => assert_eq!(st.sgl_commands, 0, "{st:?}"),
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs an NVMe controller on vfio-pci: run inside the VM by scripts/vm-test"]
+fn vfio_temperature_event_reaches_the_driver() {
+    let Some(a) = pci("RIO_TEST_PCI") else { return };
+    let e = open(&a, 1);
+    let c = e.controller().unwrap().clone();
+    // A temperature threshold below QEMU's fixed composite temperature (323 K) makes the
+    // controller raise a SMART/health event (critical warning bit 1).
+    let prev = c.events_total();
+    c.set_features(rio::nvme::spec::feature::TEMPERATURE_THRESHOLD, 300)
+        .unwrap();
+    let t = std::time::Instant::now();
+    while c.events_total() == prev {
+        c.poll_events().unwrap();
+        assert!(t.elapsed() < Duration::from_secs(60), "no event from QEMU");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_ne!(
+        c.critical_warning() & rio::nvme::spec::critical_warning::TEMPERATURE,
+        0,
+        "{:?}",
+        c.events()
+    );
+    // Put the threshold back (QEMU's default, 343 K) for the tests after this one.
+    c.set_features(rio::nvme::spec::feature::TEMPERATURE_THRESHOLD, 343)
+        .unwrap();
+}

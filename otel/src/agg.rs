@@ -133,7 +133,39 @@ impl Observers {
                     .build(),
             );
         }
+        let s = Arc::clone(shared);
+        ugauges.push(
+            meter
+                .u64_observable_gauge(NVME_CRITICAL_WARNING)
+                .with_unit("1")
+                .with_description("SMART critical warning bits the controller last reported")
+                .with_callback(move |o| {
+                    for c in lock(&s.controllers).iter() {
+                        o.observe(
+                            c.critical_warning() as u64,
+                            &[KeyValue::new(ATTR_DEVICE, c.name.clone())],
+                        );
+                    }
+                })
+                .build(),
+        );
         let mut counters = Vec::new();
+        let s = Arc::clone(shared);
+        counters.push(
+            meter
+                .u64_observable_counter(NVME_EVENTS)
+                .with_unit("{event}")
+                .with_description("asynchronous events the controller reported")
+                .with_callback(move |o| {
+                    for c in lock(&s.controllers).iter() {
+                        o.observe(
+                            c.events_total(),
+                            &[KeyValue::new(ATTR_DEVICE, c.name.clone())],
+                        );
+                    }
+                })
+                .build(),
+        );
         let s = Arc::clone(shared);
         counters.push(
             meter
@@ -414,6 +446,10 @@ impl Aggregator {
             iops: if dt > 0.0 { ios as f64 / dt } else { 0.0 },
             p99_us: p99_ns as f64 / 1000.0,
             pools_exhausted: self.pools_exhausted(),
+            critical_warnings: lock(&self.shared.controllers)
+                .iter()
+                .map(|c| (c.name.clone(), c.critical_warning()))
+                .collect(),
         };
         for a in self.engine.evaluate(&stats) {
             tracing::warn!(

@@ -17,14 +17,17 @@ pub enum AlertKind {
     IopsDrop,
     /// A buffer pool class ran out (all buffers in use and gets missing).
     PoolExhaustion,
+    /// An NVMe controller reported a SMART/health critical warning (an asynchronous event).
+    DeviceHealth,
 }
 
 impl AlertKind {
-    pub const ALL: [AlertKind; 4] = [
+    pub const ALL: [AlertKind; 5] = [
         AlertKind::P99AboveTarget,
         AlertKind::ErrorRate,
         AlertKind::IopsDrop,
         AlertKind::PoolExhaustion,
+        AlertKind::DeviceHealth,
     ];
 
     pub fn name(self) -> &'static str {
@@ -33,6 +36,7 @@ impl AlertKind {
             AlertKind::ErrorRate => "error_rate",
             AlertKind::IopsDrop => "iops_drop",
             AlertKind::PoolExhaustion => "pool_exhaustion",
+            AlertKind::DeviceHealth => "device_health",
         }
     }
 
@@ -50,6 +54,9 @@ impl AlertKind {
             }
             AlertKind::PoolExhaustion => {
                 "raise buffer_pool_bytes / pool_initial_buffers, or keep fewer buffers in flight per core"
+            }
+            AlertKind::DeviceHealth => {
+                "read the device's SMART/health log (rio info): spare below threshold, temperature, reliability or read-only mode; cool, drain or replace the device"
             }
         }
     }
@@ -108,6 +115,8 @@ pub struct IntervalStats {
     pub p99_us: f64,
     /// Pool classes exhausted in the interval, as (core, class size).
     pub pools_exhausted: Vec<(usize, usize)>,
+    /// NVMe controllers with a SMART critical warning, as (name, warning bits).
+    pub critical_warnings: Vec<(String, u8)>,
 }
 
 /// The rules' state across intervals.
@@ -115,7 +124,7 @@ pub struct IntervalStats {
 pub struct AlertEngine {
     rules: AlertRules,
     p99_streak: u32,
-    active: [bool; 4],
+    active: [bool; 5],
     pub(crate) iops: TrendWindow,
     pub(crate) p99: TrendWindow,
 }
@@ -126,7 +135,7 @@ impl AlertEngine {
         AlertEngine {
             rules,
             p99_streak: 0,
-            active: [false; 4],
+            active: [false; 5],
             iops: TrendWindow::new(w),
             p99: TrendWindow::new(w),
         }
@@ -230,6 +239,23 @@ impl AlertEngine {
             0.0,
             format!("buffer pool exhausted: {which}"),
         );
+
+        // Device health (from the controllers' asynchronous events).
+        let warned: Vec<String> = s
+            .critical_warnings
+            .iter()
+            .filter(|(_, w)| *w != 0)
+            .map(|(n, w)| format!("{n}: critical warning {w:#04x}"))
+            .collect();
+        self.edge(
+            &mut out,
+            AlertKind::DeviceHealth,
+            !warned.is_empty(),
+            s,
+            warned.len() as f64,
+            0.0,
+            format!("NVMe health warning: {}", warned.join(", ")),
+        );
         out
     }
 
@@ -270,6 +296,7 @@ mod tests {
             iops,
             p99_us: p99,
             pools_exhausted: vec![],
+            critical_warnings: vec![],
         }
     }
 
@@ -349,6 +376,21 @@ mod tests {
         e.evaluate(&st(0.0, 100_000.0, 10.0));
         e.evaluate(&st(1.0, 100_000.0, 10.0));
         assert!(e.evaluate(&st(2.0, 1_000.0, 10.0)).is_empty());
+    }
+
+    #[test]
+    fn device_health_fires_on_a_critical_warning_once() {
+        let mut e = AlertEngine::new(AlertRules::default());
+        let mut s = st(1.0, 0.0, 0.0);
+        s.critical_warnings = vec![("0000:00:04.0".into(), 0)];
+        assert!(kinds(&e.evaluate(&s)).is_empty());
+        s.critical_warnings[0].1 = 0x02;
+        let a = e.evaluate(&s);
+        assert_eq!(kinds(&a), vec![AlertKind::DeviceHealth]);
+        assert!(a[0].message.contains("0x02"), "{}", a[0].message);
+        assert!(e.evaluate(&s).is_empty(), "fires once while it lasts");
+        s.critical_warnings[0].1 = 0;
+        assert!(e.evaluate(&s).is_empty());
     }
 
     #[test]

@@ -201,13 +201,14 @@ pub(crate) struct Shared {
     dropped_windows: AtomicU64,
     exports: AtomicU64,
     failed_exports: AtomicU64,
-    alerts_by_kind: [AtomicU64; 4],
+    alerts_by_kind: [AtomicU64; 5],
     /// Cumulative latency histograms per series (attributes), appended at export.
     hists: Mutex<Vec<(Vec<KeyValue>, hist::BucketHist)>>,
     gauges: Mutex<Gauges>,
     trends: Mutex<Vec<Trend>>,
     recent_alerts: Mutex<Vec<Alert>>,
     pools: Mutex<Vec<Arc<Pools>>>,
+    controllers: Mutex<Vec<Arc<rio::nvme::Controller>>>,
     start: SystemTime,
 }
 
@@ -291,6 +292,7 @@ impl Telemetry {
             trends: Mutex::new(Vec::new()),
             recent_alerts: Mutex::new(Vec::new()),
             pools: Mutex::new(Vec::new()),
+            controllers: Mutex::new(Vec::new()),
             start: SystemTime::now(),
         });
         let resource = opentelemetry_sdk::Resource::builder()
@@ -360,6 +362,16 @@ impl Telemetry {
     /// pool-exhaustion alert from it.
     pub fn watch_pools(&self, pools: Arc<Pools>) {
         lock(&self.shared.pools).push(pools);
+    }
+
+    /// Exports an NVMe controller's health (`rio.nvme.critical_warning`,
+    /// `rio.nvme.events`) and raises the `device_health` alert when its asynchronous events
+    /// report a SMART critical warning.
+    pub fn watch_nvme(&self, ctrl: Arc<rio::nvme::Controller>) {
+        let mut c = lock(&self.shared.controllers);
+        if !c.iter().any(|x| Arc::ptr_eq(x, &ctrl)) {
+            c.push(ctrl);
+        }
     }
 
     /// Trends of IOPS and p99 latency over the trailing window (see [`Trend`]).

@@ -36,6 +36,10 @@ pub const POOL_UTILIZATION: &str = "rio.pool.utilization";
 pub const CPU_PER_IO: &str = "rio.cpu.time_per_io";
 /// Alerts raised, by kind (counter).
 pub const ALERTS: &str = "rio.alerts";
+/// SMART critical warning bits an NVMe controller last reported (0: none).
+pub const NVME_CRITICAL_WARNING: &str = "rio.nvme.critical_warning";
+/// Asynchronous events an NVMe controller reported.
+pub const NVME_EVENTS: &str = "rio.nvme.events";
 /// Telemetry data dropped (counter): windows the exporter had no room for, failed exports.
 pub const DROPPED: &str = "rio.telemetry.dropped";
 /// Export batches that reached the collector (counter).
@@ -80,6 +84,8 @@ pub const METRICS: &[(&str, &str, &str)] = &[
     (POOL_UTILIZATION, "gauge", "1"),
     (CPU_PER_IO, "gauge", "s"),
     (ALERTS, "counter", "{alert}"),
+    (NVME_CRITICAL_WARNING, "gauge", "1"),
+    (NVME_EVENTS, "counter", "{event}"),
     (DROPPED, "counter", "{batch}"),
     (EXPORTS, "counter", "{batch}"),
 ];

@@ -150,6 +150,8 @@ pub(crate) struct NvmeQueue {
     timeout_ms: Option<u64>,
     abort_ms: u64,
     last_scan_ms: u64,
+    /// When the SQ doorbell was last rung.
+    last_ring_ms: u64,
     /// CLOCK_MONOTONIC_COARSE, refreshed at each poll and push.
     now_ms: u64,
     /// A protocol violation seen while reaping, reported after the batch is handed over.
@@ -264,6 +266,7 @@ impl NvmeQueue {
             max_retries: opts.max_retries,
             timeout_ms,
             last_scan_ms: now,
+            last_ring_ms: now,
             now_ms: now,
             pending_error: None,
             stats: NvmeQueueStats::default(),
@@ -638,10 +641,20 @@ impl NvmeQueue {
         if unrung > 0 {
             let active = (self.trackers.len() - self.free.len()) as u16;
             let at_device = active.saturating_sub(unrung);
-            if (reaped == 0 || unrung >= self.doorbell_batch || at_device < self.doorbell_batch)
-                && ring.ring_sq()
-            {
-                self.stats.doorbells += 1;
+            if reaped == 0 || unrung >= self.doorbell_batch || at_device < self.doorbell_batch {
+                if ring.ring_sq() {
+                    self.stats.doorbells += 1;
+                }
+                if now.saturating_sub(self.last_ring_ms) > SCAN_MS {
+                    // The owner queued commands and did not poll for a while: the device sees
+                    // them only now, so their timeouts count from now.
+                    for t in self.trackers.iter_mut() {
+                        if t.active && t.submitted_ms >= self.last_ring_ms {
+                            t.submitted_ms = now;
+                        }
+                    }
+                }
+                self.last_ring_ms = now;
             }
         }
         if now.saturating_sub(self.last_scan_ms) >= SCAN_MS {
@@ -768,8 +781,10 @@ impl NvmeQueue {
     /// controller-wide abort limit), and one that has not completed `abort_ms` after its abort
     /// (or whose abort failed) resets the controller.
     fn scan(&mut self, now: u64, out: &mut Vec<Reaped>) -> Result<()> {
+        // Checked idle or not (one register read per 10 ms): a controller that failed is reset
+        // now rather than at the next command.
         let busy = self.free.len() < self.trackers.len();
-        if busy && let Some(why) = self.ctrl.fatal_status() {
+        if let Some(why) = self.ctrl.fatal_status() {
             tracing::error!(ctrl = %self.ctrl.name, reason = why, "controller needs a reset");
             return self.reset_and_recover(out, why, true);
         }

@@ -339,7 +339,7 @@ impl Controller {
         let sim = SimController::start(cfg)
             .map_err(|e| ctrl_err("sim", format!("cannot start the model: {e}")))?;
         let (base, len) = sim.bar();
-        let pci_id = (0u16, 0u16); // PCI_ID_PENDING: sim.pci_id()
+        let pci_id = sim.pci_id();
         // SAFETY: the model's BAR memory lives as long as `sim`, which the controller owns and
         // drops last.
         let regs = unsafe { Regs::new(base, len) };
@@ -1446,6 +1446,36 @@ impl Controller {
                 false
             }
         }
+    }
+
+    /// Set Features for a feature without a data buffer (e.g. temperature threshold,
+    /// volatile write cache, arbitration); returns completion dword 0. Features with a data
+    /// structure are refused.
+    pub fn set_features(&self, fid: u8, cdw11: u32) -> Result<u32> {
+        use spec::feature;
+        let no_data = matches!(
+            fid,
+            feature::ARBITRATION
+                | feature::POWER_MANAGEMENT
+                | feature::TEMPERATURE_THRESHOLD
+                | feature::ERROR_RECOVERY
+                | feature::VOLATILE_WRITE_CACHE
+                | feature::INTERRUPT_COALESCING
+                | feature::WRITE_ATOMICITY
+                | feature::ASYNC_EVENT_CONFIG
+                | feature::KEEP_ALIVE_TIMER
+                | feature::NON_OPERATIONAL_POWER_STATE_CONFIG
+        );
+        if !no_data {
+            return Err(Error::config(
+                "feature",
+                format!("feature {fid:#04x} needs a data buffer or is managed by rio"),
+            ));
+        }
+        let mut a = self.ready_admin()?;
+        Ok(self
+            .exec(&mut a, SubmissionEntry::set_features(fid, cdw11, false))?
+            .dw0)
     }
 
     /// SMART / health log (controller-wide).

@@ -137,3 +137,33 @@ pub fn read_back(q: &mut rio::Queue, off: u64, len: usize) -> Vec<u8> {
     let b = q.alloc_buf(len).unwrap();
     q.read(off, b).expect("read").as_slice().to_vec()
 }
+
+/// The engine settings of the driver-on-model tests: no hugepages, a 16 MiB arena.
+pub fn sim_engine_config() -> rio::EngineConfig {
+    rio::EngineConfig {
+        hugepages: false,
+        buffer_pool_bytes: 16 << 20,
+        ..rio::EngineConfig::default()
+    }
+}
+
+/// A model with one namespace of `size` bytes in 512-byte blocks.
+pub fn sim_one_ns(size: u64) -> rio::nvme::sim::SimConfig {
+    rio::nvme::sim::SimConfig {
+        namespaces: vec![rio::nvme::sim::SimNamespace {
+            block_size: 512,
+            size_bytes: size,
+        }],
+        ..rio::nvme::sim::SimConfig::default()
+    }
+}
+
+/// The driver brought up on the model `s`, namespace 1, read-write.
+pub fn open_sim_rw(cfg: &rio::EngineConfig, s: rio::nvme::sim::SimConfig) -> rio::Engine {
+    let rw = rio::target::OpenOptions {
+        write: true,
+        direct: true,
+        create: false,
+    };
+    rio::Engine::open_sim(cfg, s, 1, rw).expect("driver brings up the model")
+}

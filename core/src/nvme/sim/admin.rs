@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use super::device::{Cq, Device, ERROR_LOG_ENTRIES, OK, Outcome, Sq, generic, sc, specific};
 use super::host::dma;
 use super::io::walk_prps;
-use super::{SIM_SSVID, SIM_VID};
+use super::{SIM_SSVID, lock};
 use crate::nvme::spec::{
     self, IdentifyController, IdentifyNamespace, SmartLog, Status, SubmissionEntry,
     admin_opcode as op, cns, feature, log_page,
@@ -14,6 +14,15 @@ use crate::nvme::spec::{
 
 /// Asynchronous Event Requests the model accepts at once (Identify AERL + 1).
 const AER_LIMIT: usize = 4;
+/// Identify OAES: Namespace Attribute Notices (bit 8) and Firmware Activation Notices (bit 9).
+const OAES: u32 = 1 << 8 | 1 << 9;
+/// Identify SGLS with SGLs on: supported, no alignment or granularity requirement; no Bit
+/// Bucket, no metadata SGLs, no offsets in Segment descriptors.
+const SGLS_SUPPORTED: u32 = 0x1;
+/// Size of the Host Behavior Support data structure.
+const HOST_BEHAVIOR_BYTES: usize = 512;
+/// Get Log Page CDW10 bit 15: Retain Asynchronous Event.
+const LOG_RAE: u32 = 1 << 15;
 
 fn err(s: Status) -> Outcome {
     (s, 0)
@@ -29,8 +38,23 @@ fn put_ascii(dst: &mut [u8], s: &str) {
 impl Device {
     pub(super) fn admin_command(&mut self, e: &SubmissionEntry) {
         self.sh.stats.admin.add(1);
+        if let Some(delay) = self.fault_late(e.opcode) {
+            self.late_admin
+                .push((std::time::Instant::now() + delay, *e));
+            return;
+        }
+        self.execute_admin(e);
+    }
+
+    /// Executes and completes a fetched admin command.
+    pub(super) fn execute_admin(&mut self, e: &SubmissionEntry) {
         if let Some(s) = self.fault_status(true, e.opcode) {
             self.finish_admin(e, s, 0);
+            return;
+        }
+        if e.psdt() != 0 {
+            // Admin commands on PCIe describe their data with PRPs only.
+            self.finish_admin(e, generic(sc::INVALID_FIELD), 0);
             return;
         }
         let (status, dw0) = match e.opcode {
@@ -53,8 +77,9 @@ impl Device {
                 if self.aer_count() >= AER_LIMIT {
                     err(specific(sc::AER_LIMIT))
                 } else {
-                    // Outstanding until reset (the model never raises events).
+                    // Outstanding until an event is reported on it or the controller resets.
                     self.hold(0, e.cid, true);
+                    self.deliver_events();
                     return;
                 }
             }
@@ -62,6 +87,21 @@ impl Device {
             _ => err(generic(sc::INVALID_OPCODE)),
         };
         self.finish_admin(e, status, dw0);
+    }
+
+    /// Copies `out.len()` bytes from the host buffer of `e` (PRP1/PRP2) into `out`.
+    fn read_host(&self, e: &SubmissionEntry, out: &mut [u8]) -> Result<(), Status> {
+        let dst = out.as_mut_ptr();
+        walk_prps(
+            e.prp1,
+            e.prp2,
+            out.len() as u64,
+            self.page_size,
+            |addr, o, n| {
+                // `o + n <= out.len()`: the walk never exceeds the requested length.
+                dma::read_into(addr, dst.wrapping_add(o as usize), n)
+            },
+        )
     }
 
     /// Copies `data` to the host buffer of `e` (PRP1/PRP2), zero-padding to `len` bytes.
@@ -87,6 +127,9 @@ impl Device {
             },
             cns::CONTROLLER => self.identify_ctrl().as_bytes().to_vec(),
             cns::ACTIVE_NS_LIST => {
+                if !self.cfg.active_ns_list {
+                    return err(generic(sc::INVALID_FIELD));
+                }
                 if e.nsid >= 0xFFFF_FFFE {
                     return err(generic(sc::INVALID_NAMESPACE));
                 }
@@ -117,16 +160,17 @@ impl Device {
             return Err(generic(sc::INVALID_NAMESPACE));
         }
         let n = &self.sh.ns[nsid as usize - 1];
+        let blocks = n.blocks();
         let mut d = IdentifyNamespace::zeroed();
-        d.nsze = n.blocks;
-        d.ncap = n.blocks;
-        d.nuse = n.blocks;
+        d.nsze = blocks;
+        d.ncap = blocks;
+        d.nuse = blocks;
         d.nlbaf = 0;
         d.flbas = 0;
         // Deallocated blocks read as zeros (bits 2:0 = 001b); Write Zeroes DEAC supported.
         d.dlfeat = 0x09;
         d.lbaf[0].lbads = n.block_size.trailing_zeros() as u8;
-        d.nvmcap = (n.blocks as u128 * n.block_size as u128).to_le_bytes();
+        d.nvmcap = (blocks as u128 * n.block_size as u128).to_le_bytes();
         d.nguid = nguid(nsid);
         d.eui64 = nguid(nsid)[8..].try_into().unwrap_or([0; 8]);
         Ok(d)
@@ -135,11 +179,13 @@ impl Device {
     fn identify_ctrl(&self) -> IdentifyController {
         let cfg = &self.cfg;
         let mut c = IdentifyController::zeroed();
-        c.vid = SIM_VID;
+        c.vid = cfg.pci_id.0;
         c.ssvid = SIM_SSVID;
         put_ascii(&mut c.sn, &cfg.serial);
         put_ascii(&mut c.mn, &cfg.model);
-        put_ascii(&mut c.fr, &cfg.firmware);
+        put_ascii(&mut c.fr, &lock(&self.sh.events.firmware));
+        c.oaes = OAES;
+        [c.crdt1, c.crdt2, c.crdt3] = cfg.crdt;
         c.rab = 6;
         c.mdts = cfg.mdts;
         c.cntlid = 1;
@@ -160,7 +206,7 @@ impl Device {
             .sh
             .ns
             .iter()
-            .map(|n| n.blocks as u128 * n.block_size as u128)
+            .map(|n| n.blocks() as u128 * n.block_size as u128)
             .sum();
         c.tnvmcap = total.to_le_bytes();
         c.sqes = 0x66;
@@ -169,7 +215,7 @@ impl Device {
         c.oncs = IdentifyController::ONCS_DSM | IdentifyController::ONCS_WRITE_ZEROES;
         // VWC present, Flush with NSID FFFFFFFFh supported (bits 2:1 = 11b).
         c.vwc = if cfg.vwc { 0x07 } else { 0 };
-        c.sgls = 0;
+        c.sgls = if cfg.sgl { SGLS_SUPPORTED } else { 0 };
         let nqn = format!("nqn.2026-11.io.rio:sim:{}", cfg.serial);
         let n = nqn.len().min(255);
         c.subnqn[..n].copy_from_slice(&nqn.as_bytes()[..n]);
@@ -202,13 +248,30 @@ impl Device {
                 (Status::SUCCESS, on as u32)
             }
             feature::TEMPERATURE_THRESHOLD => (Status::SUCCESS, 343),
+            feature::ASYNC_EVENT_CONFIG => {
+                let v = if sel == feature::SEL_CURRENT {
+                    self.aec
+                } else {
+                    0
+                };
+                (Status::SUCCESS, v)
+            }
+            feature::HOST_BEHAVIOR_SUPPORT => {
+                let mut d = [0u8; HOST_BEHAVIOR_BYTES];
+                if sel == feature::SEL_CURRENT {
+                    d[0] = self.acre;
+                }
+                match self.to_host(e, &d, HOST_BEHAVIOR_BYTES) {
+                    Ok(()) => OK,
+                    Err(s) => err(s),
+                }
+            }
             feature::ARBITRATION
             | feature::POWER_MANAGEMENT
             | feature::ERROR_RECOVERY
             | feature::INTERRUPT_COALESCING
             | feature::INTERRUPT_VECTOR_CONFIG
-            | feature::WRITE_ATOMICITY
-            | feature::ASYNC_EVENT_CONFIG => OK,
+            | feature::WRITE_ATOMICITY => OK,
             _ => err(generic(sc::INVALID_FIELD)),
         }
     }
@@ -247,6 +310,22 @@ impl Device {
                 }
                 OK
             }
+            feature::ASYNC_EVENT_CONFIG => {
+                self.aec = e.cdw11;
+                OK
+            }
+            feature::HOST_BEHAVIOR_SUPPORT => {
+                let mut d = [0u8; HOST_BEHAVIOR_BYTES];
+                if let Err(s) = self.read_host(e, &mut d) {
+                    return err(s);
+                }
+                // ACRE is 0 or 1; other values are reserved.
+                if d[0] > 1 {
+                    return err(generic(sc::INVALID_FIELD));
+                }
+                self.acre = d[0];
+                OK
+            }
             feature::ARBITRATION
             | feature::POWER_MANAGEMENT
             | feature::TEMPERATURE_THRESHOLD
@@ -254,7 +333,6 @@ impl Device {
             | feature::INTERRUPT_COALESCING
             | feature::INTERRUPT_VECTOR_CONFIG
             | feature::WRITE_ATOMICITY
-            | feature::ASYNC_EVENT_CONFIG
             | feature::TIMESTAMP
             | feature::KEEP_ALIVE_TIMER => OK,
             _ => err(generic(sc::INVALID_FIELD)),
@@ -382,8 +460,11 @@ impl Device {
         OK
     }
 
+    /// Get Log Page. Reading a page with RAE clear lets the next event of that page be
+    /// reported, and clears the Changed Namespace List.
     fn get_log_page(&mut self, e: &SubmissionEntry) -> Outcome {
         let lid = e.cdw10 as u8;
+        let rae = e.cdw10 & LOG_RAE != 0;
         let numd = ((e.cdw11 & 0xFFFF) << 16 | e.cdw10 >> 16) as u64 + 1;
         let len = numd * 4;
         let offset = e.cdw12 as u64 | (e.cdw13 as u64) << 32;
@@ -409,14 +490,34 @@ impl Device {
             log_page::FIRMWARE_SLOT => {
                 let mut v = vec![0u8; 512];
                 v[0] = 1; // active slot 1
-                v[8..16].fill(b' ');
-                let fr = self.cfg.firmware.as_bytes();
-                let n = fr.len().min(8);
-                v[8..8 + n].copy_from_slice(&fr[..n]);
+                put_ascii(&mut v[8..16], &lock(&self.sh.events.firmware));
                 v
+            }
+            log_page::CHANGED_NS_LIST => {
+                // Held across the transfer: a namespace changed meanwhile is not cleared unseen.
+                let mut changed = lock(&self.sh.events.changed_ns);
+                let r = self.log_to_host(e, &changed.page(), offset, len);
+                let read = r.0.is_success() && !rae;
+                if read {
+                    changed.clear();
+                }
+                drop(changed);
+                if read {
+                    self.log_page_read(lid);
+                }
+                return r;
             }
             _ => return err(specific(sc::INVALID_LOG_PAGE)),
         };
+        let r = self.log_to_host(e, &log, offset, len);
+        if r.0.is_success() && !rae {
+            self.log_page_read(lid);
+        }
+        r
+    }
+
+    /// Copies `log` from byte `offset` to the host buffer of `e`, `len` bytes (zero-padded).
+    fn log_to_host(&self, e: &SubmissionEntry, log: &[u8], offset: u64, len: u64) -> Outcome {
         if offset > log.len() as u64 {
             return err(generic(sc::INVALID_FIELD));
         }
@@ -429,6 +530,11 @@ impl Device {
     fn smart_log(&self) -> SmartLog {
         let st = &self.sh.stats;
         let mut s = SmartLog::zeroed();
+        s.critical_warning = self
+            .sh
+            .events
+            .critical_warning
+            .load(std::sync::atomic::Ordering::Acquire);
         s.temperature = 310u16.to_le_bytes();
         s.avail_spare = 100;
         s.spare_thresh = 10;

@@ -2,7 +2,13 @@
 
 use std::time::Duration;
 
-use crate::nvme::spec::Status;
+use super::{SIM_DEVICE_ID, SIM_VID};
+use crate::nvme::spec::{self, Status};
+
+/// Most namespaces a model may have.
+const MAX_NAMESPACES: usize = 65_536;
+/// Largest BAR0 the model maps (virtual size; its pages are touched lazily).
+const MAX_BAR_BYTES: usize = 1 << 30;
 
 /// One namespace of the model.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,8 +51,9 @@ pub enum Latency {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
     /// Complete the nth command (1-based, counting commands with this opcode on the admin queue
-    /// (`admin = true`) or on I/O queues; `nth = 0` means every one) with this status. The
-    /// command is not executed (no data moves).
+    /// (`admin = true`) or on I/O queues; `nth = 0` means every one) with this status, exactly
+    /// as given (its CRD, More and DNR bits land in the CQE). The command is not executed (no
+    /// data moves).
     ErrorStatus {
         admin: bool,
         opcode: u8,
@@ -70,11 +77,41 @@ pub enum Fault {
     /// Ignore Abort commands: they complete with dw0 bit 0 = 1 ("not aborted") and leave the
     /// target outstanding.
     IgnoreAbort,
+    /// A transient error: the nth I/O command with this opcode (1-based) and the `times - 1`
+    /// I/O commands with that opcode after it complete with `status` exactly as given (its
+    /// CRD, More and DNR bits land in the CQE unchanged) without executing. Both `nth` and
+    /// `times` must be at least 1.
+    Transient {
+        opcode: u8,
+        nth: u64,
+        times: u64,
+        status: Status,
+    },
+    /// A late admin completion: the nth admin command with this opcode (1-based) is executed
+    /// when fetched (its data reaches the host, its effect applies: Doorbell Buffer Config
+    /// starts using the buffers) but completed only `delay` after it was fetched; other admin
+    /// commands proceed meanwhile. A controller reset (CC.EN 1->0) before then discards the
+    /// completion.
+    DelayAdmin {
+        opcode: u8,
+        nth: u64,
+        delay: Duration,
+    },
+    /// A late admin command: the nth admin command with this opcode (1-based) is fetched and
+    /// then left alone for `delay`: only then is it executed (its data reaches the host, its
+    /// effect applies) and completed. This is what a host that gave up on it must survive (a
+    /// transfer into a buffer it has since reused). A controller reset before then discards it.
+    LateAdmin {
+        opcode: u8,
+        nth: u64,
+        delay: Duration,
+    },
 }
 
 /// Everything the model can be configured with. `SimConfig::default()` is one 1 GiB namespace
 /// of 512-byte blocks, MDTS 5, 1024-entry queues, 64 I/O queue pairs, shadow doorbells, a
-/// volatile write cache, no latency, data stored in RAM, no faults.
+/// volatile write cache, no latency, data stored in RAM, no faults, no SGLs, CRDTs 0, CAP and
+/// BAR0 as configured, the active namespace list supported, PCI id 1b36:0001.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SimConfig {
     /// Namespaces 1..=N in order.
@@ -85,13 +122,16 @@ pub struct SimConfig {
     pub mqes: u16,
     /// The most I/O queues (of each kind) Set Features Number of Queues grants.
     pub max_io_queues: u16,
-    /// CAP.DSTRD (doorbell stride `4 << dstrd` bytes).
+    /// CAP.DSTRD (doorbell stride `4 << dstrd` bytes), 0..=15.
     pub dstrd: u8,
     /// CAP.TO in 500 ms units.
     pub timeout_500ms_units: u8,
     /// Advertise OACS bit 8 (Doorbell Buffer Config) and honour the command.
     pub dbbuf: bool,
-    /// SGL support. Not implemented: must be `false` (`start` refuses `true`).
+    /// SGL support: Identify SGLS = 1 (SGLs supported, no alignment requirement) and Read,
+    /// Write and Dataset Management accept PSDT 01b, the data described by SGL1 (a Data Block,
+    /// or a Segment / Last Segment chain of descriptor lists, at most 4096 descriptors per
+    /// command). `false`: any PSDT other than 00b is an Invalid Field.
     pub sgl: bool,
     /// Volatile write cache present (Identify VWC; Set Features VWC accepted).
     pub vwc: bool,
@@ -130,6 +170,22 @@ pub struct SimConfig {
     /// After this long from start, I/O service time follows the second latency instead (a
     /// device that changes mid-run: a write cliff, background work).
     pub latency_change: Option<(Duration, Latency)>,
+    /// Identify CRDT1..CRDT3: the Command Retry Delay Times (100 ms units) a completion's CRD
+    /// field selects.
+    pub crdt: [u16; 3],
+    /// CAP reads exactly this value, unchecked (a buggy device's register). The model itself
+    /// keeps working with the configured `mqes`, `dstrd` and page sizes.
+    pub raw_cap: Option<u64>,
+    /// BAR0 is this many bytes (at least `0x1008`: the registers and the admin doorbells), so
+    /// doorbells of higher queue ids may lie outside it: the model never touches memory past
+    /// its BAR, a doorbell outside it is never rung. `None`: BAR0 holds the doorbells of every
+    /// queue the model can grant.
+    pub bar_bytes: Option<usize>,
+    /// Identify CNS 02h (active namespace ID list) is supported. `false`: it fails with Invalid
+    /// Field, as on some old controllers.
+    pub active_ns_list: bool,
+    /// PCI (vendor, device) id; Identify VID reports the vendor.
+    pub pci_id: (u16, u16),
 }
 
 impl Default for SimConfig {
@@ -156,6 +212,11 @@ impl Default for SimConfig {
             cpu: None,
             inline: false,
             latency_change: None,
+            crdt: [0; 3],
+            raw_cap: None,
+            bar_bytes: None,
+            active_ns_list: true,
+            pci_id: (SIM_VID, SIM_DEVICE_ID),
         }
     }
 }
@@ -179,7 +240,14 @@ impl SimConfig {
     /// | `ready=5ms` | CSTS.RDY delay |
     /// | `cpu=N` | pin the device thread to CPU N |
     /// | `inline=0\|1` | the device works on the polling thread (see [`SimConfig::inline`]) |
+    /// | `sgl=0\|1` | SGL data pointers for Read, Write and DSM (see [`SimConfig::sgl`]) |
+    /// | `crdt=10:20:50` | Identify CRDT1..3 in 100 ms units (1 to 3 values, the rest 0) |
+    /// | `cap=0x...` | CAP reads exactly this 64-bit value ([`SimConfig::raw_cap`]; hex with `0x`, or decimal) |
+    /// | `bar=0x2000` | BAR0 size in bytes ([`SimConfig::bar_bytes`]; hex with `0x`, or a size like `8k`) |
+    /// | `nslist=0\|1` | Identify CNS 02h (active namespace list) supported ([`SimConfig::active_ns_list`]) |
+    /// | `pci=1b36:0010` | PCI vendor:device id in hex ([`SimConfig::pci_id`]; Identify VID is the vendor) |
     ///
+    /// `ns` may be up to 65536 and `dstrd` up to 15.
     /// Errors are one-line messages naming the key.
     pub fn parse(spec: &str) -> Result<SimConfig, String> {
         let spec = spec.strip_prefix("sim://").unwrap_or(spec);
@@ -214,8 +282,10 @@ impl SimConfig {
                 "bs" => bs = Some(parse_block_size(key, value)?),
                 "ns" => {
                     let n = parse_num(key, value)?;
-                    if !(1..=1024).contains(&n) {
-                        return Err(format!("sim option 'ns' must be 1..=1024, got {value}"));
+                    if !(1..=MAX_NAMESPACES as u64).contains(&n) {
+                        return Err(format!(
+                            "sim option 'ns' must be 1..={MAX_NAMESPACES}, got {value}"
+                        ));
                     }
                     count = Some(n as usize);
                 }
@@ -238,7 +308,23 @@ impl SimConfig {
                     }
                     cfg.max_io_queues = v as u16;
                 }
-                "dstrd" => cfg.dstrd = parse_int(key, value, 8)? as u8,
+                "dstrd" => cfg.dstrd = parse_int(key, value, 15)? as u8,
+                "sgl" => cfg.sgl = parse_bool(key, value)?,
+                "crdt" => cfg.crdt = parse_crdt(key, value)?,
+                "cap" => cfg.raw_cap = Some(parse_u64(key, value)?),
+                "bar" => {
+                    let b = if value.starts_with("0x") || value.starts_with("0X") {
+                        parse_u64(key, value)?
+                    } else {
+                        parse_size(key, value)?
+                    };
+                    cfg.bar_bytes = Some(
+                        usize::try_from(b)
+                            .map_err(|_| format!("sim option 'bar' is too large: {value}"))?,
+                    );
+                }
+                "nslist" => cfg.active_ns_list = parse_bool(key, value)?,
+                "pci" => cfg.pci_id = parse_pci_id(key, value)?,
                 "data" => cfg.store_data = parse_bool(key, value)?,
                 "dbbuf" => cfg.dbbuf = parse_bool(key, value)?,
                 "vwc" => cfg.vwc = parse_bool(key, value)?,
@@ -338,7 +424,28 @@ impl SimConfig {
                 }
             }
         }
+        if cfg.bar_bytes.is_some() || seen.contains(&"dstrd") {
+            // The BAR's bounds (the rest is checked by `SimController::start`).
+            cfg.check_bar().map_err(|m| {
+                let key = if cfg.bar_bytes.is_some() {
+                    "bar"
+                } else {
+                    "dstrd"
+                };
+                format!("sim option '{key}': {m}")
+            })?;
+        }
         Ok(cfg)
+    }
+
+    /// BAR0's size: [`SimConfig::bar_bytes`], or room for the doorbells of every I/O queue
+    /// the model can grant (rounded up to a page).
+    pub(super) fn bar_len(&self) -> usize {
+        match self.bar_bytes {
+            Some(b) => b,
+            None => (spec::cq_head_doorbell(self.max_io_queues, self.dstrd.min(15)) + 4)
+                .next_multiple_of(4096),
+        }
     }
 
     /// Checks the invariants `SimController::start` relies on.
@@ -371,16 +478,62 @@ impl SimConfig {
         if self.max_io_queues == 0 || self.max_io_queues == u16::MAX {
             return Err("max_io_queues must be 1..=65534".to_string());
         }
-        if self.dstrd > 8 {
-            return Err("dstrd must be at most 8".to_string());
+        if self.namespaces.len() > MAX_NAMESPACES {
+            return Err(format!(
+                "{} namespaces; at most {MAX_NAMESPACES}",
+                self.namespaces.len()
+            ));
+        }
+        if self.dstrd > 15 {
+            return Err("dstrd must be at most 15".to_string());
         }
         if self.mdts > 20 {
             return Err("mdts must be at most 20".to_string());
         }
-        if self.sgl {
-            return Err(
-                "the software controller does not implement SGLs (sgl must be false)".to_string(),
-            );
+        self.check_bar()?;
+        for f in &self.faults {
+            match *f {
+                Fault::Transient { nth, times, .. } if nth == 0 || times == 0 => {
+                    return Err(format!(
+                        "fault {f:?}: Transient needs nth >= 1 and times >= 1"
+                    ));
+                }
+                Fault::DelayAdmin { nth: 0, .. } | Fault::LateAdmin { nth: 0, .. } => {
+                    return Err(format!("fault {f:?}: needs nth >= 1"));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// BAR0 holds the admin doorbells and is not larger than the model maps.
+    fn check_bar(&self) -> Result<(), String> {
+        let admin_doorbells = spec::cq_head_doorbell(0, self.dstrd.min(15)) + 4;
+        match self.bar_bytes {
+            Some(b) if b < admin_doorbells => {
+                return Err(format!(
+                    "bar_bytes {b:#x} leaves out the admin doorbells: at least {admin_doorbells:#x} \
+                     at dstrd {}",
+                    self.dstrd
+                ));
+            }
+            Some(b) if b > MAX_BAR_BYTES => {
+                return Err(format!(
+                    "bar_bytes {b:#x} is more than the model maps ({MAX_BAR_BYTES:#x})"
+                ));
+            }
+            Some(_) => {}
+            None if self.bar_len() > MAX_BAR_BYTES => {
+                return Err(format!(
+                    "BAR0 for {} I/O queues at dstrd {} would be {:#x} bytes, more than the \
+                     model maps ({MAX_BAR_BYTES:#x}): lower qpairs or dstrd, or set bar_bytes",
+                    self.max_io_queues,
+                    self.dstrd,
+                    self.bar_len()
+                ));
+            }
+            None => {}
         }
         Ok(())
     }
@@ -390,6 +543,52 @@ fn parse_num(key: &str, value: &str) -> Result<u64, String> {
     value
         .parse::<u64>()
         .map_err(|_| format!("sim option '{key}' needs a number, got '{value}'"))
+}
+
+/// A 64-bit number, hex with `0x` or decimal.
+fn parse_u64(key: &str, value: &str) -> Result<u64, String> {
+    let r = match value
+        .strip_prefix("0x")
+        .or_else(|| value.strip_prefix("0X"))
+    {
+        Some(hex) => u64::from_str_radix(&hex.replace('_', ""), 16),
+        None => value.parse::<u64>(),
+    };
+    r.map_err(|_| format!("sim option '{key}' needs a number (0x... for hex), got '{value}'"))
+}
+
+/// `a[:b[:c]]`, each 0..=65535 (100 ms units); missing values are 0.
+fn parse_crdt(key: &str, value: &str) -> Result<[u16; 3], String> {
+    let mut out = [0u16; 3];
+    let parts: Vec<&str> = value.split(':').collect();
+    if parts.len() > 3 {
+        return Err(format!(
+            "sim option '{key}' takes at most 3 values (CRDT1:CRDT2:CRDT3), got '{value}'"
+        ));
+    }
+    for (o, p) in out.iter_mut().zip(parts) {
+        *o = parse_int(key, p.trim(), u16::MAX as u64)? as u16;
+    }
+    Ok(out)
+}
+
+/// `vendor:device`, each a 16-bit hex number (an optional `0x` on each).
+fn parse_pci_id(key: &str, value: &str) -> Result<(u16, u16), String> {
+    let bad =
+        || format!("sim option '{key}' needs vendor:device in hex like 1b36:0010, got '{value}'");
+    let (v, d) = value.split_once(':').ok_or_else(bad)?;
+    let hex = |s: &str| {
+        let s = s.trim();
+        let s = s
+            .strip_prefix("0x")
+            .or_else(|| s.strip_prefix("0X"))
+            .unwrap_or(s);
+        if s.is_empty() || s.len() > 4 {
+            return None;
+        }
+        u16::from_str_radix(s, 16).ok()
+    };
+    Ok((hex(v).ok_or_else(bad)?, hex(d).ok_or_else(bad)?))
 }
 
 fn parse_int(key: &str, value: &str, max: u64) -> Result<u64, String> {

@@ -12,7 +12,7 @@ use super::config::{Fault, Latency, SimConfig};
 use super::host::dma;
 use super::{Shared, cap_value};
 use crate::nvme::spec::{
-    self, Aqa, Cc, CompletionEntry, ErrorLogEntry, Status, SubmissionEntry, reg,
+    self, Aqa, AsyncEvent, Cc, CompletionEntry, ErrorLogEntry, Status, SubmissionEntry, reg,
 };
 
 /// Generic status with DNR set (every error the model itself produces has DNR).
@@ -33,6 +33,10 @@ pub(super) mod sc {
     pub const ABORTED_SQ_DELETION: u8 = 0x08;
     pub const INVALID_NAMESPACE: u8 = 0x0B;
     pub const COMMAND_SEQUENCE_ERROR: u8 = 0x0C;
+    pub const INVALID_SGL_SEGMENT_DESCRIPTOR: u8 = 0x0D;
+    pub const INVALID_NUMBER_OF_SGL_DESCRIPTORS: u8 = 0x0E;
+    pub const DATA_SGL_LENGTH_INVALID: u8 = 0x0F;
+    pub const SGL_DESCRIPTOR_TYPE_INVALID: u8 = 0x11;
     pub const PRP_OFFSET_INVALID: u8 = 0x13;
     pub const LBA_OUT_OF_RANGE: u8 = 0x80;
     // command specific
@@ -165,6 +169,8 @@ pub(super) struct Device {
     pub(super) dbbuf: Option<(u64, u64)>,
     pub(super) held: Vec<Held>,
     timed: BinaryHeap<Reverse<Timed>>,
+    /// Admin commands fetched and not executed yet (LateAdmin), with when to run them.
+    pub(super) late_admin: Vec<(Instant, SubmissionEntry)>,
     seq: u64,
     backlogged: usize,
     faults: Vec<FaultState>,
@@ -179,6 +185,17 @@ pub(super) struct Device {
     pub(super) error_log: [ErrorLogEntry; ERROR_LOG_ENTRIES],
     pub(super) error_count: u64,
     pub(super) started: Instant,
+    /// Events raised and not reported yet, oldest first.
+    pub(super) events: VecDeque<AsyncEvent>,
+    /// Log pages (bit per id) with an event reported and not read since: their further events
+    /// wait.
+    pub(super) reported: [u64; 4],
+    /// Host Behavior Support byte 0 (Advanced Command Retry Enable).
+    pub(super) acre: u8,
+    /// Asynchronous Event Configuration (Set Features 0Bh), reported back by Get Features.
+    pub(super) aec: u32,
+    /// The pieces of the SGL of the command in hand (reused from command to command).
+    pub(super) sgl_pieces: Vec<(u64, u32)>,
 }
 
 impl Device {
@@ -213,6 +230,7 @@ impl Device {
             dbbuf: None,
             held: Vec::with_capacity(64),
             timed: BinaryHeap::with_capacity(1024),
+            late_admin: Vec::new(),
             seq: 0,
             backlogged: 0,
             has_faults: !faults.is_empty(),
@@ -226,6 +244,11 @@ impl Device {
             error_log: [ErrorLogEntry::zeroed(); ERROR_LOG_ENTRIES],
             error_count: 0,
             started: Instant::now(),
+            events: VecDeque::new(),
+            reported: [0; 4],
+            acre: 0,
+            aec: 0,
+            sgl_pieces: Vec::new(),
             cfg,
         }
     }
@@ -236,12 +259,19 @@ impl Device {
         if self.sh.power.pending.load(Ordering::Acquire) {
             self.lose_power();
         }
+        self.sh.events.take(&mut self.events);
         let mut work = self.poll_registers();
         if self.rdy && !self.cfs {
+            if !self.events.is_empty() {
+                work |= self.deliver_events();
+            }
             work |= self.poll_admin();
             work |= self.poll_io();
             if !self.timed.is_empty() {
                 work |= self.poll_timed();
+            }
+            if !self.late_admin.is_empty() {
+                work |= self.run_late_admin();
             }
             if self.backlogged > 0 {
                 work |= self.flush_backlogs();
@@ -413,6 +443,8 @@ impl Device {
         self.granted_sqs = self.cfg.max_io_queues;
         self.granted_cqs = self.cfg.max_io_queues;
         self.vwc_enabled = self.cfg.vwc;
+        self.acre = 0;
+        self.aec = 0;
         self.set_rdy_later(true);
     }
 
@@ -445,13 +477,21 @@ impl Device {
     }
 
     fn zero_doorbells(&self) {
+        let d = self.cfg.dstrd;
         for qid in 0..=self.cfg.max_io_queues {
-            self.sh
-                .bar
-                .store(spec::sq_tail_doorbell(qid, self.cfg.dstrd), 0);
-            self.sh
-                .bar
-                .store(spec::cq_head_doorbell(qid, self.cfg.dstrd), 0);
+            for off in [
+                spec::sq_tail_doorbell(qid, d),
+                spec::cq_head_doorbell(qid, d),
+            ] {
+                if off >= self.sh.bar.len() {
+                    return;
+                }
+                // Only the ones written: a large stride spreads them over many pages, which
+                // stay untouched (and cost no memory) until a driver writes them.
+                if self.sh.bar.load(off) != 0 {
+                    self.sh.bar.store(off, 0);
+                }
+            }
         }
     }
 
@@ -466,8 +506,12 @@ impl Device {
         }
         self.io_sqs.clear();
         self.dbbuf = None;
+        // Outstanding AERs go with the rest; queued events stay, and what was reported is
+        // forgotten (the host re-initialises and may not have seen it).
         self.held.clear();
+        self.reported = [0; 4];
         self.timed.clear();
+        self.late_admin.clear();
         self.backlogged = 0;
         self.inflight = 0;
         self.zero_doorbells();
@@ -490,7 +534,9 @@ impl Device {
     fn sq_tail(&mut self, qid: u16) -> u32 {
         let dstrd = self.cfg.dstrd;
         match self.dbbuf {
-            Some((shadow, ei)) if qid != 0 => {
+            Some((shadow, ei))
+                if qid != 0 && self.in_shadow_page(spec::shadow_sq_tail_index(qid, dstrd)) =>
+            {
                 // Every MMIO write is an event (the register is reset to a value no driver
                 // writes, so writing the same tail twice is seen twice).
                 let rang = self
@@ -532,7 +578,9 @@ impl Device {
     fn cq_head(&self, qid: u16) -> u32 {
         let dstrd = self.cfg.dstrd;
         match self.dbbuf {
-            Some((shadow, ei)) if qid != 0 => {
+            Some((shadow, ei))
+                if qid != 0 && self.in_shadow_page(spec::shadow_cq_head_index(qid, dstrd)) =>
+            {
                 let i = spec::shadow_cq_head_index(qid, dstrd) as u64 * 4;
                 let h = dma::load_u32(shadow + i);
                 dma::store_u32(ei + i, h);
@@ -540,6 +588,13 @@ impl Device {
             }
             _ => self.sh.bar.load(spec::cq_head_doorbell(qid, dstrd)),
         }
+    }
+
+    /// Whether slot `index` (in `u32` units) of the shadow doorbell and EventIdx buffers lies
+    /// inside their one memory page. A queue whose slot does not (a large doorbell stride)
+    /// uses its MMIO doorbells: the model never touches host memory past those pages.
+    pub(super) fn in_shadow_page(&self, index: usize) -> bool {
+        (index as u64 + 1) * 4 <= self.page_size
     }
 
     // ----- fetching -------------------------------------------------------------------------
@@ -591,26 +646,38 @@ impl Device {
 
     // ----- faults ---------------------------------------------------------------------------
 
-    /// ErrorStatus faults for this command (counted before it executes).
+    /// ErrorStatus and Transient faults for this command (counted before it executes). The
+    /// status is used exactly as configured (CRD, More and DNR included).
     pub(super) fn fault_status(&mut self, admin: bool, opcode: u8) -> Option<Status> {
         if !self.has_faults {
             return None;
         }
         let mut hit = None;
         for f in self.faults.iter_mut() {
-            if let Fault::ErrorStatus {
-                admin: a,
-                opcode: o,
-                nth,
-                status,
-            } = f.fault
-                && a == admin
-                && o == opcode
-            {
-                f.count += 1;
-                if hit.is_none() && (nth == 0 || f.count == nth) {
-                    hit = Some(status);
+            match f.fault {
+                Fault::ErrorStatus {
+                    admin: a,
+                    opcode: o,
+                    nth,
+                    status,
+                } if a == admin && o == opcode => {
+                    f.count += 1;
+                    if hit.is_none() && (nth == 0 || f.count == nth) {
+                        hit = Some(status);
+                    }
                 }
+                Fault::Transient {
+                    opcode: o,
+                    nth,
+                    times,
+                    status,
+                } if !admin && o == opcode => {
+                    f.count += 1;
+                    if hit.is_none() && f.count >= nth && f.count - nth < times {
+                        hit = Some(status);
+                    }
+                }
+                _ => {}
             }
         }
         if hit.is_some() {
@@ -650,6 +717,60 @@ impl Device {
         hit
     }
 
+    /// Admin commands whose LateAdmin delay has passed: executed and completed now.
+    fn run_late_admin(&mut self) -> bool {
+        let now = Instant::now();
+        let mut work = false;
+        let mut i = 0;
+        while i < self.late_admin.len() {
+            if self.late_admin[i].0 <= now {
+                let (_, e) = self.late_admin.remove(i);
+                self.execute_admin(&e);
+                work = true;
+            } else {
+                i += 1;
+            }
+        }
+        work
+    }
+
+    /// LateAdmin faults for an admin command just fetched: how long to leave it alone.
+    pub(super) fn fault_late(&mut self, opcode: u8) -> Option<Duration> {
+        self.fault_admin_delay(opcode, true)
+    }
+
+    /// DelayAdmin faults for an admin command that has executed: how long after its fetch
+    /// (now) it completes.
+    fn fault_delay(&mut self, opcode: u8) -> Option<Duration> {
+        self.fault_admin_delay(opcode, false)
+    }
+
+    /// Counts `opcode` against the LateAdmin (`late`) or DelayAdmin faults; the delay of the
+    /// one whose turn it is.
+    fn fault_admin_delay(&mut self, opcode: u8, late: bool) -> Option<Duration> {
+        if !self.has_faults {
+            return None;
+        }
+        let mut hit = None;
+        for f in self.faults.iter_mut() {
+            let (o, nth, delay) = match f.fault {
+                Fault::LateAdmin { opcode, nth, delay } if late => (opcode, nth, delay),
+                Fault::DelayAdmin { opcode, nth, delay } if !late => (opcode, nth, delay),
+                _ => continue,
+            };
+            if o == opcode {
+                f.count += 1;
+                if hit.is_none() && f.count == nth {
+                    hit = Some(delay);
+                }
+            }
+        }
+        if hit.is_some() {
+            self.sh.stats.faults_injected.add(1);
+        }
+        hit
+    }
+
     fn check_fatal(&mut self) {
         if !self.has_faults || self.fatal_fired {
             return;
@@ -667,16 +788,31 @@ impl Device {
 
     // ----- completing -----------------------------------------------------------------------
 
-    /// Finishes an admin command that executed inline.
+    /// Finishes an admin command that executed inline: completes it now, later (DelayAdmin)
+    /// or never (DropCompletion).
     pub(super) fn finish_admin(&mut self, e: &SubmissionEntry, status: Status, dw0: u32) {
-        match self.fault_kind(true, e.opcode) {
-            Some(Err(())) => self.hold(0, e.cid, false),
-            _ => self.complete(Post {
-                sqid: 0,
-                cid: e.cid,
-                status,
-                dw0,
-            }),
+        if let Some(Err(())) = self.fault_kind(true, e.opcode) {
+            self.hold(0, e.cid, false);
+            return;
+        }
+        let post = Post {
+            sqid: 0,
+            cid: e.cid,
+            status,
+            dw0,
+        };
+        match self.fault_delay(e.opcode) {
+            Some(delay) => {
+                // With the I/O completions that wait for their time: a reset drops them all.
+                self.seq += 1;
+                self.timed.push(Reverse(Timed {
+                    due: Instant::now() + delay,
+                    seq: self.seq,
+                    post,
+                    kind: Kind::Normal,
+                }));
+            }
+            None => self.complete(post),
         }
     }
 
@@ -892,18 +1028,19 @@ impl Device {
     /// (timed and held ones), before the queue goes away.
     pub(super) fn abort_sq_commands(&mut self, qid: u16) {
         let status = generic(sc::ABORTED_SQ_DELETION);
-        let mut i = 0;
-        while i < self.held.len() {
-            if self.held[i].sqid == qid {
-                let h = self.held.swap_remove(i);
+        if self.held.iter().any(|h| h.sqid == qid) {
+            // Order-preserving: the oldest AER must stay first among the rest.
+            let (gone, keep): (Vec<Held>, Vec<Held>) = std::mem::take(&mut self.held)
+                .into_iter()
+                .partition(|h| h.sqid == qid);
+            self.held = keep;
+            for h in gone {
                 self.complete(Post {
                     sqid: qid,
                     cid: h.cid,
                     status,
                     dw0: 0,
                 });
-            } else {
-                i += 1;
             }
         }
         if self.timed.iter().any(|t| t.0.post.sqid == qid) {
@@ -938,7 +1075,8 @@ impl Device {
         else {
             return false;
         };
-        self.held.swap_remove(i);
+        // Order-preserving: the oldest AER must stay first.
+        self.held.remove(i);
         self.sh.stats.aborts.add(1);
         self.complete(Post {
             sqid,
@@ -951,6 +1089,45 @@ impl Device {
 
     pub(super) fn aer_count(&self) -> usize {
         self.held.iter().filter(|h| h.aer).count()
+    }
+
+    /// Reports queued events on outstanding AERs, oldest with oldest: an event waits while its
+    /// log page has a reported event the host has not read. Returns whether it reported any.
+    pub(super) fn deliver_events(&mut self) -> bool {
+        let mut work = false;
+        while !self.events.is_empty() {
+            let Some(a) = self.held.iter().position(|h| h.aer) else {
+                break;
+            };
+            let reported = self.reported;
+            let Some(i) = self
+                .events
+                .iter()
+                .position(|ev| !log_bit(&reported, ev.log_page))
+            else {
+                break;
+            };
+            let Some(ev) = self.events.remove(i) else {
+                break;
+            };
+            let h = self.held.remove(a);
+            self.reported[ev.log_page as usize / 64] |= 1 << (ev.log_page % 64);
+            self.sh.stats.events_reported.add(1);
+            self.complete(Post {
+                sqid: h.sqid,
+                cid: h.cid,
+                status: Status::SUCCESS,
+                dw0: ev.to_dw0(),
+            });
+            work = true;
+        }
+        work
+    }
+
+    /// The host read log page `lid` (RAE clear): its next event may be reported (from the
+    /// next pass on, after the Get Log Page completion).
+    pub(super) fn log_page_read(&mut self, lid: u8) {
+        self.reported[lid as usize / 64] &= !(1 << (lid % 64));
     }
 
     /// Removes the CQ's pending backlog (the CQ is being deleted).
@@ -968,6 +1145,11 @@ impl Device {
         self.timed.reserve(size as usize + 2);
         self.held.reserve(4);
     }
+}
+
+/// Whether log page `lid`'s bit is set in a 256-bit set.
+fn log_bit(set: &[u64; 4], lid: u8) -> bool {
+    set[lid as usize / 64] & (1 << (lid % 64)) != 0
 }
 
 const fn next(i: u32, size: u32) -> u32 {

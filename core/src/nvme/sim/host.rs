@@ -13,60 +13,63 @@
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering};
 
-use rio_sys::mem::Mapping;
-
 use crate::nvme::spec::{CompletionEntry, SubmissionEntry};
 
-/// The model's BAR0: zeroed, page-aligned process memory of 32-bit registers.
+/// The model's BAR0: zeroed, page-aligned process memory of 32-bit registers, mapped lazily
+/// (a large doorbell stride costs address space, not memory). `len` may be less than the
+/// mapping (a BAR that is not a whole number of pages): nothing past `len` is ever touched.
 pub(crate) struct Bar {
-    map: Mapping,
+    map: LazyMem,
+    len: usize,
 }
-
-// SAFETY: the Mapping is owned memory like a Box<[u8]>; every access through `Bar` (and, by the
-// driver, through the pointer `SimController::bar` returns) is an atomic 32-bit access, so sharing
-// it between the device thread and driver threads creates no data race.
-unsafe impl Sync for Bar {}
 
 impl Bar {
     pub(crate) fn new(len: usize) -> std::io::Result<Bar> {
         Ok(Bar {
-            map: Mapping::anonymous(len, false, false)?,
+            map: LazyMem::new(len as u64)?,
+            len,
         })
     }
 
     pub(crate) fn as_ptr(&self) -> *mut u8 {
-        self.map.as_ptr()
+        self.map.ptr.as_ptr()
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.map.len()
+        self.len
     }
 
-    fn word(&self, off: usize) -> &AtomicU32 {
-        assert!(
-            off.is_multiple_of(4) && off + 4 <= self.map.len(),
-            "BAR offset {off:#x}"
-        );
+    /// The register at `off`, or `None` past the BAR (or misaligned): the model never touches
+    /// memory outside it.
+    fn word(&self, off: usize) -> Option<&AtomicU32> {
+        if !off.is_multiple_of(4) || off.checked_add(4).is_none_or(|end| end > self.len) {
+            return None;
+        }
         // SAFETY: `off` is in bounds and 4-byte aligned (the mapping is page aligned), the mapping
         // lives as long as `self`, and every party accesses BAR words only atomically.
-        unsafe { AtomicU32::from_ptr(self.map.as_ptr().add(off).cast::<u32>()) }
+        Some(unsafe { AtomicU32::from_ptr(self.as_ptr().add(off).cast::<u32>()) })
     }
 
-    /// Acquire load of the 32-bit register at `off`.
+    /// Acquire load of the 32-bit register at `off`; 0 past the BAR (a doorbell there is
+    /// never rung).
     pub(crate) fn load(&self, off: usize) -> u32 {
-        self.word(off).load(Ordering::Acquire)
+        self.word(off).map_or(0, |w| w.load(Ordering::Acquire))
     }
 
-    /// Release store of the 32-bit register at `off`.
+    /// Release store of the 32-bit register at `off`; nothing past the BAR.
     pub(crate) fn store(&self, off: usize, v: u32) {
-        self.word(off).store(v, Ordering::Release)
+        if let Some(w) = self.word(off) {
+            w.store(v, Ordering::Release)
+        }
     }
 
     /// Consume a doorbell write: if the register holds something other than `idle`, reset it
     /// to `idle` and return true. A write that lands between the load and the reset is not
     /// lost (compare-and-swap).
     pub(crate) fn take_write(&self, off: usize, idle: u32) -> bool {
-        let w = self.word(off);
+        let Some(w) = self.word(off) else {
+            return false;
+        };
         let mut v = w.load(Ordering::Acquire);
         while v != idle {
             match w.compare_exchange(v, idle, Ordering::AcqRel, Ordering::Acquire) {
@@ -163,23 +166,27 @@ pub(crate) mod dma {
     }
 }
 
-/// The RAM of one namespace: an anonymous `MAP_NORESERVE` mapping, zero-filled lazily by the
-/// kernel, so a large namespace costs only the pages actually written.
-pub(crate) struct NsMem {
+/// An anonymous `MAP_NORESERVE` mapping, zero-filled lazily by the kernel: it costs only the
+/// pages actually touched.
+pub(crate) struct LazyMem {
     ptr: NonNull<u8>,
     len: usize,
 }
 
-// SAFETY: uniquely owned process memory (like a Box<[u8]>); only the device thread writes it, and
-// `SimController::namespace_data` reads it with raw copies (see there).
-unsafe impl Send for NsMem {}
-// SAFETY: as above; no `&`/`&mut` into the mapping is ever formed.
-unsafe impl Sync for NsMem {}
+// SAFETY: uniquely owned process memory (like a Box<[u8]>) that is only ever accessed through
+// raw pointers or atomics (no `&`/`&mut` into it is formed); its users say who may write what
+// when: namespace RAM is written by the device only, BAR words are accessed atomically.
+unsafe impl Send for LazyMem {}
+// SAFETY: as above.
+unsafe impl Sync for LazyMem {}
 
-impl NsMem {
-    pub(crate) fn new(len: u64) -> std::io::Result<NsMem> {
+impl LazyMem {
+    fn new(len: u64) -> std::io::Result<LazyMem> {
         let len =
             usize::try_from(len).map_err(|_| std::io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+        if len == 0 {
+            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        }
         // SAFETY: an anonymous private mapping at a kernel-chosen address touches no existing
         // memory.
         let p = unsafe {
@@ -196,18 +203,40 @@ impl NsMem {
             return Err(std::io::Error::last_os_error());
         }
         let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(std::io::Error::last_os_error)?;
-        Ok(NsMem { ptr, len })
+        Ok(LazyMem { ptr, len })
+    }
+}
+
+impl Drop for LazyMem {
+    fn drop(&mut self) {
+        // SAFETY: we own the mapping; the device thread that used it has been joined and the
+        // driver's BAR pointer does not outlive the `SimController`.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// The RAM of one namespace (lazily zero-filled). Only the device (the thread in a pass)
+/// writes it; `SimController::namespace_data` reads it with raw copies (see there).
+pub(crate) struct NsMem {
+    map: LazyMem,
+}
+
+impl NsMem {
+    pub(crate) fn new(len: u64) -> std::io::Result<NsMem> {
+        Ok(NsMem {
+            map: LazyMem::new(len)?,
+        })
     }
 
     /// Pointer to byte `off`; `off + len` must have been bounds-checked against the namespace.
     pub(crate) fn at(&self, off: u64, len: usize) -> *mut u8 {
         assert!(
             off.checked_add(len as u64)
-                .is_some_and(|end| end <= self.len as u64),
+                .is_some_and(|end| end <= self.map.len as u64),
             "namespace access out of bounds"
         );
         // SAFETY: in bounds of the live mapping (checked above).
-        unsafe { self.ptr.as_ptr().add(off as usize) }
+        unsafe { self.map.ptr.as_ptr().add(off as usize) }
     }
 
     /// Zeroes `[off, off + len)`: whole pages go back to the kernel (they read as zeros again),
@@ -222,18 +251,26 @@ impl NsMem {
         // private anonymous mapping only replaces whole pages with zero-fill pages. The device
         // thread is the only writer of namespace memory.
         unsafe {
-            std::ptr::write_bytes(self.ptr.as_ptr().add(off as usize), 0, (a - off) as usize);
+            std::ptr::write_bytes(
+                self.map.ptr.as_ptr().add(off as usize),
+                0,
+                (a - off) as usize,
+            );
             if b > a {
                 let r = libc::madvise(
-                    self.ptr.as_ptr().add(a as usize).cast(),
+                    self.map.ptr.as_ptr().add(a as usize).cast(),
                     (b - a) as usize,
                     libc::MADV_DONTNEED,
                 );
                 if r != 0 {
-                    std::ptr::write_bytes(self.ptr.as_ptr().add(a as usize), 0, (b - a) as usize);
+                    std::ptr::write_bytes(
+                        self.map.ptr.as_ptr().add(a as usize),
+                        0,
+                        (b - a) as usize,
+                    );
                 }
             }
-            std::ptr::write_bytes(self.ptr.as_ptr().add(b as usize), 0, (end - b) as usize);
+            std::ptr::write_bytes(self.map.ptr.as_ptr().add(b as usize), 0, (end - b) as usize);
         }
     }
 
@@ -253,13 +290,6 @@ impl NsMem {
         // The device thread may be writing this range if a command touching it is outstanding;
         // callers peek at data whose commands completed (documented on `namespace_data`).
         unsafe { std::ptr::copy_nonoverlapping(src, out.as_mut_ptr(), out.len()) }
-    }
-}
-
-impl Drop for NsMem {
-    fn drop(&mut self) {
-        // SAFETY: we own the mapping; the device thread that used it has been joined.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
     }
 }
 

@@ -107,8 +107,14 @@ impl Device {
                 let v = s.u32();
                 if let Some((_, ei)) = self.dbbuf {
                     let d = self.cfg.dstrd;
-                    dma::store_u32(ei + spec::shadow_sq_tail_index(qid, d) as u64 * 4, v);
-                    dma::store_u32(ei + spec::shadow_cq_head_index(cqid, d) as u64 * 4, v);
+                    for i in [
+                        spec::shadow_sq_tail_index(qid, d),
+                        spec::shadow_cq_head_index(cqid, d),
+                    ] {
+                        if self.in_shadow_page(i) {
+                            dma::store_u32(ei + i as u64 * 4, v);
+                        }
+                    }
                 }
                 self.complete(post);
             }

@@ -1,8 +1,151 @@
-//! NVM I/O commands (Read, Write, Flush, Write Zeroes, Dataset Management) and PRP walking.
+//! NVM I/O commands (Read, Write, Flush, Write Zeroes, Dataset Management), PRP walking and
+//! SGL walking.
 
 use super::device::{Device, OK, Outcome, generic, sc};
 use super::host::dma;
-use crate::nvme::spec::{self, DsmRange, Status, SubmissionEntry, dsm_attr, io_opcode};
+use crate::nvme::spec::{
+    self, DsmRange, SglDescriptor, Status, SubmissionEntry, dsm_attr, io_opcode, sgl_type,
+};
+
+/// Most descriptors the model reads from SGL segments for one command (more: Invalid Number
+/// of SGL Descriptors): a loop of segments ends here, never hangs.
+pub(super) const MAX_SGL_DESCRIPTORS: u32 = 4096;
+
+/// Resolves SGL1 of a `len`-byte transfer (NVMe 1.4 §4.4) into the host pieces it names, in
+/// order, into `pieces` (cleared first; zero-length Data Blocks are left out). SGL1 is a Data
+/// Block, or a Segment / Last Segment descriptor pointing at a list of descriptors in host
+/// memory: a Segment list may end with a Segment or Last Segment descriptor for the next list
+/// (or with a Data Block, ending the SGL); a Last Segment list holds only Data Blocks. Nothing
+/// is transferred here, so a bad SGL moves no data. Errors (Generic, with DNR):
+///
+/// - 0x11 SGL Descriptor Type Invalid: a type other than Data Block / Segment / Last Segment
+///   (Bit Bucket included: SGLS says unsupported), or a subtype other than 0 (address);
+/// - 0x0D Invalid SGL Segment Descriptor: a segment descriptor before the end of a Segment
+///   list, or anywhere in a Last Segment list;
+/// - 0x0E Invalid Number of SGL Descriptors: a segment length of 0 or not a multiple of 16,
+///   or more than [`MAX_SGL_DESCRIPTORS`] descriptors;
+/// - 0x0F Data SGL Length Invalid: the Data Blocks' lengths do not add up to `len`;
+/// - 0x04 Data Transfer Error: a zero address for a segment or a nonempty Data Block (a real
+///   controller's DMA would fault).
+pub(super) fn walk_sgl(
+    sgl1: SglDescriptor,
+    len: u64,
+    pieces: &mut Vec<(u64, u32)>,
+) -> Result<(), Status> {
+    pieces.clear();
+    let mut total = 0u64;
+    let mut data = |d: &SglDescriptor, pieces: &mut Vec<(u64, u32)>| -> Result<(), Status> {
+        total += d.len as u64;
+        if total > len {
+            return Err(generic(sc::DATA_SGL_LENGTH_INVALID));
+        }
+        if d.len > 0 {
+            if d.addr == 0 {
+                return Err(generic(sc::DATA_TRANSFER_ERROR));
+            }
+            pieces.push((d.addr, d.len));
+        }
+        Ok(())
+    };
+    if sgl1.subtype() != 0 {
+        return Err(generic(sc::SGL_DESCRIPTOR_TYPE_INVALID));
+    }
+    let mut seg = match sgl1.kind() {
+        sgl_type::DATA_BLOCK => {
+            data(&sgl1, pieces)?;
+            None
+        }
+        sgl_type::SEGMENT | sgl_type::LAST_SEGMENT => Some(sgl1),
+        _ => return Err(generic(sc::SGL_DESCRIPTOR_TYPE_INVALID)),
+    };
+    let mut read = 0u32;
+    while let Some(s) = seg.take() {
+        if s.len == 0 || !s.len.is_multiple_of(SglDescriptor::BYTES as u32) {
+            return Err(generic(sc::INVALID_NUMBER_OF_SGL_DESCRIPTORS));
+        }
+        if s.addr == 0 {
+            return Err(generic(sc::DATA_TRANSFER_ERROR));
+        }
+        let last_list = s.kind() == sgl_type::LAST_SEGMENT;
+        let n = s.len / SglDescriptor::BYTES as u32;
+        for i in 0..n {
+            read += 1;
+            if read > MAX_SGL_DESCRIPTORS {
+                return Err(generic(sc::INVALID_NUMBER_OF_SGL_DESCRIPTORS));
+            }
+            let mut raw = [0u8; SglDescriptor::BYTES];
+            let at = s.addr.wrapping_add(i as u64 * SglDescriptor::BYTES as u64);
+            dma::read_into(at, raw.as_mut_ptr(), raw.len());
+            let d = SglDescriptor::from_bytes(&raw);
+            if d.subtype() != 0 {
+                return Err(generic(sc::SGL_DESCRIPTOR_TYPE_INVALID));
+            }
+            match d.kind() {
+                sgl_type::DATA_BLOCK => data(&d, pieces)?,
+                sgl_type::SEGMENT | sgl_type::LAST_SEGMENT if !last_list && i + 1 == n => {
+                    seg = Some(d);
+                }
+                sgl_type::SEGMENT | sgl_type::LAST_SEGMENT => {
+                    return Err(generic(sc::INVALID_SGL_SEGMENT_DESCRIPTOR));
+                }
+                _ => return Err(generic(sc::SGL_DESCRIPTOR_TYPE_INVALID)),
+            }
+        }
+    }
+    if total != len {
+        return Err(generic(sc::DATA_SGL_LENGTH_INVALID));
+    }
+    Ok(())
+}
+
+/// How a command's data pointer names its data, once checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Dptr {
+    /// PRP1 / PRP2 (walked, and checked, while the data moves).
+    Prp,
+    /// The SGL resolved into `Device::sgl_pieces`.
+    Sgl,
+}
+
+impl Device {
+    /// Checks the data pointer of I/O command `e` for a `len`-byte transfer: PSDT 00b is PRPs;
+    /// 01b is an SGL when [`SimConfig::sgl`](super::SimConfig::sgl) is on, resolved here into
+    /// `sgl_pieces` (so a bad SGL fails before anything moves); anything else is Invalid Field.
+    fn data_pointer(&mut self, e: &SubmissionEntry, len: u64) -> Result<Dptr, Status> {
+        match e.psdt() {
+            0 => Ok(Dptr::Prp),
+            1 if self.cfg.sgl => {
+                self.sh.stats.sgl_cmds.add(1);
+                walk_sgl(e.sgl1(), len, &mut self.sgl_pieces)?;
+                Ok(Dptr::Sgl)
+            }
+            _ => Err(generic(sc::INVALID_FIELD)),
+        }
+    }
+}
+
+/// Calls `f(host_addr, offset_in_transfer, len)` for each piece of a `len`-byte transfer whose
+/// data pointer `data_pointer` checked as `how` (`pieces`: its SGL pieces).
+fn transfer(
+    e: &SubmissionEntry,
+    how: Dptr,
+    len: u64,
+    ps: u64,
+    pieces: &[(u64, u32)],
+    mut f: impl FnMut(u64, u64, usize),
+) -> Result<(), Status> {
+    match how {
+        Dptr::Prp => walk_prps(e.prp1, e.prp2, len, ps, f),
+        Dptr::Sgl => {
+            let mut o = 0u64;
+            for &(addr, n) in pieces {
+                f(addr, o, n as usize);
+                o += n as u64;
+            }
+            Ok(())
+        }
+    }
+}
 
 /// Calls `f(host_addr, offset_in_transfer, len)` for each physically contiguous piece of a
 /// `len`-byte transfer described by PRP1/PRP2 with memory page size `ps` (NVMe 1.4 §4.3):
@@ -93,7 +236,7 @@ impl Device {
     fn lba_range(&self, ns: usize, slba: u64, nlb: u64) -> Result<(u64, u64), Status> {
         let n = &self.sh.ns[ns];
         match slba.checked_add(nlb) {
-            Some(end) if end <= n.blocks => {
+            Some(end) if end <= n.blocks() => {
                 Ok((slba * n.block_size as u64, nlb * n.block_size as u64))
             }
             _ => Err(generic(sc::LBA_OUT_OF_RANGE)),
@@ -148,7 +291,7 @@ impl Device {
 
     fn read_write(&mut self, e: &SubmissionEntry) -> Result<(), Status> {
         let ns = self.ns_index(e.nsid)?;
-        if e.psdt() != 0 || e.fuse() != 0 {
+        if e.fuse() != 0 {
             return Err(generic(sc::INVALID_FIELD));
         }
         let slba = e.cdw10 as u64 | (e.cdw11 as u64) << 32;
@@ -158,19 +301,21 @@ impl Device {
             return Err(generic(sc::INVALID_FIELD));
         }
         let (off, len) = self.lba_range(ns, slba, nlb)?;
+        let how = self.data_pointer(e, len)?;
         let write = e.opcode == io_opcode::WRITE;
         if write {
             self.before_change(ns, off, len);
         }
         let ps = self.page_size;
+        let pieces = &self.sgl_pieces;
         match self.sh.ns[ns].mem.as_ref() {
-            Some(mem) if write => walk_prps(e.prp1, e.prp2, len, ps, |addr, o, n| {
+            Some(mem) if write => transfer(e, how, len, ps, pieces, |addr, o, n| {
                 dma::read_into(addr, mem.at(off + o, n), n)
             })?,
-            Some(mem) => walk_prps(e.prp1, e.prp2, len, ps, |addr, o, n| {
+            Some(mem) => transfer(e, how, len, ps, pieces, |addr, o, n| {
                 dma::write_from(addr, mem.at(off + o, n), n)
             })?,
-            None => walk_prps(e.prp1, e.prp2, len, ps, |_, _, _| {})?,
+            None => transfer(e, how, len, ps, pieces, |_, _, _| {})?,
         }
         if write {
             self.sh.stats.bytes_written.add(len);
@@ -198,9 +343,12 @@ impl Device {
         let nr = (e.cdw10 & 0xFF) as usize + 1;
         let mut buf = [0u8; DsmRange::SIZE * spec::DSM_MAX_RANGES as usize];
         let len = nr * DsmRange::SIZE;
+        let how = self.data_pointer(e, len as u64)?;
         let dst = buf.as_mut_ptr();
-        walk_prps(e.prp1, e.prp2, len as u64, self.page_size, |addr, o, n| {
-            // `o + n <= len <= buf.len()`: the walk never exceeds the requested length.
+        let pieces = &self.sgl_pieces;
+        transfer(e, how, len as u64, self.page_size, pieces, |addr, o, n| {
+            // `o + n <= len <= buf.len()`: the walk (PRPs or a checked SGL) never exceeds the
+            // requested length.
             dma::read_into(addr, dst.wrapping_add(o as usize), n)
         })?;
         let ranges = || {

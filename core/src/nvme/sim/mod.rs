@@ -17,6 +17,11 @@
 //!   shadow buffer only (MMIO doorbell writes are just kicks it does not need) and writes each
 //!   value it consumed to the EventIdx buffer, as QEMU does. The admin queue always uses MMIO.
 //! - Errors produced by the model carry DNR; faults are described on [`Fault`].
+//! - SGLs ([`SimConfig::sgl`]): Read, Write and Dataset Management with PSDT 01b take their
+//!   data from SGL1: a Data Block, or a chain of Segment / Last Segment descriptor lists.
+//! - Asynchronous events ([`SimController::raise_event`]): the oldest outstanding Asynchronous
+//!   Event Request completes with the event; an event of a log page already reported waits
+//!   until the host reads that page with Get Log Page (RAE clear).
 //!
 //! The memory contract is that of DMA, see [`SimController::bar`].
 
@@ -30,18 +35,22 @@ mod io;
 #[cfg(test)]
 mod tests;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 pub use cache::{PowerCut, PowerCutReport};
 pub use config::{Fault, Latency, SimConfig, SimNamespace};
 
-use crate::nvme::spec::{self, reg};
+use crate::nvme::spec::{self, AsyncEvent, async_event_notice, async_event_type, log_page, reg};
 use host::{Bar, Counter, NsMem};
 
-/// PCI vendor id reported in Identify Controller (Red Hat, the owner of QEMU's emulated devices).
+/// PCI vendor id of the model unless [`SimConfig::pci_id`] says otherwise, reported in
+/// Identify Controller (Red Hat, the owner of QEMU's emulated devices).
 pub const SIM_VID: u16 = 0x1b36;
+/// PCI device id of the model unless [`SimConfig::pci_id`] says otherwise.
+pub const SIM_DEVICE_ID: u16 = 0x0001;
 /// PCI subsystem vendor id reported in Identify Controller ("rio" in no registry: 0x7210).
 pub const SIM_SSVID: u16 = 0x7210;
 
@@ -71,6 +80,11 @@ pub struct SimStats {
     /// Inline model: passes that found work, run on polling threads by
     /// [`SimController::service`] (the device thread's own passes are not counted).
     pub inline_passes: u64,
+    /// Read, Write and Dataset Management commands whose data pointer the model took as an
+    /// SGL (PSDT 01b with [`SimConfig::sgl`]), whether or not the SGL was valid.
+    pub sgl_cmds: u64,
+    /// Asynchronous Event Requests completed with an event.
+    pub events_reported: u64,
 }
 
 impl SimStats {
@@ -101,13 +115,117 @@ pub(crate) struct StatCounters {
     faults_injected: Counter,
     max_inflight: Counter,
     inline_passes: Counter,
+    sgl_cmds: Counter,
+    events_reported: Counter,
 }
 
 pub(crate) struct NsInfo {
     block_size: u32,
-    blocks: u64,
+    /// Current size in blocks (Identify NSZE/NCAP/NUSE, the I/O range checks); changed by
+    /// [`SimController::resize_namespace`] from any thread.
+    blocks: AtomicU64,
+    /// Size at start: the most `blocks` may grow to (the size of `mem`).
+    max_blocks: u64,
     /// `None` when `store_data` is off.
     mem: Option<NsMem>,
+}
+
+impl NsInfo {
+    /// Current size in blocks.
+    #[inline]
+    pub(crate) fn blocks(&self) -> u64 {
+        self.blocks.load(Ordering::Acquire)
+    }
+}
+
+/// Locks `m`, going on after a panic elsewhere (the guarded data stays consistent: every
+/// critical section of the model is a few plain assignments).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The Changed Namespace List log (NVMe 1.4 §5.14.1.4): the namespaces changed since the host
+/// last read it.
+#[derive(Default)]
+pub(crate) struct ChangedNs {
+    ids: BTreeSet<u32>,
+    /// More than 1024 changed: the log holds 0xFFFFFFFF alone.
+    overflow: bool,
+}
+
+impl ChangedNs {
+    const MAX: usize = 1024;
+
+    fn add(&mut self, nsid: u32) {
+        if self.overflow {
+            return;
+        }
+        self.ids.insert(nsid);
+        if self.ids.len() > ChangedNs::MAX {
+            self.overflow = true;
+            self.ids.clear();
+        }
+    }
+
+    /// The 4 KiB log page: ascending nsids, zero-terminated (or 0xFFFFFFFF alone).
+    pub(crate) fn page(&self) -> Vec<u8> {
+        let mut v = vec![0u8; 4096];
+        if self.overflow {
+            v[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        } else {
+            for (slot, id) in v.chunks_exact_mut(4).zip(&self.ids) {
+                slot.copy_from_slice(&id.to_le_bytes());
+            }
+        }
+        v
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.ids.clear();
+        self.overflow = false;
+    }
+}
+
+/// Asynchronous events raised from any thread and the controller state the event conveniences
+/// of [`SimController`] change; the device takes the events in its pass.
+pub(crate) struct EventLine {
+    /// Events were queued that the device has not taken yet (checked each pass).
+    pending: AtomicBool,
+    queue: Mutex<VecDeque<AsyncEvent>>,
+    /// The Changed Namespace List log.
+    pub(crate) changed_ns: Mutex<ChangedNs>,
+    /// SMART / Health Information byte 0.
+    pub(crate) critical_warning: AtomicU8,
+    /// Identify FR and the firmware revision of slot 1.
+    pub(crate) firmware: Mutex<String>,
+}
+
+impl EventLine {
+    fn new(firmware: &str) -> EventLine {
+        EventLine {
+            pending: AtomicBool::new(false),
+            queue: Mutex::new(VecDeque::new()),
+            changed_ns: Mutex::new(ChangedNs::default()),
+            critical_warning: AtomicU8::new(0),
+            firmware: Mutex::new(firmware.to_string()),
+        }
+    }
+
+    fn raise(&self, ev: AsyncEvent) {
+        let mut q = lock(&self.queue);
+        q.push_back(ev);
+        // Set under the lock, after the push: the device clears the flag before it drains.
+        self.pending.store(true, Ordering::Release);
+    }
+
+    /// Moves the events raised since the last call to `into` (the device's queue).
+    #[inline]
+    pub(crate) fn take(&self, into: &mut VecDeque<AsyncEvent>) {
+        // A plain load first: the swap (a locked instruction) only when there is something.
+        if self.pending.load(Ordering::Relaxed) && self.pending.swap(false, Ordering::AcqRel) {
+            into.extend(lock(&self.queue).drain(..));
+        }
+    }
 }
 
 /// A power cut asked of the device ([`SimController::power_cut`]) and its outcome.
@@ -144,6 +262,8 @@ pub(crate) struct Shared {
     /// The hostile script ([`SimController::misbehave`]) and whether one is running.
     hostile: Mutex<std::collections::VecDeque<u8>>,
     hostile_on: AtomicBool,
+    /// Asynchronous events and the state they report.
+    events: EventLine,
 }
 
 /// CAP for a configuration: MQES, CQR=1, TO, DSTRD, CSS=NVM, MPSMIN=0 (4 KiB), MPSMAX=4 (64 KiB).
@@ -160,6 +280,7 @@ pub(crate) fn cap_value(cfg: &SimConfig) -> u64 {
 pub struct SimController {
     sh: Arc<Shared>,
     dstrd: u8,
+    pci_id: (u16, u16),
     cpu: Option<usize>,
     /// The device, shared with the polling threads (inline model only).
     inline: Option<Arc<Mutex<device::Device>>>,
@@ -171,17 +292,16 @@ impl SimController {
     pub fn start(cfg: SimConfig) -> std::io::Result<SimController> {
         cfg.validate()
             .map_err(|m| std::io::Error::new(std::io::ErrorKind::InvalidInput, m))?;
-        let stride = 4usize << cfg.dstrd;
-        let bar_len = (reg::DOORBELL_BASE + 2 * (cfg.max_io_queues as usize + 1) * stride)
-            .next_multiple_of(4096);
-        let bar = Bar::new(bar_len)?;
-        bar.store64(reg::CAP, cap_value(&cfg));
+        let bar = Bar::new(cfg.bar_len())?;
+        bar.store64(reg::CAP, cfg.raw_cap.unwrap_or_else(|| cap_value(&cfg)));
         bar.store(reg::VS, spec::Vs::V1_4.0);
         let mut ns = Vec::with_capacity(cfg.namespaces.len());
         for n in &cfg.namespaces {
+            let blocks = n.size_bytes / n.block_size as u64;
             ns.push(NsInfo {
                 block_size: n.block_size,
-                blocks: n.size_bytes / n.block_size as u64,
+                blocks: AtomicU64::new(blocks),
+                max_blocks: blocks,
                 mem: if cfg.store_data {
                     Some(NsMem::new(n.size_bytes)?)
                 } else {
@@ -197,8 +317,10 @@ impl SimController {
             power: PowerLine::default(),
             hostile: Mutex::new(std::collections::VecDeque::new()),
             hostile_on: AtomicBool::new(false),
+            events: EventLine::new(&cfg.firmware),
         });
         let dstrd = cfg.dstrd;
+        let pci_id = cfg.pci_id;
         let cpu = cfg.cpu;
         let pinned = cpu;
         let inline = cfg.inline;
@@ -226,6 +348,7 @@ impl SimController {
         Ok(SimController {
             sh,
             dstrd,
+            pci_id,
             cpu: pinned,
             inline: shared_dev,
             thread: Some(thread),
@@ -233,7 +356,9 @@ impl SimController {
     }
 
     /// BAR0: the registers at the offsets of [`spec::reg`], doorbells from 0x1000 with stride
-    /// `4 << dstrd`; page aligned, zeroed except CAP and VS; valid until `self` is dropped.
+    /// `4 << dstrd`; page aligned, zeroed except CAP and VS; valid until `self` is dropped. The
+    /// length is [`SimConfig::bar_bytes`] when set (then possibly not a whole page, and without
+    /// the doorbells of higher queue ids): never access the pointer past it.
     ///
     /// Access it only with aligned 32-bit atomic loads and stores (e.g.
     /// `AtomicU32::from_ptr`), as MMIO. Every address the driver hands the model through it or
@@ -245,9 +370,92 @@ impl SimController {
         (self.sh.bar.as_ptr(), self.sh.bar.len())
     }
 
-    /// CAP.DSTRD of this controller.
+    /// CAP.DSTRD of this controller (as configured; [`SimConfig::raw_cap`] may make CAP say
+    /// otherwise).
     pub fn dstrd(&self) -> u8 {
         self.dstrd
+    }
+
+    /// PCI (vendor, device) id of this controller ([`SimConfig::pci_id`]).
+    pub fn pci_id(&self) -> (u16, u16) {
+        self.pci_id
+    }
+
+    /// Raises an asynchronous event, from any thread. It is queued in the device; the oldest
+    /// outstanding Asynchronous Event Request completes with Success and dword 0 =
+    /// `ev.to_dw0()`, at once or when the host sends one. As on a real controller, once an
+    /// event of log page L has been reported, later events of log page L wait (in order, none
+    /// lost) until the host reads log page L with Get Log Page (any length, RAE clear); events
+    /// of other log pages go ahead. A controller reset discards outstanding requests and what
+    /// the host has not read yet, but keeps queued events.
+    pub fn raise_event(&self, ev: AsyncEvent) {
+        self.sh.events.raise(ev);
+    }
+
+    /// Resizes namespace `nsid` (1-based) to `size_bytes`: Identify Namespace NSZE, NCAP and
+    /// NUSE and the I/O range checks follow at once. Records `nsid` in the Changed Namespace
+    /// List log and raises a Namespace Attribute Changed notice (log page 04h). Blocks beyond
+    /// a shrunk end keep their contents, unreachable until the namespace grows back.
+    ///
+    /// Fails with `InvalidInput` if the namespace does not exist, or `size_bytes` is zero, not
+    /// a multiple of the block size, or beyond the namespace's size at start.
+    pub fn resize_namespace(&self, nsid: u32, size_bytes: u64) -> std::io::Result<()> {
+        let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, m);
+        let ns = nsid
+            .checked_sub(1)
+            .and_then(|i| self.sh.ns.get(i as usize))
+            .ok_or_else(|| bad(format!("namespace {nsid} does not exist")))?;
+        let bs = ns.block_size as u64;
+        if size_bytes == 0 || !size_bytes.is_multiple_of(bs) {
+            return Err(bad(format!(
+                "namespace {nsid}: size {size_bytes} is not a nonzero multiple of its block size {bs}"
+            )));
+        }
+        let blocks = size_bytes / bs;
+        if blocks > ns.max_blocks {
+            return Err(bad(format!(
+                "namespace {nsid}: {size_bytes} bytes is beyond its size at start ({} bytes)",
+                ns.max_blocks * bs
+            )));
+        }
+        ns.blocks.store(blocks, Ordering::Release);
+        lock(&self.sh.events.changed_ns).add(nsid);
+        self.raise_event(AsyncEvent {
+            kind: async_event_type::NOTICE,
+            info: async_event_notice::NS_ATTRIBUTE_CHANGED,
+            log_page: log_page::CHANGED_NS_LIST,
+        });
+        Ok(())
+    }
+
+    /// Sets the SMART / Health Information log's critical warning byte to `bits` (see
+    /// [`spec::critical_warning`]) and, when a bit is set, raises a SMART / Health event whose
+    /// information is the index of the lowest set bit (log page 02h). `0` clears the warning
+    /// and raises nothing.
+    pub fn set_critical_warning(&self, bits: u8) {
+        self.sh
+            .events
+            .critical_warning
+            .store(bits, Ordering::Release);
+        if bits != 0 {
+            self.raise_event(AsyncEvent {
+                kind: async_event_type::SMART_HEALTH,
+                info: bits.trailing_zeros() as u8,
+                log_page: log_page::SMART_HEALTH,
+            });
+        }
+    }
+
+    /// Activates firmware `revision` (at most 8 bytes are reported): Identify FR and the
+    /// Firmware Slot Information log (slot 1) report it from now on, and a Firmware Activation
+    /// Starting notice is raised (log page 03h).
+    pub fn activate_firmware(&self, revision: &str) {
+        *lock(&self.sh.events.firmware) = revision.to_string();
+        self.raise_event(AsyncEvent {
+            kind: async_event_type::NOTICE,
+            info: async_event_notice::FIRMWARE_ACTIVATION_STARTING,
+            log_page: log_page::FIRMWARE_SLOT,
+        });
     }
 
     /// Whether the device works on the polling threads ([`SimConfig::inline`]).
@@ -298,6 +506,8 @@ impl SimController {
             faults_injected: s.faults_injected.get(),
             max_inflight: s.max_inflight.get(),
             inline_passes: s.inline_passes.get(),
+            sgl_cmds: s.sgl_cmds.get(),
+            events_reported: s.events_reported.get(),
         }
     }
 
@@ -351,7 +561,7 @@ impl SimController {
             .checked_sub(1)
             .and_then(|i| self.sh.ns.get(i as usize))
             .unwrap_or_else(|| panic!("namespace {nsid} does not exist"));
-        let size = ns.blocks * ns.block_size as u64;
+        let size = ns.blocks() * ns.block_size as u64;
         assert!(
             offset.checked_add(len as u64).is_some_and(|e| e <= size),
             "range beyond namespace {nsid}"

@@ -8,8 +8,9 @@ use rio_sys::mem::Mapping;
 
 use super::*;
 use crate::nvme::spec::{
-    Cc, CompletionEntry, Csts, DsmRange, IdentifyController, IdentifyNamespace, SmartLog, Status,
-    SubmissionEntry, admin_opcode, io_opcode,
+    AsyncEvent, Cc, CompletionEntry, Csts, DsmRange, IdentifyController, IdentifyNamespace,
+    SglDescriptor, SmartLog, Status, SubmissionEntry, admin_opcode, async_event_notice,
+    async_event_type, feature, io_opcode, log_page,
 };
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -215,6 +216,22 @@ impl Host {
         *self.qp(0) = q;
         assert_eq!(e.cid, cid);
         assert_eq!(e.sq_id, 0);
+        e
+    }
+
+    /// Submits an admin command without waiting for it.
+    fn admin_push(&mut self, cmd: SubmissionEntry) -> u16 {
+        let mut q = std::mem::replace(&mut self.admin, dummy_qp());
+        let cid = self.push(&mut q, cmd);
+        self.admin = q;
+        cid
+    }
+
+    /// The next admin completion, if one arrives within `timeout`.
+    fn admin_reap(&mut self, timeout: Duration) -> Option<CompletionEntry> {
+        let mut q = std::mem::replace(&mut self.admin, dummy_qp());
+        let e = self.try_reap(&mut q, timeout);
+        self.admin = q;
         e
     }
 
@@ -1222,11 +1239,38 @@ fn parse_bad() {
 
 #[test]
 fn start_refuses_bad_config() {
-    let bad = SimConfig {
-        sgl: true,
-        ..SimConfig::default()
-    };
-    assert!(SimController::start(bad).is_err());
+    for bad in [
+        SimConfig {
+            dstrd: 16,
+            ..SimConfig::default()
+        },
+        SimConfig {
+            bar_bytes: Some(0x1004),
+            ..SimConfig::default()
+        },
+        SimConfig {
+            // Admin doorbells at 0x1000 and 0x1000 + (4 << 4).
+            dstrd: 4,
+            bar_bytes: Some(0x1008),
+            ..SimConfig::default()
+        },
+        SimConfig {
+            dstrd: 15,
+            max_io_queues: 65534,
+            ..SimConfig::default()
+        },
+        SimConfig {
+            faults: vec![Fault::Transient {
+                opcode: io_opcode::READ,
+                nth: 0,
+                times: 1,
+                status: Status::new(0, 0x06),
+            }],
+            ..SimConfig::default()
+        },
+    ] {
+        assert!(SimController::start(bad.clone()).is_err(), "{bad:?}");
+    }
     let bad = SimConfig {
         namespaces: vec![SimNamespace {
             block_size: 1024,
@@ -1235,6 +1279,844 @@ fn start_refuses_bad_config() {
         ..SimConfig::default()
     };
     assert!(SimController::start(bad).is_err());
+}
+
+// ----- SGLs ----------------------------------------------------------------------------------
+
+fn put_bytes(addr: u64, data: &[u8]) {
+    // SAFETY: `addr` is a live test allocation with room for `data`, not in use by the model.
+    unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), addr as *mut u8, data.len()) };
+}
+
+fn put_sgl(addr: u64, descs: &[SglDescriptor]) {
+    let raw: Vec<u8> = descs.iter().flat_map(|d| *d.as_bytes()).collect();
+    put_bytes(addr, &raw);
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed) ^ (i >> 8) as u8)
+        .collect()
+}
+
+/// Copies `data` into the host pieces of an SGL, in order.
+fn scatter(pieces: &[(u64, usize)], data: &[u8]) {
+    let mut o = 0;
+    for &(a, n) in pieces {
+        put_bytes(a, &data[o..o + n]);
+        o += n;
+    }
+    assert_eq!(o, data.len());
+}
+
+/// The contents of the host pieces of an SGL, in order.
+fn gather(pieces: &[(u64, usize)]) -> Vec<u8> {
+    pieces.iter().flat_map(|&(a, n)| bytes(a, n)).collect()
+}
+
+/// An SGL for `len` (> 2000) bytes in three Data Blocks of odd lengths at unaligned addresses,
+/// chained Segment -> [Data Block, Last Segment] -> [Data Block, Data Block], the lists at
+/// unaligned addresses too. Returns SGL1 and the pieces.
+fn sgl_chain(h: &mut Host, len: usize) -> (SglDescriptor, Vec<(u64, usize)>) {
+    let a = h.alloc(len + 3 * 4096);
+    let pieces = vec![
+        (a + 3, 1001),
+        (a + 4096 + 1, 999),
+        (a + 2 * 4096 + 7, len - 2000),
+    ];
+    let lists = h.alloc(4096);
+    let (l1, l2) = (lists + 8, lists + 260);
+    put_sgl(
+        l1,
+        &[
+            SglDescriptor::data_block(pieces[0].0, pieces[0].1 as u32),
+            SglDescriptor::last_segment(l2, 2),
+        ],
+    );
+    put_sgl(
+        l2,
+        &[
+            SglDescriptor::data_block(pieces[1].0, pieces[1].1 as u32),
+            SglDescriptor::data_block(pieces[2].0, pieces[2].1 as u32),
+        ],
+    );
+    (SglDescriptor::segment(l1, 2), pieces)
+}
+
+#[test]
+fn sgl_transfers_match_prps() {
+    let mut h = Host::new(SimConfig::parse("sgl=1,size=16M").unwrap());
+    let id = h.alloc(4096);
+    h.admin_ok(SubmissionEntry::identify_controller(id));
+    let c = IdentifyController::from_prefix(&bytes(id, 4096)).unwrap();
+    assert_eq!(c.sgls, 1);
+    assert!(c.supports_sgl() && !c.sgl_dword_aligned());
+    let mut q = h.create_qp(1, 16);
+    let len = 8192;
+    let nlb = (len / 512) as u32;
+
+    // Written through PRPs, read back through the SGL chain.
+    let (wbuf, p1, p2) = build_prps(&mut h, 0, len);
+    fill(wbuf, len, 0x11);
+    assert!(
+        h.io(&mut q, SubmissionEntry::write(1, 0, nlb, p1, p2))
+            .status()
+            .is_success()
+    );
+    let (sgl, pieces) = sgl_chain(&mut h, len);
+    let e = h.io(&mut q, SubmissionEntry::read(1, 0, nlb, 0, 0).with_sgl(sgl));
+    assert!(e.status().is_success(), "{}", e.status());
+    assert!(gather(&pieces) == bytes(wbuf, len));
+
+    // The same data written through the SGL chain and through PRPs lands identically.
+    let data = pattern(len, 0x42);
+    scatter(&pieces, &data);
+    let e = h.io(
+        &mut q,
+        SubmissionEntry::write(1, 100, nlb, 0, 0).with_sgl(sgl),
+    );
+    assert!(e.status().is_success(), "{}", e.status());
+    put_bytes(wbuf, &data);
+    assert!(
+        h.io(&mut q, SubmissionEntry::write(1, 200, nlb, p1, p2))
+            .status()
+            .is_success()
+    );
+    assert!(h.sim.namespace_data(1, 100 * 512, len) == data);
+    assert!(h.sim.namespace_data(1, 200 * 512, len) == data);
+    let (rbuf, r1, r2) = build_prps(&mut h, 0, len);
+    assert!(
+        h.io(&mut q, SubmissionEntry::read(1, 100, nlb, r1, r2))
+            .status()
+            .is_success()
+    );
+    assert!(bytes(rbuf, len) == data);
+
+    // One Data Block in SGL1, unaligned.
+    let buf = h.alloc(2 * 4096);
+    put_bytes(buf + 5, &data[..1024]);
+    let one = SglDescriptor::data_block(buf + 5, 1024);
+    let e = h.io(
+        &mut q,
+        SubmissionEntry::write(1, 300, 2, 0, 0).with_sgl(one),
+    );
+    assert!(e.status().is_success());
+    assert!(h.sim.namespace_data(1, 300 * 512, 1024) == data[..1024]);
+
+    // A Segment list may end with a Segment: Segment -> [DB, Segment] -> [DB, Last Segment]
+    // -> [DB], with zero-length Data Blocks in between.
+    let lists = h.alloc(4096);
+    let d = h.alloc(3 * 4096);
+    let (l1, l2, l3) = (lists, lists + 512, lists + 1024);
+    put_sgl(
+        l1,
+        &[
+            SglDescriptor::data_block(d + 1, 511),
+            SglDescriptor::segment(l2, 3),
+        ],
+    );
+    put_sgl(
+        l2,
+        &[
+            SglDescriptor::data_block(0, 0),
+            SglDescriptor::data_block(d + 4096, 2048),
+            SglDescriptor::last_segment(l3, 1),
+        ],
+    );
+    put_sgl(l3, &[SglDescriptor::data_block(d + 8192 + 9, 1537)]);
+    let pieces = [(d + 1, 511), (d + 4096, 2048), (d + 8192 + 9, 1537)];
+    let e = h.io(
+        &mut q,
+        SubmissionEntry::read(1, 100, 8, 0, 0).with_sgl(SglDescriptor::segment(l1, 2)),
+    );
+    assert!(e.status().is_success(), "{}", e.status());
+    assert!(gather(&pieces) == data[..4096]);
+
+    // Dataset Management takes its ranges through an SGL too.
+    let r = h.alloc(4096);
+    put_bytes(r + 3, DsmRange::new(300, 2).as_bytes());
+    let dsm = SubmissionEntry::deallocate(1, 1, 0).with_sgl(SglDescriptor::data_block(r + 3, 16));
+    assert!(h.io(&mut q, dsm).status().is_success());
+    assert!(
+        h.sim
+            .namespace_data(1, 300 * 512, 1024)
+            .iter()
+            .all(|&b| b == 0)
+    );
+
+    let s = h.sim.stats();
+    assert_eq!(s.sgl_cmds, 5);
+    assert_eq!(s.write_cmds, 4);
+}
+
+#[test]
+fn sgl_errors_move_no_data() {
+    let mut h = Host::new(SimConfig::parse("sgl=1,size=16M").unwrap());
+    let mut q = h.create_qp(1, 16);
+    let (wbuf, p1, p2) = build_prps(&mut h, 0, 4096);
+    fill(wbuf, 4096, 0x5A);
+    assert!(
+        h.io(&mut q, SubmissionEntry::write(1, 0, 8, p1, p2))
+            .status()
+            .is_success()
+    );
+    let before = h.sim.namespace_data(1, 0, 4096);
+    let buf = h.alloc(2 * 4096);
+    let lists = h.alloc(32 * 4096);
+    let db = SglDescriptor::data_block;
+    let with_id = |d: SglDescriptor, id: u8| SglDescriptor { id, ..d };
+    let l1 = lists + 4096;
+
+    // (SGL1, what the list at `l1` holds, expected status)
+    let mut cases: Vec<(SglDescriptor, Vec<SglDescriptor>, Status)> = vec![
+        (db(buf, 4095), vec![], st(0, 0x0F)),
+        (db(buf, 4097), vec![], st(0, 0x0F)),
+        (with_id(db(buf, 4096), 0x10), vec![], st(0, 0x11)), // Bit Bucket
+        (with_id(db(buf, 4096), 0x01), vec![], st(0, 0x11)), // subtype 1
+        (with_id(db(buf, 4096), 0x50), vec![], st(0, 0x11)), // reserved type
+        (db(0, 4096), vec![], st(0, 0x04)),
+        (SglDescriptor::segment(l1, 0), vec![], st(0, 0x0E)),
+        (
+            SglDescriptor {
+                len: 20,
+                ..SglDescriptor::segment(l1, 1)
+            },
+            vec![],
+            st(0, 0x0E),
+        ),
+        (
+            SglDescriptor::last_segment(l1, 2),
+            vec![db(buf, 2048), db(buf + 2048, 1000)],
+            st(0, 0x0F),
+        ),
+        (
+            SglDescriptor::last_segment(l1, 2),
+            vec![db(buf, 2048), with_id(db(buf + 2048, 2048), 0x10)],
+            st(0, 0x11),
+        ),
+        // A segment descriptor in a Last Segment list, or before the end of a Segment list.
+        (
+            SglDescriptor::last_segment(l1, 2),
+            vec![db(buf, 2048), SglDescriptor::last_segment(l1 + 512, 1)],
+            st(0, 0x0D),
+        ),
+        (
+            SglDescriptor::segment(l1, 2),
+            vec![SglDescriptor::last_segment(l1 + 512, 1), db(buf, 2048)],
+            st(0, 0x0D),
+        ),
+        // A Segment that points at itself: bounded, never a hang.
+        (
+            SglDescriptor::segment(l1, 1),
+            vec![SglDescriptor::segment(l1, 1)],
+            st(0, 0x0E),
+        ),
+    ];
+    // More descriptors than the model reads for one command.
+    let mut many = vec![db(0, 0); 4096];
+    many.push(db(buf, 4096));
+    cases.push((SglDescriptor::last_segment(l1, 4097), many, st(0, 0x0E)));
+
+    for (i, (sgl1, list, want)) in cases.iter().enumerate() {
+        put_sgl(l1, list);
+        put_bytes(buf, &[0xEE; 8192]);
+        let t = Instant::now();
+        let e = h.io(
+            &mut q,
+            SubmissionEntry::write(1, 0, 8, 0, 0).with_sgl(*sgl1),
+        );
+        assert_eq!(e.status(), *want, "write case {i}");
+        assert!(
+            h.sim.namespace_data(1, 0, 4096) == before,
+            "case {i} wrote data"
+        );
+        let e = h.io(&mut q, SubmissionEntry::read(1, 0, 8, 0, 0).with_sgl(*sgl1));
+        assert_eq!(e.status(), *want, "read case {i}");
+        assert!(
+            bytes(buf, 8192).iter().all(|&b| b == 0xEE),
+            "case {i} read data"
+        );
+        assert!(t.elapsed() < Duration::from_secs(1));
+    }
+
+    // Exactly 4096 descriptors is fine.
+    let mut most = vec![db(0, 0); 4095];
+    most.push(db(buf, 4096));
+    put_sgl(l1, &most);
+    let e = h.io(
+        &mut q,
+        SubmissionEntry::write(1, 0, 8, 0, 0).with_sgl(SglDescriptor::last_segment(l1, 4096)),
+    );
+    assert!(e.status().is_success(), "{}", e.status());
+
+    // PSDT 10b and 11b are Invalid Field.
+    for psdt in [0x80u8, 0xC0] {
+        let mut c = SubmissionEntry::read(1, 0, 8, 0, 0).with_sgl(db(buf, 4096));
+        c.flags = (c.flags & 0x3F) | psdt;
+        assert_eq!(h.io(&mut q, c).status(), st(0, 0x02));
+    }
+    // Admin commands take PRPs only.
+    let mut c = SubmissionEntry::identify_controller(buf);
+    c.flags |= 0x40;
+    assert_eq!(h.admin(c).status(), st(0, 0x02));
+    assert_eq!(h.sim.stats().sgl_cmds, 2 * cases.len() as u64 + 1);
+
+    // Without SGL support, PSDT 01b is Invalid Field and Identify says no SGLs.
+    let mut h = Host::new(SimConfig::parse("size=16M").unwrap());
+    let mut q = h.create_qp(1, 16);
+    let buf = h.alloc(4096);
+    let e = h.io(
+        &mut q,
+        SubmissionEntry::read(1, 0, 8, 0, 0).with_sgl(db(buf, 4096)),
+    );
+    assert_eq!(e.status(), st(0, 0x02));
+    h.admin_ok(SubmissionEntry::identify_controller(buf));
+    let c = IdentifyController::from_prefix(&bytes(buf, 4096)).unwrap();
+    assert!(!c.supports_sgl());
+    assert_eq!(h.sim.stats().sgl_cmds, 0);
+}
+
+// ----- asynchronous events ---------------------------------------------------------------
+
+fn smart_event(bit: u8) -> AsyncEvent {
+    AsyncEvent {
+        kind: async_event_type::SMART_HEALTH,
+        info: bit,
+        log_page: log_page::SMART_HEALTH,
+    }
+}
+
+const NS_CHANGED: AsyncEvent = AsyncEvent {
+    kind: async_event_type::NOTICE,
+    info: async_event_notice::NS_ATTRIBUTE_CHANGED,
+    log_page: log_page::CHANGED_NS_LIST,
+};
+
+const FW_ACTIVATION: AsyncEvent = AsyncEvent {
+    kind: async_event_type::NOTICE,
+    info: async_event_notice::FIRMWARE_ACTIVATION_STARTING,
+    log_page: log_page::FIRMWARE_SLOT,
+};
+
+/// Reaps the completion of AER `cid`, which must report `want`.
+fn expect_event(h: &mut Host, cid: u16, want: AsyncEvent) {
+    let e = h.admin_reap(WAIT).expect("no event reported within 5 s");
+    assert_eq!(e.cid, cid);
+    assert!(e.status().is_success(), "{}", e.status());
+    assert_eq!(AsyncEvent::from_dw0(e.dw0), want);
+}
+
+#[test]
+fn async_events_wait_for_their_log_page() {
+    let mut h = Host::new(SimConfig::default());
+    let id = h.alloc(4096);
+    h.admin_ok(SubmissionEntry::identify_controller(id));
+    let c = IdentifyController::from_prefix(&bytes(id, 4096)).unwrap();
+    assert!(c.oaes_ns_attribute() && c.oaes_firmware_activation());
+
+    // Raised before any request: they wait for one.
+    h.sim.raise_event(smart_event(1));
+    h.sim.raise_event(smart_event(2));
+    h.sim.raise_event(NS_CHANGED);
+    std::thread::sleep(Duration::from_millis(10));
+    let a1 = h.admin_push(SubmissionEntry::async_event_request());
+    expect_event(&mut h, a1, smart_event(1));
+    // The second SMART event waits for the SMART log; the notice goes ahead of it.
+    let a2 = h.admin_push(SubmissionEntry::async_event_request());
+    expect_event(&mut h, a2, NS_CHANGED);
+    let a3 = h.admin_push(SubmissionEntry::async_event_request());
+    assert!(h.admin_reap(Duration::from_millis(50)).is_none());
+    // Reading another log, or the SMART log with RAE set, releases nothing.
+    let log = h.alloc(4096);
+    h.admin_ok(SubmissionEntry::get_firmware_slot_log(log));
+    let mut rae = SubmissionEntry::get_smart_log(spec::NSID_ALL, log);
+    rae.cdw10 |= 1 << 15;
+    h.admin_ok(rae);
+    assert!(h.admin_reap(Duration::from_millis(50)).is_none());
+    // Reading it (any length) does, after the Get Log Page completes.
+    let g = h.admin_push(SubmissionEntry::get_log_page(
+        log_page::SMART_HEALTH,
+        spec::NSID_ALL,
+        4,
+        0,
+        log,
+        0,
+    ));
+    let e = h.admin_reap(WAIT).unwrap();
+    assert_eq!((e.cid, e.status()), (g, Status::SUCCESS));
+    expect_event(&mut h, a3, smart_event(2));
+    assert_eq!(h.sim.stats().events_reported, 3);
+
+    // At most 4 outstanding requests.
+    let mut aers = vec![];
+    for _ in 0..5 {
+        aers.push(h.admin_push(SubmissionEntry::async_event_request()));
+    }
+    let e = h.admin_reap(WAIT).unwrap();
+    assert_eq!((e.cid, e.status()), (aers[4], st(1, 0x05)));
+    // A reset discards outstanding requests, not queued events.
+    h.disable();
+    h.enable();
+    // The SMART page's event was reported and never read: after the reset it may come again.
+    h.sim.raise_event(smart_event(3));
+    h.sim.raise_event(FW_ACTIVATION);
+    std::thread::sleep(Duration::from_millis(10));
+    h.disable();
+    h.enable();
+    let a = h.admin_push(SubmissionEntry::async_event_request());
+    expect_event(&mut h, a, smart_event(3));
+    let a = h.admin_push(SubmissionEntry::async_event_request());
+    expect_event(&mut h, a, FW_ACTIVATION);
+    assert_eq!(h.sim.stats().events_reported, 5);
+}
+
+#[test]
+fn async_events_from_other_threads() {
+    for inline in [false, true] {
+        let mut h = Host::new(SimConfig {
+            inline,
+            ..SimConfig::default()
+        });
+        let mut q = h.create_qp(1, 16);
+        let buf = h.alloc(4096);
+        let mut aers = vec![];
+        for _ in 0..4 {
+            aers.push(h.admin_push(SubmissionEntry::async_event_request()));
+        }
+        let events: Vec<AsyncEvent> = (0..4)
+            .map(|i| AsyncEvent {
+                kind: async_event_type::VENDOR,
+                info: i,
+                log_page: 0xC0 + i,
+            })
+            .collect();
+        let sim = &h.sim;
+        std::thread::scope(|s| {
+            for ev in &events {
+                s.spawn(move || sim.raise_event(*ev));
+            }
+            for i in 0..200 {
+                let e = h.io(&mut q, SubmissionEntry::write(1, i, 1, buf, 0));
+                assert!(e.status().is_success());
+            }
+        });
+        let mut got = vec![];
+        for _ in 0..4 {
+            let e = h.admin_reap(WAIT).expect("event");
+            assert!(aers.contains(&e.cid) && e.status().is_success());
+            got.push(AsyncEvent::from_dw0(e.dw0));
+        }
+        got.sort_by_key(|e| e.info);
+        assert_eq!(got, events, "inline={inline}");
+    }
+}
+
+#[test]
+fn resize_namespace_reports_changes() {
+    let mut h = Host::new(SimConfig::parse("ns=3,size=8M").unwrap());
+    let mut q = h.create_qp(1, 16);
+    let buf = h.alloc(4096);
+    let a = h.admin_push(SubmissionEntry::async_event_request());
+    h.sim.resize_namespace(2, 4 << 20).unwrap();
+    expect_event(&mut h, a, NS_CHANGED);
+    h.admin_ok(SubmissionEntry::identify_namespace(2, buf));
+    let n = IdentifyNamespace::from_prefix(&bytes(buf, 4096)).unwrap();
+    assert_eq!((n.nsze, n.ncap, n.nuse), (8192, 8192, 8192));
+    let e = h.io(&mut q, SubmissionEntry::read(2, 8191, 1, buf, 0));
+    assert!(e.status().is_success());
+    let e = h.io(&mut q, SubmissionEntry::read(2, 8192, 1, buf, 0));
+    assert_eq!(e.status(), st(0, 0x80));
+
+    // Refused: no such namespace, not whole blocks, beyond the size at start.
+    assert!(h.sim.resize_namespace(4, 1 << 20).is_err());
+    assert!(h.sim.resize_namespace(0, 1 << 20).is_err());
+    assert!(h.sim.resize_namespace(1, 1000).is_err());
+    assert!(h.sim.resize_namespace(1, 0).is_err());
+    assert!(h.sim.resize_namespace(1, 16 << 20).is_err());
+    // Grows back up to its size at start.
+    h.sim.resize_namespace(3, 2 << 20).unwrap();
+    h.sim.resize_namespace(2, 8 << 20).unwrap();
+    let e = h.io(&mut q, SubmissionEntry::read(2, 16383, 1, buf, 0));
+    assert!(e.status().is_success());
+
+    // The Changed Namespace List: ascending, zero-terminated; RAE keeps it, reading clears it.
+    let log = h.alloc(4096);
+    let mut rae = SubmissionEntry::get_changed_ns_list(log);
+    rae.cdw10 |= 1 << 15;
+    h.admin_ok(rae);
+    assert_eq!(spec::parse_ns_list(&bytes(log, 4096)), vec![2, 3]);
+    h.admin_ok(SubmissionEntry::get_changed_ns_list(log));
+    assert_eq!(spec::parse_ns_list(&bytes(log, 4096)), vec![2, 3]);
+    h.admin_ok(SubmissionEntry::get_changed_ns_list(log));
+    assert!(spec::parse_ns_list(&bytes(log, 4096)).is_empty());
+    // The two later notices: one per read of the log.
+    let a = h.admin_push(SubmissionEntry::async_event_request());
+    expect_event(&mut h, a, NS_CHANGED);
+    let a = h.admin_push(SubmissionEntry::async_event_request());
+    assert!(h.admin_reap(Duration::from_millis(50)).is_none());
+    h.admin_push(SubmissionEntry::get_changed_ns_list(log));
+    assert!(h.admin_reap(WAIT).unwrap().status().is_success());
+    expect_event(&mut h, a, NS_CHANGED);
+}
+
+#[test]
+fn critical_warning_and_firmware_activation() {
+    let mut h = Host::new(SimConfig::default());
+    let a1 = h.admin_push(SubmissionEntry::async_event_request());
+    let a2 = h.admin_push(SubmissionEntry::async_event_request());
+    h.sim.set_critical_warning(0b0110);
+    expect_event(&mut h, a1, smart_event(1));
+    h.sim.activate_firmware("2.0-rc1");
+    expect_event(&mut h, a2, FW_ACTIVATION);
+
+    let buf = h.alloc(4096);
+    h.admin_ok(SubmissionEntry::identify_controller(buf));
+    let c = IdentifyController::from_prefix(&bytes(buf, 4096)).unwrap();
+    assert_eq!(c.firmware(), "2.0-rc1");
+    h.admin_ok(SubmissionEntry::get_firmware_slot_log(buf));
+    let fw = bytes(buf, 512);
+    assert_eq!(fw[0], 1);
+    assert_eq!(&fw[8..16], b"2.0-rc1 ");
+    h.admin_ok(SubmissionEntry::get_smart_log(spec::NSID_ALL, buf));
+    assert_eq!(
+        SmartLog::from_prefix(&bytes(buf, 512))
+            .unwrap()
+            .critical_warning,
+        0b0110
+    );
+    // Cleared: nothing to report.
+    h.sim.set_critical_warning(0);
+    h.admin_ok(SubmissionEntry::get_smart_log(spec::NSID_ALL, buf));
+    assert_eq!(bytes(buf, 1)[0], 0);
+    h.admin_push(SubmissionEntry::async_event_request());
+    assert!(h.admin_reap(Duration::from_millis(50)).is_none());
+    assert_eq!(h.sim.stats().events_reported, 2);
+}
+
+// ----- retry delays, transient errors, late admin completions ---------------------------------
+
+#[test]
+fn crdt_and_host_behavior_support() {
+    let mut h = Host::new(SimConfig {
+        crdt: [5, 10, 20],
+        ..SimConfig::default()
+    });
+    let buf = h.alloc(4096);
+    h.admin_ok(SubmissionEntry::identify_controller(buf));
+    let c = IdentifyController::from_prefix(&bytes(buf, 4096)).unwrap();
+    assert_eq!((c.crdt1, c.crdt2, c.crdt3), (5, 10, 20));
+    assert_eq!(c.retry_delay_ms(2), Some(1000));
+
+    let hbs = feature::HOST_BEHAVIOR_SUPPORT;
+    let get = SubmissionEntry::get_features(hbs, feature::SEL_CURRENT, 0).with_prp(buf, 0);
+    fill(buf, 4096, 0x33);
+    h.admin_ok(get);
+    assert!(bytes(buf, 512).iter().all(|&b| b == 0));
+    put_bytes(buf, &[1]);
+    h.admin_ok(SubmissionEntry::set_features(hbs, 0, false).with_prp(buf, 0));
+    fill(buf, 4096, 0x33);
+    h.admin_ok(get);
+    let d = bytes(buf, 512);
+    assert_eq!(d[0], 1);
+    assert!(d[1..].iter().all(|&b| b == 0));
+    put_bytes(buf, &[2]);
+    let e = h.admin(SubmissionEntry::set_features(hbs, 0, false).with_prp(buf, 0));
+    assert_eq!(e.status(), st(0, 0x02));
+}
+
+#[test]
+fn fault_transient_keeps_its_status_bits() {
+    let busy = Status::new(0, 0x82).with_crd(2).with_more(true); // Namespace Not Ready
+    let failed = Status::new(0, 0x06).with_crd(3).with_dnr(true);
+    let mut h = Host::new(SimConfig {
+        faults: vec![
+            Fault::Transient {
+                opcode: io_opcode::WRITE,
+                nth: 2,
+                times: 3,
+                status: busy,
+            },
+            Fault::ErrorStatus {
+                admin: false,
+                opcode: io_opcode::READ,
+                nth: 1,
+                status: failed,
+            },
+        ],
+        ..SimConfig::default()
+    });
+    let mut q = h.create_qp(1, 8);
+    let buf = h.alloc(4096);
+    fill(buf, 512, 9);
+    for i in 1..=6u64 {
+        let e = h.io(&mut q, SubmissionEntry::write(1, i, 1, buf, 0));
+        let hit = (2..=4).contains(&i);
+        if hit {
+            assert_eq!(e.status(), busy, "write {i}");
+            assert_eq!(e.status().raw(), busy.raw());
+            assert!(e.status().crd() == 2 && e.status().more() && !e.status().dnr());
+        } else {
+            assert!(e.status().is_success(), "write {i}");
+        }
+        let stored = h.sim.namespace_data(1, i * 512, 512);
+        assert_eq!(stored == bytes(buf, 512), !hit, "write {i}");
+    }
+    let e = h.io(&mut q, SubmissionEntry::read(1, 0, 1, buf, 0));
+    assert_eq!(e.status().raw(), failed.raw());
+    assert!(e.status().crd() == 3 && e.status().dnr());
+    assert_eq!(h.sim.stats().faults_injected, 4);
+}
+
+#[test]
+fn fault_delay_admin() {
+    let delay = Duration::from_millis(400);
+    let mut h = Host::new(SimConfig {
+        faults: vec![
+            Fault::DelayAdmin {
+                opcode: admin_opcode::GET_FEATURES,
+                nth: 2,
+                delay,
+            },
+            Fault::DelayAdmin {
+                opcode: admin_opcode::DOORBELL_BUFFER_CONFIG,
+                nth: 1,
+                delay,
+            },
+            Fault::DelayAdmin {
+                opcode: admin_opcode::GET_LOG_PAGE,
+                nth: 1,
+                delay: Duration::from_millis(100),
+            },
+        ],
+        ..SimConfig::default()
+    });
+    h.admin_ok(SubmissionEntry::get_num_queues());
+    let t = Instant::now();
+    let slow = h.admin_push(SubmissionEntry::get_num_queues());
+    // Other admin commands go on meanwhile.
+    h.admin_ok(SubmissionEntry::new(admin_opcode::KEEP_ALIVE));
+    let e = h.admin_reap(WAIT).unwrap();
+    assert!(t.elapsed() >= delay);
+    assert_eq!((e.cid, e.status()), (slow, Status::SUCCESS));
+    assert_eq!(spec::decode_num_queues(e.dw0), (64, 64));
+
+    // Doorbell Buffer Config takes effect when fetched, completes late.
+    let shadow = h.alloc(4096);
+    let ei = h.alloc(4096);
+    let t = Instant::now();
+    let dbbc = h.admin_push(SubmissionEntry::doorbell_buffer_config(shadow, ei));
+    h.dbbuf = Some((shadow, ei));
+    let mut q = h.create_qp(1, 8);
+    let buf = h.alloc(4096);
+    for i in 0..3 {
+        let e = h.io(&mut q, SubmissionEntry::read(1, i, 1, buf, 0));
+        assert!(e.status().is_success());
+    }
+    let sqi = spec::shadow_sq_tail_index(1, 0) as u64 * 4;
+    // SAFETY: live EventIdx page, accessed atomically.
+    let ev = unsafe { AtomicU32::from_ptr((ei + sqi) as *mut u32) }.load(Ordering::Acquire);
+    assert_eq!(ev, q.tail);
+    assert!(
+        t.elapsed() < delay,
+        "the test host was too slow to see the effect first"
+    );
+    let e = h.admin_reap(WAIT).unwrap();
+    assert!(t.elapsed() >= delay);
+    assert_eq!((e.cid, e.status()), (dbbc, Status::SUCCESS));
+
+    // A reset before the delay discards the completion.
+    let log = h.alloc(4096);
+    h.admin_push(SubmissionEntry::get_error_log(1, log, 0));
+    std::thread::sleep(Duration::from_millis(20)); // fetched and executed
+    h.disable();
+    h.enable();
+    assert!(h.admin_reap(Duration::from_millis(300)).is_none());
+    h.admin_ok(SubmissionEntry::get_num_queues());
+    assert_eq!(h.sim.stats().faults_injected, 3);
+}
+
+// ----- registers, namespaces, PCI identity ---------------------------------------------------
+
+#[test]
+fn registers_of_a_buggy_device() {
+    // CAP reads exactly what is configured; the model works on its own settings.
+    let raw = 0x0123_4567_89AB_CDEF;
+    let mut h = Host::new(SimConfig {
+        raw_cap: Some(raw),
+        ..SimConfig::default()
+    });
+    assert_eq!(
+        h.reg(reg::CAP) as u64 | (h.reg(reg::CAP + 4) as u64) << 32,
+        raw
+    );
+    h.admin_ok(SubmissionEntry::get_num_queues());
+
+    // A BAR with room for the admin doorbells only: queues beyond it can be created, their
+    // doorbells are never rung, and nothing outside the BAR is touched.
+    let mut h = Host::new(SimConfig {
+        bar_bytes: Some(0x1008),
+        ..SimConfig::default()
+    });
+    assert_eq!(h.sim.bar().1, 0x1008);
+    let cq = h.alloc(4096);
+    let sq = h.alloc(4096);
+    h.admin_ok(SubmissionEntry::create_io_cq(1, 8, cq, true, None));
+    h.admin_ok(SubmissionEntry::create_io_sq(
+        1,
+        8,
+        sq,
+        1,
+        true,
+        spec::QueuePriority::Medium,
+    ));
+    let shadow = h.alloc(4096);
+    let ei = h.alloc(4096);
+    h.admin_ok(SubmissionEntry::doorbell_buffer_config(shadow, ei));
+    h.admin_ok(SubmissionEntry::delete_io_sq(1));
+    h.admin_ok(SubmissionEntry::delete_io_cq(1));
+    h.disable();
+    h.enable();
+    h.admin_ok(SubmissionEntry::get_num_queues());
+
+    // The largest stride CAP.DSTRD can express.
+    let mut h = Host::new(SimConfig::parse("dstrd=15,qpairs=4").unwrap());
+    let cap = spec::Cap(h.reg(reg::CAP) as u64 | (h.reg(reg::CAP + 4) as u64) << 32);
+    assert_eq!(cap.dstrd(), 15);
+    assert!(h.sim.bar().1 >= spec::cq_head_doorbell(4, 15) + 4);
+    let buf = h.alloc(4096);
+    for qid in [1, 4] {
+        let mut q = h.create_qp(qid, 8);
+        let e = h.io(&mut q, SubmissionEntry::write(1, qid as u64, 1, buf, 0));
+        assert!(e.status().is_success());
+    }
+    h.disable();
+    h.enable();
+
+    // Shadow doorbells with a stride whose slots fall outside the buffer page: those queues
+    // keep using their MMIO doorbells (the test host rings MMIO only).
+    let mut h = Host::new(SimConfig::parse("dstrd=10,qpairs=2").unwrap());
+    let shadow = h.alloc(4096);
+    let ei = h.alloc(4096);
+    h.admin_ok(SubmissionEntry::doorbell_buffer_config(shadow, ei));
+    let mut q = h.create_qp(2, 8);
+    let buf = h.alloc(4096);
+    for i in 0..5 {
+        let e = h.io(&mut q, SubmissionEntry::read(1, i, 1, buf, 0));
+        assert!(e.status().is_success());
+    }
+    assert!(bytes(ei, 4096).iter().all(|&b| b == 0));
+}
+
+#[test]
+fn many_namespaces() {
+    let t = Instant::now();
+    let mut h = Host::new(SimConfig::parse("ns=1100,size=1M").unwrap());
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    let buf = h.alloc(4096);
+    h.admin_ok(SubmissionEntry::identify_controller(buf));
+    let c = IdentifyController::from_prefix(&bytes(buf, 4096)).unwrap();
+    assert_eq!(c.nn, 1100);
+    // The active namespace list: nsids above the start, at most 1024 a page.
+    for (start, want) in [
+        (0u32, (1..=1024).collect::<Vec<u32>>()),
+        (1024, (1025..=1100).collect()),
+        (500, (501..=1100).collect()),
+        (1099, vec![1100]),
+        (1100, vec![]),
+    ] {
+        fill(buf, 4096, 0xFF);
+        h.admin_ok(SubmissionEntry::identify_active_ns_list(start, buf));
+        assert_eq!(
+            spec::parse_ns_list(&bytes(buf, 4096)),
+            want,
+            "start {start}"
+        );
+    }
+    let mut q = h.create_qp(1, 8);
+    fill(buf, 512, 4);
+    let e = h.io(&mut q, SubmissionEntry::write(1100, 2047, 1, buf, 0));
+    assert!(e.status().is_success());
+    assert_eq!(h.sim.namespace_data(1100, 2047 * 512, 512), bytes(buf, 512));
+    h.admin_ok(SubmissionEntry::identify_namespace(1100, buf));
+    let n = IdentifyNamespace::from_prefix(&bytes(buf, 4096)).unwrap();
+    assert_eq!(n.nsze, 2048);
+
+    // More than 1024 changed: the Changed Namespace List holds 0xFFFFFFFF alone.
+    for nsid in 1..=1025 {
+        h.sim.resize_namespace(nsid, 512 << 10).unwrap();
+    }
+    let log = h.alloc(4096);
+    h.admin_ok(SubmissionEntry::get_changed_ns_list(log));
+    let l = bytes(log, 4096);
+    assert_eq!(l[..4], [0xFF; 4]);
+    assert!(l[4..].iter().all(|&b| b == 0));
+    h.admin_ok(SubmissionEntry::get_changed_ns_list(log));
+    assert!(spec::parse_ns_list(&bytes(log, 4096)).is_empty());
+
+    // A controller without the active namespace list.
+    let mut h = Host::new(SimConfig::parse("nslist=0,ns=2").unwrap());
+    let buf = h.alloc(4096);
+    let e = h.admin(SubmissionEntry::identify_active_ns_list(0, buf));
+    assert_eq!(e.status(), st(0, 0x02));
+    h.admin_ok(SubmissionEntry::identify_namespace(2, buf));
+}
+
+#[test]
+fn pci_identity() {
+    let h = Host::new(SimConfig::default());
+    assert_eq!(h.sim.pci_id(), (SIM_VID, SIM_DEVICE_ID));
+    let mut h = Host::new(SimConfig::parse("pci=8086:0a54").unwrap());
+    assert_eq!(h.sim.pci_id(), (0x8086, 0x0a54));
+    let buf = h.alloc(4096);
+    h.admin_ok(SubmissionEntry::identify_controller(buf));
+    let c = IdentifyController::from_prefix(&bytes(buf, 4096)).unwrap();
+    assert_eq!((c.vid, c.ssvid), (0x8086, SIM_SSVID));
+}
+
+#[test]
+fn parse_new_options() {
+    let c = SimConfig::parse(
+        "sgl=1,crdt=1:2:3,cap=0x10,bar=0x2000,nslist=0,pci=1B36:0010,dstrd=1,ns=2000,size=1M",
+    )
+    .unwrap();
+    assert!(c.sgl && !c.active_ns_list);
+    assert_eq!(c.crdt, [1, 2, 3]);
+    assert_eq!(c.raw_cap, Some(0x10));
+    assert_eq!(c.bar_bytes, Some(0x2000));
+    assert_eq!(c.pci_id, (0x1b36, 0x0010));
+    assert_eq!((c.dstrd, c.namespaces.len()), (1, 2000));
+    assert_eq!(SimConfig::parse("dstrd=15").unwrap().dstrd, 15);
+    let c = SimConfig::parse("crdt=7,bar=8k,cap=42").unwrap();
+    assert_eq!(c.crdt, [7, 0, 0]);
+    assert_eq!(c.bar_bytes, Some(8192));
+    assert_eq!(c.raw_cap, Some(42));
+    let d = SimConfig::default();
+    assert!(!d.sgl && d.active_ns_list);
+    assert_eq!((d.crdt, d.raw_cap, d.bar_bytes), ([0; 3], None, None));
+    assert_eq!(d.pci_id, (SIM_VID, SIM_DEVICE_ID));
+    for (spec, word) in [
+        ("sgl=2", "sgl"),
+        ("crdt=1:2:3:4", "crdt"),
+        ("crdt=70000", "crdt"),
+        ("crdt=a", "crdt"),
+        ("cap=xyz", "cap"),
+        ("cap=0xg", "cap"),
+        ("bar=0x1004", "bar"),
+        ("bar=4k", "bar"),
+        ("bar=2G", "bar"),
+        ("dstrd=4,bar=0x1008", "bar"),
+        ("pci=1b36", "pci"),
+        ("pci=12345:1", "pci"),
+        ("pci=zz:00", "pci"),
+        ("dstrd=16", "dstrd"),
+        ("dstrd=15,qpairs=65534", "dstrd"),
+        ("ns=65537", "ns"),
+        ("nslist=x", "nslist"),
+    ] {
+        let e = SimConfig::parse(spec).expect_err(spec);
+        assert!(e.contains(word), "{spec}: {e}");
+        assert!(!e.contains('\n'));
+    }
 }
 
 /// `cargo test --release --lib nvme::sim::tests::throughput_report -- --ignored --nocapture`:
