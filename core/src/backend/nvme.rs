@@ -474,9 +474,12 @@ impl NvmeQueue {
                 return true;
             }
             if req.fail != Fail::None {
-                // A piece failed: do not issue the rest.
+                // A piece failed: do not issue the rest (the request completes when its last
+                // outstanding piece does; handed over by the next poll if none is).
                 self.reqs[slot as usize].issued = total;
-                self.complete_if_done(slot, &mut Vec::new());
+                let mut done = std::mem::take(&mut self.stash);
+                self.complete_if_done(slot, &mut done);
+                self.stash = done;
                 return true;
             }
             // No SQ-space check: trackers are one fewer than the ring's entries, so a free

@@ -592,7 +592,14 @@ impl Controller {
         c.identify()?;
         let a = c.admin.get_mut().expect("admin queue poisoned");
         // Events are an extra: a controller that refuses them still serves I/O.
-        arm_events(&c.regs, &c.name, &c.ident, a, c.opts.admin_timeout);
+        arm_events(
+            &c.regs,
+            &c.name,
+            &c.mapper,
+            &c.ident,
+            a,
+            c.opts.admin_timeout,
+        );
         Ok(Arc::new(c))
     }
 
@@ -998,7 +1005,7 @@ impl Controller {
             Ok(a) => a,
             Err(TryLockError::WouldBlock | TryLockError::Poisoned(_)) => return,
         };
-        reap_admin(&self.regs, &self.name, &mut a);
+        reap_admin(&self.name, &mut a);
         if !a.events_due.is_empty() {
             self.handle_events(&mut a);
         }
@@ -1009,7 +1016,7 @@ impl Controller {
     /// calls this. Returns the events handled.
     pub fn poll_events(&self) -> Result<usize> {
         let mut a = self.admin()?;
-        reap_admin(&self.regs, &self.name, &mut a);
+        reap_admin(&self.name, &mut a);
         Ok(self.handle_events(&mut a))
     }
 
@@ -1126,7 +1133,7 @@ impl Controller {
                 return Err(ctrl_err(&self.name, "admin queue poisoned"));
             }
         };
-        reap_admin(&self.regs, &self.name, &mut a);
+        reap_admin(&self.name, &mut a);
         let aborting = a
             .pending
             .iter()
@@ -1137,7 +1144,6 @@ impl Controller {
         }
         let ticket = Arc::new(AbortTicket::default());
         let sent = submit_async(
-            &self.regs,
             &mut a,
             SubmissionEntry::abort(sqid, cid),
             Pending::Abort {
@@ -1396,6 +1402,7 @@ impl Controller {
             arm_events(
                 &self.regs,
                 &self.name,
+                &self.mapper,
                 &self.ident,
                 &mut admin,
                 self.opts.admin_timeout,
@@ -1537,7 +1544,7 @@ fn exec(
     data: bool,
 ) -> Result<CompletionEntry> {
     // Completions that arrived since the last admin call go where they belong first.
-    reap_admin(regs, name, admin);
+    reap_admin(name, admin);
     let Some(cid) = alloc_cid(admin) else {
         return Err(ctrl_err(
             name,
@@ -1569,7 +1576,7 @@ fn exec(
                         error,
                     });
             }
-            dispatch(regs, name, admin, c);
+            dispatch(name, admin, c);
         }
         if seen > 0 {
             admin.ring.ring_cq();
@@ -1685,8 +1692,7 @@ fn alloc_cid(admin: &mut Admin) -> Option<u16> {
 
 /// Submit a command rio does not wait for. False when there is no room (the admin queue keeps
 /// room for one synchronous command).
-fn submit_async(regs: &Regs, admin: &mut Admin, cmd: SubmissionEntry, kind: Pending) -> bool {
-    let _ = regs;
+fn submit_async(admin: &mut Admin, cmd: SubmissionEntry, kind: Pending) -> bool {
     if admin.pending.len() >= ADMIN_ASYNC_MAX || admin.ring.sq_space() < 2 {
         return false;
     }
@@ -1704,14 +1710,14 @@ fn submit_async(regs: &Regs, admin: &mut Admin, cmd: SubmissionEntry, kind: Pend
 }
 
 /// Take every admin completion posted (at most a ring's worth) and hand each to [`dispatch`].
-fn reap_admin(regs: &Regs, name: &str, admin: &mut Admin) {
+fn reap_admin(name: &str, admin: &mut Admin) {
     let mut seen = 0u16;
     while seen < admin.ring.entries {
         let Some(c) = admin.ring.next_cqe() else {
             break;
         };
         seen += 1;
-        dispatch(regs, name, admin, c);
+        dispatch(name, admin, c);
     }
     if seen > 0 {
         admin.ring.ring_cq();
@@ -1721,7 +1727,7 @@ fn reap_admin(regs: &Regs, name: &str, admin: &mut Admin) {
 /// A completion for something other than the synchronous command being waited for: an abort's
 /// answer, an asynchronous event (the request is submitted again), or a late completion of a
 /// command that timed out (dropped).
-fn dispatch(regs: &Regs, name: &str, admin: &mut Admin, c: CompletionEntry) {
+fn dispatch(name: &str, admin: &mut Admin, c: CompletionEntry) {
     let i = (c.sq_id == 0)
         .then(|| admin.pending.iter().position(|p| p.cid() == c.cid))
         .flatten();
@@ -1742,7 +1748,6 @@ fn dispatch(regs: &Regs, name: &str, admin: &mut Admin, c: CompletionEntry) {
         Pending::Event { .. } if ok => {
             admin.events_due.push_back(AsyncEvent::from_dw0(c.dw0));
             submit_async(
-                regs,
                 admin,
                 SubmissionEntry::async_event_request(),
                 Pending::Event { cid: 0 },
@@ -1761,6 +1766,7 @@ fn dispatch(regs: &Regs, name: &str, admin: &mut Admin, c: CompletionEntry) {
 fn arm_events(
     regs: &Regs,
     name: &str,
+    mapper: &Mapper,
     ident: &IdentifyController,
     admin: &mut Admin,
     timeout: Duration,
@@ -1773,8 +1779,7 @@ fn arm_events(
         mask |= spec::aec::FIRMWARE_ACTIVATION;
     }
     let cmd = SubmissionEntry::set_async_event_config(mask);
-    // Mapper only matters for data commands; this one has none.
-    if let Err(e) = exec(regs, name, &Mapper::Identity, admin, cmd, timeout, false) {
+    if let Err(e) = exec(regs, name, mapper, admin, cmd, timeout, false) {
         tracing::debug!(ctrl = %name, error = %e, "Asynchronous Event Configuration refused");
     }
     let limit = (ident.aerl as usize + 1).min(AERS);
@@ -1785,7 +1790,7 @@ fn arm_events(
         .count();
     for _ in have..limit {
         let cmd = SubmissionEntry::async_event_request();
-        if !submit_async(regs, admin, cmd, Pending::Event { cid: 0 }) {
+        if !submit_async(admin, cmd, Pending::Event { cid: 0 }) {
             break;
         }
     }

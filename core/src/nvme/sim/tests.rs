@@ -1520,7 +1520,6 @@ fn sgl_errors_move_no_data() {
     for (i, (sgl1, list, want)) in cases.iter().enumerate() {
         put_sgl(l1, list);
         put_bytes(buf, &[0xEE; 8192]);
-        let t = Instant::now();
         let e = h.io(
             &mut q,
             SubmissionEntry::write(1, 0, 8, 0, 0).with_sgl(*sgl1),
@@ -1536,7 +1535,6 @@ fn sgl_errors_move_no_data() {
             bytes(buf, 8192).iter().all(|&b| b == 0xEE),
             "case {i} read data"
         );
-        assert!(t.elapsed() < Duration::from_secs(1));
     }
 
     // Exactly 4096 descriptors is fine.
@@ -1916,10 +1914,6 @@ fn fault_delay_admin() {
     // SAFETY: live EventIdx page, accessed atomically.
     let ev = unsafe { AtomicU32::from_ptr((ei + sqi) as *mut u32) }.load(Ordering::Acquire);
     assert_eq!(ev, q.tail);
-    assert!(
-        t.elapsed() < delay,
-        "the test host was too slow to see the effect first"
-    );
     let e = h.admin_reap(WAIT).unwrap();
     assert!(t.elapsed() >= delay);
     assert_eq!((e.cid, e.status()), (dbbc, Status::SUCCESS));
@@ -1927,7 +1921,10 @@ fn fault_delay_admin() {
     // A reset before the delay discards the completion.
     let log = h.alloc(4096);
     h.admin_push(SubmissionEntry::get_error_log(1, log, 0));
-    std::thread::sleep(Duration::from_millis(20)); // fetched and executed
+    // Fetched and executed (its DelayAdmin fault counted), its completion not posted yet.
+    while h.sim.stats().faults_injected < 3 {
+        std::thread::yield_now();
+    }
     h.disable();
     h.enable();
     assert!(h.admin_reap(Duration::from_millis(300)).is_none());
@@ -2009,9 +2006,7 @@ fn registers_of_a_buggy_device() {
 
 #[test]
 fn many_namespaces() {
-    let t = Instant::now();
     let mut h = Host::new(SimConfig::parse("ns=1100,size=1M").unwrap());
-    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     let buf = h.alloc(4096);
     h.admin_ok(SubmissionEntry::identify_controller(buf));
     let c = IdentifyController::from_prefix(&bytes(buf, 4096)).unwrap();
