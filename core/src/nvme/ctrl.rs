@@ -1823,6 +1823,9 @@ fn namespace_ids(
 ) -> Result<Vec<u32>> {
     /// Namespaces probed one by one at most (each is an Identify command).
     const SCAN_MAX: u32 = 4096;
+    /// Namespace ids taken from the active list at most: each is identified at bring-up, and a
+    /// device claiming billions must not hold bring-up for hours.
+    const LIST_MAX: usize = 65536;
     let scan = || {
         if ident.nn > SCAN_MAX {
             tracing::warn!(ctrl = %name, nn = ident.nn, "probing only the first {SCAN_MAX} namespace ids");
@@ -1834,8 +1837,8 @@ fn namespace_ids(
     }
     let mut ids = Vec::new();
     let mut start = 0u32;
-    // 2^32 ids at most, 1024 per page: a device that repeats itself is cut off.
-    for _ in 0..(1u32 << 22) {
+    // Ids rise from page to page, and at most LIST_MAX are taken: the loop ends.
+    loop {
         let r = exec_page(regs, name, mapper, admin, timeout, |p| {
             SubmissionEntry::identify_active_ns_list(start, p)
         });
@@ -1859,6 +1862,10 @@ fn namespace_ids(
         for id in list {
             if id <= last || id >= 0xFFFF_FFFE {
                 tracing::warn!(ctrl = %name, nsid = id, after = last, "active namespace list out of order; stopped reading it");
+                return Ok(ids);
+            }
+            if ids.len() == LIST_MAX {
+                tracing::warn!(ctrl = %name, "more than {LIST_MAX} active namespaces; using the first {LIST_MAX}");
                 return Ok(ids);
             }
             ids.push(id);
