@@ -100,6 +100,34 @@ impl Engine {
         })
     }
 
+    /// Open the directory `dir` for a runtime that serves any number of its files by
+    /// descriptor ([`crate::runtime::Files`], `Queue::submit_fd`): one ring (or psync pool)
+    /// per core for all of them, instead of one runtime per file. The backend is chosen as for
+    /// a regular file (`io_uring`, else `psync` where it is refused) and logged.
+    pub fn open_dir(config: &EngineConfig, dir: &std::path::Path) -> Result<Engine> {
+        let target = Target::open_dir(
+            dir,
+            OpenOptions {
+                write: true,
+                direct: config.direct,
+                create: false,
+            },
+        )?;
+        let selection = select(config, &target)?;
+        tracing::info!(
+            backend = selection.backend.name(),
+            reason = %selection.reason,
+            dir = %target.path.display(),
+            "backend selected"
+        );
+        Ok(Engine {
+            config: config.clone(),
+            target,
+            selection,
+            nvme: None,
+        })
+    }
+
     /// Start a software controller model built from `sim` (faults, latency, namespaces) and
     /// open namespace `nsid` of it through the real driver. `sim://` targets do the same from a
     /// string; this is for tests and embedders that need faults.
@@ -343,6 +371,7 @@ fn select(config: &EngineConfig, target: &Target) -> Result<Selection> {
         TargetKind::File => "regular file".to_string(),
         TargetKind::BlockDevice { name, .. } => format!("block device {name}"),
         TargetKind::Nvme { .. } => unreachable!("NVMe targets are selected in open_nvme"),
+        TargetKind::Directory => "the files of a directory".to_string(),
     };
     let poll_capable = match &target.kind {
         TargetKind::BlockDevice { name, nvme: true } => uring::device_has_poll_queues(name),

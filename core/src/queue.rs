@@ -220,7 +220,14 @@ impl Queue {
             }
         }
         let addr = buf.as_ref().map_or(std::ptr::null_mut(), |b| b.as_ptr());
-        self.enqueue(op, offset, len, addr, buf, token)
+        let raw = RawOp {
+            op,
+            offset,
+            len,
+            addr,
+            fd: -1,
+        };
+        self.enqueue(raw, buf, token)
     }
 
     /// Hand a checked operation to the backend and record it in a free slot (the caller
@@ -228,29 +235,20 @@ impl Queue {
     #[inline]
     fn enqueue(
         &mut self,
-        op: OpKind,
-        offset: u64,
-        len: u64,
-        addr: *mut u8,
+        raw: RawOp,
         buf: Option<IoBuf>,
         token: u64,
     ) -> std::result::Result<(), Rejected> {
         let slot = *self.free.last().expect("checked non-empty");
-        let raw = RawOp {
-            op,
-            offset,
-            len,
-            addr,
-        };
         if let Err(error) = self.backend.push(slot, &raw) {
             return Err(Rejected { error, buf });
         }
         self.free.pop();
         self.slots[slot as usize] = Some(Slot {
             token,
-            op,
-            offset,
-            len,
+            op: raw.op,
+            offset: raw.offset,
+            len: raw.len,
             buf,
         });
         Ok(())
@@ -290,8 +288,75 @@ impl Queue {
             std::ptr::null_mut()
         };
         self.check(op, offset, len)?;
-        self.enqueue(op, offset, len, addr, None, token)
-            .map_err(Error::from)
+        let raw = RawOp {
+            op,
+            offset,
+            len,
+            addr,
+            fd: -1,
+        };
+        self.enqueue(raw, None, token).map_err(Error::from)
+    }
+
+    /// [`submit_raw`](Self::submit_raw) on another file than the queue's target: any file the
+    /// caller opened (io_uring and psync queues only; a [`crate::Engine::open_dir`] runtime
+    /// serves the files of a directory this way). The file's own open mode rules: with
+    /// O_DIRECT, offsets, lengths and the address must meet its alignment, or the kernel fails
+    /// the operation with EINVAL. The target's size does not bound the offset.
+    ///
+    /// # Safety
+    /// As for `submit_raw`, and `fd` must stay open (not closed, not reused) until this
+    /// operation's completion has been reaped.
+    pub unsafe fn submit_fd(
+        &mut self,
+        op: OpKind,
+        fd: std::os::fd::BorrowedFd<'_>,
+        offset: u64,
+        addr: *mut u8,
+        len: u64,
+        token: u64,
+    ) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        if matches!(self.backend, BackendQueue::Nvme(_)) {
+            return Err(Error::Unsupported {
+                op,
+                backend: "the NVMe driver (a namespace has no files; open a file through io_uring or psync)",
+            });
+        }
+        let data = matches!(op, OpKind::Read | OpKind::Write);
+        if data && addr.is_null() && len > 0 {
+            return Err(Error::Alignment {
+                what: "buffer address",
+                value: 0,
+                align_name: "a buffer",
+                align: 1,
+            });
+        }
+        if data && len > crate::MAX_IO_BYTES {
+            return Err(Error::TooLarge {
+                len,
+                max: crate::MAX_IO_BYTES,
+            });
+        }
+        if offset.checked_add(len).is_none_or(|e| e > i64::MAX as u64) {
+            return Err(Error::OutOfRange {
+                offset,
+                len,
+                size: i64::MAX as u64,
+            });
+        }
+        if self.free.is_empty() {
+            return Err(Error::QueueFull { depth: self.depth });
+        }
+        let addr = if data { addr } else { std::ptr::null_mut() };
+        let raw = RawOp {
+            op,
+            offset,
+            len,
+            addr,
+            fd: fd.as_raw_fd(),
+        };
+        self.enqueue(raw, None, token).map_err(Error::from)
     }
 
     /// Make more external memory usable by `submit_raw` after the queue was built (a pool that

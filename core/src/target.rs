@@ -23,6 +23,9 @@ pub enum TargetKind {
     /// A namespace of an NVMe controller driven by rio's userspace driver (`pcie://`, or the
     /// software model for `sim://`).
     Nvme { controller: String, nsid: u32 },
+    /// A directory whose files a runtime serves by descriptor ([`crate::Engine::open_dir`]):
+    /// I/O names a file the host opened, never the directory itself (its size is 0).
+    Directory,
 }
 
 /// Alignment and size rules of an open target, read from the kernel.
@@ -205,6 +208,54 @@ impl Target {
         })
     }
 
+    /// Open a directory as the target of a runtime that serves its files by descriptor. The
+    /// geometry is the file system's direct-I/O alignment (statx DIOALIGN; 4 KiB when the
+    /// kernel does not say), which files opened with O_DIRECT there must follow; size 0.
+    pub fn open_dir(path: &Path, opts: OpenOptions) -> Result<Target> {
+        let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::NotFound {
+                path: path.to_path_buf(),
+            },
+            _ => Error::Os {
+                op: "stat",
+                path: path.to_path_buf(),
+                source: e,
+            },
+        })?;
+        if !meta.is_dir() {
+            return Err(Error::BadTarget {
+                path: path.to_path_buf(),
+                what: "is not a directory".into(),
+            });
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|e| Error::Os {
+                op: "open",
+                path: path.to_path_buf(),
+                source: e,
+            })?;
+        let dio = rio_sys::stat::dio_align(file.as_fd()).unwrap_or_default();
+        let (bs, mem) = match (dio.offset_align, dio.mem_align) {
+            (0, _) => (4096, 4096),
+            (o, m) => (o, m.max(1)),
+        };
+        Ok(Target {
+            path: path.to_path_buf(),
+            kind: TargetKind::Directory,
+            geometry: Geometry {
+                block_size: bs,
+                mem_align: mem,
+                size: 0,
+            },
+            direct: opts.direct,
+            writable: opts.write,
+            file: Some(file),
+        })
+    }
+
     /// Grow a regular file to `len` bytes (sparse). No-op for block devices or larger files.
     pub fn ensure_len(&mut self, len: u64) -> Result<()> {
         if let (TargetKind::File, Some(file)) = (&self.kind, &self.file)
@@ -267,6 +318,7 @@ fn geometry(file: &File, kind: &TargetKind, direct: bool) -> std::io::Result<Geo
     let dio = rio_sys::stat::dio_align(fd).unwrap_or_default();
     match kind {
         TargetKind::Nvme { .. } => unreachable!("NVMe targets have no file"),
+        TargetKind::Directory => unreachable!("directories are opened by open_dir"),
         TargetKind::BlockDevice { .. } => {
             let lbs = rio_sys::blk::logical_block_size(fd)?;
             let mem = if dio.mem_align != 0 {

@@ -66,3 +66,18 @@ pub fn fallocate(fd: BorrowedFd<'_>, mode: i32, offset: u64, len: u64) -> std::i
     })?;
     Ok(())
 }
+
+/// `fcntl(F_GETFL)`: the file status flags and access mode of an open file.
+pub fn fcntl_getfl(fd: BorrowedFd<'_>) -> std::io::Result<i32> {
+    // SAFETY: F_GETFL takes no argument and passes no memory; an invalid fd yields EBADF.
+    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })
+}
+
+/// The size in bytes of an open file (`fstat(2)`'s `st_size`).
+pub fn file_size(fd: BorrowedFd<'_>) -> std::io::Result<u64> {
+    // SAFETY: stat64 is plain old data; all-zero is a valid value.
+    let mut st: libc::stat64 = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is a live out-parameter of the right type.
+    cvt(unsafe { libc::fstat64(fd.as_raw_fd(), &mut st) })?;
+    Ok(st.st_size as u64)
+}

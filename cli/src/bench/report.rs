@@ -295,6 +295,7 @@ impl BenchResult {
             TargetKind::Nvme { controller, nsid } => {
                 format!("NVMe namespace {nsid} of {controller}")
             }
+            TargetKind::Directory => "directory (files by descriptor)".to_string(),
         };
         let _ = writeln!(
             s,

@@ -20,6 +20,9 @@ pub(crate) struct RawOp {
     pub offset: u64,
     pub len: u64,
     pub addr: *mut u8,
+    /// A file of the caller's instead of the queue's own target (`-1`: the target). Kernel
+    /// backends only; the queue's owner keeps it open until the completion is reaped.
+    pub fd: i32,
 }
 
 /// A backend's completion: the queue slot and the kernel-style result (bytes, or -errno), or

@@ -25,6 +25,8 @@ struct Job {
     /// Address of the buffer (arena memory the queue keeps alive until this job's completion
     /// is reaped). Carried as an integer: the job crosses threads, the ownership does not.
     addr: usize,
+    /// A caller's file (`-1`: the queue's own), open until this job's completion is reaped.
+    fd: i32,
 }
 
 pub(crate) struct PsyncQueue {
@@ -71,6 +73,7 @@ impl PsyncQueue {
             offset: op.offset,
             len: op.len,
             addr: op.addr as usize,
+            fd: op.fd,
         };
         // The channel holds `depth` jobs and the queue never has more than `depth` in flight,
         // so this does not block.
@@ -127,7 +130,13 @@ fn workers_gone() -> Error {
 }
 
 fn run(file: &File, job: &Job) -> i32 {
-    let fd = file.as_fd();
+    let fd = if job.fd >= 0 {
+        // SAFETY: the queue's owner keeps a caller's file open until this job's completion is
+        // reaped (contract of `Queue::submit_fd`), which is after this call returns.
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(job.fd) }
+    } else {
+        file.as_fd()
+    };
     let errno = |e: std::io::Error| -e.raw_os_error().unwrap_or(libc::EIO);
     let mut done: u64 = 0;
     match job.op {

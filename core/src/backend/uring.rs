@@ -213,14 +213,17 @@ impl UringQueue {
                 }
             }};
         }
-        let sqe = if self.fixed_file {
+        let sqe = if op.fd >= 0 {
+            build!(types::Fd(op.fd))
+        } else if self.fixed_file {
             build!(types::Fixed(0))
         } else {
             build!(types::Fd(raw))
         }
         .user_data(slot as u64);
         // SAFETY: the SQE's buffer (if any) is the arena memory of a buffer the Queue holds in
-        // its in-flight table until this slot's CQE is reaped; the file is owned by self.
+        // its in-flight table until this slot's CQE is reaped; the file is owned by self, or
+        // is a caller's file kept open until then (contract of `Queue::submit_fd`).
         unsafe { self.ring.submission().push(&sqe) }.map_err(|_| Error::QueueFull {
             depth: self.ring.params().sq_entries(),
         })?;
@@ -243,8 +246,14 @@ impl UringQueue {
     }
 
     fn inline(&self, op: &RawOp) -> i32 {
-        use std::os::fd::AsFd;
-        let fd = self.file.as_fd();
+        use std::os::fd::{AsFd, BorrowedFd};
+        let fd = if op.fd >= 0 {
+            // SAFETY: the queue's owner keeps a caller's file open until this operation's
+            // completion is reaped (contract of `Queue::submit_fd`), which is after this call.
+            unsafe { BorrowedFd::borrow_raw(op.fd) }
+        } else {
+            self.file.as_fd()
+        };
         let r = match op.op {
             OpKind::Flush => rio_sys::io::fdatasync(fd),
             OpKind::WriteZeroes => rio_sys::io::fallocate(

@@ -33,7 +33,9 @@ use crate::pool::{PoolBuf, PoolConfig, Pools};
 use crate::queue::{Completion, Queue};
 
 mod file;
+mod files;
 pub use file::DiskFile;
+pub use files::{Files, OpenFile, SeqWriter};
 
 /// What a poller does when a poll found nothing to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -118,6 +120,9 @@ struct Request {
     len: u64,
     buf: Option<PoolBuf>,
     slot: u32,
+    /// A host file instead of the runtime's target (a [`Files`] runtime): held by the poller
+    /// until the completion is reaped, so it cannot be closed under the kernel.
+    file: Option<Arc<std::os::fd::OwnedFd>>,
 }
 
 // SAFETY: a Slot's UnsafeCell is accessed by one side at a time, handed over through `state`
@@ -357,7 +362,24 @@ impl Runtime {
     /// Submit `op` on `buf` (reads and writes) at `offset`; the future resolves when it
     /// completed, giving the buffer back. Runs on the core the buffer belongs to.
     pub fn submit(&self, op: OpKind, offset: u64, len: u64, buf: Option<PoolBuf>) -> IoFuture {
-        self.submit_inner(op, offset, len, buf, false)
+        self.submit_inner(op, offset, len, buf, false, None)
+            .unwrap_or_else(|_| unreachable!("a required submission always waits for a slot"))
+    }
+
+    /// [`submit`](Self::submit) on a file of the host's instead of the runtime's target (a
+    /// runtime over a directory, [`Engine::open_dir`]; io_uring and psync only). The runtime
+    /// holds `file` until the operation completed. The file's open mode rules: with O_DIRECT,
+    /// the offset and length must meet its alignment (pool buffers always do), or the
+    /// operation fails with EINVAL. A read past the end of the file is short.
+    pub fn submit_file(
+        &self,
+        file: &Arc<std::os::fd::OwnedFd>,
+        op: OpKind,
+        offset: u64,
+        len: u64,
+        buf: Option<PoolBuf>,
+    ) -> IoFuture {
+        self.submit_inner(op, offset, len, buf, false, Some(Arc::clone(file)))
             .unwrap_or_else(|_| unreachable!("a required submission always waits for a slot"))
     }
 
@@ -372,7 +394,19 @@ impl Runtime {
         len: u64,
         buf: PoolBuf,
     ) -> std::result::Result<IoFuture, Option<PoolBuf>> {
-        self.submit_inner(op, offset, len, Some(buf), true)
+        self.submit_inner(op, offset, len, Some(buf), true, None)
+    }
+
+    /// [`try_submit`](Self::try_submit) on a host file (read-ahead of a [`Files`] file).
+    pub fn try_submit_file(
+        &self,
+        file: &Arc<std::os::fd::OwnedFd>,
+        op: OpKind,
+        offset: u64,
+        len: u64,
+        buf: PoolBuf,
+    ) -> std::result::Result<IoFuture, Option<PoolBuf>> {
+        self.submit_inner(op, offset, len, Some(buf), true, Some(Arc::clone(file)))
     }
 
     /// `optional`: refuse (giving the buffer back) unless more than half the core's slots are
@@ -384,6 +418,7 @@ impl Runtime {
         len: u64,
         buf: Option<PoolBuf>,
         optional: bool,
+        file: Option<Arc<std::os::fd::OwnedFd>>,
     ) -> std::result::Result<IoFuture, Option<PoolBuf>> {
         let idx = match &buf {
             Some(b) => self
@@ -425,6 +460,7 @@ impl Runtime {
             len,
             buf,
             slot,
+            file,
         };
         // The inbox has as many places as there are slots, and this request holds one: the
         // push cannot find it full for long (only while the poller is between pops).
@@ -782,7 +818,7 @@ impl Poller {
             }
         };
         let cs = &*self.shared;
-        let mut inflight: Vec<Option<PoolBuf>> = (0..cs.slots.len()).map(|_| None).collect();
+        let mut inflight: Vec<Held> = (0..cs.slots.len()).map(|_| Held::default()).collect();
         let mut comps: Vec<Completion> = Vec::with_capacity(self.depth as usize);
         let mut empty = 0u32;
         let mut last_maintain = Instant::now();
@@ -795,7 +831,12 @@ impl Poller {
             limit: cs.tuner.as_ref().map_or(self.depth, |t| {
                 t.lock().unwrap_or_else(|p| p.into_inner()).depth()
             }),
-            heat_mul: ((crate::window::HEAT_BUCKETS as u128) << 64) / size as u128,
+            // A directory runtime (size 0) serves many files: no heat map of offsets.
+            heat_mul: if self.engine.target().geometry.size == 0 {
+                0
+            } else {
+                ((crate::window::HEAT_BUCKETS as u128) << 64) / size as u128
+            },
         });
         loop {
             let mut work = false;
@@ -862,8 +903,8 @@ impl Poller {
             }
             for c in comps.drain(..) {
                 work = true;
-                let buf = inflight[c.token as usize].take();
-                complete(cs, c.token as u32, c.result.map_err(Error::Io), buf);
+                let held = std::mem::take(&mut inflight[c.token as usize]);
+                complete(cs, c.token as u32, c.result.map_err(Error::Io), held.buf);
             }
             if work {
                 empty = 0;
@@ -923,7 +964,7 @@ impl Poller {
         }
     }
 
-    fn submit(&self, q: &mut Queue, mut req: Request, inflight: &mut [Option<PoolBuf>]) {
+    fn submit(&self, q: &mut Queue, mut req: Request, inflight: &mut [Held]) {
         let addr = req
             .buf
             .as_mut()
@@ -932,14 +973,35 @@ impl Poller {
             (Some(b), OpKind::Read | OpKind::Write) => b.len() as u64,
             _ => req.len,
         };
-        // SAFETY: the buffer is kept in `inflight` (owned by this poller) until the completion
-        // of this token is reaped; it lies in a pool region the queue maps.
-        let r = unsafe { q.submit_raw(req.op, req.offset, addr, len, req.slot as u64) };
+        let r = match &req.file {
+            // SAFETY: the buffer is kept in `inflight` (owned by this poller) until the
+            // completion of this token is reaped; it lies in a pool region the queue maps.
+            None => unsafe { q.submit_raw(req.op, req.offset, addr, len, req.slot as u64) },
+            // SAFETY: as above, and the file is kept open by the `Arc` held in `inflight`
+            // until then too.
+            Some(f) => unsafe {
+                use std::os::fd::AsFd;
+                q.submit_fd(req.op, f.as_fd(), req.offset, addr, len, req.slot as u64)
+            },
+        };
         match r {
-            Ok(()) => inflight[req.slot as usize] = req.buf.take(),
+            Ok(()) => {
+                inflight[req.slot as usize] = Held {
+                    buf: req.buf.take(),
+                    _file: req.file.take(),
+                }
+            }
             Err(e) => complete(&self.shared, req.slot, Err(e), req.buf.take()),
         }
     }
+}
+
+/// What the poller keeps for an operation in flight: its buffer and, for a host file, the
+/// file (so neither is freed or closed under the kernel).
+#[derive(Default)]
+struct Held {
+    buf: Option<PoolBuf>,
+    _file: Option<Arc<std::os::fd::OwnedFd>>,
 }
 
 thread_local! {

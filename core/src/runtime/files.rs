@@ -1,0 +1,630 @@
+//! `Files`: one runtime serving any number of files of a directory (a drive of an object
+//! store), each opened by the host and handed over by descriptor; reads and writes of any
+//! offset and length, whatever the file's O_DIRECT alignment.
+//!
+//! ```text
+//!  OpenFile ── read_at(off, len) ──► widened to the alignment, cut in pieces of at most a
+//!            │                       pool buffer, 4 in flight, copied out (short at EOF)
+//!            └ write_at(off, data) ─► unaligned head and tail through the buffered handle,
+//!                                    the aligned middle through the O_DIRECT one
+//!  SeqWriter: a stream of writes staged in pool buffers, whole aligned chunks written with
+//!             O_DIRECT while the next fills, the unaligned tail buffered at `finish`.
+//! ```
+//!
+//! Each file has two handles: the host's (buffered) and, where the file system takes it, an
+//! O_DIRECT twin opened through `/proc/self/fd` (no second path lookup, so a rename between
+//! the two opens cannot swap the file). Direct I/O is split at the larger of the file's
+//! DIOALIGN and the page size: a buffered head or tail never shares a page with a direct
+//! write, so no dirty page can be written back over direct-written data. A direct operation
+//! the file system refuses (EINVAL) turns direct I/O off for that file (logged once) and is
+//! done again buffered: nothing fails for lack of alignment.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use super::{IoFuture, IoOutput, Runtime};
+use crate::config::EngineConfig;
+use crate::engine::Engine;
+use crate::error::{Error, IoError, IoErrorKind, Result};
+use crate::op::OpKind;
+use crate::pool::PoolBuf;
+
+/// How long a read or write waits for a pool buffer before failing.
+const BUFFER_WAIT: Duration = Duration::from_secs(5);
+/// Pieces of one call in flight at once: enough to keep a device busy on a large read,
+/// few enough that many concurrent callers cannot take the whole pool.
+const WINDOW: usize = 4;
+/// Largest piece: a pool buffer of the largest default class.
+const MAX_PIECE: usize = 1 << 20;
+/// Direct I/O is never split finer than a page (see the module doc).
+const PAGE: u64 = 4096;
+
+/// A runtime over a directory whose files are served by descriptor. `Send + Sync`; share it
+/// with `Arc` between every file of a drive.
+#[derive(Debug)]
+pub struct Files {
+    rt: Arc<Runtime>,
+    dir: PathBuf,
+    direct: bool,
+    piece: usize,
+}
+
+impl Files {
+    /// Start a runtime for the files under `dir` (pollers, pools and backend from `config`;
+    /// the backend is io_uring, or psync where it is refused, chosen and logged as for a
+    /// file). With `config.direct`, files are read and written with O_DIRECT where their file
+    /// system allows it.
+    pub fn open(dir: &Path, config: &EngineConfig) -> Result<Arc<Files>> {
+        let engine = Engine::open_dir(config, dir)?;
+        let rt = Runtime::start(engine, config.runtime_config())?;
+        Files::with_runtime(rt)
+    }
+
+    /// Serve files through `rt`, a runtime started on [`Engine::open_dir`].
+    pub fn with_runtime(rt: Arc<Runtime>) -> Result<Arc<Files>> {
+        let t = rt.engine().target();
+        if t.kind != crate::target::TargetKind::Directory {
+            return Err(Error::BadTarget {
+                path: t.path.clone(),
+                what: "a Files runtime must be started on a directory (Engine::open_dir)".into(),
+            });
+        }
+        let largest = rt.pools().classes().last().copied().unwrap_or(4096);
+        Ok(Arc::new(Files {
+            dir: t.path.clone(),
+            direct: t.direct,
+            piece: largest.min(MAX_PIECE),
+            rt,
+        }))
+    }
+
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.rt
+    }
+
+    /// The directory this runtime was started on.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Open `path` (relative paths are taken under [`dir`](Self::dir)) with `options`
+    /// (read, write, create, truncate as the host wants them; append is refused: offsets are
+    /// always explicit).
+    pub fn open_file(
+        self: &Arc<Self>,
+        path: &Path,
+        options: &std::fs::OpenOptions,
+    ) -> Result<OpenFile> {
+        let full = self.dir.join(path);
+        let file = options.open(&full).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::NotFound { path: full.clone() },
+            _ => Error::Os {
+                op: "open",
+                path: full.clone(),
+                source: e,
+            },
+        })?;
+        self.adopt(file, full)
+    }
+
+    /// Serve a file the host opened itself (`path` names it in errors and logs). Its access
+    /// mode is kept: a read-only file stays read-only.
+    pub fn adopt(self: &Arc<Self>, file: std::fs::File, path: PathBuf) -> Result<OpenFile> {
+        let os = |op: &'static str, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| Error::Os { op, path, source }
+        };
+        let meta = file.metadata().map_err(os("stat", &path))?;
+        if !meta.is_file() {
+            return Err(Error::BadTarget {
+                path,
+                what: "is not a regular file".into(),
+            });
+        }
+        let fl = rio_sys::io::fcntl_getfl(file.as_fd()).map_err(os("query flags of", &path))?;
+        if fl & libc::O_APPEND != 0 {
+            return Err(Error::BadTarget {
+                path,
+                what:
+                    "is open for appending; rio writes at explicit offsets (open it without append)"
+                        .into(),
+            });
+        }
+        let acc = fl & libc::O_ACCMODE;
+        let (mut direct, mut align) = (None, 1u64);
+        if self.direct {
+            match reopen_direct(&file, acc) {
+                Ok(d) => {
+                    let dio = rio_sys::stat::dio_align(d.as_fd()).unwrap_or_default();
+                    align = (dio.offset_align as u64)
+                        .max(dio.mem_align as u64)
+                        .max(PAGE)
+                        .next_power_of_two();
+                    direct = Some(Arc::new(OwnedFd::from(d)));
+                }
+                Err(e) => {
+                    tracing::debug!(path = %path.display(), error = %e, "no O_DIRECT for this file: buffered I/O");
+                }
+            }
+        }
+        Ok(OpenFile {
+            inner: Arc::new(Inner {
+                buffered: Arc::new(OwnedFd::from(file)),
+                direct_ok: AtomicBool::new(direct.is_some()),
+                direct,
+                align,
+                path,
+                writable: acc != libc::O_RDONLY,
+            }),
+            files: Arc::clone(self),
+        })
+    }
+}
+
+/// The O_DIRECT twin of `file`: the same open file description's inode, opened again through
+/// its `/proc/self/fd` link with the same access mode.
+fn reopen_direct(file: &std::fs::File, acc: i32) -> std::io::Result<std::fs::File> {
+    let link = format!("/proc/self/fd/{}", file.as_raw_fd());
+    let mut o = std::fs::OpenOptions::new();
+    o.read(acc != libc::O_WRONLY)
+        .write(acc != libc::O_RDONLY)
+        .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC);
+    let d = o.open(link)?;
+    // The link could only name another file if the descriptor changed under us; it cannot
+    // (we hold it), but check the inode anyway: cheap, and it is the invariant.
+    let (a, b) = (file.metadata()?, d.metadata()?);
+    use std::os::unix::fs::MetadataExt;
+    if (a.dev(), a.ino()) != (b.dev(), b.ino()) {
+        return Err(std::io::Error::other("reopened a different file"));
+    }
+    Ok(d)
+}
+
+struct Inner {
+    buffered: Arc<OwnedFd>,
+    direct: Option<Arc<OwnedFd>>,
+    /// Direct I/O still allowed (cleared when the file system refuses it).
+    direct_ok: AtomicBool,
+    /// Split point of direct I/O: a power of two, at least a page.
+    align: u64,
+    path: PathBuf,
+    writable: bool,
+}
+
+/// A file served by a [`Files`] runtime. Cheap to clone; `Send + Sync`. Closing: drop every
+/// clone (operations in flight keep the descriptors open until they complete).
+#[derive(Clone)]
+pub struct OpenFile {
+    inner: Arc<Inner>,
+    files: Arc<Files>,
+}
+
+impl std::fmt::Debug for OpenFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenFile")
+            .field("path", &self.inner.path)
+            .field("direct", &self.is_direct())
+            .field("align", &self.inner.align)
+            .finish()
+    }
+}
+
+/// Bytes transferred by a completed operation: a short transfer (end of file) is a count,
+/// any other failure an error.
+fn done_bytes(out: IoOutput) -> std::result::Result<(u64, Option<PoolBuf>), Error> {
+    match out {
+        Ok(v) => Ok(v),
+        Err((
+            Error::Io(IoError {
+                kind: IoErrorKind::Short { done },
+                ..
+            }),
+            buf,
+        )) => Ok((done as u64, buf)),
+        Err((e, _)) => Err(e),
+    }
+}
+
+fn is_einval(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Io(IoError {
+            kind: IoErrorKind::Os(libc::EINVAL),
+            ..
+        })
+    )
+}
+
+impl OpenFile {
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Whether reads and writes of aligned ranges go through O_DIRECT.
+    pub fn is_direct(&self) -> bool {
+        self.inner.direct.is_some() && self.inner.direct_ok.load(Ordering::Relaxed)
+    }
+
+    /// The split point of direct I/O (1 when the file is buffered).
+    pub fn alignment(&self) -> u64 {
+        if self.is_direct() {
+            self.inner.align
+        } else {
+            1
+        }
+    }
+
+    /// Whether the file is empty now.
+    pub fn is_empty(&self) -> Result<bool> {
+        self.len().map(|l| l == 0)
+    }
+
+    /// The file's current length.
+    pub fn len(&self) -> Result<u64> {
+        rio_sys::io::file_size(self.inner.buffered.as_fd()).map_err(|e| Error::Os {
+            op: "stat",
+            path: self.inner.path.clone(),
+            source: e,
+        })
+    }
+
+    fn direct_refused(&self, e: &Error) {
+        if self.inner.direct_ok.swap(false, Ordering::Relaxed) {
+            tracing::warn!(path = %self.inner.path.display(), error = %e, "O_DIRECT refused by the file system; this file goes buffered");
+        }
+    }
+
+    /// Read up to `len` bytes at `offset`: fewer only at the end of the file. Any offset and
+    /// length; with O_DIRECT the range is widened to the alignment and the wanted bytes copied
+    /// out.
+    pub async fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; len];
+        let n = self.read_into(offset, &mut out).await?;
+        out.truncate(n);
+        Ok(out)
+    }
+
+    /// [`read_at`](Self::read_at) into `out`; returns the bytes read (short only at the end of
+    /// the file).
+    pub async fn read_into(&self, offset: u64, out: &mut [u8]) -> Result<usize> {
+        if out.is_empty() {
+            return Ok(0);
+        }
+        check_range(&self.inner.path, offset, out.len() as u64)?;
+        if self.is_direct() {
+            match self.read_pieces(offset, out, true).await {
+                Err(e) if is_einval(&e) => self.direct_refused(&e),
+                r => return r,
+            }
+        }
+        self.read_pieces(offset, out, false).await
+    }
+
+    async fn read_pieces(&self, offset: u64, out: &mut [u8], direct: bool) -> Result<usize> {
+        let (fd, align) = match (&self.inner.direct, direct) {
+            (Some(d), true) => (d, self.inner.align),
+            _ => (&self.inner.buffered, 1),
+        };
+        let end = offset + out.len() as u64;
+        let start = offset & !(align - 1);
+        let stop = end.div_ceil(align) * align;
+        let piece = self.files.piece as u64;
+        let rt = &self.files.rt;
+        let mut next = start;
+        let mut flight: VecDeque<(u64, IoFuture)> = VecDeque::with_capacity(WINDOW);
+        let mut got = 0usize;
+        loop {
+            while flight.len() < WINDOW && next < stop {
+                let n = piece.min(stop - next);
+                let buf = rt.buffer(n as usize, BUFFER_WAIT)?;
+                flight.push_back((next, rt.submit_file(fd, OpKind::Read, next, n, Some(buf))));
+                next += n;
+            }
+            let Some((at, fut)) = flight.pop_front() else {
+                return Ok(got);
+            };
+            let (n, buf) = done_bytes(fut.await)?;
+            let buf = buf.expect("a read hands its buffer back");
+            // The wanted part of this piece: [max(at, offset), min(at + n, end)).
+            let lo = at.max(offset);
+            let hi = (at + n).min(end);
+            if hi > lo {
+                let src = &buf.as_slice()[(lo - at) as usize..(hi - at) as usize];
+                out[(lo - offset) as usize..(hi - offset) as usize].copy_from_slice(src);
+                got = (hi - offset) as usize;
+            }
+            if at + n < (at + buf.len() as u64).min(stop) {
+                // End of file: the pieces after this one read nothing more (dropping their
+                // futures hands their buffers home when they complete).
+                return Ok(got);
+            }
+        }
+    }
+
+    /// Write all of `data` at `offset`. Any offset and length: with O_DIRECT, the aligned
+    /// middle goes direct and an unaligned head or tail through the buffered handle (never
+    /// the same page).
+    pub async fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.check_writable()?;
+        check_range(&self.inner.path, offset, data.len() as u64)?;
+        let end = offset + data.len() as u64;
+        if self.is_direct() {
+            let a = self.inner.align;
+            let mid_lo = offset.div_ceil(a) * a;
+            let mid_hi = end & !(a - 1);
+            if mid_hi > mid_lo {
+                let slice =
+                    |lo: u64, hi: u64| &data[(lo - offset) as usize..(hi - offset) as usize];
+                match self.write_pieces(mid_lo, slice(mid_lo, mid_hi), true).await {
+                    Ok(()) => {
+                        self.write_pieces(offset, slice(offset, mid_lo), false)
+                            .await?;
+                        return self.write_pieces(mid_hi, slice(mid_hi, end), false).await;
+                    }
+                    Err(e) if is_einval(&e) => self.direct_refused(&e),
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        self.write_pieces(offset, data, false).await
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.inner.writable {
+            Ok(())
+        } else {
+            Err(Error::Unsupported {
+                op: OpKind::Write,
+                backend: "a file opened read-only",
+            })
+        }
+    }
+
+    async fn write_pieces(&self, offset: u64, data: &[u8], direct: bool) -> Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let fd = match (&self.inner.direct, direct) {
+            (Some(d), true) => d,
+            _ => &self.inner.buffered,
+        };
+        let piece = self.files.piece;
+        let rt = &self.files.rt;
+        let mut flight: VecDeque<(u64, usize, IoFuture)> = VecDeque::with_capacity(WINDOW);
+        let mut chunks = data.chunks(piece).enumerate();
+        loop {
+            while flight.len() < WINDOW {
+                let Some((i, c)) = chunks.next() else { break };
+                let mut buf = rt.buffer(c.len(), BUFFER_WAIT)?;
+                buf.as_mut_slice().copy_from_slice(c);
+                let at = offset + (i * piece) as u64;
+                let fut = rt.submit_file(fd, OpKind::Write, at, c.len() as u64, Some(buf));
+                flight.push_back((at, c.len(), fut));
+            }
+            let Some((at, len, fut)) = flight.pop_front() else {
+                return Ok(());
+            };
+            let (n, _) = done_bytes(fut.await)?;
+            if (n as usize) < len {
+                // A short write (the file system ran out of room part way): the rest again,
+                // buffered, so the error is the file system's own.
+                let rest = &data[(at - offset) as usize + n as usize..(at - offset) as usize + len];
+                self.write_rest(at + n, rest).await?;
+            }
+        }
+    }
+
+    /// The remainder of a short write, one buffered write at a time until done or an error.
+    async fn write_rest(&self, mut at: u64, mut rest: &[u8]) -> Result<()> {
+        let rt = &self.files.rt;
+        while !rest.is_empty() {
+            let c = &rest[..rest.len().min(self.files.piece)];
+            let mut buf = rt.buffer(c.len(), BUFFER_WAIT)?;
+            buf.as_mut_slice().copy_from_slice(c);
+            let fut = rt.submit_file(
+                &self.inner.buffered,
+                OpKind::Write,
+                at,
+                c.len() as u64,
+                Some(buf),
+            );
+            let (n, _) = done_bytes(fut.await)?;
+            if n == 0 {
+                return Err(Error::Io(IoError {
+                    op: OpKind::Write,
+                    offset: at,
+                    len: c.len() as u64,
+                    kind: IoErrorKind::Short { done: 0 },
+                }));
+            }
+            at += n;
+            rest = &rest[n as usize..];
+        }
+        Ok(())
+    }
+
+    /// Make what was written durable (fdatasync, through the runtime).
+    pub async fn sync_data(&self) -> Result<()> {
+        let fut = self
+            .files
+            .rt
+            .submit_file(&self.inner.buffered, OpKind::Flush, 0, 0, None);
+        fut.await.map(|_| ()).map_err(|(e, _)| e)
+    }
+
+    /// A sequential writer starting at `offset`.
+    pub fn writer(&self, offset: u64) -> SeqWriter {
+        SeqWriter {
+            file: self.clone(),
+            pos: offset,
+            stage: None,
+            fill: 0,
+            pending: None,
+            written: 0,
+        }
+    }
+}
+
+fn check_range(path: &Path, offset: u64, len: u64) -> Result<()> {
+    if offset.checked_add(len).is_none_or(|e| e > i64::MAX as u64) {
+        return Err(Error::OutOfRange {
+            offset,
+            len,
+            size: i64::MAX as u64,
+        });
+    }
+    let _ = path;
+    Ok(())
+}
+
+/// A stream of writes to an [`OpenFile`] (an object part being stored): bytes are staged in
+/// a pool buffer, and each whole aligned chunk is written with O_DIRECT from that buffer while
+/// the next one fills (one write in flight); [`finish`](Self::finish) writes what is left, the
+/// unaligned tail buffered. Dropping it without `finish` loses what was staged and not yet
+/// written.
+pub struct SeqWriter {
+    file: OpenFile,
+    /// File offset of the first staged byte.
+    pos: u64,
+    stage: Option<PoolBuf>,
+    fill: usize,
+    /// The write in flight: its offset, its length, and the future.
+    pending: Option<(u64, usize, IoFuture)>,
+    written: u64,
+}
+
+impl std::fmt::Debug for SeqWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SeqWriter")
+            .field("file", &self.file)
+            .field("pos", &self.pos)
+            .field("staged", &self.fill)
+            .finish()
+    }
+}
+
+impl SeqWriter {
+    /// Bytes handed to the writer so far, as a file offset (staged, in flight or written).
+    pub fn position(&self) -> u64 {
+        self.pos + self.fill as u64
+    }
+
+    /// How many bytes the next chunk takes: up to the next alignment boundary first (an
+    /// unaligned start), then whole pieces.
+    fn chunk_len(&self) -> usize {
+        let a = self.file.alignment();
+        let head = self.pos % a;
+        if head != 0 {
+            (a - head) as usize
+        } else {
+            self.file.files.piece
+        }
+    }
+
+    /// Stage `data`, writing every chunk that fills.
+    pub async fn write(&mut self, mut data: &[u8]) -> Result<()> {
+        self.file.check_writable()?;
+        while !data.is_empty() {
+            let want = match &self.stage {
+                Some(b) => b.len(),
+                None => {
+                    let want = self.chunk_len();
+                    self.stage = Some(self.file.files.rt.buffer(want, BUFFER_WAIT)?);
+                    self.fill = 0;
+                    want
+                }
+            };
+            let take = (want - self.fill).min(data.len());
+            let b = self.stage.as_mut().expect("staged above");
+            b.as_mut_slice()[self.fill..self.fill + take].copy_from_slice(&data[..take]);
+            self.fill += take;
+            data = &data[take..];
+            if self.fill == want {
+                self.launch().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Write the staged chunk (the previous write finished first: one in flight).
+    async fn launch(&mut self) -> Result<()> {
+        self.wait().await?;
+        let Some(buf) = self.stage.take() else {
+            return Ok(());
+        };
+        let (at, len) = (self.pos, std::mem::take(&mut self.fill));
+        self.pos += len as u64;
+        let a = self.file.inner.align;
+        let aligned = self.file.is_direct()
+            && len == buf.len()
+            && at.is_multiple_of(a)
+            && (len as u64).is_multiple_of(a);
+        if !aligned {
+            // An unaligned head, the tail, or a buffered file: written in place, then on.
+            self.file.write_at(at, &buf.as_slice()[..len]).await?;
+            self.written += len as u64;
+            return Ok(());
+        }
+        let fd = self
+            .file
+            .inner
+            .direct
+            .as_ref()
+            .expect("direct checked above");
+        let fut = self
+            .file
+            .files
+            .rt
+            .submit_file(fd, OpKind::Write, at, len as u64, Some(buf));
+        self.pending = Some((at, len, fut));
+        Ok(())
+    }
+
+    /// Wait for the write in flight, if any; a refused (EINVAL) or short direct write is done
+    /// again through [`OpenFile::write_at`].
+    async fn wait(&mut self) -> Result<()> {
+        let Some((at, len, fut)) = self.pending.take() else {
+            return Ok(());
+        };
+        match fut.await {
+            Ok((n, _)) => {
+                self.written += n;
+                Ok(())
+            }
+            Err((e, buf)) => {
+                let short = matches!(
+                    e,
+                    Error::Io(IoError {
+                        kind: IoErrorKind::Short { .. },
+                        ..
+                    })
+                );
+                let Some(buf) = buf.filter(|_| short || is_einval(&e)) else {
+                    return Err(e);
+                };
+                if is_einval(&e) {
+                    self.file.direct_refused(&e);
+                }
+                self.file.write_at(at, &buf.as_slice()[..len]).await?;
+                self.written += len as u64;
+                Ok(())
+            }
+        }
+    }
+
+    /// Write everything staged and wait for it; returns the bytes written through this
+    /// writer. Does not sync (see [`OpenFile::sync_data`]).
+    pub async fn finish(mut self) -> Result<u64> {
+        self.launch().await?;
+        self.wait().await?;
+        Ok(self.written)
+    }
+}

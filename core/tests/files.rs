@@ -1,0 +1,386 @@
+//! A runtime over a directory serving many files by descriptor (`rio::runtime::Files`): every
+//! read shape an object store uses gives the same bytes as `std::fs` (whole files, ranges,
+//! unaligned offsets and lengths, empty files, reads past the end, files growing while read),
+//! writes of any shape land byte for byte, on io_uring and on psync.
+
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use rio::config::BackendChoice;
+use rio::runtime::{Files, OpenFile};
+use rio::{EngineConfig, Error};
+
+/// A small deterministic generator (the tests' own; no timing, no host state).
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+fn config(backend: BackendChoice) -> EngineConfig {
+    let mut c = EngineConfig {
+        backend,
+        ..EngineConfig::default()
+    };
+    c.hugepages = false;
+    c.buffer_pool_bytes = 64 << 20;
+    c.pool_initial_buffers = 4;
+    c
+}
+
+fn files(dir: &Path, backend: BackendChoice) -> Arc<Files> {
+    Files::open(dir, &config(backend)).expect("a Files runtime on a temp directory")
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .unwrap()
+}
+
+fn read_opts() -> std::fs::OpenOptions {
+    let mut o = std::fs::OpenOptions::new();
+    o.read(true);
+    o
+}
+
+fn rw_opts() -> std::fs::OpenOptions {
+    let mut o = std::fs::OpenOptions::new();
+    o.read(true).write(true).create(true);
+    o
+}
+
+/// What `std` reads at `offset` for `len` bytes (short at the end of the file).
+fn std_read(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    let f = std::fs::File::open(path).unwrap();
+    let mut out = vec![0u8; len];
+    let mut got = 0;
+    while got < len {
+        let n = f.read_at(&mut out[got..], offset + got as u64).unwrap();
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    out.truncate(got);
+    out
+}
+
+fn shapes(size: u64, rng: &mut Rng) -> Vec<(u64, usize)> {
+    let mut v = vec![
+        (0, size as usize),                   // the whole file
+        (0, size as usize + 4096),            // past the end
+        (size, 100),                          // at the end: nothing
+        (size + 8192, 10),                    // beyond the end: nothing
+        (32, 1),                              // one byte, unaligned
+        (4095, 2),                            // across a page boundary
+        (4096, 4096),                         // one aligned page
+        (1, size.saturating_sub(2) as usize), // all but the first and last byte
+        (524_320, 524_288),                   // a RustFS shard block (32-byte hash, 512 KiB)
+        (3 << 20, 2 << 20),                   // several pieces
+    ];
+    for _ in 0..40 {
+        let off = rng.below(size + 4096);
+        let len = rng.below(3 << 20) as usize;
+        v.push((off, len));
+    }
+    v
+}
+
+fn differential_reads(backend: BackendChoice) {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = files(dir.path(), backend);
+    let mut rng = Rng(0x5eed_f11e);
+    let sizes = [0u64, 1, 31, 4096, 4097, 100_000, (5 << 20) + 33];
+    let rt = rt();
+    for (i, &size) in sizes.iter().enumerate() {
+        let name = format!("part.{i}");
+        let path = dir.path().join(&name);
+        std::fs::write(&path, rng.bytes(size as usize)).unwrap();
+        let f = fs.open_file(Path::new(&name), &read_opts()).unwrap();
+        for (off, len) in shapes(size, &mut rng) {
+            let was_direct = f.is_direct();
+            let got = rt.block_on(f.read_at(off, len)).unwrap();
+            assert_eq!(
+                f.is_direct(),
+                was_direct,
+                "{name}: a direct read was refused (EINVAL)"
+            );
+            let want = std_read(&path, off, len);
+            assert_eq!(got.len(), want.len(), "{name} (size {size}) at {off}+{len}");
+            assert!(
+                got == want,
+                "{name} (size {size}) at {off}+{len}: bytes differ"
+            );
+        }
+    }
+}
+
+#[test]
+fn reads_match_std_on_io_uring() {
+    differential_reads(BackendChoice::Uring);
+}
+
+#[test]
+fn reads_match_std_on_psync() {
+    differential_reads(BackendChoice::Psync);
+}
+
+#[test]
+fn files_on_ext4_or_xfs_go_direct_with_page_alignment() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = files(dir.path(), BackendChoice::Uring);
+    let f = fs.open_file(Path::new("a"), &rw_opts()).unwrap();
+    // Whether the temp directory's file system takes O_DIRECT is the host's; what rio must do
+    // either way is checked: direct files split at a page or more, buffered ones at 1.
+    if f.is_direct() {
+        assert!(f.alignment() >= 4096 && f.alignment().is_power_of_two());
+    } else {
+        assert_eq!(f.alignment(), 1);
+    }
+    let mut c = config(BackendChoice::Uring);
+    c.direct = false;
+    let fs2 = Files::open(dir.path(), &c).unwrap();
+    let g = fs2.open_file(Path::new("a"), &rw_opts()).unwrap();
+    assert!(!g.is_direct(), "direct=false opens files buffered");
+}
+
+#[test]
+fn a_file_growing_while_read_is_read_as_it_is_at_each_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = files(dir.path(), BackendChoice::Uring);
+    let path = dir.path().join("growing");
+    let mut w = std::fs::File::create(&path).unwrap();
+    let f = fs.open_file(Path::new("growing"), &read_opts()).unwrap();
+    let rt = rt();
+    let mut rng = Rng(7);
+    let mut all = Vec::new();
+    for step in 0..20 {
+        let n = rng.below(70_000) as usize + 1;
+        let add = rng.bytes(n);
+        w.write_all(&add).unwrap(); // buffered, not synced: the page cache holds it
+        all.extend_from_slice(&add);
+        let got = rt.block_on(f.read_at(0, all.len() + 10_000)).unwrap();
+        assert!(
+            got == all,
+            "step {step}: read {} of {} bytes",
+            got.len(),
+            all.len()
+        );
+        let tail = all.len().saturating_sub(5000) as u64;
+        let got = rt.block_on(f.read_at(tail + 3, 9000)).unwrap();
+        assert!(got == all[tail as usize + 3..], "step {step}: tail differs");
+        assert_eq!(f.len().unwrap(), all.len() as u64);
+    }
+}
+
+fn differential_writes(backend: BackendChoice) {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = files(dir.path(), backend);
+    let f = fs.open_file(Path::new("w"), &rw_opts()).unwrap();
+    let was_direct = f.is_direct();
+    let rt = rt();
+    let mut rng = Rng(99);
+    let mut model: Vec<u8> = Vec::new();
+    let mut writes: Vec<(u64, usize)> =
+        vec![(0, 0), (0, 1), (4095, 2), (5000, 3 << 20), (8192, 4096)];
+    for _ in 0..30 {
+        writes.push((rng.below(4 << 20), rng.below(2 << 20) as usize));
+    }
+    for (off, len) in writes {
+        let data = rng.bytes(len);
+        rt.block_on(f.write_at(off, &data)).unwrap();
+        if len > 0 {
+            let end = off as usize + len;
+            if model.len() < end {
+                model.resize(end, 0);
+            }
+            model[off as usize..end].copy_from_slice(&data);
+        }
+        let got = std::fs::read(dir.path().join("w")).unwrap();
+        assert_eq!(got.len(), model.len(), "after a write at {off}+{len}");
+        assert!(got == model, "after a write at {off}+{len}: bytes differ");
+    }
+    rt.block_on(f.sync_data()).unwrap();
+    let back = rt.block_on(f.read_at(0, model.len())).unwrap();
+    assert!(back == model, "read back through rio differs");
+    // rio split every write where the file system takes it: none fell back to buffered.
+    assert_eq!(
+        f.is_direct(),
+        was_direct,
+        "a direct write was refused (EINVAL)"
+    );
+}
+
+#[test]
+fn writes_of_any_shape_land_byte_for_byte_on_io_uring() {
+    differential_writes(BackendChoice::Uring);
+}
+
+#[test]
+fn writes_of_any_shape_land_byte_for_byte_on_psync() {
+    differential_writes(BackendChoice::Psync);
+}
+
+/// RustFS's shard file: blocks of a 32-byte hash then the shard, one after the other, so
+/// nothing after the first block is aligned; written as a stream, read back by block.
+#[test]
+fn a_stream_of_hash_and_shard_blocks_lands_and_reads_back_by_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = files(dir.path(), BackendChoice::Uring);
+    let rt = rt();
+    let mut rng = Rng(3);
+    for (shard, blocks, start) in [
+        (524_288usize, 9usize, 0u64),
+        (1000, 50, 0),
+        (524_288, 3, 77),
+    ] {
+        let name = format!("part.{shard}.{start}");
+        let f = fs.open_file(Path::new(&name), &rw_opts()).unwrap();
+        let direct = f.is_direct();
+        let mut model = vec![0u8; start as usize];
+        let mut w = f.writer(start);
+        for _ in 0..blocks {
+            let hash = rng.bytes(32);
+            let data = rng.bytes(shard);
+            // Fed in pieces of varying size, as a network stream arrives.
+            let mut block = hash.clone();
+            block.extend_from_slice(&data);
+            let mut rest = &block[..];
+            while !rest.is_empty() {
+                let n = (rng.below(200_000) as usize + 1).min(rest.len());
+                rt.block_on(w.write(&rest[..n])).unwrap();
+                rest = &rest[n..];
+            }
+            model.extend_from_slice(&block);
+        }
+        let written = rt.block_on(w.finish()).unwrap();
+        assert_eq!(written, model.len() as u64 - start);
+        assert_eq!(
+            f.is_direct(),
+            direct,
+            "{name}: a direct write was refused (EINVAL)"
+        );
+        let on_disk = std::fs::read(dir.path().join(&name)).unwrap();
+        assert!(on_disk == model, "{name}: the stream differs on disk");
+        let bs = (shard + 32) as u64;
+        for k in 0..blocks as u64 {
+            let got = rt.block_on(f.read_at(start + k * bs, bs as usize)).unwrap();
+            let lo = (start + k * bs) as usize;
+            assert!(
+                got == model[lo..lo + bs as usize],
+                "{name}: block {k} differs"
+            );
+        }
+    }
+}
+
+#[test]
+fn many_files_at_once_through_one_runtime() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = files(dir.path(), BackendChoice::Uring);
+    let rt = rt();
+    let mut rng = Rng(11);
+    let contents: Vec<Vec<u8>> = (0..64).map(|i| rng.bytes(1000 + i * 7919)).collect();
+    rt.block_on(async {
+        let mut tasks = Vec::new();
+        for (i, c) in contents.iter().enumerate() {
+            let fs = Arc::clone(&fs);
+            let c = c.clone();
+            tasks.push(tokio::spawn(async move {
+                let f = fs
+                    .open_file(Path::new(&format!("obj{i}")), &rw_opts())
+                    .unwrap();
+                let mut w = f.writer(0);
+                w.write(&c).await.unwrap();
+                w.finish().await.unwrap();
+                let back = f.read_at(0, c.len() + 1).await.unwrap();
+                assert!(back == c, "obj{i} differs");
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+    for (i, c) in contents.iter().enumerate() {
+        assert!(std::fs::read(dir.path().join(format!("obj{i}"))).unwrap() == *c);
+    }
+}
+
+#[test]
+fn bad_inputs_are_typed_errors_not_panics() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = files(dir.path(), BackendChoice::Uring);
+    let rt = rt();
+    std::fs::write(dir.path().join("ro"), b"hello").unwrap();
+    let ro: OpenFile = fs.open_file(Path::new("ro"), &read_opts()).unwrap();
+    assert!(matches!(
+        rt.block_on(ro.write_at(0, b"x")),
+        Err(Error::Unsupported { .. })
+    ));
+    assert!(matches!(
+        fs.open_file(Path::new("missing"), &read_opts()),
+        Err(Error::NotFound { .. })
+    ));
+    let mut app = std::fs::OpenOptions::new();
+    app.append(true);
+    assert!(matches!(
+        fs.open_file(Path::new("ro"), &app),
+        Err(Error::BadTarget { .. })
+    ));
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    assert!(matches!(
+        fs.open_file(Path::new("sub"), &read_opts()),
+        Err(Error::BadTarget { .. })
+    ));
+    assert!(matches!(
+        rt.block_on(ro.read_at(u64::MAX - 10, 100)),
+        Err(Error::OutOfRange { .. })
+    ));
+    // Nothing was changed by the refused write.
+    assert_eq!(std::fs::read(dir.path().join("ro")).unwrap(), b"hello");
+    // A directory runtime on a file, and the NVMe driver for a directory, are refused.
+    assert!(Files::open(&dir.path().join("ro"), &config(BackendChoice::Uring)).is_err());
+    assert!(matches!(
+        Files::open(dir.path(), &config(BackendChoice::Vfio)),
+        Err(Error::BackendUnavailable { .. })
+    ));
+}
+
+#[test]
+fn the_nvme_driver_refuses_host_files() {
+    let mut c = config(BackendChoice::Auto);
+    c.queue_depth = 8;
+    let rt = rio::runtime::Runtime::open("sim://size=16m", &c).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("x"), [1u8; 4096]).unwrap();
+    let f = Arc::new(std::os::fd::OwnedFd::from(
+        std::fs::File::open(dir.path().join("x")).unwrap(),
+    ));
+    let buf = rt.buffer(4096, std::time::Duration::from_secs(5)).unwrap();
+    let out = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+        .block_on(rt.submit_file(&f, rio::OpKind::Read, 0, 4096, Some(buf)));
+    match out {
+        Err((Error::Unsupported { .. }, Some(_))) => {}
+        other => panic!("expected Unsupported with the buffer back, got {other:?}"),
+    }
+    assert!(matches!(
+        Files::with_runtime(rt),
+        Err(Error::BadTarget { .. })
+    ));
+}
