@@ -1,46 +1,55 @@
-//! Erasure-coded shards stored and read the way RustFS lays them out, from many tokio tasks,
-//! through rio's `DiskFile`.
+//! Erasure-coded objects stored the way RustFS lays them out on its drives, from many tokio
+//! tasks, through one rio runtime serving every file (`rio::runtime::Files`).
 //!
-//! Each object is split into `DATA` data shards plus one XOR parity shard. A shard is a series
-//! of 1 MiB blocks; each block is preceded by a 32-byte checksum header (RustFS's bitrot
-//! layout). For direct I/O the header sits in its own 4 KiB sector just before the block, so a
-//! shard block occupies 1 MiB + 4 KiB on the device.
+//! RustFS's layout (rustfs-ecstore 1.0.1): an object is cut into 1 MiB erasure blocks; each
+//! block into `DATA` data shards of ceil(1 MiB / DATA) bytes plus parity; shard `s` of every
+//! block goes to drive `s`, in one file per object part (`<drive>/<bucket>/<object>/<data
+//! dir>/part.1`). In that file each shard block is a 32-byte hash followed by the shard, one
+//! after the other: block `k` starts at `k * (shard + 32)`, so after the first block nothing
+//! is 4 KiB aligned. RustFS hashes with HighwayHash256; this example fills the 32 bytes with
+//! CRC32C over the shard and its coordinates (same size, same place, no extra dependency).
+//! Parity here is one XOR shard (RustFS uses Reed-Solomon; the I/O is the same).
 //!
 //! ```text
-//! cargo run --release --example shard_store                       # on the software model
-//! cargo run --release --example shard_store -- --target /path/f   # on a file (created)
+//! cargo run --release --example shard_store                       # in a temporary directory
+//! cargo run --release --example shard_store -- --dir /mnt/drives  # under this directory
 //! cargo run --release --example shard_store -- --objects 64 --blocks 4
 //! ```
-//! Writes every object concurrently (one tokio task per shard block), reads them back and
-//! verifies headers and data, then damages one shard block of an object and shows that the
-//! read detects it (checksum) and rebuilds it from parity. Exit status 0 when all checks pass.
+//! Writes every object concurrently (one task per shard file, streamed through a
+//! `SeqWriter`), reads every shard block back at its unaligned offset and verifies hash and
+//! data, then damages one shard block of an object and shows that the read detects it (hash)
+//! and rebuilds it from parity. Exit status 0 when all checks pass.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
 use rio::EngineConfig;
-use rio::pool::{PagePolicy, PoolConfig};
-use rio::runtime::{DiskFile, RuntimeConfig};
+use rio::runtime::{Files, OpenFile};
 
 const DATA: usize = 4;
 const SHARDS: usize = DATA + 1;
+/// RustFS's erasure block.
 const BLOCK: usize = 1 << 20;
-const HEADER: usize = 4096;
-const SLOT: u64 = (BLOCK + HEADER) as u64;
-const MAGIC: u32 = 0x5253_4842; // "RSHB"
-/// Shard blocks in flight at once (each holds a header and a data buffer from the pools): a
-/// store bounds its concurrency rather than let every task wait on the pool.
+/// Bytes of one shard of one block: ceil(BLOCK / DATA).
+const SHARD: usize = BLOCK.div_ceil(DATA);
+/// The hash before each shard block.
+const HASH: usize = 32;
+/// Bytes of one shard block in a part file.
+const STRIDE: u64 = (HASH + SHARD) as u64;
+/// Shard files written or read at once: a store bounds its concurrency rather than let
+/// every task wait on the pool.
 const IN_FLIGHT: usize = 16;
 
 struct Args {
-    target: String,
+    dir: Option<PathBuf>,
     objects: usize,
     blocks: usize,
 }
 
 fn args() -> Result<Args, String> {
     let mut a = Args {
-        target: String::new(),
+        dir: None,
         objects: 16,
         blocks: 2,
     };
@@ -48,7 +57,7 @@ fn args() -> Result<Args, String> {
     while let Some(k) = it.next() {
         let mut val = |name: &str| it.next().ok_or(format!("{name} needs a value"));
         match k.as_str() {
-            "--target" => a.target = val("--target")?,
+            "--dir" => a.dir = Some(PathBuf::from(val("--dir")?)),
             "--objects" => {
                 a.objects = val("--objects")?
                     .parse()
@@ -60,10 +69,7 @@ fn args() -> Result<Args, String> {
                     .map_err(|e| format!("--blocks: {e}"))?
             }
             "-h" | "--help" => {
-                return Err(
-                    "usage: shard_store [--target FILE|sim://...] [--objects N] [--blocks N]"
-                        .into(),
-                );
+                return Err("usage: shard_store [--dir DIR] [--objects N] [--blocks N]".into());
             }
             other => return Err(format!("unknown argument {other}")),
         }
@@ -74,42 +80,54 @@ fn args() -> Result<Args, String> {
     Ok(a)
 }
 
-/// Where shard block `b` of shard `s` of object `o` lives.
-fn slot(a: &Args, o: usize, s: usize, b: usize) -> u64 {
-    (((o * SHARDS + s) * a.blocks) + b) as u64 * SLOT
+/// Where shard `s` of object `o` lives: drive `s`, RustFS-style path.
+fn part_path(o: usize, s: usize) -> PathBuf {
+    Path::new(&format!("drive{s}"))
+        .join("bucket")
+        .join(format!("object-{o}"))
+        .join("data-dir")
+        .join("part.1")
 }
 
-/// Deterministic object content: byte `i` of data shard `s`, block `b`, object `o`.
+/// Deterministic object content: data shard `s`, block `b`, object `o`.
 fn fill_data(buf: &mut [u8], o: usize, s: usize, b: usize) {
     let seed = (o as u64) << 32 | (s as u64) << 16 | b as u64;
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    for chunk in buf.chunks_exact_mut(8) {
+    for chunk in buf.chunks_mut(8) {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes());
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
     }
 }
 
-/// The 32-byte block header: magic, object, shard, block, data length, CRC32C of the data.
-fn header(o: usize, s: usize, b: usize, data: &[u8]) -> [u8; 32] {
-    let mut h = [0u8; 32];
-    h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
-    h[4..12].copy_from_slice(&(o as u64).to_le_bytes());
-    h[12..14].copy_from_slice(&(s as u16).to_le_bytes());
-    h[14..18].copy_from_slice(&(b as u32).to_le_bytes());
-    h[18..22].copy_from_slice(&(data.len() as u32).to_le_bytes());
-    h[22..26].copy_from_slice(&crc32c::crc32c(data).to_le_bytes());
+/// The 32-byte hash of a shard block (CRC32C of the shard and of its coordinates, repeated:
+/// stands in for RustFS's HighwayHash256).
+fn hash(o: usize, s: usize, b: usize, data: &[u8]) -> [u8; HASH] {
+    let mut h = [0u8; HASH];
+    let c = crc32c::crc32c(data);
+    let id = crc32c::crc32c_append(
+        c,
+        &[
+            (o as u64).to_le_bytes(),
+            (s as u64).to_le_bytes(),
+            (b as u64).to_le_bytes(),
+        ]
+        .concat(),
+    );
+    for (i, w) in h.chunks_exact_mut(4).enumerate() {
+        w.copy_from_slice(&(if i % 2 == 0 { c } else { id }).to_le_bytes());
+    }
     h
 }
 
 /// The expected content of shard `s` (parity for `s == DATA`), block `b`, object `o`.
 fn expected(o: usize, s: usize, b: usize) -> Vec<u8> {
-    let mut out = vec![0u8; BLOCK];
+    let mut out = vec![0u8; SHARD];
     if s < DATA {
         fill_data(&mut out, o, s, b);
     } else {
-        let mut d = vec![0u8; BLOCK];
+        let mut d = vec![0u8; SHARD];
         for ds in 0..DATA {
             fill_data(&mut d, o, ds, b);
             for (x, y) in out.iter_mut().zip(&d) {
@@ -120,40 +138,48 @@ fn expected(o: usize, s: usize, b: usize) -> Vec<u8> {
     out
 }
 
-async fn write_block(f: &DiskFile, at: u64, o: usize, s: usize, b: usize) -> Result<(), String> {
-    let data = expected(o, s, b);
-    let mut hb = f.buffer(HEADER).map_err(|e| e.to_string())?;
-    hb.as_mut_slice().fill(0);
-    hb.as_mut_slice()[..32].copy_from_slice(&header(o, s, b, &data));
-    let mut db = f.buffer(BLOCK).map_err(|e| e.to_string())?;
-    db.as_mut_slice().copy_from_slice(&data);
-    // Header and block in flight together.
-    let (h, d) = tokio::join!(f.write_at(at, hb), f.write_at(at + HEADER as u64, db));
-    h.map_err(|(e, _)| e.to_string())?;
-    d.map_err(|(e, _)| e.to_string())?;
+/// Write shard file `s` of object `o`: hash + shard for each block, streamed.
+async fn write_shard(fs: &Arc<Files>, blocks: usize, o: usize, s: usize) -> Result<(), String> {
+    let rel = part_path(o, s);
+    std::fs::create_dir_all(fs.dir().join(rel.parent().expect("has a parent")))
+        .map_err(|e| format!("{}: {e}", rel.display()))?;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.read(true).write(true).create(true).truncate(true);
+    let f = fs.open_file(&rel, &opts).map_err(|e| e.to_string())?;
+    let mut w = f.writer(0);
+    for b in 0..blocks {
+        let data = expected(o, s, b);
+        w.write(&hash(o, s, b, &data))
+            .await
+            .map_err(|e| e.to_string())?;
+        w.write(&data).await.map_err(|e| e.to_string())?;
+    }
+    w.finish().await.map_err(|e| e.to_string())?;
     Ok(())
 }
 
-/// Read a shard block and check it against its header. `Ok(None)`: the block is damaged.
-async fn read_block(
-    f: &DiskFile,
-    at: u64,
-    o: usize,
-    s: usize,
-    b: usize,
-) -> Result<Option<Vec<u8>>, String> {
-    let hb = f.buffer(HEADER).map_err(|e| e.to_string())?;
-    let db = f.buffer(BLOCK).map_err(|e| e.to_string())?;
-    let (h, d) = tokio::join!(f.read_at(at, hb), f.read_at(at + HEADER as u64, db));
-    let (_, hb) = h.map_err(|(e, _)| e.to_string())?;
-    let (_, db) = d.map_err(|(e, _)| e.to_string())?;
-    let (hb, db) = (
-        hb.expect("read returns its buffer"),
-        db.expect("read returns its buffer"),
-    );
-    let data = db.as_slice();
-    let ok = hb.as_slice()[..32] == header(o, s, b, data);
-    Ok(ok.then(|| data.to_vec()))
+/// Read a shard block at its (unaligned) offset and check it against its hash. `Ok(None)`:
+/// the block is damaged.
+async fn read_block(f: &OpenFile, o: usize, s: usize, b: usize) -> Result<Option<Vec<u8>>, String> {
+    let block = f
+        .read_at(b as u64 * STRIDE, STRIDE as usize)
+        .await
+        .map_err(|e| e.to_string())?;
+    if block.len() != STRIDE as usize {
+        return Err(format!(
+            "object {o} shard {s} block {b}: short ({} bytes)",
+            block.len()
+        ));
+    }
+    let (h, data) = block.split_at(HASH);
+    Ok((h == hash(o, s, b, data)).then(|| data.to_vec()))
+}
+
+fn open_read(fs: &Arc<Files>, o: usize, s: usize) -> Result<OpenFile, String> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.read(true);
+    fs.open_file(&part_path(o, s), &opts)
+        .map_err(|e| e.to_string())
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 4)]
@@ -166,127 +192,135 @@ async fn main() {
 
 async fn run() -> Result<(), String> {
     let a = Arc::new(args()?);
-    let need = slot(&a, a.objects, 0, 0);
-    let target = if a.target.is_empty() {
-        format!("sim://size={}m", need.div_ceil(1 << 20) + 1)
-    } else {
-        a.target.clone()
+    let tmp;
+    let dir = match &a.dir {
+        Some(d) => d.clone(),
+        None => {
+            tmp = tempfile::Builder::new()
+                .prefix("rio-shard-store")
+                .tempdir_in("/var/tmp")
+                .or_else(|_| tempfile::tempdir())
+                .map_err(|e| format!("temporary directory: {e}"))?;
+            tmp.path().to_path_buf()
+        }
     };
     let cfg = EngineConfig {
         hugepages: true,
         ..EngineConfig::default()
     };
-    let rt = RuntimeConfig {
-        depth: 64,
-        pool: PoolConfig {
-            pages: PagePolicy::Huge2M,
-            initial_per_class: 32,
-            ..PoolConfig::default()
-        },
-        ..RuntimeConfig::default()
-    };
-    let f = DiskFile::open(&target, Some(need), &cfg, rt).map_err(|e| e.to_string())?;
+    let fs = Files::open(&dir, &cfg).map_err(|e| e.to_string())?;
     println!(
-        "shard_store: {} objects x {} shards ({DATA}+1 parity) x {} blocks of 1 MiB on {target} ({} pollers on cores {:?})",
+        "shard_store: {} objects x {} blocks of 1 MiB, {DATA}+1 shards of {SHARD} bytes (+{HASH}-byte hash each) on {SHARDS} drives under {} ({} backend, {} pollers on cores {:?})",
         a.objects,
-        SHARDS,
         a.blocks,
-        f.runtime().cores().len(),
-        f.runtime().cores()
+        dir.display(),
+        fs.runtime().engine().selection().backend.name(),
+        fs.runtime().cores().len(),
+        fs.runtime().cores()
     );
 
-    // Write: one task per shard block, all in flight together.
+    // Write: one task per shard file, IN_FLIGHT at once.
     let limit = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
     let t = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for o in 0..a.objects {
         for s in 0..SHARDS {
-            for b in 0..a.blocks {
-                let (f, a, limit) = (f.clone(), Arc::clone(&a), Arc::clone(&limit));
-                tasks.spawn(async move {
-                    let _p = limit.acquire().await.map_err(|e| e.to_string())?;
-                    write_block(&f, slot(&a, o, s, b), o, s, b).await
-                });
-            }
+            let (fs, a, limit) = (Arc::clone(&fs), Arc::clone(&a), Arc::clone(&limit));
+            tasks.spawn(async move {
+                let _p = limit.acquire().await.map_err(|e| e.to_string())?;
+                write_shard(&fs, a.blocks, o, s).await
+            });
         }
     }
     while let Some(r) = tasks.join_next().await {
         r.map_err(|e| e.to_string())??;
     }
-    f.sync_data().await.map_err(|e| e.to_string())?;
-    let bytes = (a.objects * SHARDS * a.blocks * (BLOCK + HEADER)) as f64;
+    let bytes = (a.objects * SHARDS * a.blocks) as f64 * STRIDE as f64;
     println!(
         "  wrote {:.0} MiB in {:.2?} ({:.0} MiB/s)",
         bytes / 1048576.0,
         t.elapsed(),
         bytes / 1048576.0 / t.elapsed().as_secs_f64()
     );
+    let probe = open_read(&fs, 0, 0)?;
+    let want = (a.blocks as u64) * STRIDE;
+    let len = probe.len().map_err(|e| e.to_string())?;
+    if len != want {
+        return Err(format!(
+            "part file of shard 0 is {len} bytes, expected {want}"
+        ));
+    }
 
-    // Read back and verify every shard block.
+    // Read back and verify every shard block, at its unaligned offset.
     let t = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for o in 0..a.objects {
         for s in 0..SHARDS {
-            for b in 0..a.blocks {
-                let (f, a, limit) = (f.clone(), Arc::clone(&a), Arc::clone(&limit));
-                tasks.spawn(async move {
-                    let _p = limit.acquire().await.map_err(|e| e.to_string())?;
-                    match read_block(&f, slot(&a, o, s, b), o, s, b).await? {
-                        Some(d) if d == expected(o, s, b) => Ok(()),
-                        _ => Err(format!(
-                            "object {o} shard {s} block {b}: checksum or data mismatch"
-                        )),
+            let (fs, a, limit) = (Arc::clone(&fs), Arc::clone(&a), Arc::clone(&limit));
+            tasks.spawn(async move {
+                let _p = limit.acquire().await.map_err(|e| e.to_string())?;
+                let f = open_read(&fs, o, s)?;
+                for b in 0..a.blocks {
+                    match read_block(&f, o, s, b).await? {
+                        Some(d) if d == expected(o, s, b) => {}
+                        _ => {
+                            return Err(format!(
+                                "object {o} shard {s} block {b}: hash or data mismatch"
+                            ));
+                        }
                     }
-                });
-            }
+                }
+                Ok(())
+            });
         }
     }
     while let Some(r) = tasks.join_next().await {
         r.map_err(|e| e.to_string())??;
     }
     println!(
-        "  read and verified {:.0} MiB in {:.2?}",
+        "  read and verified {:.0} MiB in {:.2?} (every block at offset k * {STRIDE})",
         bytes / 1048576.0,
         t.elapsed()
     );
 
-    // Damage shard 1, block 0 of object 0 (bitrot), then read the object: the checksum catches
-    // it and parity rebuilds it.
-    let mut junk = f.buffer(4096).map_err(|e| e.to_string())?;
-    junk.as_mut_slice().fill(0xEE);
-    f.write_at(slot(&a, 0, 1, 0) + HEADER as u64 + 8192, junk)
-        .await
-        .map_err(|(e, _)| e.to_string())?;
+    // Damage shard 1, last block, of object 0 (bitrot, written behind rio's back), then read
+    // that block of every shard: the hash catches it and parity rebuilds it.
+    let last = a.blocks - 1;
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join(part_path(0, 1)))
+            .map_err(|e| e.to_string())?;
+        f.write_all_at(&[0xEE; 100], last as u64 * STRIDE + HASH as u64 + 8191)
+            .map_err(|e| e.to_string())?;
+    }
     let mut shards = Vec::new();
     for s in 0..SHARDS {
-        shards.push(read_block(&f, slot(&a, 0, s, 0), 0, s, 0).await?);
+        shards.push(read_block(&open_read(&fs, 0, s)?, 0, s, last).await?);
     }
     let bad: Vec<usize> = (0..SHARDS).filter(|&s| shards[s].is_none()).collect();
     if bad != vec![1] {
         return Err(format!(
-            "expected exactly shard 1 to fail its checksum, got {bad:?}"
+            "expected exactly shard 1 to fail its hash, got {bad:?}"
         ));
     }
-    let mut rebuilt = vec![0u8; BLOCK];
+    let mut rebuilt = vec![0u8; SHARD];
     for s in (0..SHARDS).filter(|&s| s != 1) {
         for (x, y) in rebuilt.iter_mut().zip(shards[s].as_ref().expect("intact")) {
             *x ^= y;
         }
     }
-    if rebuilt != expected(0, 1, 0) {
+    if rebuilt != expected(0, 1, last) {
         return Err("parity reconstruction of the damaged shard does not match".into());
     }
     println!(
-        "  bitrot in object 0 shard 1 detected by its header checksum and rebuilt from parity"
+        "  bitrot in object 0 shard 1 block {last} detected by its hash and rebuilt from parity"
     );
-    let st = f.runtime().pools().stats();
-    let in_use = f.runtime().pools().in_use();
-    f.runtime().shutdown();
-    println!(
-        "  pools: {} cores, {} buffers in use at the end",
-        st.len(),
-        in_use
-    );
+    let in_use = fs.runtime().pools().in_use();
+    let cores = fs.runtime().pools().stats().len();
+    fs.runtime().shutdown();
+    println!("  pools: {cores} cores, {in_use} buffers in use at the end");
     println!("shard_store: OK");
     Ok(())
 }
