@@ -384,3 +384,38 @@ fn the_nvme_driver_refuses_host_files() {
         Err(Error::BadTarget { .. })
     ));
 }
+
+/// A writer flushed mid-chunk (a host's `poll_flush`) writes the partial chunk and goes on
+/// from where it ended: the file is still the stream, byte for byte, and still direct.
+#[test]
+fn a_writer_flushed_mid_chunk_goes_on_where_it_ended() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = files(dir.path(), BackendChoice::Uring);
+    let rt = rt();
+    let f = fs.open_file(Path::new("flushed"), &rw_opts()).unwrap();
+    let direct = f.is_direct();
+    let mut rng = Rng(21);
+    let mut model = Vec::new();
+    let mut w = f.writer(0);
+    for i in 0..12 {
+        let n = rng.below(900_000) as usize + 1;
+        let data = rng.bytes(n);
+        rt.block_on(w.write(&data)).unwrap();
+        model.extend_from_slice(&data);
+        if i % 3 == 1 {
+            rt.block_on(w.flush()).unwrap();
+            assert_eq!(
+                w.written(),
+                model.len() as u64,
+                "flush {i} left bytes unwritten"
+            );
+            assert!(std::fs::read(dir.path().join("flushed")).unwrap() == model);
+        }
+        assert_eq!(w.position(), model.len() as u64);
+    }
+    rt.block_on(w.finish()).unwrap();
+    assert_eq!(f.is_direct(), direct, "a direct write was refused (EINVAL)");
+    assert!(std::fs::read(dir.path().join("flushed")).unwrap() == model);
+    let back = rt.block_on(f.read_buffered_at(5, model.len())).unwrap();
+    assert!(back == model[5..], "buffered read back differs");
+}

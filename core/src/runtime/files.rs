@@ -115,6 +115,18 @@ impl Files {
     /// Serve a file the host opened itself (`path` names it in errors and logs). Its access
     /// mode is kept: a read-only file stays read-only.
     pub fn adopt(self: &Arc<Self>, file: std::fs::File, path: PathBuf) -> Result<OpenFile> {
+        self.adopt_with(file, path, self.direct)
+    }
+
+    /// [`adopt`](Self::adopt), choosing per file whether an O_DIRECT twin is opened (`direct`
+    /// and the runtime's own setting must both allow it): a host that reads a file once and
+    /// small, through the page cache, saves the second open.
+    pub fn adopt_with(
+        self: &Arc<Self>,
+        file: std::fs::File,
+        path: PathBuf,
+        direct: bool,
+    ) -> Result<OpenFile> {
         let os = |op: &'static str, path: &Path| {
             let path = path.to_path_buf();
             move |source| Error::Os { op, path, source }
@@ -136,8 +148,9 @@ impl Files {
             });
         }
         let acc = fl & libc::O_ACCMODE;
+        let want_direct = direct;
         let (mut direct, mut align) = (None, 1u64);
-        if self.direct {
+        if self.direct && want_direct {
             match reopen_direct(&file, acc) {
                 Ok(d) => {
                     let dio = rio_sys::stat::dio_align(d.as_fd()).unwrap_or_default();
@@ -303,6 +316,19 @@ impl OpenFile {
             }
         }
         self.read_pieces(offset, out, false).await
+    }
+
+    /// [`read_at`](Self::read_at) through the page cache even when the file has an O_DIRECT
+    /// handle (data likely cached, or read again soon).
+    pub async fn read_buffered_at(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; len];
+        if len == 0 {
+            return Ok(out);
+        }
+        check_range(&self.inner.path, offset, len as u64)?;
+        let n = self.read_pieces(offset, &mut out, false).await?;
+        out.truncate(n);
+        Ok(out)
     }
 
     async fn read_pieces(&self, offset: u64, out: &mut [u8], direct: bool) -> Result<usize> {
@@ -531,27 +557,57 @@ impl SeqWriter {
 
     /// Stage `data`, writing every chunk that fills.
     pub async fn write(&mut self, mut data: &[u8]) -> Result<()> {
-        self.file.check_writable()?;
         while !data.is_empty() {
-            let want = match &self.stage {
-                Some(b) => b.len(),
-                None => {
-                    let want = self.chunk_len();
-                    self.stage = Some(self.file.files.rt.buffer(want, BUFFER_WAIT)?);
-                    self.fill = 0;
-                    want
-                }
-            };
-            let take = (want - self.fill).min(data.len());
-            let b = self.stage.as_mut().expect("staged above");
-            b.as_mut_slice()[self.fill..self.fill + take].copy_from_slice(&data[..take]);
-            self.fill += take;
-            data = &data[take..];
-            if self.fill == want {
-                self.launch().await?;
+            let n = self.stage(data)?;
+            data = &data[n..];
+            if self.chunk_full() {
+                self.write_staged().await?;
             }
         }
         Ok(())
+    }
+
+    /// Copy as much of `data` as the current chunk takes (taking a pool buffer for a new
+    /// chunk, waiting up to 5 s for one); returns the bytes taken. No I/O: for hosts that
+    /// drive the writer from `poll_write` (then [`write_staged`](Self::write_staged) when
+    /// [`chunk_full`](Self::chunk_full)).
+    pub fn stage(&mut self, data: &[u8]) -> Result<usize> {
+        self.file.check_writable()?;
+        if data.is_empty() {
+            return Ok(0);
+        }
+        let want = match &self.stage {
+            Some(b) => b.len(),
+            None => {
+                let want = self.chunk_len();
+                self.stage = Some(self.file.files.rt.buffer(want, BUFFER_WAIT)?);
+                self.fill = 0;
+                want
+            }
+        };
+        let take = (want - self.fill).min(data.len());
+        let b = self.stage.as_mut().expect("staged above");
+        b.as_mut_slice()[self.fill..self.fill + take].copy_from_slice(&data[..take]);
+        self.fill += take;
+        Ok(take)
+    }
+
+    /// Whether the staged chunk is complete (time for [`write_staged`](Self::write_staged)).
+    pub fn chunk_full(&self) -> bool {
+        self.stage.as_ref().is_some_and(|b| self.fill == b.len())
+    }
+
+    /// Start writing what is staged (a full chunk, or less), after the write in flight
+    /// finished: at most one write in flight, the next chunk fills meanwhile.
+    pub async fn write_staged(&mut self) -> Result<()> {
+        self.launch().await
+    }
+
+    /// Write everything staged and wait until it is written (the file's `flush`): a partial
+    /// chunk goes too, and the next chunk starts where it ended (re-aligned by a head chunk).
+    pub async fn flush(&mut self) -> Result<()> {
+        self.launch().await?;
+        self.wait().await
     }
 
     /// Write the staged chunk (the previous write finished first: one in flight).
@@ -623,8 +679,12 @@ impl SeqWriter {
     /// Write everything staged and wait for it; returns the bytes written through this
     /// writer. Does not sync (see [`OpenFile::sync_data`]).
     pub async fn finish(mut self) -> Result<u64> {
-        self.launch().await?;
-        self.wait().await?;
+        self.flush().await?;
         Ok(self.written)
+    }
+
+    /// Bytes written through this writer so far (completed writes).
+    pub fn written(&self) -> u64 {
+        self.written
     }
 }
