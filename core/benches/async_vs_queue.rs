@@ -1,5 +1,6 @@
-//! The runtime's async API against direct `Queue` use, QD32 held (fio's `iodepth=32`: each
-//! completion is resubmitted at once), 4 KiB reads, in alternating rounds.
+//! The runtime's async API, and its run-to-completion (callback) API, against direct `Queue`
+//! use, QD32 held (fio's `iodepth=32`: each completion is resubmitted at once), 4 KiB reads,
+//! in alternating rounds.
 //!
 //! `cargo bench --bench async_vs_queue [-- --rounds N --secs S]`
 //!
@@ -14,7 +15,10 @@
 //! submitting thread is a minimal executor: one task per in-flight read, a run queue, and a
 //! task polled only after its waker ran.
 //!
-//! Each round runs both sides for `--secs` (default 1 s). The order alternates between
+//! The callback side: a runtime whose handler (`RuntimeConfig::on_complete`) runs on the poller
+//! and resubmits each completed read through its `Resubmit`; the submitting thread only waits.
+//!
+//! Each round runs every side for `--secs` (default 1 s). The order alternates between
 //! rounds, and the verdict is the median of the per-round IOPS ratios. Single runs on this
 //! machine move by 10% and more, so a ratio of two separate runs would say little.
 //!
@@ -24,11 +28,11 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
-use rio::runtime::{IoFuture, Runtime, RuntimeConfig};
+use rio::runtime::{Done, IoFuture, Resubmit, Runtime, RuntimeConfig};
 use rio::target::OpenOptions;
 use rio::{Engine, EngineConfig, OpKind, Queue};
 
@@ -161,6 +165,77 @@ impl AsyncSide {
     }
 }
 
+/// QD32 through the run-to-completion API: the handler resubmits on the poller.
+struct CallbackSide {
+    rt: Arc<Runtime>,
+    running: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+    lanes: Arc<AtomicU64>,
+}
+
+impl CallbackSide {
+    fn new(cfg: &EngineConfig, target: &str, cpu: usize) -> CallbackSide {
+        let running = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicU64::new(0));
+        let lanes = Arc::new(AtomicU64::new(0));
+        let (r, d, l) = (Arc::clone(&running), Arc::clone(&done), Arc::clone(&lanes));
+        let rt = Runtime::start(
+            Engine::open(cfg, target, OpenOptions::default())
+                .expect("open for the callback runtime"),
+            RuntimeConfig {
+                depth: 64,
+                cores: Some(vec![cpu]),
+                on_complete: Some(Arc::new(move |c: Done, rs: &mut Resubmit<'_>| {
+                    c.result.expect("read");
+                    d.fetch_add(1, Ordering::Relaxed);
+                    let resubmitted = r.load(Ordering::Relaxed)
+                        && rs
+                            .submit(OpKind::Read, c.tag * 4096, 4096, c.buf, c.tag)
+                            .is_ok();
+                    if !resubmitted {
+                        l.fetch_sub(1, Ordering::Release);
+                    }
+                })),
+                ..RuntimeConfig::default()
+            },
+        )
+        .expect("callback runtime");
+        CallbackSide {
+            rt,
+            running,
+            done,
+            lanes,
+        }
+    }
+
+    fn round(&mut self, secs: f64) -> (u64, Duration) {
+        self.running.store(true, Ordering::Release);
+        self.lanes.store(QD as u64, Ordering::Release);
+        let start = Instant::now();
+        let from = self.done.load(Ordering::Relaxed);
+        for i in 0..QD as u64 {
+            let buf = self
+                .rt
+                .buffer(4096, Duration::from_secs(1))
+                .expect("pool buffer");
+            self.rt
+                .submit_tagged(OpKind::Read, i * 4096, 4096, Some(buf), i)
+                .expect("submit");
+        }
+        std::thread::sleep(Duration::from_secs_f64(secs));
+        let n = self.done.load(Ordering::Relaxed) - from;
+        let t = start.elapsed();
+        self.running.store(false, Ordering::Release);
+        // Let the lanes end (each stops at its next completion) before the next round.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.lanes.load(Ordering::Acquire) > 0 {
+            assert!(Instant::now() < deadline, "callback lanes did not end");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        (n, t)
+    }
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
@@ -257,32 +332,46 @@ fn main() {
         )
         .expect("runtime");
         let mut side = AsyncSide::new(Arc::clone(&rt));
+        let mut cb = CallbackSide::new(&cfg, &target, last);
         // Warm-up.
         queue_round(&mut q, &mut out, secs / 4.0);
         side.round(secs / 4.0);
-        let (mut qsum, mut asum) = ((0u64, Duration::ZERO), (0u64, Duration::ZERO));
+        cb.round(secs / 4.0);
+        let (mut qsum, mut asum, mut csum) = (
+            (0u64, Duration::ZERO),
+            (0u64, Duration::ZERO),
+            (0u64, Duration::ZERO),
+        );
         let mut ratios = Vec::with_capacity(rounds);
+        let mut cratios = Vec::with_capacity(rounds);
         for r in 0..rounds {
-            let (qr, ar) = if r % 2 == 0 {
-                let qr = queue_round(&mut q, &mut out, secs);
-                (qr, side.round(secs))
-            } else {
-                let ar = side.round(secs);
-                (queue_round(&mut q, &mut out, secs), ar)
-            };
+            // Rotate the order: queue, async, callback; then async, callback, queue; ...
+            let (mut qr, mut ar, mut cr) = Default::default();
+            for k in 0..3 {
+                match (r + k) % 3 {
+                    0 => qr = queue_round(&mut q, &mut out, secs),
+                    1 => ar = side.round(secs),
+                    _ => cr = cb.round(secs),
+                }
+            }
             let iops = |(n, t): (u64, Duration)| n as f64 / t.as_secs_f64();
             let ratio = iops(ar) / iops(qr);
+            let cratio = iops(cr) / iops(qr);
             println!(
-                "  {name} round {r}: queue {:.0} IOPS, async {:.0} IOPS, ratio {ratio:.3}",
+                "  {name} round {r}: queue {:.0} IOPS, async {:.0} IOPS (ratio {ratio:.3}), callback {:.0} IOPS (ratio {cratio:.3})",
                 iops(qr),
-                iops(ar)
+                iops(ar),
+                iops(cr)
             );
             ratios.push(ratio);
+            cratios.push(cratio);
             qsum = (qsum.0 + qr.0, qsum.1 + qr.1);
             asum = (asum.0 + ar.0, asum.1 + ar.1);
+            csum = (csum.0 + cr.0, csum.1 + cr.1);
         }
         drop(side); // in-flight futures may be dropped: the poller frees their slots
         rt.shutdown();
+        cb.rt.shutdown();
         while q.in_flight() > 0 {
             q.wait(QD, Duration::from_secs(5), &mut out).expect("drain");
             out.clear();
@@ -290,6 +379,9 @@ fn main() {
         let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
         let hi = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         let m = median(&mut ratios);
+        let clo = cratios.iter().copied().fold(f64::INFINITY, f64::min);
+        let chi = cratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let cm = median(&mut cratios);
         let iops = |(n, t): (u64, Duration)| n as f64 / t.as_secs_f64().max(1e-9);
         if test {
             println!("  {name}: test mode, one short round, no verdict");
@@ -299,6 +391,12 @@ fn main() {
                 iops(qsum),
                 iops(asum),
                 (1.0 - m) * 100.0
+            );
+            println!(
+                "CALLBACK_VS_QUEUE target={name} queue_iops={:.0} callback_iops={:.0} median_ratio={cm:.3} lower={:.1}% rounds_min={clo:.3} rounds_max={chi:.3}",
+                iops(qsum),
+                iops(csum),
+                (1.0 - cm) * 100.0
             );
         }
     }

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use super::{IoFuture, IoOutput, Runtime};
+use super::{IoFuture, IoOutput, Runtime, RuntimeConfig};
 use crate::config::EngineConfig;
 use crate::engine::Engine;
 use crate::error::{Error, IoError, IoErrorKind, Result};
@@ -60,8 +60,14 @@ impl Files {
     /// file). With `config.direct`, files are read and written with O_DIRECT where their file
     /// system allows it.
     pub fn open(dir: &Path, config: &EngineConfig) -> Result<Arc<Files>> {
+        Files::open_with(dir, config, config.runtime_config())
+    }
+
+    /// [`open`](Self::open) with the runtime's settings given (a window sink for telemetry,
+    /// a p99 target, cores, pools).
+    pub fn open_with(dir: &Path, config: &EngineConfig, rt: RuntimeConfig) -> Result<Arc<Files>> {
         let engine = Engine::open_dir(config, dir)?;
-        let rt = Runtime::start(engine, config.runtime_config())?;
+        let rt = Runtime::start(engine, rt)?;
         Files::with_runtime(rt)
     }
 

@@ -76,6 +76,86 @@ pub struct RuntimeConfig {
     /// I/Os go here: e.g. `rio_otel::Telemetry::sink` (crate `rio-otel`), to export
     /// the runtime's metrics. `job` in a window is the poller's position.
     pub sink: Option<Arc<dyn crate::window::WindowSink + Send>>,
+    /// The run-to-completion API: with a handler, [`Runtime::submit_tagged`] operations
+    /// complete by a call of it on the poller thread (no future, no wake-up of another
+    /// thread), and the handler may submit more through its [`Resubmit`] without a trip
+    /// through the inbox. One poll completes many I/Os in one go.
+    pub on_complete: Option<CompletionHandler>,
+}
+
+/// A finished [`Runtime::submit_tagged`] operation, as its handler receives it.
+#[derive(Debug)]
+pub struct Done {
+    /// The tag given at submission.
+    pub tag: u64,
+    /// Bytes transferred, or why it failed (a short transfer is an error, as for futures).
+    pub result: Result<u64>,
+    /// The operation's buffer, back (nothing is lost).
+    pub buf: Option<PoolBuf>,
+}
+
+/// Handler of the run-to-completion API ([`RuntimeConfig::on_complete`]). It runs on a
+/// poller thread, between polls: it should be short and must not block (a slow handler
+/// delays every completion of its core).
+pub type CompletionHandler = Arc<dyn Fn(Done, &mut Resubmit<'_>) + Send + Sync>;
+
+/// Submission from inside a [`CompletionHandler`]: the operation goes straight to this
+/// poller's queue (no inbox, no wake-up), on this core.
+pub struct Resubmit<'a> {
+    cs: &'a CoreShared,
+    local: &'a mut Vec<Request>,
+    stop: bool,
+}
+
+impl Resubmit<'_> {
+    /// Submit `op` on this core, completing through the handler with `tag`. Refused (the
+    /// buffer handed back) when the runtime is shutting down, when no slot is free, or when
+    /// the buffer belongs to another core's pool.
+    pub fn submit(
+        &mut self,
+        op: OpKind,
+        offset: u64,
+        len: u64,
+        buf: Option<PoolBuf>,
+        tag: u64,
+    ) -> std::result::Result<(), (Error, Option<PoolBuf>)> {
+        if self.stop {
+            return Err((shut_down(), buf));
+        }
+        if let Some(b) = &buf
+            && b.home_core() != self.cs.core
+        {
+            return Err((
+                Error::BufferUnavailable {
+                    requested: b.len(),
+                    reason: format!(
+                        "a handler on core {} resubmits on its own core; this buffer belongs to core {}",
+                        self.cs.core,
+                        b.home_core()
+                    ),
+                },
+                buf,
+            ));
+        }
+        let Some(slot) = self.cs.free.pop() else {
+            return Err((
+                Error::QueueFull {
+                    depth: self.cs.slots.len() as u32,
+                },
+                buf,
+            ));
+        };
+        self.local.push(Request {
+            op,
+            offset,
+            len,
+            buf,
+            slot,
+            file: None,
+            tag: Some(tag),
+        });
+        Ok(())
+    }
 }
 
 impl Default for RuntimeConfig {
@@ -88,6 +168,7 @@ impl Default for RuntimeConfig {
             prefetch: crate::tune::PrefetchConfig::default(),
             target_p99: None,
             sink: None,
+            on_complete: None,
         }
     }
 }
@@ -123,6 +204,8 @@ struct Request {
     /// A host file instead of the runtime's target (a [`Files`] runtime): held by the poller
     /// until the completion is reaped, so it cannot be closed under the kernel.
     file: Option<Arc<std::os::fd::OwnedFd>>,
+    /// A run-to-completion operation: completes through the handler with this tag.
+    tag: Option<u64>,
 }
 
 // SAFETY: a Slot's UnsafeCell is accessed by one side at a time, handed over through `state`
@@ -143,6 +226,8 @@ struct CoreShared {
     sink: Option<Arc<dyn crate::window::WindowSink + Send>>,
     /// Position of this core in the runtime (the windows' `job`).
     index: u32,
+    /// The run-to-completion handler, if configured.
+    on_complete: Option<CompletionHandler>,
 }
 
 impl CoreShared {
@@ -229,6 +314,7 @@ impl Runtime {
                 sleeping: AtomicBool::new(false),
                 thread: std::sync::OnceLock::new(),
                 sink: cfg.sink.clone(),
+                on_complete: cfg.on_complete.clone(),
                 index: shared.len() as u32,
                 tuner: cfg.target_p99.map(|t| {
                     let mut c = crate::tune::QdConfig::new(t, depth);
@@ -397,6 +483,94 @@ impl Runtime {
         self.submit_inner(op, offset, len, Some(buf), true, None)
     }
 
+    /// The run-to-completion API: submit `op` on `buf` at `offset`; when it completes, the
+    /// runtime's handler ([`RuntimeConfig::on_complete`]) is called with `tag` on the poller
+    /// thread. No future, no waker. Runs on the core the buffer belongs to. Refused (the
+    /// buffer handed back) without a handler, or once the runtime is shutting down.
+    pub fn submit_tagged(
+        &self,
+        op: OpKind,
+        offset: u64,
+        len: u64,
+        buf: Option<PoolBuf>,
+        tag: u64,
+    ) -> std::result::Result<(), (Error, Option<PoolBuf>)> {
+        if self.cores[0].on_complete.is_none() {
+            return Err((
+                Error::config(
+                    "on_complete",
+                    "submit_tagged needs a completion handler (RuntimeConfig::on_complete)",
+                ),
+                buf,
+            ));
+        }
+        let cs = self.core_for(&buf);
+        if self.stop.load(Ordering::Acquire) {
+            return Err((shut_down(), buf));
+        }
+        let Some(slot) = self.take_slot(&cs, false) else {
+            return Err((shut_down(), buf));
+        };
+        self.push_request(
+            &cs,
+            Request {
+                op,
+                offset,
+                len,
+                buf,
+                slot,
+                file: None,
+                tag: Some(tag),
+            },
+        );
+        Ok(())
+    }
+
+    fn core_for(&self, buf: &Option<PoolBuf>) -> Arc<CoreShared> {
+        let idx = match buf {
+            Some(b) => self
+                .cores
+                .iter()
+                .position(|c| c.core == b.home_core())
+                .unwrap_or(0),
+            None => self.next.fetch_add(1, Ordering::Relaxed) as usize % self.cores.len(),
+        };
+        Arc::clone(&self.cores[idx])
+    }
+
+    /// A free slot of `cs`; waiting (yielding) is the backpressure of a full core. `None`
+    /// when `optional` and none is free, or when the runtime shuts down meanwhile (pollers
+    /// complete everything before they exit, so a slot always frees up while they run).
+    fn take_slot(&self, cs: &CoreShared, optional: bool) -> Option<u32> {
+        loop {
+            if let Some(s) = cs.free.pop() {
+                return Some(s);
+            }
+            if optional || self.stop.load(Ordering::Acquire) {
+                return None;
+            }
+            cs.wake_poller();
+            std::thread::yield_now();
+        }
+    }
+
+    /// Hand a request to the core's poller. The inbox has as many places as there are
+    /// slots, and this request holds one: the push cannot find it full for long (only while
+    /// the poller is between pops).
+    fn push_request(&self, cs: &CoreShared, mut req: Request) {
+        loop {
+            match cs.inbox.push(req) {
+                Ok(()) => break,
+                Err(r) => {
+                    req = r;
+                    cs.wake_poller();
+                    std::thread::yield_now();
+                }
+            }
+        }
+        cs.wake_poller();
+    }
+
     /// [`try_submit`](Self::try_submit) on a host file (read-ahead of a [`Files`] file).
     pub fn try_submit_file(
         &self,
@@ -420,61 +594,34 @@ impl Runtime {
         optional: bool,
         file: Option<Arc<std::os::fd::OwnedFd>>,
     ) -> std::result::Result<IoFuture, Option<PoolBuf>> {
-        let idx = match &buf {
-            Some(b) => self
-                .cores
-                .iter()
-                .position(|c| c.core == b.home_core())
-                .unwrap_or(0),
-            None => self.next.fetch_add(1, Ordering::Relaxed) as usize % self.cores.len(),
-        };
-        let cs = Arc::clone(&self.cores[idx]);
+        let cs = self.core_for(&buf);
         if self.stop.load(Ordering::Acquire) {
             return Ok(IoFuture::failed(cs, shut_down(), buf));
         }
         if optional && cs.free.len() <= cs.slots.len() / 2 {
             return Err(buf);
         }
-        // A free slot; waiting (yielding) is the backpressure of a full core. It ends when a
-        // slot frees up or the runtime shuts down (pollers complete everything before they
-        // exit, so a slot always frees up while they run).
-        let slot = loop {
-            if let Some(s) = cs.free.pop() {
-                break s;
-            }
+        let Some(slot) = self.take_slot(&cs, optional) else {
             if optional {
                 return Err(buf);
             }
-            if self.stop.load(Ordering::Acquire) {
-                return Ok(IoFuture::failed(cs, shut_down(), buf));
-            }
-            cs.wake_poller();
-            std::thread::yield_now();
+            return Ok(IoFuture::failed(cs, shut_down(), buf));
         };
         let s = &cs.slots[slot as usize];
         let epoch = s.epoch.fetch_add(1, Ordering::AcqRel).wrapping_add(1);
         s.state.store(PENDING, Ordering::Release);
-        let mut req = Request {
-            op,
-            offset,
-            len,
-            buf,
-            slot,
-            file,
-        };
-        // The inbox has as many places as there are slots, and this request holds one: the
-        // push cannot find it full for long (only while the poller is between pops).
-        loop {
-            match cs.inbox.push(req) {
-                Ok(()) => break,
-                Err(r) => {
-                    req = r;
-                    cs.wake_poller();
-                    std::thread::yield_now();
-                }
-            }
-        }
-        cs.wake_poller();
+        self.push_request(
+            &cs,
+            Request {
+                op,
+                offset,
+                len,
+                buf,
+                slot,
+                file,
+                tag: None,
+            },
+        );
         Ok(IoFuture {
             cs,
             slot,
@@ -819,6 +966,10 @@ impl Poller {
         };
         let cs = &*self.shared;
         let mut inflight: Vec<Held> = (0..cs.slots.len()).map(|_| Held::default()).collect();
+        // Run-to-completion: what handlers resubmitted (taken before the inbox), and the
+        // completions waiting for the handler. Both hold at most a slot each: no growth.
+        let mut local: Vec<Request> = Vec::with_capacity(cs.slots.len());
+        let mut dones: Vec<Done> = Vec::with_capacity(cs.slots.len());
         let mut comps: Vec<Completion> = Vec::with_capacity(self.depth as usize);
         let mut empty = 0u32;
         let mut last_maintain = Instant::now();
@@ -860,20 +1011,20 @@ impl Poller {
             if let Some(m) = &mut meter {
                 let now = Instant::now();
                 while q.in_flight() < limit {
-                    let Some(req) = cs.inbox.pop() else {
+                    let Some(req) = local.pop().or_else(|| cs.inbox.pop()) else {
                         break;
                     };
                     work = true;
                     m.started[req.slot as usize] = now;
-                    self.submit(&mut q, req, &mut inflight);
+                    self.submit(&mut q, req, &mut inflight, &mut dones);
                 }
             } else {
                 while q.in_flight() < limit {
-                    let Some(req) = cs.inbox.pop() else {
+                    let Some(req) = local.pop().or_else(|| cs.inbox.pop()) else {
                         break;
                     };
                     work = true;
-                    self.submit(&mut q, req, &mut inflight);
+                    self.submit(&mut q, req, &mut inflight, &mut dones);
                 }
             }
             comps.clear();
@@ -904,13 +1055,41 @@ impl Poller {
             for c in comps.drain(..) {
                 work = true;
                 let held = std::mem::take(&mut inflight[c.token as usize]);
-                complete(cs, c.token as u32, c.result.map_err(Error::Io), held.buf);
+                match held.tag {
+                    Some(tag) => {
+                        // The slot goes back first: a handler that resubmits finds one.
+                        let _ = cs.free.push(c.token as u32);
+                        dones.push(Done {
+                            tag,
+                            result: c.result.map_err(Error::Io),
+                            buf: held.buf,
+                        });
+                    }
+                    None => complete(cs, c.token as u32, c.result.map_err(Error::Io), held.buf),
+                }
+            }
+            if !dones.is_empty()
+                && let Some(h) = &cs.on_complete
+            {
+                work = true;
+                let mut rs = Resubmit {
+                    cs,
+                    local: &mut local,
+                    stop: self.stop.load(Ordering::Acquire),
+                };
+                for d in dones.drain(..) {
+                    h(d, &mut rs);
+                }
             }
             if work {
                 empty = 0;
                 continue;
             }
-            if self.stop.load(Ordering::Acquire) && q.in_flight() == 0 && cs.inbox.is_empty() {
+            if self.stop.load(Ordering::Acquire)
+                && q.in_flight() == 0
+                && cs.inbox.is_empty()
+                && local.is_empty()
+            {
                 break;
             }
             empty = empty.saturating_add(1);
@@ -964,7 +1143,13 @@ impl Poller {
         }
     }
 
-    fn submit(&self, q: &mut Queue, mut req: Request, inflight: &mut [Held]) {
+    fn submit(
+        &self,
+        q: &mut Queue,
+        mut req: Request,
+        inflight: &mut [Held],
+        dones: &mut Vec<Done>,
+    ) {
         let addr = req
             .buf
             .as_mut()
@@ -989,9 +1174,20 @@ impl Poller {
                 inflight[req.slot as usize] = Held {
                     buf: req.buf.take(),
                     _file: req.file.take(),
+                    tag: req.tag,
                 }
             }
-            Err(e) => complete(&self.shared, req.slot, Err(e), req.buf.take()),
+            Err(e) => match req.tag {
+                Some(tag) => {
+                    let _ = self.shared.free.push(req.slot);
+                    dones.push(Done {
+                        tag,
+                        result: Err(e),
+                        buf: req.buf.take(),
+                    });
+                }
+                None => complete(&self.shared, req.slot, Err(e), req.buf.take()),
+            },
         }
     }
 }
@@ -1002,6 +1198,8 @@ impl Poller {
 struct Held {
     buf: Option<PoolBuf>,
     _file: Option<Arc<std::os::fd::OwnedFd>>,
+    /// A run-to-completion operation's tag.
+    tag: Option<u64>,
 }
 
 thread_local! {
