@@ -193,7 +193,8 @@ pub struct BenchArgs {
     /// Exit 1 when any is bad.
     #[arg(long = "verify-only", alias = "verify_only")]
     pub verify_only: bool,
-    /// auto, uring or psync (overrides config and RIO_BACKEND).
+    /// auto, uring, psync, vfio or spdk (overrides config and RIO_BACKEND). spdk: an installed
+    /// SPDK's NVMe driver, in a rio built with `--features spdk`.
     #[arg(long)]
     pub backend: Option<String>,
     /// normal or json.

@@ -209,7 +209,10 @@ fn tune(cfg: EngineConfig, a: TuneArgs) -> Result<(), Fail> {
     };
     spec.validate()?;
     let raw = is_block_device(Path::new(&a.filename))
-        || matches!(TargetSpec::parse(&a.filename), TargetSpec::Pcie { .. });
+        || matches!(
+            TargetSpec::parse(&a.filename),
+            TargetSpec::Pcie { .. } | TargetSpec::Trid { .. }
+        );
     if spec.rw.writes() && raw && !a.force {
         return Err(usage(format!(
             "{}: --rw {} writes the raw device and destroys its contents; pass --force to allow it",
@@ -367,7 +370,7 @@ fn bench(cfg: EngineConfig, a: BenchArgs, telemetry: Option<&Telemetry>) -> Resu
     let writes = spec.rw.writes() || layout;
     let raw_pcie = matches!(
         TargetSpec::parse(&path.to_string_lossy()),
-        TargetSpec::Pcie { .. }
+        TargetSpec::Pcie { .. } | TargetSpec::Trid { .. }
     );
     if writes && (is_block_device(&path) || raw_pcie) && !a.force {
         return Err(usage(format!(

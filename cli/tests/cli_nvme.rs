@@ -108,6 +108,46 @@ fn bad_nvme_targets_are_one_line_errors() {
         ]),
         &["0000:ff:1f.7"],
     );
+    // The spdk backend: SPDK transport IDs are its alone; the model is rio's driver's alone;
+    // without the feature `spdk` it names the feature.
+    usage_error(
+        &rio(&[
+            "bench",
+            "--filename",
+            "trtype:TCP adrfam:IPv4 traddr:127.0.0.1 trsvcid:4420 subnqn:nqn.x",
+            "--backend",
+            "uring",
+            "--runtime",
+            "1",
+        ]),
+        &["only the spdk backend serves it"],
+    );
+    usage_error(
+        &rio(&[
+            "bench",
+            "--filename",
+            "sim://",
+            "--backend",
+            "spdk",
+            "--runtime",
+            "1",
+        ]),
+        &["software controller model", "--backend vfio"],
+    );
+    if !cfg!(feature = "spdk") {
+        usage_error(
+            &rio(&[
+                "bench",
+                "--filename",
+                "pcie://0000:ff:1f.7",
+                "--backend",
+                "spdk",
+                "--runtime",
+                "1",
+            ]),
+            &["built without SPDK support", "--features spdk", "SPDK_DIR"],
+        );
+    }
     usage_error(
         &rio(&[
             "bench",

@@ -23,6 +23,9 @@ pub enum BackendChoice {
     /// The userspace NVMe driver (`pcie://` targets through vfio-pci; `sim://` through the
     /// software controller model).
     Vfio,
+    /// An installed SPDK's userspace NVMe driver (`pcie://` and SPDK transport-ID targets);
+    /// needs rio built with the cargo feature `spdk`.
+    Spdk,
 }
 
 impl BackendChoice {
@@ -32,8 +35,9 @@ impl BackendChoice {
             "uring" | "io_uring" | "io-uring" => Ok(Self::Uring),
             "psync" | "pread" => Ok(Self::Psync),
             "vfio" | "nvme" => Ok(Self::Vfio),
+            "spdk" => Ok(Self::Spdk),
             _ => Err(format!(
-                "expected one of auto, uring, psync, vfio; got '{s}'"
+                "expected one of auto, uring, psync, vfio, spdk; got '{s}'"
             )),
         }
     }
@@ -215,6 +219,7 @@ impl EngineConfig {
             BackendChoice::Uring => "uring",
             BackendChoice::Psync => "psync",
             BackendChoice::Vfio => "vfio",
+            BackendChoice::Spdk => "spdk",
         }
     }
 }
@@ -256,7 +261,7 @@ pub const KNOBS: &[Knob] = &[
     Knob {
         key: "backend",
         env: &["RIO_BACKEND"],
-        accepted: "auto, uring, psync, vfio",
+        accepted: "auto, uring, psync, vfio, spdk",
         help: "I/O backend; auto classifies the target and falls back on refusal",
         apply: |c, s| {
             c.backend = BackendChoice::parse(s)?;

@@ -26,6 +26,8 @@ pub enum BackendKind {
     Vfio,
     /// The userspace NVMe driver on the software controller model.
     Sim,
+    /// An installed SPDK's userspace NVMe driver (cargo feature `spdk`).
+    Spdk,
 }
 
 impl BackendKind {
@@ -35,6 +37,7 @@ impl BackendKind {
             BackendKind::Psync => "psync",
             BackendKind::Vfio => "vfio",
             BackendKind::Sim => "sim",
+            BackendKind::Spdk => "spdk",
         }
     }
 }
@@ -57,6 +60,9 @@ pub struct Engine {
     selection: Selection,
     /// The controller, for targets the userspace NVMe driver serves.
     nvme: Option<Arc<Controller>>,
+    /// The controller attached through SPDK, for the `spdk` backend.
+    #[cfg(feature = "spdk")]
+    spdk: Option<Arc<crate::backend::spdk::SpdkCtrl>>,
 }
 
 impl Engine {
@@ -65,8 +71,23 @@ impl Engine {
     pub fn open(config: &EngineConfig, target: &str, opts: OpenOptions) -> Result<Engine> {
         let path = match TargetSpec::parse(target) {
             TargetSpec::Path(p) => p,
+            TargetSpec::Pcie { addr, nsid } if config.backend == BackendChoice::Spdk => {
+                let trid = format!("trtype:PCIe traddr:{addr}");
+                return Engine::open_spdk(config, target, &trid, Some(&addr), nsid, opts);
+            }
             TargetSpec::Pcie { addr, nsid } => {
                 return Engine::open_nvme(config, target, Some(&addr), None, nsid, opts);
+            }
+            TargetSpec::Trid { trid, nsid } => {
+                if !matches!(config.backend, BackendChoice::Spdk | BackendChoice::Auto) {
+                    return Err(Error::BackendUnavailable {
+                        backend: config.backend_name(),
+                        reason: format!(
+                            "{target} is an SPDK transport ID: only the spdk backend serves it"
+                        ),
+                    });
+                }
+                return Engine::open_spdk(config, target, &trid, None, nsid, opts);
             }
             TargetSpec::Sim(params) => {
                 let mut cfg = SimConfig::parse(&params)
@@ -97,6 +118,8 @@ impl Engine {
             target,
             selection,
             nvme: None,
+            #[cfg(feature = "spdk")]
+            spdk: None,
         })
     }
 
@@ -125,6 +148,8 @@ impl Engine {
             target,
             selection,
             nvme: None,
+            #[cfg(feature = "spdk")]
+            spdk: None,
         })
     }
 
@@ -157,6 +182,15 @@ impl Engine {
         nsid: u32,
         opts: OpenOptions,
     ) -> Result<Engine> {
+        if config.backend == BackendChoice::Spdk {
+            return Err(Error::BackendUnavailable {
+                backend: "spdk",
+                reason: format!(
+                    "{target} is rio's software controller model, which only rio's own driver \
+                     serves (--backend vfio or auto)"
+                ),
+            });
+        }
         if matches!(config.backend, BackendChoice::Uring | BackendChoice::Psync) {
             return Err(Error::BackendUnavailable {
                 backend: config.backend_name(),
@@ -224,27 +258,90 @@ impl Engine {
             iopoll: false,
         };
         tracing::info!(backend = kind.name(), reason = %selection.reason, "backend selected");
-        let target = Target {
-            path: target.into(),
-            kind: TargetKind::Nvme {
-                controller: ctrl.name.clone(),
-                nsid,
-            },
-            geometry: Geometry {
-                block_size: ns.block_size,
-                // PRP entries need dword alignment; buffers are page aligned anyway.
-                mem_align: 4,
-                size: ns.size_bytes,
-            },
-            direct: true,
-            writable: opts.write,
-            file: None,
-        };
+        let target = namespace_target(
+            target,
+            ctrl.name.clone(),
+            nsid,
+            ns.block_size,
+            ns.size_bytes,
+            opts.write,
+        );
         Ok(Engine {
             config: config.clone(),
             target,
             selection,
             nvme: Some(ctrl),
+            #[cfg(feature = "spdk")]
+            spdk: None,
+        })
+    }
+
+    /// Open namespace `nsid` of the controller `trid` names through SPDK's NVMe driver.
+    #[cfg(not(feature = "spdk"))]
+    fn open_spdk(
+        _config: &EngineConfig,
+        target: &str,
+        _trid: &str,
+        _pci: Option<&str>,
+        _nsid: u32,
+        _opts: OpenOptions,
+    ) -> Result<Engine> {
+        Err(Error::BackendUnavailable {
+            backend: "spdk",
+            reason: format!(
+                "{target}: this rio was built without SPDK support; rebuild it with `--features \
+                 spdk` and SPDK_DIR set to an installed SPDK (README, \"SPDK\"), or use rio's own \
+                 driver (--backend vfio) for pcie:// targets"
+            ),
+        })
+    }
+
+    /// Open namespace `nsid` of the controller `trid` names through SPDK's NVMe driver.
+    #[cfg(feature = "spdk")]
+    fn open_spdk(
+        config: &EngineConfig,
+        target: &str,
+        trid: &str,
+        pci: Option<&str>,
+        nsid: u32,
+        opts: OpenOptions,
+    ) -> Result<Engine> {
+        if nsid == 0 {
+            return Err(Error::config(
+                "target",
+                format!("{target}: namespace ids start at 1"),
+            ));
+        }
+        let ctrl = crate::backend::spdk::SpdkCtrl::connect(trid, pci, nsid)?;
+        let selection = Selection {
+            backend: BackendKind::Spdk,
+            reason: format!(
+                "{} requested: SPDK's userspace NVMe driver ({} at {trid}, namespace {nsid}, max transfer {} KiB)",
+                if config.backend == BackendChoice::Spdk {
+                    "spdk"
+                } else {
+                    "an SPDK transport ID"
+                },
+                ctrl.model,
+                ctrl.max_xfer / 1024,
+            ),
+            iopoll: false,
+        };
+        tracing::info!(backend = "spdk", reason = %selection.reason, "backend selected");
+        let target = namespace_target(
+            target,
+            trid.to_string(),
+            nsid,
+            ctrl.block_size,
+            ctrl.size_bytes,
+            opts.write,
+        );
+        Ok(Engine {
+            config: config.clone(),
+            target,
+            selection,
+            nvme: None,
+            spdk: Some(ctrl),
         })
     }
 
@@ -301,6 +398,20 @@ impl Engine {
             arena_bytes.max(self.config.buffer_pool_bytes),
             self.config.hugepages,
         )?;
+        #[cfg(feature = "spdk")]
+        if let Some(ctrl) = &self.spdk {
+            let (base, len) = arena.region();
+            let mut all = vec![(base, len, arena.page_kind())];
+            all.extend_from_slice(regions);
+            let q = crate::backend::spdk::SpdkQueue::new(Arc::clone(ctrl), &all, depth)?;
+            return Ok(Queue::new(
+                BackendQueue::Spdk(q),
+                arena,
+                self.target.geometry,
+                self.target.writable,
+                depth,
+            ));
+        }
         if let (Some(ctrl), TargetKind::Nvme { nsid, .. }) = (&self.nvme, &self.target.kind) {
             let (base, len) = arena.region();
             let mut all = vec![(base, len, arena.page_kind())];
@@ -351,7 +462,7 @@ impl Engine {
                     }
                 })?,
             ),
-            BackendKind::Vfio | BackendKind::Sim => {
+            BackendKind::Vfio | BackendKind::Sim | BackendKind::Spdk => {
                 unreachable!("NVMe targets return above")
             }
         };
@@ -362,6 +473,30 @@ impl Engine {
             self.target.writable,
             depth,
         ))
+    }
+}
+
+/// The target of an NVMe namespace served by a userspace driver (rio's or SPDK's).
+fn namespace_target(
+    target: &str,
+    controller: String,
+    nsid: u32,
+    block_size: u32,
+    size: u64,
+    write: bool,
+) -> Target {
+    Target {
+        path: target.into(),
+        kind: TargetKind::Nvme { controller, nsid },
+        geometry: Geometry {
+            block_size,
+            // PRP entries need dword alignment; buffers are page aligned anyway.
+            mem_align: 4,
+            size,
+        },
+        direct: true,
+        writable: write,
+        file: None,
     }
 }
 
@@ -398,6 +533,12 @@ fn select(config: &EngineConfig, target: &Target) -> Result<Selection> {
             backend: "vfio",
             reason: format!(
                 "the vfio backend drives NVMe controllers directly (pcie://ADDR[/ns=N] after `rio setup bind`); {what} belongs to the kernel"
+            ),
+        }),
+        BackendChoice::Spdk => Err(Error::BackendUnavailable {
+            backend: "spdk",
+            reason: format!(
+                "the spdk backend drives NVMe controllers through SPDK (pcie://ADDR[/ns=N] after `rio setup bind`, or an SPDK transport ID); {what} belongs to the kernel"
             ),
         }),
         BackendChoice::Psync => Ok(Selection {

@@ -375,6 +375,9 @@ impl Queue {
         match &mut self.backend {
             // SAFETY: caller contract.
             BackendQueue::Nvme(q) => unsafe { q.add_region(ptr, len, kind) },
+            #[cfg(feature = "spdk")]
+            // SAFETY: caller contract.
+            BackendQueue::Spdk(q) => unsafe { q.add_region(ptr, len, kind) },
             BackendQueue::Uring(_) | BackendQueue::Psync(_) => Ok(()),
         }
     }
@@ -397,6 +400,11 @@ impl Queue {
                 Ok(())
             }
             BackendQueue::Uring(q) => {
+                q.remove_region(ptr);
+                Ok(())
+            }
+            #[cfg(feature = "spdk")]
+            BackendQueue::Spdk(q) => {
                 q.remove_region(ptr);
                 Ok(())
             }

@@ -72,6 +72,12 @@ pub enum TargetSpec {
     },
     /// `sim://...` software controller model.
     Sim(String),
+    /// Another SPDK transport ID (`trtype:TCP adrfam:IPv4 traddr:... trsvcid:... subnqn:...`,
+    /// optionally ` ns:N`): only the `spdk` backend serves it.
+    Trid {
+        trid: String,
+        nsid: u32,
+    },
 }
 
 impl TargetSpec {
@@ -86,13 +92,26 @@ impl TargetSpec {
                 nsid,
             };
         }
-        if s.to_ascii_lowercase().starts_with("trtype:pcie") {
-            let addr = s
+        if s.to_ascii_lowercase().starts_with("trtype:") {
+            // SPDK's transport-ID syntax, plus `ns:N` as its tools (spdk_nvme_perf -r) take it.
+            let nsid = s
                 .split_whitespace()
-                .find_map(|w| w.strip_prefix("traddr:"))
-                .unwrap_or("")
-                .to_string();
-            return TargetSpec::Pcie { addr, nsid: 1 };
+                .find_map(|w| w.strip_prefix("ns:"))
+                .map_or(1, |n| n.parse().unwrap_or(0));
+            if s.to_ascii_lowercase().starts_with("trtype:pcie") {
+                let addr = s
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("traddr:"))
+                    .unwrap_or("")
+                    .to_string();
+                return TargetSpec::Pcie { addr, nsid };
+            }
+            let trid = s
+                .split_whitespace()
+                .filter(|w| !w.starts_with("ns:"))
+                .collect::<Vec<_>>()
+                .join(" ");
+            return TargetSpec::Trid { trid, nsid };
         }
         if let Some(rest) = s.strip_prefix("sim://") {
             return TargetSpec::Sim(rest.to_string());
@@ -459,6 +478,25 @@ mod tests {
             TargetSpec::Pcie {
                 addr: "0000:00:05.0".into(),
                 nsid: 1
+            }
+        );
+        assert_eq!(
+            TargetSpec::parse("trtype:PCIe traddr:0000:00:05.0 ns:3"),
+            TargetSpec::Pcie {
+                addr: "0000:00:05.0".into(),
+                nsid: 3
+            }
+        );
+        // Other transports are SPDK's alone; ns:N is rio's (and spdk_nvme_perf's), not SPDK's
+        // transport-ID syntax, so it is taken out.
+        assert_eq!(
+            TargetSpec::parse(
+                "trtype:TCP adrfam:IPv4 traddr:10.0.0.1 trsvcid:4420 ns:2 subnqn:nqn.2016-06.io.spdk:cnode1"
+            ),
+            TargetSpec::Trid {
+                trid: "trtype:TCP adrfam:IPv4 traddr:10.0.0.1 trsvcid:4420 subnqn:nqn.2016-06.io.spdk:cnode1"
+                    .into(),
+                nsid: 2
             }
         );
         assert_eq!(

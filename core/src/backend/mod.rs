@@ -5,6 +5,8 @@
 
 pub(crate) mod nvme;
 pub(crate) mod psync;
+#[cfg(feature = "spdk")]
+pub(crate) mod spdk;
 pub(crate) mod uring;
 
 use std::time::Duration;
@@ -66,6 +68,8 @@ pub(crate) enum BackendQueue {
     Uring(uring::UringQueue),
     Psync(psync::PsyncQueue),
     Nvme(nvme::NvmeQueue),
+    #[cfg(feature = "spdk")]
+    Spdk(spdk::SpdkQueue),
 }
 
 impl BackendQueue {
@@ -74,6 +78,8 @@ impl BackendQueue {
             BackendQueue::Uring(_) => "uring",
             BackendQueue::Psync(_) => "psync",
             BackendQueue::Nvme(q) => q.backend_name(),
+            #[cfg(feature = "spdk")]
+            BackendQueue::Spdk(_) => "spdk",
         }
     }
 
@@ -83,6 +89,8 @@ impl BackendQueue {
             BackendQueue::Uring(q) => q.push(slot, op),
             BackendQueue::Psync(q) => q.push(slot, op),
             BackendQueue::Nvme(q) => q.push(slot, op),
+            #[cfg(feature = "spdk")]
+            BackendQueue::Spdk(q) => q.push(slot, op),
         }
     }
 
@@ -100,6 +108,8 @@ impl BackendQueue {
             BackendQueue::Uring(q) => q.reap(want, timeout, out),
             BackendQueue::Psync(q) => q.reap(want, timeout, out),
             BackendQueue::Nvme(q) => q.reap(want, timeout, out),
+            #[cfg(feature = "spdk")]
+            BackendQueue::Spdk(q) => q.reap(want, timeout, out),
         }
     }
 
@@ -110,6 +120,8 @@ impl BackendQueue {
             BackendQueue::Uring(q) => q.submit_batch(),
             BackendQueue::Psync(_) => 1,
             BackendQueue::Nvme(q) => q.submit_batch(),
+            #[cfg(feature = "spdk")]
+            BackendQueue::Spdk(q) => q.submit_batch(),
         }
     }
 
@@ -119,6 +131,8 @@ impl BackendQueue {
             BackendQueue::Uring(q) => q.set_submit_batch(n),
             BackendQueue::Psync(_) => {}
             BackendQueue::Nvme(q) => q.set_submit_batch(n),
+            #[cfg(feature = "spdk")]
+            BackendQueue::Spdk(q) => q.set_submit_batch(n),
         }
     }
 
@@ -129,7 +143,43 @@ impl BackendQueue {
             BackendQueue::Uring(q) => q.abandon(),
             BackendQueue::Psync(q) => q.abandon(),
             BackendQueue::Nvme(q) => q.abandon(),
+            #[cfg(feature = "spdk")]
+            BackendQueue::Spdk(q) => q.abandon(),
         }
+    }
+}
+
+/// Waiting in poll mode, shared by the polled drivers (rio's NVMe driver, SPDK's): call `poll`
+/// until `want` completions were added to `out` (counted from its length at entry), or
+/// `timeout` passed; without a timeout, poll once. `poll` returns `true` when nothing more can
+/// arrive (nothing in flight). Every 64 spins the clock is read; after 20,000 the thread yields
+/// between polls (tests run many queues, and the software model may need this core).
+#[inline]
+pub(crate) fn spin_reap(
+    want: u32,
+    timeout: Option<Duration>,
+    out: &mut Vec<Reaped>,
+    mut poll: impl FnMut(&mut Vec<Reaped>) -> Result<bool>,
+) -> Result<()> {
+    let start = out.len();
+    let deadline = timeout.map(|t| std::time::Instant::now() + t);
+    let mut spins = 0u32;
+    loop {
+        let idle = poll(out)?;
+        let got = (out.len() - start) as u32;
+        if got >= want || deadline.is_none() || idle {
+            return Ok(());
+        }
+        spins = spins.wrapping_add(1);
+        if spins.is_multiple_of(64) {
+            if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                return Ok(());
+            }
+            if spins > 20_000 {
+                std::thread::yield_now();
+            }
+        }
+        std::hint::spin_loop();
     }
 }
 

@@ -10,7 +10,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::backend::{Fail, RawOp, Reaped};
 use crate::config::SglMode;
@@ -571,30 +571,15 @@ impl NvmeQueue {
     ) -> Result<()> {
         let start = out.len();
         out.append(&mut self.stash);
-        let deadline = timeout.map(|t| Instant::now() + t);
-        let mut spins = 0u32;
-        loop {
+        // The stash counts toward `want`: the helper counts from the length at its entry.
+        let want = want.saturating_sub((out.len() - start) as u32);
+        super::spin_reap(want, timeout, out, |out| {
             self.poll_once(out)?;
-            if let Some(e) = self.pending_error.take() {
-                return Err(e);
+            match self.pending_error.take() {
+                Some(e) => Err(e),
+                None => Ok(false),
             }
-            let got = (out.len() - start) as u32;
-            if got >= want || deadline.is_none() {
-                return Ok(());
-            }
-            spins = spins.wrapping_add(1);
-            if spins.is_multiple_of(64) {
-                if deadline.is_some_and(|d| Instant::now() >= d) {
-                    return Ok(());
-                }
-                // Share the core after a while (tests run many queues; the model may need
-                // this core to make progress).
-                if spins > 20_000 {
-                    std::thread::yield_now();
-                }
-            }
-            std::hint::spin_loop();
-        }
+        })
     }
 
     /// Submit what is pending, collect completions, check timeouts.

@@ -1,0 +1,774 @@
+//! The SPDK backend (cargo feature `spdk`): rio's queues, pools, tuner and telemetry over an
+//! installed SPDK's userspace NVMe driver, through the bindings of `rio-spdk-sys`.
+//!
+//! - The SPDK environment (DPDK's EAL: hugepage memory, the PCI bus, vfio) is initialised once
+//!   per process, by the first engine that needs it, with the calling thread's CPU affinity
+//!   restored afterwards (the EAL pins its caller to its main lcore).
+//! - One controller attachment ([`SpdkCtrl`]) per engine: `spdk_nvme_connect` to the
+//!   transport ID, the namespace checked (no metadata, active), `spdk_nvme_detach` on drop.
+//! - One SPDK I/O queue pair per [`crate::Queue`]; the queue's arena and any regions its owner
+//!   adds are registered with `spdk_mem_register` once (process-wide, counted: a runtime's
+//!   shared pool is registered once for all its queues), so SPDK builds PRPs from them with
+//!   no copy. Registration needs pinned hugepage memory, 2 MiB aligned: a queue whose memory
+//!   is not hugepage-backed is refused with the reason.
+//! - Submission calls `spdk_nvme_ns_cmd_*` with a per-slot context; completions are collected
+//!   by `spdk_nvme_qpair_process_completions` on the queue's own thread (polled, no
+//!   interrupts, no syscalls). SPDK splits reads and writes larger than the controller's
+//!   transfer limit itself; Write Zeroes is split here at 65,536 blocks per command, and
+//!   Deallocate sent as one Dataset Management command of up to 256 ranges.
+//! - When SPDK is out of request objects (-ENOMEM) the slot waits in a backlog and is tried
+//!   again after the next completions, as the vfio backend does with a full SQ.
+//! - Errors: an NVMe status becomes [`Fail::Nvme`] (the same typed error as rio's own
+//!   driver); a command SPDK refuses to build becomes [`Fail::Errno`]; a queue pair SPDK
+//!   reports failed (controller removed or reset failed) completes what is outstanding with
+//!   [`Fail::Reset`] `{ fatal: true }`.
+//!
+//! What it does not do: its own timeouts and controller resets (SPDK's are off unless its
+//! timeout callback is registered; rio leaves that to SPDK's defaults), shadow doorbells
+//! beyond SPDK's own, and namespaces with metadata.
+
+use std::collections::VecDeque;
+use std::ffi::{CString, c_void};
+use std::ptr::NonNull;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use rio_spdk_sys as sys;
+
+use crate::backend::{Fail, RawOp, Reaped};
+use crate::error::{Error, Result};
+use crate::nvme::spec::{NvmeError, Status, io_opcode};
+use crate::op::OpKind;
+
+/// Largest Write Zeroes per command, in blocks (NLB is 16 bits, zero-based).
+const MAX_ZERO_BLOCKS: u64 = 1 << 16;
+/// Largest Deallocate range, in blocks.
+const MAX_DSM_RANGE_BLOCKS: u64 = u32::MAX as u64;
+/// Ranges per Dataset Management command.
+const MAX_DSM_RANGES: usize = 256;
+
+fn spdk_err(what: &str, reason: impl Into<String>) -> Error {
+    Error::BackendUnavailable {
+        backend: "spdk",
+        reason: format!("{what}: {}", reason.into()),
+    }
+}
+
+fn errno_text(rc: i32) -> String {
+    std::io::Error::from_raw_os_error(rc.unsigned_abs() as i32).to_string()
+}
+
+/// The process's SPDK environment: initialised once; remembers the PCI address it was set up
+/// for (DPDK's allow list), so a second, different device is refused with the reason instead
+/// of failing inside DPDK.
+struct Env {
+    pci: Option<String>,
+}
+
+static ENV: OnceLock<std::result::Result<Env, String>> = OnceLock::new();
+
+/// Parse `DDDD:BB:DD.F` (or `BB:DD.F`) into SPDK's PCI address.
+fn pci_addr(s: &str) -> Option<sys::spdk_pci_addr> {
+    let (dom, rest) = match s.matches(':').count() {
+        2 => {
+            let (d, r) = s.split_once(':')?;
+            (u32::from_str_radix(d, 16).ok()?, r)
+        }
+        1 => (0, s),
+        _ => return None,
+    };
+    let (bus, rest) = rest.split_once(':')?;
+    let (dev, func) = rest.split_once('.')?;
+    Some(sys::spdk_pci_addr {
+        domain: dom,
+        bus: u8::from_str_radix(bus, 16).ok()?,
+        dev: u8::from_str_radix(dev, 16).ok()?,
+        func: u8::from_str_radix(func, 16).ok()?,
+    })
+}
+
+fn env_init(pci: Option<&str>) -> Result<()> {
+    let env = ENV.get_or_init(|| {
+        tracing::debug!(
+            libraries = sys::linked_libraries(),
+            "SPDK and the libraries it needs are linked"
+        );
+        // Hugepage memory DPDK reserves up front for SPDK's own structures (queue pairs,
+        // request pools), MiB; by default SPDK's (dynamic: taken as needed). rio's buffers live
+        // in its own pools either way.
+        let mem_mb = std::env::var("RIO_SPDK_MEM_MB")
+            .ok()
+            .and_then(|v| v.parse::<i32>().ok());
+        let mut opts = sys::spdk_env_opts {
+            opts_size: std::mem::size_of::<sys::spdk_env_opts>(),
+            ..Default::default()
+        };
+        // SAFETY: `opts` is a valid, writable spdk_env_opts whose opts_size is set, as
+        // spdk_env_opts_init requires.
+        unsafe { sys::spdk_env_opts_init(&mut opts) };
+        opts.name = c"rio".as_ptr();
+        if let Some(mb) = mem_mb {
+            opts.mem_size = mb;
+        }
+        let mut allowed = pci.and_then(pci_addr);
+        if let Some(a) = allowed.as_mut() {
+            opts.pci_allowed = a;
+            opts.num_pci_addr = 1;
+        }
+        // The EAL pins its calling thread to its main lcore; put this thread's affinity back
+        // afterwards, so threads the caller starts later are not all confined to one CPU.
+        // SAFETY: a zeroed cpu_set_t is a valid empty set; the calls only read/write it.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: as above; pid 0 is the calling thread.
+        let saved =
+            unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) }
+                == 0;
+        // SAFETY: `opts` is initialised and every pointer in it (name, allow list) outlives
+        // the call; SPDK copies what it keeps into the EAL's arguments.
+        let rc = unsafe { sys::spdk_env_init(&opts) };
+        if saved {
+            // SAFETY: restoring the set read above on the same thread.
+            unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+        }
+        if rc < 0 {
+            return Err(format!(
+                "spdk_env_init failed ({}): DPDK could not set up its environment (see its log \
+                 above); it needs hugepages on a mounted hugetlbfs (`rio setup hugepages`; {}) \
+                 and the device bound to vfio-pci (`rio setup bind`)",
+                errno_text(rc),
+                mem_mb.map_or(
+                    "memory taken as needed; RIO_SPDK_MEM_MB reserves it up front".to_string(),
+                    |m| format!("RIO_SPDK_MEM_MB={m} MiB reserved up front")
+                ),
+            ));
+        }
+        tracing::info!(mem_mb = ?mem_mb, pci = ?pci, "SPDK environment initialised");
+        Ok(Env {
+            pci: pci.map(str::to_string),
+        })
+    });
+    match env {
+        Ok(e) => match (&e.pci, pci) {
+            (Some(a), Some(b)) if !a.eq_ignore_ascii_case(b) => Err(spdk_err(
+                "SPDK environment",
+                format!(
+                    "already initialised in this process for PCI device {a}; one process drives \
+                     one SPDK PCI device (open {b} from another process)"
+                ),
+            )),
+            _ => Ok(()),
+        },
+        Err(e) => Err(spdk_err("SPDK environment", e.clone())),
+    }
+}
+
+/// Memory registered with `spdk_mem_register`, process-wide: (base, len, users).
+static REGISTERED: Mutex<Vec<(usize, usize, usize)>> = Mutex::new(Vec::new());
+
+const HUGE_2M: usize = 2 << 20;
+
+/// Register `[base, base+len)` for DMA (once per process; counted).
+fn mem_register(base: *mut u8, len: usize, kind: rio_sys::mem::PageKind) -> Result<()> {
+    let (b, l) = (base as usize, len);
+    if !kind.is_huge() || b % HUGE_2M != 0 || l % HUGE_2M != 0 {
+        return Err(spdk_err(
+            "buffer memory",
+            format!(
+                "SPDK registers only pinned hugepage memory in 2 MiB units; this region is \
+                 {kind:?} pages at {b:#x}+{l:#x}. Reserve hugepages (`rio setup hugepages`) so \
+                 rio's pools use them"
+            ),
+        ));
+    }
+    let mut reg = REGISTERED.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(r) = reg.iter_mut().find(|r| r.0 == b && r.1 == l) {
+        r.2 += 1;
+        return Ok(());
+    }
+    // SAFETY: the region is mapped hugepage memory that the caller keeps mapped and unmoved
+    // until it is unregistered (contract of `Engine::queue_with_regions`).
+    let rc = unsafe { sys::spdk_mem_register(base.cast(), len) };
+    if rc != 0 {
+        return Err(spdk_err(
+            "spdk_mem_register",
+            format!("{b:#x}+{l:#x}: {}", errno_text(rc)),
+        ));
+    }
+    reg.push((b, l, 1));
+    Ok(())
+}
+
+fn mem_unregister(base: usize) {
+    let mut reg = REGISTERED.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(i) = reg.iter().position(|r| r.0 == base) {
+        reg[i].2 -= 1;
+        if reg[i].2 == 0 {
+            let (b, l, _) = reg.remove(i);
+            // SAFETY: registered above with these bounds; no queue uses it any more (the
+            // count reached zero), so no DMA to it is in flight.
+            let rc = unsafe { sys::spdk_mem_unregister(b as *mut c_void, l) };
+            if rc != 0 {
+                tracing::warn!(base = b, len = l, rc, "spdk_mem_unregister failed");
+            }
+        }
+    }
+}
+
+/// A controller attached through SPDK and the namespace an engine serves.
+pub(crate) struct SpdkCtrl {
+    ctrlr: NonNull<sys::spdk_nvme_ctrlr>,
+    ns: NonNull<sys::spdk_nvme_ns>,
+    /// The transport ID as given (e.g. `trtype:PCIe traddr:0000:00:04.0`).
+    pub trid: String,
+    pub nsid: u32,
+    pub block_size: u32,
+    pub size_bytes: u64,
+    pub max_xfer: u32,
+    pub model: String,
+}
+
+// SAFETY: SPDK's controller object is safe to use from several threads for what rio does with
+// it (allocating and freeing I/O queue pairs takes the controller's lock); each queue pair is
+// used by one thread only (SpdkQueue is not Sync and is driven by its owner).
+unsafe impl Send for SpdkCtrl {}
+// SAFETY: as above.
+unsafe impl Sync for SpdkCtrl {}
+
+impl std::fmt::Debug for SpdkCtrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SpdkCtrl")
+            .field("trid", &self.trid)
+            .field("nsid", &self.nsid)
+            .field("model", &self.model)
+            .finish()
+    }
+}
+
+fn trimmed(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).trim().to_string()
+}
+
+impl SpdkCtrl {
+    /// Attach to the controller `trid` names (SPDK's transport-ID syntax) and check namespace
+    /// `nsid`.
+    pub fn connect(trid: &str, pci: Option<&str>, nsid: u32) -> Result<Arc<SpdkCtrl>> {
+        env_init(pci)?;
+        let c = CString::new(trid).map_err(|_| Error::config("target", "NUL in transport ID"))?;
+        let mut id = sys::spdk_nvme_transport_id::default();
+        // SAFETY: `id` is a valid transport ID to fill; `c` is a NUL-terminated string.
+        let rc = unsafe { sys::spdk_nvme_transport_id_parse(&mut id, c.as_ptr()) };
+        if rc != 0 {
+            return Err(Error::config(
+                "target",
+                format!(
+                    "'{trid}' is not an SPDK transport ID ({}); e.g. 'trtype:PCIe traddr:0000:00:04.0'",
+                    errno_text(rc)
+                ),
+            ));
+        }
+        // SAFETY: `id` was filled by the parser; NULL options mean SPDK's defaults.
+        let ctrlr = unsafe { sys::spdk_nvme_connect(&id, std::ptr::null(), 0) };
+        let Some(ctrlr) = NonNull::new(ctrlr) else {
+            return Err(spdk_err(
+                "spdk_nvme_connect",
+                format!(
+                    "no controller attached at '{trid}' (is it bound to vfio-pci? `rio setup \
+                     bind`; see SPDK's log above)"
+                ),
+            ));
+        };
+        let detach = |c: NonNull<sys::spdk_nvme_ctrlr>| {
+            // SAFETY: attached above, not used after this.
+            unsafe { sys::spdk_nvme_detach(c.as_ptr()) };
+        };
+        // SAFETY: the controller is attached; get_ns returns NULL for an invalid id.
+        let ns = unsafe { sys::spdk_nvme_ctrlr_get_ns(ctrlr.as_ptr(), nsid) };
+        // SAFETY: as above; `ns` is checked for NULL first.
+        let active = !ns.is_null() && unsafe { sys::spdk_nvme_ns_is_active(ns) };
+        let Some(ns) = NonNull::new(ns).filter(|_| active) else {
+            let mut ids = Vec::new();
+            // SAFETY: iterating the controller's active namespace list.
+            let mut n = unsafe { sys::spdk_nvme_ctrlr_get_first_active_ns(ctrlr.as_ptr()) };
+            while n != 0 {
+                ids.push(n.to_string());
+                // SAFETY: as above.
+                n = unsafe { sys::spdk_nvme_ctrlr_get_next_active_ns(ctrlr.as_ptr(), n) };
+            }
+            detach(ctrlr);
+            return Err(Error::NotFound {
+                path: format!("{trid} (namespace {nsid}; active: {})", ids.join(", ")).into(),
+            });
+        };
+        // SAFETY: `ns` is an active namespace of the attached controller.
+        let (block_size, sectors, md, max_io) = unsafe {
+            (
+                sys::spdk_nvme_ns_get_sector_size(ns.as_ptr()),
+                sys::spdk_nvme_ns_get_num_sectors(ns.as_ptr()),
+                sys::spdk_nvme_ns_get_md_size(ns.as_ptr()),
+                sys::spdk_nvme_ns_get_max_io_xfer_size(ns.as_ptr()),
+            )
+        };
+        if md > 0 {
+            detach(ctrlr);
+            return Err(Error::BadTarget {
+                path: trid.into(),
+                what: format!(
+                    "namespace {nsid} is formatted with {md} bytes of metadata per block, which rio does not support"
+                ),
+            });
+        }
+        // Identify Controller data: the model number is bytes 24..64 (NVMe base spec,
+        // Figure "Identify Controller Data Structure"); the struct is opaque in the bindings.
+        // SAFETY: the controller is attached; its 4 KiB identify data stays valid while it is.
+        let model = unsafe {
+            let cdata = sys::spdk_nvme_ctrlr_get_data(ctrlr.as_ptr()).cast::<u8>();
+            trimmed(std::slice::from_raw_parts(cdata.add(24), 40))
+        };
+        Ok(Arc::new(SpdkCtrl {
+            ctrlr,
+            ns,
+            trid: trid.to_string(),
+            nsid,
+            block_size,
+            size_bytes: sectors * block_size as u64,
+            max_xfer: max_io,
+            model,
+        }))
+    }
+}
+
+impl Drop for SpdkCtrl {
+    fn drop(&mut self) {
+        // SAFETY: every queue pair holds an Arc of this controller, so none is left; the
+        // controller is not used after this.
+        let rc = unsafe { sys::spdk_nvme_detach(self.ctrlr.as_ptr()) };
+        if rc != 0 {
+            tracing::warn!(trid = %self.trid, rc, "spdk_nvme_detach failed");
+        }
+    }
+}
+
+/// One queue slot's operation, as SPDK's completion callbacks see it.
+struct Slot {
+    /// The queue's list of finished operations (stable: owned by the queue, freed last).
+    done: *mut Vec<Reaped>,
+    slot: u32,
+    active: bool,
+    op: RawOp,
+    /// Bytes (read/write) or blocks (zeroes, deallocate) of the operation handed to SPDK.
+    issued: u64,
+    /// Commands SPDK holds for this slot.
+    outstanding: u32,
+    fail: Fail,
+}
+
+impl Slot {
+    fn total(&self, block: u64) -> u64 {
+        match self.op.op {
+            OpKind::Read | OpKind::Write | OpKind::Flush => 1,
+            OpKind::WriteZeroes | OpKind::Deallocate => self.op.len / block,
+        }
+    }
+}
+
+/// SPDK's completion callback: `arg` is the slot's context.
+extern "C" fn on_complete(arg: *mut c_void, cpl: *const sys::spdk_nvme_cpl) {
+    // SAFETY: `arg` is the `Slot` this command was submitted with; the slot array outlives
+    // every command (the queue drains or leaks it before freeing), and callbacks run on the
+    // queue's own thread inside `spdk_nvme_qpair_process_completions`, while no reference to
+    // the slot is held elsewhere.
+    let s = unsafe { &mut *arg.cast::<Slot>() };
+    // SAFETY: SPDK passes a completion valid for this call.
+    let raw = unsafe { sys::cpl_status_raw(cpl) };
+    let status = Status::from_cqe_status(raw);
+    if status != Status::SUCCESS && s.fail == Fail::None {
+        let opcode = match s.op.op {
+            OpKind::Read => io_opcode::READ,
+            OpKind::Write => io_opcode::WRITE,
+            OpKind::Flush => io_opcode::FLUSH,
+            OpKind::WriteZeroes => io_opcode::WRITE_ZEROES,
+            OpKind::Deallocate => io_opcode::DATASET_MANAGEMENT,
+        };
+        s.fail = Fail::Nvme(NvmeError::new(false, opcode, status));
+    }
+    s.outstanding -= 1;
+    // Completion of the whole operation is decided by the queue (it knows the block size).
+    if s.outstanding == 0 {
+        // SAFETY: `done` points to the queue's list, alive and not otherwise borrowed during
+        // process_completions.
+        unsafe { (*s.done).push(Reaped::ok(s.slot, -1)) };
+    }
+}
+
+/// One SPDK I/O queue pair, owned by one thread.
+pub(crate) struct SpdkQueue {
+    ctrl: Arc<SpdkCtrl>,
+    qpair: NonNull<sys::spdk_nvme_qpair>,
+    /// Slot contexts, from `Box::into_raw` (SPDK holds pointers into it); freed on drop.
+    slots: NonNull<[Slot]>,
+    /// Callbacks' output (`Reaped::ok(slot, -1)`: the slot's last command finished); from
+    /// `Box::into_raw`, freed on drop.
+    done: NonNull<Vec<Reaped>>,
+    /// Slots with work SPDK could not take yet (out of request objects).
+    backlog: VecDeque<u32>,
+    /// Regions this queue registered (base addresses).
+    regions: Vec<usize>,
+    block: u64,
+    submit_batch: u32,
+    in_flight: u32,
+    abandoned: bool,
+    failed: bool,
+}
+
+impl SpdkQueue {
+    /// A queue pair with `depth` slots, its memory `regions` registered for DMA.
+    pub fn new(
+        ctrl: Arc<SpdkCtrl>,
+        regions: &[(*mut u8, usize, rio_sys::mem::PageKind)],
+        depth: u32,
+    ) -> Result<SpdkQueue> {
+        let mut registered = Vec::new();
+        for &(p, l, k) in regions {
+            if let Err(e) = mem_register(p, l, k) {
+                for b in registered {
+                    mem_unregister(b);
+                }
+                return Err(e);
+            }
+            registered.push(p as usize);
+        }
+        let mut opts = sys::spdk_nvme_io_qpair_opts::default();
+        // SAFETY: the controller is attached; `opts` is written with its defaults.
+        unsafe {
+            sys::spdk_nvme_ctrlr_get_default_io_qpair_opts(
+                ctrl.ctrlr.as_ptr(),
+                &mut opts,
+                std::mem::size_of::<sys::spdk_nvme_io_qpair_opts>(),
+            )
+        };
+        // Requests: enough for every slot's largest split (SPDK splits at the transfer limit),
+        // so -ENOMEM stays the exception.
+        let splits = (crate::MAX_IO_BYTES / ctrl.max_xfer.max(4096) as u64 + 1).min(64) as u32;
+        opts.io_queue_size = opts.io_queue_size.max((depth + 1).min(1024));
+        opts.io_queue_requests = opts.io_queue_requests.max(depth * splits);
+        // Doorbells once per poll (in process_completions), not once per command: what rio's
+        // own driver does, and what spdk_nvme_perf asks for too.
+        opts.__bindgen_anon_1.delay_cmd_submit = true;
+        // SAFETY: as above; the options were initialised for this controller.
+        let qp = unsafe {
+            sys::spdk_nvme_ctrlr_alloc_io_qpair(
+                ctrl.ctrlr.as_ptr(),
+                &opts,
+                std::mem::size_of::<sys::spdk_nvme_io_qpair_opts>(),
+            )
+        };
+        let Some(qpair) = NonNull::new(qp) else {
+            for b in registered {
+                mem_unregister(b);
+            }
+            return Err(spdk_err(
+                "spdk_nvme_ctrlr_alloc_io_qpair",
+                format!(
+                    "no I/O queue pair for {} (the controller's queue count is used up, or SPDK's \
+                     hugepage memory is: RIO_SPDK_MEM_MB)",
+                    ctrl.trid
+                ),
+            ));
+        };
+        let done = NonNull::from(Box::leak(Box::new(Vec::with_capacity(depth as usize))));
+        let slots: Box<[Slot]> = (0..depth)
+            .map(|i| Slot {
+                done: done.as_ptr(),
+                slot: i,
+                active: false,
+                op: RawOp {
+                    op: OpKind::Read,
+                    offset: 0,
+                    len: 0,
+                    addr: std::ptr::null_mut(),
+                    fd: -1,
+                },
+                issued: 0,
+                outstanding: 0,
+                fail: Fail::None,
+            })
+            .collect();
+        let block = ctrl.block_size as u64;
+        Ok(SpdkQueue {
+            ctrl,
+            qpair,
+            slots: NonNull::from(Box::leak(slots)),
+            done,
+            backlog: VecDeque::new(),
+            regions: registered,
+            block,
+            submit_batch: 0,
+            in_flight: 0,
+            abandoned: false,
+            failed: false,
+        })
+    }
+
+    pub fn submit_batch(&self) -> u32 {
+        self.submit_batch
+    }
+
+    /// Kept for the tuner's report; SPDK rings the doorbell once per poll
+    /// (`delay_cmd_submit`, set at creation).
+    pub fn set_submit_batch(&mut self, n: u32) {
+        self.submit_batch = n;
+    }
+
+    fn slot(&mut self, i: u32) -> &mut Slot {
+        // SAFETY: `slots` is the live allocation made in `new`; `i` is a slot index the
+        // Queue handed out (< depth); no other reference to it exists while `&mut self` is
+        // held (callbacks run only inside `process_completions`, not during this borrow).
+        unsafe { &mut (*self.slots.as_ptr())[i as usize] }
+    }
+
+    #[inline]
+    pub fn push(&mut self, slot: u32, op: &RawOp) -> Result<()> {
+        if op.fd >= 0 {
+            return Err(Error::Unsupported {
+                op: op.op,
+                backend: "spdk (a namespace has no files)",
+            });
+        }
+        let s = self.slot(slot);
+        s.active = true;
+        s.op = *op;
+        s.issued = 0;
+        s.outstanding = 0;
+        s.fail = Fail::None;
+        self.in_flight += 1;
+        if !self.backlog.is_empty() || !self.issue(slot) {
+            self.backlog.push_back(slot);
+        }
+        Ok(())
+    }
+
+    /// Hand the slot's remaining commands to SPDK. False when SPDK ran out of requests (the
+    /// slot goes to the backlog).
+    fn issue(&mut self, i: u32) -> bool {
+        let (ns, qp, block) = (self.ctrl.ns.as_ptr(), self.qpair.as_ptr(), self.block);
+        let failed = self.failed;
+        let s = self.slot(i);
+        let total = s.total(block);
+        let arg: *mut c_void = (s as *mut Slot).cast();
+        while s.issued < total {
+            if failed {
+                s.fail = Fail::Reset { fatal: true };
+                s.issued = total;
+                break;
+            }
+            let lba = s.op.offset / block;
+            let (rc, step) = match s.op.op {
+                // SAFETY (all arms): the namespace and queue pair are live; buffers are the
+                // arena's or registered regions', held by the Queue until this slot completes;
+                // `arg` is this slot's context, which outlives the command.
+                OpKind::Read | OpKind::Write => {
+                    let cmd = if s.op.op == OpKind::Read {
+                        sys::spdk_nvme_ns_cmd_read
+                    } else {
+                        sys::spdk_nvme_ns_cmd_write
+                    };
+                    let blocks = (s.op.len / block) as u32;
+                    let buf = s.op.addr.cast();
+                    (
+                        unsafe { cmd(ns, qp, buf, lba, blocks, Some(on_complete), arg, 0) },
+                        1,
+                    )
+                }
+                OpKind::Flush => (
+                    unsafe { sys::spdk_nvme_ns_cmd_flush(ns, qp, Some(on_complete), arg) },
+                    1,
+                ),
+                OpKind::WriteZeroes => {
+                    let n = (total - s.issued).min(MAX_ZERO_BLOCKS);
+                    (
+                        unsafe {
+                            sys::spdk_nvme_ns_cmd_write_zeroes(
+                                ns,
+                                qp,
+                                lba + s.issued,
+                                n as u32,
+                                Some(on_complete),
+                                arg,
+                                0,
+                            )
+                        },
+                        n,
+                    )
+                }
+                OpKind::Deallocate => {
+                    let mut ranges = [sys::spdk_nvme_dsm_range::default(); MAX_DSM_RANGES];
+                    let (mut n, mut used) = (0u64, 0usize);
+                    while s.issued + n < total && used < MAX_DSM_RANGES {
+                        let len = (total - s.issued - n).min(MAX_DSM_RANGE_BLOCKS);
+                        ranges[used].starting_lba = lba + s.issued + n;
+                        ranges[used].length = len as u32;
+                        n += len;
+                        used += 1;
+                    }
+                    (
+                        unsafe {
+                            sys::spdk_nvme_ns_cmd_dataset_management(
+                                ns,
+                                qp,
+                                sys::spdk_nvme_dsm_attribute::SPDK_NVME_DSM_ATTR_DEALLOCATE,
+                                ranges.as_ptr(),
+                                used as u16,
+                                Some(on_complete),
+                                arg,
+                            )
+                        },
+                        n,
+                    )
+                }
+            };
+            if rc == -libc::ENOMEM {
+                return false;
+            }
+            if rc != 0 {
+                s.fail = Fail::Errno(-rc);
+                s.issued = total;
+                break;
+            }
+            s.outstanding += 1;
+            s.issued += step;
+        }
+        if s.outstanding == 0 {
+            // Nothing in SPDK (refused, or failed queue pair): finished now.
+            let slot = s.slot;
+            // SAFETY: the queue's own list, not borrowed elsewhere now.
+            unsafe { (*self.done.as_ptr()).push(Reaped::ok(slot, -1)) };
+        }
+        true
+    }
+
+    /// Finish the slots whose last command completed (the callbacks' list) into `out`.
+    fn collect(&mut self, out: &mut Vec<Reaped>) {
+        // By index, through the raw pointer each time: `issue` below may append to the list
+        // (a piece refused at once), and nothing here holds a reference into it meanwhile.
+        let mut k = 0;
+        // SAFETY: the queue's own list; callbacks are not running (we are not inside SPDK),
+        // and no reference to it is alive across this read.
+        while let Some(i) = unsafe { (&(*self.done.as_ptr())).get(k).map(|r| r.slot) } {
+            k += 1;
+            let block = self.block;
+            let s = self.slot(i);
+            if !s.active {
+                continue;
+            }
+            if s.issued < s.total(block) && s.fail == Fail::None {
+                // More pieces to send (Write Zeroes over 65,536 blocks).
+                if !self.issue(i) {
+                    self.backlog.push_back(i);
+                }
+                continue;
+            }
+            let s = self.slot(i);
+            s.active = false;
+            let res = match s.op.op {
+                OpKind::Read | OpKind::Write => i32::try_from(s.op.len).unwrap_or(i32::MAX),
+                _ => 0,
+            };
+            out.push(Reaped {
+                slot: i,
+                res,
+                fail: s.fail,
+            });
+            self.in_flight -= 1;
+        }
+        // SAFETY: as above.
+        unsafe { (*self.done.as_ptr()).clear() };
+    }
+
+    fn poll_once(&mut self, out: &mut Vec<Reaped>) {
+        while let Some(&i) = self.backlog.front() {
+            if !self.issue(i) {
+                break;
+            }
+            self.backlog.pop_front();
+        }
+        if self.in_flight > 0 {
+            // SAFETY: the queue pair is live and used only by this thread; callbacks touch
+            // only the slot contexts and the done list, which nothing else borrows now.
+            let rc = unsafe { sys::spdk_nvme_qpair_process_completions(self.qpair.as_ptr(), 0) };
+            if rc < 0 && !self.failed {
+                // The queue pair failed (controller removed, or SPDK's reset failed): SPDK
+                // aborts what it holds through the callbacks; nothing new is accepted.
+                tracing::error!(trid = %self.ctrl.trid, rc, "SPDK queue pair failed");
+                self.failed = true;
+            }
+        }
+        self.collect(out);
+        if self.failed {
+            // Backlogged slots never reached SPDK: fail them here.
+            while let Some(i) = self.backlog.pop_front() {
+                let _ = self.issue(i);
+            }
+            self.collect(out);
+        }
+    }
+
+    pub fn reap(
+        &mut self,
+        want: u32,
+        timeout: Option<Duration>,
+        out: &mut Vec<Reaped>,
+    ) -> Result<()> {
+        super::spin_reap(want, timeout, out, |out| {
+            self.poll_once(out);
+            Ok(self.in_flight == 0)
+        })
+    }
+
+    pub fn abandon(&mut self) {
+        self.abandoned = true;
+    }
+
+    /// Stop using a region (a pool gave it back); nothing is in flight (caller's check).
+    pub fn remove_region(&mut self, ptr: *mut u8) {
+        if let Some(i) = self.regions.iter().position(|&b| b == ptr as usize) {
+            mem_unregister(self.regions.remove(i));
+        }
+    }
+
+    /// Register more memory for DMA (a pool that grew).
+    ///
+    /// # Safety
+    /// The memory stays mapped and unmoved until this queue is dropped.
+    pub unsafe fn add_region(
+        &mut self,
+        ptr: *mut u8,
+        len: usize,
+        kind: rio_sys::mem::PageKind,
+    ) -> Result<()> {
+        mem_register(ptr, len, kind)?;
+        self.regions.push(ptr as usize);
+        Ok(())
+    }
+}
+
+impl Drop for SpdkQueue {
+    fn drop(&mut self) {
+        if self.abandoned && self.in_flight > 0 {
+            // Commands may still be in the device: keep the queue pair, the slot contexts
+            // and the registrations (the Queue leaks the buffers too).
+            tracing::error!(trid = %self.ctrl.trid, in_flight = self.in_flight,
+                "dropping an SPDK queue pair with commands outstanding; its memory is kept");
+            return;
+        }
+        // SAFETY: nothing is in flight (or the owner abandoned nothing): the queue pair is
+        // freed once, after which no callback can run; then the contexts and list are freed.
+        unsafe {
+            sys::spdk_nvme_ctrlr_free_io_qpair(self.qpair.as_ptr());
+            drop(Box::from_raw(self.slots.as_ptr()));
+            drop(Box::from_raw(self.done.as_ptr()));
+        }
+        for b in std::mem::take(&mut self.regions) {
+            mem_unregister(b);
+        }
+    }
+}

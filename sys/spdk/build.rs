@@ -1,0 +1,278 @@
+//! Finds an installed SPDK, generates bindings to the parts of it rio uses, and links it.
+//!
+//! Where SPDK is looked for, in order:
+//! 1. `SPDK_DIR`: an installed prefix (`make install` of SPDK's source tree, or a package)
+//!    holding `include/spdk/nvme.h` and `lib/pkgconfig/spdk_nvme.pc`;
+//! 2. pkg-config's own search path (`PKG_CONFIG_PATH`) for `spdk_nvme` and `spdk_env_dpdk`.
+//!
+//! Without either, the build stops with one error that says so. SPDK must be built with shared
+//! libraries (`./configure --with-shared`): its NVMe transports register themselves from
+//! constructors, which a static link would drop unless every archive were linked whole.
+
+use std::env;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The libraries rio needs, by pkg-config name (their `Requires` bring DPDK and the rest).
+const MODULES: &[&str] = &["spdk_nvme", "spdk_env_dpdk", "spdk_syslibs"];
+
+/// Everything rio calls; nothing else is let through the bindings.
+const FUNCTIONS: &[&str] = &[
+    "spdk_env_opts_init",
+    "spdk_env_init",
+    "spdk_env_fini",
+    "spdk_env_get_core_count",
+    "spdk_mem_register",
+    "spdk_mem_unregister",
+    "spdk_zmalloc",
+    "spdk_free",
+    "spdk_log_set_print_level",
+    "spdk_nvme_transport_id_parse",
+    "spdk_nvme_trid_populate_transport",
+    "spdk_nvme_connect",
+    "spdk_nvme_detach",
+    "spdk_nvme_ctrlr_get_data",
+    "spdk_nvme_ctrlr_get_ns",
+    "spdk_nvme_ctrlr_is_active_ns",
+    "spdk_nvme_ctrlr_get_first_active_ns",
+    "spdk_nvme_ctrlr_get_next_active_ns",
+    "spdk_nvme_ctrlr_get_max_xfer_size",
+    "spdk_nvme_ctrlr_get_num_ns",
+    "spdk_nvme_ctrlr_get_default_io_qpair_opts",
+    "spdk_nvme_ctrlr_alloc_io_qpair",
+    "spdk_nvme_ctrlr_free_io_qpair",
+    "spdk_nvme_ctrlr_process_admin_completions",
+    "spdk_nvme_ns_get_id",
+    "spdk_nvme_ns_is_active",
+    "spdk_nvme_ns_get_sector_size",
+    "spdk_nvme_ns_get_extended_sector_size",
+    "spdk_nvme_ns_get_num_sectors",
+    "spdk_nvme_ns_get_size",
+    "spdk_nvme_ns_get_md_size",
+    "spdk_nvme_ns_get_max_io_xfer_size",
+    "spdk_nvme_ns_cmd_read",
+    "spdk_nvme_ns_cmd_write",
+    "spdk_nvme_ns_cmd_flush",
+    "spdk_nvme_ns_cmd_write_zeroes",
+    "spdk_nvme_ns_cmd_dataset_management",
+    "spdk_nvme_qpair_process_completions",
+];
+
+const TYPES: &[&str] = &[
+    "spdk_env_opts",
+    "spdk_nvme_transport_id",
+    "spdk_nvme_io_qpair_opts",
+    "spdk_nvme_cpl",
+    "spdk_nvme_dsm_range",
+    "spdk_nvme_dsm_attribute",
+    "spdk_nvme_transport_type",
+    "spdk_log_level",
+];
+
+/// Types passed by pointer only, or reached only through fields rio does not touch: opaque
+/// blobs of the right size and alignment. The command dwords and feature words are unions of
+/// packed bitfields whose layout Rust cannot express (bindgen's layout checks fail on them);
+/// rio reads the one Identify Controller field it shows, the model number, at its offset in
+/// the NVMe specification.
+const OPAQUE: &[&str] = &[
+    "spdk_nvme_ctrlr_data",
+    "spdk_nvme_cmd",
+    "spdk_nvme_cmd_cdw1[0-3]",
+    "spdk_nvme_feat_.*",
+    "spdk_nvme_ctrlr",
+    "spdk_nvme_ns",
+    "spdk_nvme_qpair",
+];
+
+const VARS: &[&str] = &[
+    "SPDK_MALLOC_DMA",
+    "SPDK_ENV_NUMA_ID_ANY",
+    "SPDK_NVME_DATASET_MANAGEMENT_MAX_RANGES",
+];
+
+fn fail(msg: &str) -> ! {
+    eprintln!("error: rio-spdk-sys: {msg}");
+    std::process::exit(1);
+}
+
+/// `pkg-config <args> MODULES`, with `extra` prepended to the search path.
+fn pkg_config(args: &[&str], extra: Option<&Path>) -> Result<String, String> {
+    let mut cmd = Command::new(env::var("PKG_CONFIG").unwrap_or_else(|_| "pkg-config".into()));
+    if let Some(dir) = extra {
+        let mut path = dir.as_os_str().to_owned();
+        if let Some(old) = env::var_os("PKG_CONFIG_PATH") {
+            path.push(":");
+            path.push(old);
+        }
+        cmd.env("PKG_CONFIG_PATH", path);
+    }
+    let out = cmd
+        .args(args)
+        .args(MODULES)
+        .output()
+        .map_err(|e| format!("cannot run pkg-config ({e}); install it (Debian: pkg-config)"))?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn main() {
+    println!("cargo:rerun-if-env-changed=SPDK_DIR");
+    println!("cargo:rerun-if-env-changed=PKG_CONFIG_PATH");
+    println!("cargo:rerun-if-changed=wrapper.h");
+
+    let spdk_dir = env::var_os("SPDK_DIR").map(PathBuf::from);
+    let pc_dir = spdk_dir.as_ref().map(|d| d.join("lib/pkgconfig"));
+    if let Some(dir) = &spdk_dir
+        && !dir.join("include/spdk/nvme.h").is_file()
+    {
+        fail(&format!(
+            "SPDK_DIR={} has no include/spdk/nvme.h: point SPDK_DIR at an installed SPDK prefix \
+             (the --prefix of SPDK's ./configure, after `make install`)",
+            dir.display()
+        ));
+    }
+    let cflags = pkg_config(&["--cflags"], pc_dir.as_deref());
+    let libs = pkg_config(&["--libs"], pc_dir.as_deref());
+    let (cflags, libs) = match (cflags, libs) {
+        (Ok(c), Ok(l)) => (c, l),
+        (Err(e), _) | (_, Err(e)) => fail(&format!(
+            "the `spdk` feature needs an installed SPDK and none was found: set SPDK_DIR to its \
+             install prefix (holding include/spdk/nvme.h and lib/pkgconfig/spdk_nvme.pc), or add \
+             that lib/pkgconfig to PKG_CONFIG_PATH; or build rio without `--features spdk` \
+             (pkg-config said: {})",
+            e.lines().map(str::trim).collect::<Vec<_>>().join(" ")
+        )),
+    };
+
+    // Link: every -L is a search path (and, for the loader, the place the shared objects live),
+    // every -l a shared library.
+    let mut lib_dirs = Vec::new();
+    let mut libs_named = Vec::new();
+    for tok in libs.split_whitespace() {
+        if let Some(dir) = tok.strip_prefix("-L") {
+            println!("cargo:rustc-link-search=native={dir}");
+            lib_dirs.push(PathBuf::from(dir));
+        } else if let Some(lib) = tok.strip_prefix("-l") {
+            println!("cargo:rustc-link-lib=dylib={lib}");
+            libs_named.push(lib.to_string());
+        } else if tok.starts_with("-Wl,") || tok == "-pthread" {
+            println!("cargo:rustc-link-arg={tok}");
+        }
+    }
+    if !lib_dirs.iter().any(|d| d.join("libspdk_nvme.so").exists()) {
+        fail(&format!(
+            "no libspdk_nvme.so in {:?}: rio links SPDK's shared libraries; configure SPDK with \
+             --with-shared",
+            lib_dirs
+        ));
+    }
+    // Where the shared objects are, for dependents that set an rpath (links = "spdk_nvme").
+    let rpath: Vec<String> = lib_dirs
+        .iter()
+        .filter(|d| d.join("libspdk_nvme.so").exists())
+        .map(|d| d.display().to_string())
+        .collect();
+    println!("cargo:libdir={}", rpath.join(":"));
+
+    let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    write_keep(&out.join("keep.rs"), &libs_named, &lib_dirs);
+
+    let mut builder = bindgen::Builder::default()
+        .header("wrapper.h")
+        .clang_args(cflags.split_whitespace())
+        .parse_callbacks(Box::new(bindgen::CargoCallbacks::new()))
+        .derive_default(true)
+        .layout_tests(true)
+        .prepend_enum_name(false)
+        .default_enum_style(bindgen::EnumVariation::ModuleConsts)
+        .generate_comments(false);
+    for f in FUNCTIONS {
+        builder = builder.allowlist_function(f);
+    }
+    for t in TYPES {
+        builder = builder.allowlist_type(t);
+    }
+    for t in OPAQUE {
+        builder = builder.opaque_type(t);
+    }
+    for v in VARS {
+        builder = builder.allowlist_var(v);
+    }
+    let bindings = builder.generate().unwrap_or_else(|e| {
+        fail(&format!(
+            "bindgen could not read SPDK's headers ({e}); it needs libclang (Debian: libclang-dev)"
+        ))
+    });
+    bindings
+        .write_to_file(out.join("bindings.rs"))
+        .unwrap_or_else(|e| fail(&format!("cannot write the bindings: {e}")));
+}
+
+/// SPDK's shared objects do not record all their own dependencies (libspdk_env_dpdk.so names
+/// no DPDK library, libspdk_util.so not libcrypto): SPDK's apps link every library themselves,
+/// without `--as-needed`. rustc links with `--as-needed`, which would drop a library no object
+/// of ours calls, and the program would then fail at load time with an undefined symbol. So
+/// `keep.rs` references one exported function of each library pkg-config names, which makes
+/// the linker record it. Libraries that are linker scripts (libm.so) or cannot be found are
+/// skipped: glibc's are always linked.
+fn write_keep(path: &Path, libs: &[String], dirs: &[PathBuf]) {
+    let system = [
+        "/usr/lib/x86_64-linux-gnu",
+        "/lib/x86_64-linux-gnu",
+        "/usr/lib64",
+        "/usr/lib",
+        "/lib64",
+        "/lib",
+    ];
+    let mut syms = Vec::new();
+    for lib in libs {
+        let file = format!("lib{lib}.so");
+        let Some(so) = dirs
+            .iter()
+            .cloned()
+            .chain(system.iter().map(PathBuf::from))
+            .map(|d| d.join(&file))
+            .find(|p| p.exists())
+        else {
+            continue;
+        };
+        let Ok(out) = Command::new("nm")
+            .args(["-D", "--defined-only", "--format=posix"])
+            .arg(&so)
+            .output()
+        else {
+            fail(
+                "cannot run nm (binutils), which rio-spdk-sys uses to keep SPDK's libraries linked",
+            );
+        };
+        if !out.status.success() {
+            continue; // a linker script, e.g. libm.so
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        // "name T value size": the first exported function.
+        if let Some(sym) = text.lines().find_map(|l| {
+            let mut f = l.split_whitespace();
+            let (name, kind) = (f.next()?, f.next()?);
+            (kind == "T").then(|| name.split('@').next().unwrap_or(name).to_string())
+        }) {
+            syms.push(sym);
+        }
+    }
+    let mut src = String::from(
+        "// Generated by build.rs (write_keep): one function of each library SPDK needs.\n",
+    );
+    src.push_str("unsafe extern \"C\" {\n");
+    for (i, s) in syms.iter().enumerate() {
+        src.push_str(&format!("    #[link_name = \"{s}\"]\n    fn keep_{i}();\n"));
+    }
+    src.push_str("}\n#[used]\nstatic KEEP: [unsafe extern \"C\" fn(); ");
+    src.push_str(&format!("{}] = [", syms.len()));
+    for i in 0..syms.len() {
+        src.push_str(&format!("keep_{i}, "));
+    }
+    src.push_str("];\n");
+    std::fs::write(path, src)
+        .unwrap_or_else(|e| fail(&format!("cannot write {}: {e}", path.display())));
+}
