@@ -477,11 +477,14 @@ impl Queue {
     ) -> Result<usize> {
         let before = out.len();
         out.extend(self.ready.drain(..));
-        let deadline = timeout.map(|t| Instant::now() + t);
+        // The clock is read only if the first call to the backend falls short (it has the
+        // whole timeout): a clock read can cost a system call and an emulated timer access
+        // (a VM whose TSC is unusable), so the common case reads none here.
+        let mut deadline: Option<Instant> = None;
+        let mut left = timeout;
         loop {
             let got = out.len() - before;
             let want = min.saturating_sub(got).min(self.in_flight() as usize) as u32;
-            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             self.reaped.clear();
             let res = self.backend.reap(want, left, &mut self.reaped);
             let mut bad = None;
@@ -502,6 +505,11 @@ impl Queue {
             if timeout.is_none() || satisfied || left.is_some_and(|l| l.is_zero()) {
                 return Ok(got);
             }
+            // Short of `min` with time left (a backend may return early, e.g. on a signal):
+            // wait for the rest of the timeout, counted from the first call.
+            let now = Instant::now();
+            let d = *deadline.get_or_insert_with(|| now + timeout.unwrap_or_default());
+            left = Some(d.saturating_duration_since(now));
         }
     }
 

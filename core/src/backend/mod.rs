@@ -151,9 +151,11 @@ impl BackendQueue {
 
 /// Waiting in poll mode, shared by the polled drivers (rio's NVMe driver, SPDK's): call `poll`
 /// until `want` completions were added to `out` (counted from its length at entry), or
-/// `timeout` passed; without a timeout, poll once. `poll` returns `true` when nothing more can
-/// arrive (nothing in flight). Every 64 spins the clock is read; after 20,000 the thread yields
-/// between polls (tests run many queues, and the software model may need this core).
+/// `timeout` passed (counted from the first clock read, 64 polls in: the wait may run that
+/// much longer, and a short wait reads no clock); without a timeout, poll once. `poll`
+/// returns `true` when nothing more can arrive (nothing in flight). After 20,000 spins the
+/// thread yields between polls (tests run many queues, and the software model may need this
+/// core).
 #[inline]
 pub(crate) fn spin_reap(
     want: u32,
@@ -162,24 +164,33 @@ pub(crate) fn spin_reap(
     mut poll: impl FnMut(&mut Vec<Reaped>) -> Result<bool>,
 ) -> Result<()> {
     let start = out.len();
-    let deadline = timeout.map(|t| std::time::Instant::now() + t);
+    let Some(timeout) = timeout else {
+        poll(out)?;
+        return Ok(());
+    };
+    // The deadline is set at the first clock read, after 64 polls: a wait that is over sooner
+    // (the common case at low depth) reads no clock at all.
+    let mut deadline = None;
     let mut spins = 0u32;
     loop {
         let idle = poll(out)?;
         let got = (out.len() - start) as u32;
-        if got >= want || deadline.is_none() || idle {
+        if got >= want || idle {
             return Ok(());
         }
         spins = spins.wrapping_add(1);
         if spins.is_multiple_of(64) {
-            if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+            let now = std::time::Instant::now();
+            if now >= *deadline.get_or_insert(now + timeout) {
                 return Ok(());
             }
             if spins > 20_000 {
                 std::thread::yield_now();
             }
         }
-        std::hint::spin_loop();
+        // No PAUSE between polls, as SPDK's pollers: each poll reads the completion queue
+        // anyway, and under emulation (QEMU TCG) a PAUSE leaves the vCPU's translated code on
+        // every spin (docs/DESIGN.md, "rio against SPDK").
     }
 }
 
