@@ -111,6 +111,10 @@ pub struct Stats {
     pub delegated: AtomicU64,
     /// rio I/O errors (each logged with rio's typed error; the call then went to `StdBackend`).
     pub io_errors: AtomicU64,
+    /// Reads done outside rio because its buffer pool was spent (more reads in flight than
+    /// pool buffers, e.g. many large GETs at once): a plain `pread` on a blocking thread for a
+    /// stream's piece, RustFS's own backend for a `pread_bytes`. Backpressure, not an error.
+    pub pool_overflows: AtomicU64,
 }
 
 struct Shared {
@@ -373,6 +377,13 @@ impl RioBackend {
                 Some(Bytes::from(v))
             }
             Ok(_) => None, // the file shrank under us: StdBackend reports it its way
+            Err(rio::Error::BufferUnavailable { .. }) => {
+                self.shared
+                    .stats
+                    .pool_overflows
+                    .fetch_add(1, Ordering::Relaxed);
+                None
+            }
             Err(e) => {
                 self.io_error("read", volume, path, &e);
                 None
@@ -425,6 +436,7 @@ impl LocalIoBackend for RioBackend {
                 len,
                 direct,
                 &self.shared.settings,
+                Arc::clone(&self.shared.stats),
             )));
         }
         self.delegated();
@@ -446,6 +458,7 @@ impl LocalIoBackend for RioBackend {
                 len,
                 direct,
                 &self.shared.settings,
+                Arc::clone(&self.shared.stats),
             )));
         }
         self.delegated();
@@ -545,6 +558,7 @@ struct RioReader {
     flight: VecDeque<Pending<rio::Result<Vec<u8>>>>,
     cur: Vec<u8>,
     pos: usize,
+    stats: Arc<Stats>,
 }
 
 const PIECE: u64 = 1 << 20;
@@ -557,6 +571,7 @@ impl RioReader {
         end: u64,
         direct: bool,
         s: &Settings,
+        stats: Arc<Stats>,
     ) -> RioReader {
         RioReader {
             file,
@@ -568,6 +583,7 @@ impl RioReader {
             flight: VecDeque::new(),
             cur: Vec::new(),
             pos: 0,
+            stats,
         }
     }
 
@@ -583,12 +599,23 @@ impl RioReader {
             }
             let n = PIECE.min(limit - self.next) as usize;
             let (f, at, direct) = (self.file.clone(), self.next, self.direct);
+            let stats = Arc::clone(&self.stats);
             self.next += n as u64;
             self.flight.push_back(Mutex::new(Box::pin(async move {
-                let v = if direct {
-                    f.read_at(at, n).await?
+                let r = if direct {
+                    f.read_at(at, n).await
                 } else {
-                    f.read_buffered_at(at, n).await?
+                    f.read_buffered_at(at, n).await
+                };
+                let v = match r {
+                    // rio's pool is spent (more pieces in flight than buffers): read this one
+                    // outside it rather than fail the stream (RustFS would mark the drive
+                    // faulty); see Stats::pool_overflows.
+                    Err(rio::Error::BufferUnavailable { .. }) => {
+                        stats.pool_overflows.fetch_add(1, Ordering::Relaxed);
+                        overflow_read(f.path().to_path_buf(), at, n).await?
+                    }
+                    r => r?,
                 };
                 if v.len() < n {
                     // The file shrank while streamed.
@@ -605,6 +632,35 @@ impl RioReader {
             })));
         }
     }
+}
+
+/// A stream piece read with a plain `pread` on a blocking thread (rio's pool was spent);
+/// fewer bytes than asked at the end of the file.
+async fn overflow_read(path: PathBuf, at: u64, n: usize) -> rio::Result<Vec<u8>> {
+    let p = path.clone();
+    let r = tokio::task::spawn_blocking(move || -> io::Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::open(&p)?;
+        let mut v = vec![0u8; n];
+        let mut done = 0;
+        while done < n {
+            match f.read_at(&mut v[done..], at + done as u64) {
+                Ok(0) => break,
+                Ok(k) => done += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        v.truncate(done);
+        Ok(v)
+    })
+    .await
+    .unwrap_or_else(|e| Err(io::Error::other(e)));
+    r.map_err(|source| rio::Error::Os {
+        op: "pread (rio's buffer pool spent)",
+        path,
+        source,
+    })
 }
 
 impl AsyncRead for RioReader {

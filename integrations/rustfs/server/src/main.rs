@@ -128,7 +128,7 @@ async fn serve(a: Args) -> ExitCode {
         use std::sync::atomic::Ordering::Relaxed;
         let s = rio_rustfs::stats();
         println!(
-            "RIO_STATS reads={} read_bytes={} direct_reads={} streams={} writers={} direct_writers={} delegated={} io_errors={}",
+            "RIO_STATS reads={} read_bytes={} direct_reads={} streams={} writers={} direct_writers={} delegated={} io_errors={} pool_overflows={}",
             s.reads.load(Relaxed),
             s.read_bytes.load(Relaxed),
             s.direct_reads.load(Relaxed),
@@ -136,7 +136,8 @@ async fn serve(a: Args) -> ExitCode {
             s.writers.load(Relaxed),
             s.direct_writers.load(Relaxed),
             s.delegated.load(Relaxed),
-            s.io_errors.load(Relaxed)
+            s.io_errors.load(Relaxed),
+            s.pool_overflows.load(Relaxed)
         );
     }
     ExitCode::SUCCESS
