@@ -317,10 +317,10 @@ impl Queue {
         token: u64,
     ) -> Result<()> {
         use std::os::fd::AsRawFd;
-        if matches!(self.backend, BackendQueue::Nvme(_)) {
+        if !self.backend.serves_files() {
             return Err(Error::Unsupported {
                 op,
-                backend: "the NVMe driver (a namespace has no files; open a file through io_uring or psync)",
+                backend: "a userspace NVMe driver (a namespace has no files; open a file through io_uring or psync)",
             });
         }
         let data = matches!(op, OpKind::Read | OpKind::Write);

@@ -113,6 +113,12 @@ impl BackendQueue {
         }
     }
 
+    /// Whether operations may name a file of the caller's (`RawOp::fd`): the kernel backends;
+    /// a userspace driver (rio's or SPDK's) serves a namespace, which has no files.
+    pub fn serves_files(&self) -> bool {
+        matches!(self, BackendQueue::Uring(_) | BackendQueue::Psync(_))
+    }
+
     /// Commands gathered per doorbell or `io_uring_enter` (psync: every operation is its own
     /// call, so 1).
     pub fn submit_batch(&self) -> u32 {

@@ -528,12 +528,7 @@ impl SpdkQueue {
 
     #[inline]
     pub fn push(&mut self, slot: u32, op: &RawOp) -> Result<()> {
-        if op.fd >= 0 {
-            return Err(Error::Unsupported {
-                op: op.op,
-                backend: "spdk (a namespace has no files)",
-            });
-        }
+        // `op.fd` is always the target here: `Queue::submit_fd` refuses files on this backend.
         let s = self.slot(slot);
         s.active = true;
         s.op = *op;
