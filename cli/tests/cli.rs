@@ -110,7 +110,11 @@ fn bad_inputs_on_a_file() {
         (&["--rw", "write", "--runtime", "soon"], "not a duration"),
         (&["--rw", "write", "--time_based"], "needs --runtime"),
         (&["--rw", "randrw", "--rwmixread", "101"], "--rwmixread"),
-        (&["--rw", "write", "--backend", "spdk"], "--backend"),
+        (&["--rw", "write", "--backend", "dpdk"], "--backend"),
+        (
+            &["--rw", "write", "--backend", "spdk"],
+            "spdk backend drives nvme",
+        ),
         (&["--rw", "write", "--direct", "2"], "--direct"),
         (&["--rw", "write", "--nonsense"], "--nonsense"),
     ];
