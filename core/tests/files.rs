@@ -419,3 +419,85 @@ fn a_writer_flushed_mid_chunk_goes_on_where_it_ended() {
     let back = rt.block_on(f.read_buffered_at(5, model.len())).unwrap();
     assert!(back == model[5..], "buffered read back differs");
 }
+
+/// A runtime whose pools hold two buffers per class per core and never grow.
+fn scarce_files(dir: &Path) -> Arc<Files> {
+    let mut c = config(BackendChoice::Uring);
+    c.pool_adaptive = false;
+    c.pool_initial_buffers = 2;
+    Files::open(dir, &c).expect("a Files runtime on a temp directory")
+}
+
+/// Buffers come back when the tasks holding them run again: a read or writer waiting for one
+/// must not block its thread. On a one-thread executor, 24 tasks each write and read back
+/// 3 MiB through pools of two 1 MiB buffers per core: every one finishes, byte for byte (a
+/// blocking wait would hold the only thread until its deadline and fail the task).
+#[test]
+fn more_readers_and_writers_than_pool_buffers_on_one_thread_all_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = scarce_files(dir.path());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let mut rng = Rng(29);
+    let contents: Vec<Vec<u8>> = (0..24).map(|i| rng.bytes((3 << 20) + i * 4099)).collect();
+    rt.block_on(async {
+        let mut tasks = Vec::new();
+        for (i, c) in contents.iter().enumerate() {
+            let fs = Arc::clone(&fs);
+            let c = c.clone();
+            tasks.push(tokio::spawn(async move {
+                let f = fs
+                    .open_file(Path::new(&format!("big{i}")), &rw_opts())
+                    .unwrap();
+                let mut w = f.writer(0);
+                for part in c.chunks(300_000) {
+                    w.write(part).await.expect("write");
+                    tokio::task::yield_now().await;
+                }
+                w.finish().await.expect("finish");
+                let back = f.read_at(0, c.len() + 1).await.expect("read");
+                assert!(back == c, "big{i} differs");
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+    for (i, c) in contents.iter().enumerate() {
+        assert!(std::fs::read(dir.path().join(format!("big{i}"))).unwrap() == *c);
+    }
+}
+
+/// With no read wait, a read that finds the pool spent and nothing of its own in flight fails
+/// at once with `BufferUnavailable` (the host serves it another way); once buffers are back
+/// the same read succeeds.
+#[test]
+fn a_read_without_buffer_wait_fails_at_once_on_a_spent_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = scarce_files(dir.path());
+    let data = Rng(31).bytes(1 << 20);
+    std::fs::write(dir.path().join("obj"), &data).unwrap();
+    let f = fs.open_file(Path::new("obj"), &read_opts()).unwrap();
+    fs.set_read_buffer_wait(std::time::Duration::ZERO);
+    let mut held = Vec::new();
+    let cores = fs.runtime().cores().len();
+    let mut misses = 0;
+    while misses < cores {
+        match fs.runtime().try_buffer(1 << 20) {
+            Some(b) => {
+                held.push(b);
+                misses = 0;
+            }
+            None => misses += 1,
+        }
+    }
+    assert!(!held.is_empty());
+    let rt = rt();
+    match rt.block_on(f.read_at(0, 1 << 20)) {
+        Err(Error::BufferUnavailable { requested, .. }) => assert_eq!(requested, 1 << 20),
+        other => panic!("expected BufferUnavailable, got {other:?}"),
+    }
+    drop(held);
+    assert!(rt.block_on(f.read_at(0, 1 << 20)).unwrap() == data);
+}

@@ -24,8 +24,9 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use super::{IoFuture, IoOutput, Runtime, RuntimeConfig};
 use crate::config::EngineConfig;
@@ -34,7 +35,8 @@ use crate::error::{Error, IoError, IoErrorKind, Result};
 use crate::op::OpKind;
 use crate::pool::PoolBuf;
 
-/// How long a read or write waits for a pool buffer before failing.
+/// How long a read or write waits for a pool buffer before failing (reads: see
+/// [`Files::set_read_buffer_wait`]). The wait never blocks the calling thread.
 const BUFFER_WAIT: Duration = Duration::from_secs(5);
 /// Pieces of one call in flight at once: enough to keep a device busy on a large read,
 /// few enough that many concurrent callers cannot take the whole pool.
@@ -52,6 +54,8 @@ pub struct Files {
     dir: PathBuf,
     direct: bool,
     piece: usize,
+    /// How long a read with nothing in flight waits for a pool buffer, in nanoseconds.
+    read_wait_ns: AtomicU64,
 }
 
 impl Files {
@@ -85,8 +89,38 @@ impl Files {
             dir: t.path.clone(),
             direct: t.direct,
             piece: largest.min(MAX_PIECE),
+            read_wait_ns: AtomicU64::new(BUFFER_WAIT.as_nanos() as u64),
             rt,
         }))
+    }
+
+    /// How long a read waits for a pool buffer when the pool is spent and the read has none
+    /// in flight (default 5 s), before it fails with [`Error::BufferUnavailable`]. The wait
+    /// yields to the caller's executor, never blocks its thread. `Duration::ZERO` fails at
+    /// once: for a host that would rather serve that read another way (a plain `pread`) than
+    /// queue behind the pool. Writes always wait up to 5 s.
+    pub fn set_read_buffer_wait(&self, wait: Duration) {
+        let ns = wait.as_nanos().min(u64::MAX as u128) as u64;
+        self.read_wait_ns.store(ns, Ordering::Relaxed);
+    }
+
+    fn read_wait(&self) -> Duration {
+        Duration::from_nanos(self.read_wait_ns.load(Ordering::Relaxed))
+    }
+
+    /// A pool buffer of `len` bytes if one can be had now (the pool may grow; no waiting).
+    fn buffer_now(&self, len: usize) -> Option<PoolBuf> {
+        self.rt.buffer(len, Duration::ZERO).ok()
+    }
+
+    /// A pool buffer of `len` bytes, waiting up to `wait` for one without blocking the thread.
+    fn buffer(&self, len: usize, wait: Duration) -> BufferWait<'_> {
+        BufferWait {
+            files: self,
+            len,
+            wait,
+            since: None,
+        }
     }
 
     pub fn runtime(&self) -> &Arc<Runtime> {
@@ -235,6 +269,40 @@ impl std::fmt::Debug for OpenFile {
 
 /// Bytes transferred by a completed operation: a short transfer (end of file) is a count,
 /// any other failure an error.
+/// A pool buffer, waited for by yielding to the executor (the task wakes itself and is
+/// polled again after the others ready to run): buffers come back when other tasks finish
+/// with theirs, so a wait that blocked the thread could hold up the very tasks it waits for.
+struct BufferWait<'a> {
+    files: &'a Files,
+    len: usize,
+    wait: Duration,
+    since: Option<Instant>,
+}
+
+impl Future for BufferWait<'_> {
+    type Output = Result<PoolBuf>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<PoolBuf>> {
+        let e = match self.files.rt.buffer(self.len, Duration::ZERO) {
+            Ok(b) => return Poll::Ready(Ok(b)),
+            Err(e) => e,
+        };
+        let now = Instant::now();
+        let since = *self.since.get_or_insert(now);
+        if now.duration_since(since) >= self.wait {
+            return Poll::Ready(Err(match e {
+                Error::BufferUnavailable { requested, reason } => Error::BufferUnavailable {
+                    requested,
+                    reason: format!("{reason}; gave up after {:?}", now.duration_since(since)),
+                },
+                e => e,
+            }));
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
 fn done_bytes(out: IoOutput) -> std::result::Result<(u64, Option<PoolBuf>), Error> {
     match out {
         Ok(v) => Ok(v),
@@ -350,10 +418,28 @@ impl OpenFile {
         let mut next = start;
         let mut flight: VecDeque<(u64, IoFuture)> = VecDeque::with_capacity(WINDOW);
         let mut got = 0usize;
+        // A finished piece's buffer carries the next piece: a call holds at most WINDOW
+        // buffers, and once one is in flight it never waits on the pool (it waits for its
+        // own piece instead).
+        let mut spare: Option<PoolBuf> = None;
         loop {
             while flight.len() < WINDOW && next < stop {
                 let n = piece.min(stop - next);
-                let buf = rt.buffer(n as usize, BUFFER_WAIT)?;
+                let buf = match spare
+                    .take()
+                    .and_then(|mut b| b.set_len(n as usize).is_ok().then_some(b))
+                {
+                    Some(b) => b,
+                    None => match self.files.buffer_now(n as usize) {
+                        Some(b) => b,
+                        None if !flight.is_empty() => break,
+                        None => {
+                            self.files
+                                .buffer(n as usize, self.files.read_wait())
+                                .await?
+                        }
+                    },
+                };
                 flight.push_back((next, rt.submit_file(fd, OpKind::Read, next, n, Some(buf))));
                 next += n;
             }
@@ -361,7 +447,7 @@ impl OpenFile {
                 return Ok(got);
             };
             let (n, buf) = done_bytes(fut.await)?;
-            let buf = buf.expect("a read hands its buffer back");
+            let buf = spare.insert(buf.expect("a read hands its buffer back"));
             // The wanted part of this piece: [max(at, offset), min(at + n, end)).
             let lo = at.max(offset);
             let hi = (at + n).min(end);
@@ -431,11 +517,23 @@ impl OpenFile {
         let piece = self.files.piece;
         let rt = &self.files.rt;
         let mut flight: VecDeque<(u64, usize, IoFuture)> = VecDeque::with_capacity(WINDOW);
-        let mut chunks = data.chunks(piece).enumerate();
+        let mut chunks = data.chunks(piece).enumerate().peekable();
+        let mut spare: Option<PoolBuf> = None;
         loop {
             while flight.len() < WINDOW {
-                let Some((i, c)) = chunks.next() else { break };
-                let mut buf = rt.buffer(c.len(), BUFFER_WAIT)?;
+                let Some(&(_, c)) = chunks.peek() else { break };
+                let mut buf = match spare
+                    .take()
+                    .and_then(|mut b| b.set_len(c.len()).is_ok().then_some(b))
+                {
+                    Some(b) => b,
+                    None => match self.files.buffer_now(c.len()) {
+                        Some(b) => b,
+                        None if !flight.is_empty() => break,
+                        None => self.files.buffer(c.len(), BUFFER_WAIT).await?,
+                    },
+                };
+                let (i, c) = chunks.next().expect("peeked");
                 buf.as_mut_slice().copy_from_slice(c);
                 let at = offset + (i * piece) as u64;
                 let fut = rt.submit_file(fd, OpKind::Write, at, c.len() as u64, Some(buf));
@@ -444,7 +542,8 @@ impl OpenFile {
             let Some((at, len, fut)) = flight.pop_front() else {
                 return Ok(());
             };
-            let (n, _) = done_bytes(fut.await)?;
+            let (n, buf) = done_bytes(fut.await)?;
+            spare = buf;
             if (n as usize) < len {
                 // A short write (the file system ran out of room part way): the rest again,
                 // buffered, so the error is the file system's own.
@@ -459,7 +558,7 @@ impl OpenFile {
         let rt = &self.files.rt;
         while !rest.is_empty() {
             let c = &rest[..rest.len().min(self.files.piece)];
-            let mut buf = rt.buffer(c.len(), BUFFER_WAIT)?;
+            let mut buf = self.files.buffer(c.len(), BUFFER_WAIT).await?;
             buf.as_mut_slice().copy_from_slice(c);
             let fut = rt.submit_file(
                 &self.inner.buffered,
@@ -564,6 +663,7 @@ impl SeqWriter {
     /// Stage `data`, writing every chunk that fills.
     pub async fn write(&mut self, mut data: &[u8]) -> Result<()> {
         while !data.is_empty() {
+            self.reserve().await?;
             let n = self.stage(data)?;
             data = &data[n..];
             if self.chunk_full() {
@@ -573,10 +673,42 @@ impl SeqWriter {
         Ok(())
     }
 
+    /// Whether the next [`stage`](Self::stage) needs a new pool buffer (then
+    /// [`reserve`](Self::reserve) it first in async code: `stage` would block for it).
+    pub fn needs_buffer(&self) -> bool {
+        self.stage.is_none()
+    }
+
+    /// Take the next chunk's pool buffer without blocking the thread: a free one, else the
+    /// buffer of the write in flight once it completes, else wait (yielding) up to 5 s for
+    /// one. Then [`stage`](Self::stage) does not wait. A writer never holds more than two
+    /// buffers (the chunk filling and the one being written), so writers that all wait for
+    /// a buffer cannot hold each other up.
+    pub async fn reserve(&mut self) -> Result<()> {
+        if self.stage.is_some() {
+            return Ok(());
+        }
+        let want = self.chunk_len();
+        let mut got = self.file.files.buffer_now(want);
+        if got.is_none() && self.pending.is_some() {
+            got = self
+                .wait_keep()
+                .await?
+                .and_then(|mut b| b.set_len(want).is_ok().then_some(b));
+        }
+        let buf = match got {
+            Some(b) => b,
+            None => self.file.files.buffer(want, BUFFER_WAIT).await?,
+        };
+        self.stage = Some(buf);
+        self.fill = 0;
+        Ok(())
+    }
+
     /// Copy as much of `data` as the current chunk takes (taking a pool buffer for a new
-    /// chunk, waiting up to 5 s for one); returns the bytes taken. No I/O: for hosts that
-    /// drive the writer from `poll_write` (then [`write_staged`](Self::write_staged) when
-    /// [`chunk_full`](Self::chunk_full)).
+    /// chunk, blocking up to 5 s for one unless [`reserve`](Self::reserve)d); returns the
+    /// bytes taken. No I/O: for hosts that drive the writer from `poll_write` (then
+    /// [`write_staged`](Self::write_staged) when [`chunk_full`](Self::chunk_full)).
     pub fn stage(&mut self, data: &[u8]) -> Result<usize> {
         self.file.check_writable()?;
         if data.is_empty() {
@@ -653,13 +785,18 @@ impl SeqWriter {
     /// Wait for the write in flight, if any; a refused (EINVAL) or short direct write is done
     /// again through [`OpenFile::write_at`].
     async fn wait(&mut self) -> Result<()> {
+        self.wait_keep().await.map(drop)
+    }
+
+    /// [`wait`](Self::wait), handing back the written buffer when the write succeeded.
+    async fn wait_keep(&mut self) -> Result<Option<PoolBuf>> {
         let Some((at, len, fut)) = self.pending.take() else {
-            return Ok(());
+            return Ok(None);
         };
         match fut.await {
-            Ok((n, _)) => {
+            Ok((n, buf)) => {
                 self.written += n;
-                Ok(())
+                Ok(buf)
             }
             Err((e, buf)) => {
                 let short = matches!(
@@ -677,7 +814,7 @@ impl SeqWriter {
                 }
                 self.file.write_at(at, &buf.as_slice()[..len]).await?;
                 self.written += len as u64;
-                Ok(())
+                Ok(Some(buf))
             }
         }
     }
