@@ -643,6 +643,11 @@ impl std::fmt::Debug for SeqWriter {
 }
 
 impl SeqWriter {
+    /// The file written (its path as given when opened or adopted).
+    pub fn path(&self) -> &Path {
+        self.file.path()
+    }
+
     /// Bytes handed to the writer so far, as a file offset (staged, in flight or written).
     pub fn position(&self) -> u64 {
         self.pos + self.fill as u64
@@ -685,6 +690,14 @@ impl SeqWriter {
     /// buffers (the chunk filling and the one being written), so writers that all wait for
     /// a buffer cannot hold each other up.
     pub async fn reserve(&mut self) -> Result<()> {
+        self.reserve_within(BUFFER_WAIT).await
+    }
+
+    /// [`reserve`](Self::reserve), waiting at most `wait` for a free buffer once the write in
+    /// flight (if any) has given its own back; `Duration::ZERO` fails at once with
+    /// [`Error::BufferUnavailable`], for a host that would rather write the rest another way
+    /// (the writer holds no buffer then, and [`flush`](Self::flush) needs none).
+    pub async fn reserve_within(&mut self, wait: Duration) -> Result<()> {
         if self.stage.is_some() {
             return Ok(());
         }
@@ -698,7 +711,7 @@ impl SeqWriter {
         }
         let buf = match got {
             Some(b) => b,
-            None => self.file.files.buffer(want, BUFFER_WAIT).await?,
+            None => self.file.files.buffer(want, wait).await?,
         };
         self.stage = Some(buf);
         self.fill = 0;
@@ -755,6 +768,9 @@ impl SeqWriter {
             return Ok(());
         };
         let (at, len) = (self.pos, std::mem::take(&mut self.fill));
+        if len == 0 {
+            return Ok(()); // a reserved buffer nothing was staged in
+        }
         self.pos += len as u64;
         let a = self.file.inner.align;
         let aligned = self.file.is_direct()
@@ -762,8 +778,24 @@ impl SeqWriter {
             && at.is_multiple_of(a)
             && (len as u64).is_multiple_of(a);
         if !aligned {
-            // An unaligned head, the tail, or a buffered file: written in place, then on.
-            self.file.write_at(at, &buf.as_slice()[..len]).await?;
+            // An unaligned head, the tail, or a buffered file: written through the buffered
+            // handle straight from the staged buffer (no second buffer), then on.
+            let mut buf = buf;
+            buf.set_len(len).expect("the staged bytes fit their buffer");
+            let fut = self.file.files.rt.submit_file(
+                &self.file.inner.buffered,
+                OpKind::Write,
+                at,
+                len as u64,
+                Some(buf),
+            );
+            let (n, buf) = done_bytes(fut.await)?;
+            if (n as usize) < len {
+                let buf = buf.expect("a write hands its buffer back");
+                self.file
+                    .write_rest(at + n, &buf.as_slice()[n as usize..len])
+                    .await?;
+            }
             self.written += len as u64;
             return Ok(());
         }

@@ -70,7 +70,17 @@ impl Settings {
     /// rio's engine settings from its environment (`RIO_*`, `RUSTFS_TARGET_LATENCY_US`) and
     /// the adapter's own (`RIO_RUSTFS_*`).
     pub fn from_env() -> std::result::Result<Settings, String> {
-        let engine = rio::EngineConfig::from_env().map_err(|e| e.to_string())?;
+        let mut engine = rio::EngineConfig::from_env().map_err(|e| e.to_string())?;
+        // A drive under 32 concurrent large GETs keeps 32 x (shard streams) x read-ahead
+        // 1 MiB pieces in flight: rio's default cap (64 MiB per core) runs dry, and each read
+        // that finds it so goes to a plain pread. The pools grow on demand up to this cap
+        // (nothing is mapped until then); an explicit setting wins.
+        if ["RIO_BUFFER_POOL_BYTES", "RUSTFS_MAX_BUFFER_POOL_SIZE"]
+            .iter()
+            .all(|k| std::env::var_os(k).is_none())
+        {
+            engine.buffer_pool_bytes = engine.buffer_pool_bytes.max(DEFAULT_POOL_BYTES);
+        }
         let num = |name: &str, default: u64| -> std::result::Result<u64, String> {
             match std::env::var(name) {
                 Ok(v) => v
@@ -90,6 +100,9 @@ impl Settings {
         })
     }
 }
+
+/// The adapter's default cap on rio's buffer pools, per core (`RIO_BUFFER_POOL_BYTES`).
+pub const DEFAULT_POOL_BYTES: usize = 256 << 20;
 
 /// Counters of the rio backend, for every disk of the process.
 #[derive(Debug, Default)]
@@ -149,6 +162,9 @@ fn shared(root: &Path, settings: &Settings) -> std::result::Result<Arc<Shared>, 
                 None
             };
             let files = Files::open_with(root, &settings.engine, rt).map_err(|e| e.to_string())?;
+            // A read that finds the pool spent is served by a plain pread at once rather than
+            // queued behind the pool (Stats::pool_overflows).
+            files.set_read_buffer_wait(std::time::Duration::ZERO);
             if let Some(t) = &telemetry {
                 t.watch_pools(Arc::clone(files.runtime().pools()));
             }
@@ -535,6 +551,7 @@ impl RioBackend {
         }
         Some(RioWriter {
             state: WState::Idle(Box::new(f.writer(0))),
+            stats: Arc::clone(&self.shared.stats),
         })
     }
 }
@@ -555,13 +572,20 @@ struct RioReader {
     end: u64,
     direct: bool,
     ahead: usize,
-    flight: VecDeque<Pending<rio::Result<Vec<u8>>>>,
+    flight: VecDeque<Piece>,
     cur: Vec<u8>,
     pos: usize,
     stats: Arc<Stats>,
 }
 
 const PIECE: u64 = 1 << 20;
+
+/// A piece of a stream: its read in flight (polled from `poll_read` whether or not it is the
+/// next one the caller needs, so the read-ahead is really in flight), or its result.
+enum Piece {
+    Running(Pending<rio::Result<Vec<u8>>>),
+    Done(rio::Result<Vec<u8>>),
+}
 
 impl RioReader {
     fn new(
@@ -601,36 +625,54 @@ impl RioReader {
             let (f, at, direct) = (self.file.clone(), self.next, self.direct);
             let stats = Arc::clone(&self.stats);
             self.next += n as u64;
-            self.flight.push_back(Mutex::new(Box::pin(async move {
-                let r = if direct {
-                    f.read_at(at, n).await
-                } else {
-                    f.read_buffered_at(at, n).await
-                };
-                let v = match r {
-                    // rio's pool is spent (more pieces in flight than buffers): read this one
-                    // outside it rather than fail the stream (RustFS would mark the drive
-                    // faulty); see Stats::pool_overflows.
-                    Err(rio::Error::BufferUnavailable { .. }) => {
-                        stats.pool_overflows.fetch_add(1, Ordering::Relaxed);
-                        overflow_read(f.path().to_path_buf(), at, n).await?
+            self.flight
+                .push_back(Piece::Running(Mutex::new(Box::pin(async move {
+                    let r = if direct {
+                        f.read_at(at, n).await
+                    } else {
+                        f.read_buffered_at(at, n).await
+                    };
+                    let v = match r {
+                        // rio's pool is spent (more pieces in flight than buffers): read this one
+                        // outside it rather than fail the stream (RustFS would mark the drive
+                        // faulty); see Stats::pool_overflows.
+                        Err(rio::Error::BufferUnavailable { .. }) => {
+                            stats.pool_overflows.fetch_add(1, Ordering::Relaxed);
+                            overflow_read(f.path().to_path_buf(), at, n).await?
+                        }
+                        r => r?,
+                    };
+                    if v.len() < n {
+                        // The file shrank while streamed.
+                        return Err(rio::Error::Io(rio::IoError {
+                            op: rio::OpKind::Read,
+                            offset: at,
+                            len: n as u64,
+                            kind: rio::IoErrorKind::Short {
+                                done: v.len() as u32,
+                            },
+                        }));
                     }
-                    r => r?,
-                };
-                if v.len() < n {
-                    // The file shrank while streamed.
-                    return Err(rio::Error::Io(rio::IoError {
-                        op: rio::OpKind::Read,
-                        offset: at,
-                        len: n as u64,
-                        kind: rio::IoErrorKind::Short {
-                            done: v.len() as u32,
-                        },
-                    }));
-                }
-                Ok(v)
-            })));
+                    Ok(v)
+                }))));
         }
+    }
+
+    /// Poll every piece still running (each registers `cx`'s waker); true if the next piece
+    /// is done.
+    fn poll_pieces(&mut self, cx: &mut Context<'_>) -> bool {
+        for p in self.flight.iter_mut() {
+            if let Piece::Running(f) = p {
+                let r = {
+                    let mut fut = f.lock().unwrap_or_else(|p| p.into_inner());
+                    fut.as_mut().poll(cx)
+                };
+                if let Poll::Ready(r) = r {
+                    *p = Piece::Done(r);
+                }
+            }
+        }
+        matches!(self.flight.front(), Some(Piece::Done(_)))
     }
 }
 
@@ -678,17 +720,15 @@ impl AsyncRead for RioReader {
                 return Poll::Ready(Ok(()));
             }
             this.launch();
-            let Some(front) = this.flight.front() else {
+            if this.flight.is_empty() {
                 return Poll::Ready(Ok(())); // end of the stream
+            }
+            if !this.poll_pieces(cx) {
+                return Poll::Pending;
+            }
+            let Some(Piece::Done(r)) = this.flight.pop_front() else {
+                unreachable!("poll_pieces said the next piece is done")
             };
-            let r = {
-                let mut fut = front.lock().unwrap_or_else(|p| p.into_inner());
-                match fut.as_mut().poll(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(r) => r,
-                }
-            };
-            this.flight.pop_front();
             this.cur = r.map_err(to_io)?;
             this.pos = 0;
             this.launch();
@@ -700,19 +740,71 @@ enum WState {
     Idle(Box<SeqWriter>),
     Busy(Pending<(Box<SeqWriter>, rio::Result<()>)>),
     Closing(Pending<rio::Result<u64>>),
+    /// Taking the next chunk's pool buffer, or, the pool being spent, going on as `Plain`.
+    Reserving(Pending<io::Result<Reserved>>),
+    /// The rest of the file written through the page cache by tokio's file (what RustFS's
+    /// own writer does): rio's pool was spent and this writer held none of it.
+    Plain(tokio::fs::File),
     Done,
     Failed,
+}
+
+enum Reserved {
+    Rio(Box<SeqWriter>),
+    Plain(tokio::fs::File),
 }
 
 /// A part file's writer over a [`SeqWriter`]: `poll_write` stages (no I/O unless a chunk
 /// filled), `poll_flush` writes what is staged, `poll_shutdown` finishes the file.
 struct RioWriter {
     state: WState,
+    stats: Arc<Stats>,
+}
+
+/// The next chunk's buffer for `w`, or, with rio's pool spent and no write of `w`'s in
+/// flight to take one from, the rest of the file handed to a plain writer at `w`'s position
+/// (never waiting on the pool: 32 PUTs x 4 shard writers, each holding a chunk while
+/// RustFS waits for all four, could otherwise wait on each other). The position is a chunk
+/// boundary (nothing is staged), so no page is shared with rio's O_DIRECT writes.
+async fn reserve_or_plain(mut w: Box<SeqWriter>, stats: Arc<Stats>) -> io::Result<Reserved> {
+    match w.reserve_within(std::time::Duration::ZERO).await {
+        Ok(()) => Ok(Reserved::Rio(w)),
+        Err(rio::Error::BufferUnavailable { .. }) => {
+            stats.pool_overflows.fetch_add(1, Ordering::Relaxed);
+            w.flush().await.map_err(to_io)?;
+            let (path, pos) = (w.path().to_path_buf(), w.position());
+            drop(w);
+            let f = tokio::task::spawn_blocking(move || -> io::Result<std::fs::File> {
+                use std::io::Seek;
+                let mut f = std::fs::OpenOptions::new().write(true).open(&path)?;
+                f.seek(io::SeekFrom::Start(pos))?;
+                Ok(f)
+            })
+            .await
+            .map_err(io::Error::other)??;
+            Ok(Reserved::Plain(tokio::fs::File::from_std(f)))
+        }
+        Err(e) => Err(to_io(e)),
+    }
 }
 
 impl RioWriter {
-    /// Drive a write in flight to its end.
+    /// Drive a write in flight (or a reservation) to its end.
     fn settle(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let WState::Reserving(f) = &self.state {
+            let r = {
+                let mut fut = f.lock().unwrap_or_else(|p| p.into_inner());
+                std::task::ready!(fut.as_mut().poll(cx))
+            };
+            match r {
+                Ok(Reserved::Rio(w)) => self.state = WState::Idle(w),
+                Ok(Reserved::Plain(f)) => self.state = WState::Plain(f),
+                Err(e) => {
+                    self.state = WState::Failed;
+                    return Poll::Ready(Err(e));
+                }
+            }
+        }
         if let WState::Busy(f) = &self.state {
             let (w, r) = {
                 let mut fut = f.lock().unwrap_or_else(|p| p.into_inner());
@@ -750,6 +842,26 @@ impl AsyncWrite for RioWriter {
         if let Err(e) = std::task::ready!(this.settle(cx)) {
             return Poll::Ready(Err(e));
         }
+        if let WState::Plain(f) = &mut this.state {
+            return Pin::new(f).poll_write(cx, buf);
+        }
+        let WState::Idle(w) = &mut this.state else {
+            return Poll::Ready(Err(Self::closed()));
+        };
+        if w.needs_buffer() && !buf.is_empty() {
+            // Take the next chunk's pool buffer without blocking this thread (stage would).
+            let WState::Idle(w) = std::mem::replace(&mut this.state, WState::Failed) else {
+                unreachable!("idle checked above")
+            };
+            let stats = Arc::clone(&this.stats);
+            this.state = WState::Reserving(Mutex::new(Box::pin(reserve_or_plain(w, stats))));
+            if let Err(e) = std::task::ready!(this.settle(cx)) {
+                return Poll::Ready(Err(e));
+            }
+            if let WState::Plain(f) = &mut this.state {
+                return Pin::new(f).poll_write(cx, buf);
+            }
+        }
         let WState::Idle(w) = &mut this.state else {
             return Poll::Ready(Err(Self::closed()));
         };
@@ -778,6 +890,9 @@ impl AsyncWrite for RioWriter {
             if let Err(e) = std::task::ready!(this.settle(cx)) {
                 return Poll::Ready(Err(e));
             }
+            if let WState::Plain(f) = &mut this.state {
+                return Pin::new(f).poll_flush(cx);
+            }
             match std::mem::replace(&mut this.state, WState::Failed) {
                 WState::Idle(mut w) if w.position() > w.written() => {
                     this.state = WState::Busy(Mutex::new(Box::pin(async move {
@@ -803,6 +918,11 @@ impl AsyncWrite for RioWriter {
         loop {
             if let Err(e) = std::task::ready!(this.settle(cx)) {
                 return Poll::Ready(Err(e));
+            }
+            if let WState::Plain(f) = &mut this.state {
+                std::task::ready!(Pin::new(f).poll_shutdown(cx))?;
+                this.state = WState::Done;
+                return Poll::Ready(Ok(()));
             }
             match std::mem::replace(&mut this.state, WState::Failed) {
                 WState::Idle(w) => {

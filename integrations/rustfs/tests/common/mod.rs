@@ -234,3 +234,48 @@ pub async fn run(paths: &[PathBuf]) -> Outcome {
     out.objects = objects.len();
     out
 }
+
+/// Many large objects at once: `n` PUTs of about `size` bytes in flight together, then `n`
+/// whole GETs and `n` ranged GETs together, every byte compared.
+#[allow(dead_code)] // used by the pressure test binary only
+pub async fn concurrent(paths: &[PathBuf], n: usize, size: usize) -> Outcome {
+    let s = store(paths).await;
+    s.make_bucket(BUCKET, &MakeBucketOptions::default())
+        .await
+        .expect("make bucket");
+    let objects: Vec<(String, Arc<Vec<u8>>)> = (0..n)
+        .map(|i| {
+            let len = size + i * 4099;
+            (
+                format!("many/obj-{i}-{len}"),
+                Arc::new(pattern(1000 + i as u64, len)),
+            )
+        })
+        .collect();
+    let mut tasks = Vec::new();
+    for (name, data) in &objects {
+        let (s, name, data) = (Arc::clone(&s), name.clone(), Arc::clone(data));
+        tasks.push(tokio::spawn(async move { put(&s, &name, &data).await }));
+    }
+    for t in tasks {
+        t.await.expect("a PUT task");
+    }
+    let mut tasks = Vec::new();
+    for (i, (name, data)) in objects.iter().enumerate() {
+        let (s, name, data) = (Arc::clone(&s), name.clone(), Arc::clone(data));
+        tasks.push(tokio::spawn(async move {
+            let whole = get(&s, &name, None, &data).await;
+            // An unaligned range across several erasure blocks.
+            let (a, b) = (1 + i * 7919, data.len() - 1 - i * 13);
+            whole + get(&s, &name, Some((a as i64, b as i64)), &data[a..=b]).await
+        }));
+    }
+    let mut out = Outcome {
+        objects: objects.len(),
+        ..Default::default()
+    };
+    for t in tasks {
+        out.verified_bytes += t.await.expect("a GET task");
+    }
+    out
+}
