@@ -713,3 +713,71 @@ fn a_sleeping_poller_does_not_sit_on_freed_buffers() {
     rt.shutdown();
     assert_eq!(rt.pools().in_use(), 0);
 }
+
+/// A pool class grown by one thread hands out buffers another thread at once sends to the
+/// poller: the NVMe driver must have the new region mapped before it builds a command on it.
+/// Four threads keep taking more 64 KiB buffers than the class holds (each miss grows it)
+/// and reading into them at once on the model; every read must succeed. (The pool used to put a
+/// new region's buffers on the free lists before announcing the region, and the poller looked
+/// for new regions only before taking requests: a read could reach the driver on an unmapped
+/// buffer, "buffer is not in memory DMA-mapped for this queue", seen in CI.)
+#[test]
+fn buffers_of_a_region_grown_meanwhile_are_mapped_before_use() {
+    let _s = SERIAL.lock().unwrap();
+    let cfg = EngineConfig {
+        hugepages: false,
+        ..EngineConfig::default()
+    };
+    let sim = SimConfig {
+        namespaces: vec![SimNamespace {
+            block_size: 512,
+            size_bytes: 16 << 20,
+        }],
+        ..SimConfig::default()
+    };
+    let e = Engine::open_sim(&cfg, sim, 1, OpenOptions::default()).unwrap();
+    let pool = PoolConfig {
+        initial_per_class: 1,
+        max_bytes_per_core: 1 << 30,
+        strategy: rio::pool::Strategy::Adaptive {
+            grow_after_misses: 1,
+            idle_release: Duration::from_secs(3600),
+        },
+        ..pool()
+    };
+    let idle = IdlePolicy::BusyPoll;
+    let rt = Runtime::start(e, one_core(64, idle, pool)).unwrap();
+    let f = DiskFile::region(&rt, 0, 16 << 20).unwrap();
+    // 64 KiB buffers: each growth maps 2 MiB, 32 buffers; every thread also keeps four more
+    // buffers per round, so the class keeps growing all through the test.
+    const BS: usize = 64 << 10;
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let f = f.clone();
+            std::thread::spawn(move || {
+                let w = waker();
+                let mut kept = Vec::new();
+                for round in 0..100u64 {
+                    let futs: Vec<_> = (0..8u64)
+                        .map(|i| {
+                            let b = f.buffer(BS).expect("a pool buffer (the pool grows)");
+                            let blk = ((t * 100 + round) * 8 + i) % 256;
+                            f.read_at(blk * BS as u64, b)
+                        })
+                        .collect();
+                    for r in join_all(futs, &w) {
+                        if let Err((e, _)) = r {
+                            panic!("thread {t} round {round}: {e}");
+                        }
+                    }
+                    kept.extend((0..4).map(|_| f.buffer(BS).expect("a pool buffer")));
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    drop(f);
+    rt.shutdown();
+}

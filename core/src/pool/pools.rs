@@ -222,6 +222,15 @@ impl Pools {
         st.mapped += region.map.len();
         let base = region.map.as_ptr() as usize;
         let buffers = match class {
+            None => cp.classes.len() * self.cfg.initial_per_class,
+            Some(ci) => region.map.len() / cp.classes[ci].size,
+        };
+        st.regions.push(Region { buffers, ..region });
+        // The region is announced before any of its buffers can be taken: a thread that takes
+        // one and hands it to a poller has seen this generation, so the poller, checking the
+        // generation after it received the buffer, maps the region before using it.
+        cp.generation.fetch_add(1, Release);
+        match class {
             None => {
                 // Largest class first: every section starts aligned to its class size.
                 let mut off = 0;
@@ -232,21 +241,16 @@ impl Pools {
                     }
                     c.capacity.fetch_add(self.cfg.initial_per_class, Relaxed);
                 }
-                cp.classes.len() * self.cfg.initial_per_class
             }
             Some(ci) => {
                 let c = &cp.classes[ci];
-                let n = region.map.len() / c.size;
-                for i in 0..n {
+                for i in 0..buffers {
                     c.push_shared(base + i * c.size);
                 }
-                c.capacity.fetch_add(n, Relaxed);
+                c.capacity.fetch_add(buffers, Relaxed);
                 c.grown.fetch_add(1, Relaxed);
-                n
             }
-        };
-        st.regions.push(Region { buffers, ..region });
-        cp.generation.fetch_add(1, Release);
+        }
         Ok(())
     }
 

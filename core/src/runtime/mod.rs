@@ -920,6 +920,34 @@ struct Poller {
 }
 
 impl Poller {
+    /// Pool growth: map the core's new regions for DMA before a buffer from them is used.
+    /// Called after each request is taken (the pool announces a region before any of its
+    /// buffers can be taken, and the request was sent after its buffer was taken, so the
+    /// generation read here covers that buffer); one atomic load when nothing changed.
+    #[inline]
+    fn sync_regions(&self, q: &mut Queue, generation: &mut u64, known: &mut usize) {
+        let core = self.shared.core;
+        let Ok(g) = self.pools.generation(core) else {
+            return;
+        };
+        if g == *generation {
+            return;
+        }
+        *generation = g;
+        if let Ok(regions) = self.pools.regions(core) {
+            let seen = *known;
+            for r in regions.iter().filter(|r| r.id as usize >= seen) {
+                // SAFETY: as for the initial regions (setup in `run`): the pools, held
+                // through self.pools, keep the region mapped until their unmapping hook has
+                // taken it out of this queue.
+                if let Err(e) = unsafe { q.add_region(r.ptr, r.len, r.pages) } {
+                    tracing::error!(core, error = %e, "cannot map a new pool region");
+                }
+                *known = (*known).max(r.id as usize + 1);
+            }
+        }
+    }
+
     fn run(self, ready: Sender<Result<()>>) {
         let core = self.shared.core;
         if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
@@ -933,6 +961,9 @@ impl Poller {
                         requested: 0,
                         reason: e.to_string(),
                     })?;
+            // The generation first: a region added between the two reads is then seen as
+            // new by sync_regions (and mapped once: it skips ids below `known`).
+            let generation = self.pools.generation(core).unwrap_or(0);
             let regions = self
                 .pools
                 .regions(core)
@@ -940,7 +971,6 @@ impl Poller {
                     requested: 0,
                     reason: e.to_string(),
                 })?;
-            let generation = self.pools.generation(core).unwrap_or(0);
             let regs: Vec<_> = regions.iter().map(|r| (r.ptr, r.len, r.pages)).collect();
             // SAFETY: the pools (held by this poller through `self.pools`, and by the runtime)
             // outlive the queue, which is dropped at the end of `run`; regions are never
@@ -991,22 +1021,6 @@ impl Poller {
         });
         loop {
             let mut work = false;
-            // Pool growth: map new regions for DMA before any buffer from them is used here.
-            if let Ok(g) = self.pools.generation(core)
-                && g != generation
-            {
-                generation = g;
-                if let Ok(regions) = self.pools.regions(core) {
-                    let seen = known;
-                    for r in regions.iter().filter(|r| r.id as usize >= seen) {
-                        // SAFETY: as for the initial regions.
-                        if let Err(e) = unsafe { q.add_region(r.ptr, r.len, r.pages) } {
-                            tracing::error!(core, error = %e, "cannot map a new pool region");
-                        }
-                        known = known.max(r.id as usize + 1);
-                    }
-                }
-            }
             let limit = meter.as_ref().map_or(self.depth, |m| m.limit);
             if let Some(m) = &mut meter {
                 let now = Instant::now();
@@ -1015,6 +1029,7 @@ impl Poller {
                         break;
                     };
                     work = true;
+                    self.sync_regions(&mut q, &mut generation, &mut known);
                     m.started[req.slot as usize] = now;
                     self.submit(&mut q, req, &mut inflight, &mut dones);
                 }
@@ -1024,6 +1039,7 @@ impl Poller {
                         break;
                     };
                     work = true;
+                    self.sync_regions(&mut q, &mut generation, &mut known);
                     self.submit(&mut q, req, &mut inflight, &mut dones);
                 }
             }
