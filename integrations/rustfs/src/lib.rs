@@ -663,10 +663,11 @@ impl RioReader {
     fn poll_pieces(&mut self, cx: &mut Context<'_>) -> bool {
         for p in self.flight.iter_mut() {
             if let Piece::Running(f) = p {
-                let r = {
-                    let mut fut = f.lock().unwrap_or_else(|p| p.into_inner());
-                    fut.as_mut().poll(cx)
-                };
+                let r = f
+                    .get_mut()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_mut()
+                    .poll(cx);
                 if let Poll::Ready(r) = r {
                     *p = Piece::Done(r);
                 }

@@ -3,6 +3,9 @@
 //! calls. `run` is the same sequence for every backend; each backend runs in its own test
 //! binary, because the backend factory is process-wide (as in a server).
 
+// Each test binary uses a part of this module.
+#![allow(dead_code)]
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -237,7 +240,6 @@ pub async fn run(paths: &[PathBuf]) -> Outcome {
 
 /// Many large objects at once: `n` PUTs of about `size` bytes in flight together, then `n`
 /// whole GETs and `n` ranged GETs together, every byte compared.
-#[allow(dead_code)] // used by the pressure test binary only
 pub async fn concurrent(paths: &[PathBuf], n: usize, size: usize) -> Outcome {
     let s = store(paths).await;
     s.make_bucket(BUCKET, &MakeBucketOptions::default())
