@@ -113,6 +113,29 @@ impl Files {
         self.rt.buffer(len, Duration::ZERO).ok()
     }
 
+    /// The buffer for a call's next piece of `len` bytes: the buffer a finished piece gave
+    /// back (`spare`), else a free one, else, with a piece of the call in flight, `None` (wait
+    /// for that piece and use its buffer), else a wait of up to `wait` without blocking.
+    async fn piece_buffer(
+        &self,
+        spare: &mut Option<PoolBuf>,
+        len: usize,
+        in_flight: bool,
+        wait: Duration,
+    ) -> Result<Option<PoolBuf>> {
+        if let Some(b) = spare
+            .take()
+            .and_then(|mut b| b.set_len(len).is_ok().then_some(b))
+        {
+            return Ok(Some(b));
+        }
+        match self.buffer_now(len) {
+            Some(b) => Ok(Some(b)),
+            None if in_flight => Ok(None),
+            None => self.buffer(len, wait).await.map(Some),
+        }
+    }
+
     /// A pool buffer of `len` bytes, waiting up to `wait` for one without blocking the thread.
     fn buffer(&self, len: usize, wait: Duration) -> BufferWait<'_> {
         BufferWait {
@@ -267,8 +290,6 @@ impl std::fmt::Debug for OpenFile {
     }
 }
 
-/// Bytes transferred by a completed operation: a short transfer (end of file) is a count,
-/// any other failure an error.
 /// A pool buffer, waited for by yielding to the executor (the task wakes itself and is
 /// polled again after the others ready to run): buffers come back when other tasks finish
 /// with theirs, so a wait that blocked the thread could hold up the very tasks it waits for.
@@ -303,6 +324,8 @@ impl Future for BufferWait<'_> {
     }
 }
 
+/// Bytes transferred by a completed operation: a short transfer (end of file) is a count,
+/// any other failure an error.
 fn done_bytes(out: IoOutput) -> std::result::Result<(u64, Option<PoolBuf>), Error> {
     match out {
         Ok(v) => Ok(v),
@@ -425,20 +448,13 @@ impl OpenFile {
         loop {
             while flight.len() < WINDOW && next < stop {
                 let n = piece.min(stop - next);
-                let buf = match spare
-                    .take()
-                    .and_then(|mut b| b.set_len(n as usize).is_ok().then_some(b))
-                {
-                    Some(b) => b,
-                    None => match self.files.buffer_now(n as usize) {
-                        Some(b) => b,
-                        None if !flight.is_empty() => break,
-                        None => {
-                            self.files
-                                .buffer(n as usize, self.files.read_wait())
-                                .await?
-                        }
-                    },
+                let wait = self.files.read_wait();
+                let in_flight = !flight.is_empty();
+                let Some(buf) = (self.files)
+                    .piece_buffer(&mut spare, n as usize, in_flight, wait)
+                    .await?
+                else {
+                    break;
                 };
                 flight.push_back((next, rt.submit_file(fd, OpKind::Read, next, n, Some(buf))));
                 next += n;
@@ -522,16 +538,12 @@ impl OpenFile {
         loop {
             while flight.len() < WINDOW {
                 let Some(&(_, c)) = chunks.peek() else { break };
-                let mut buf = match spare
-                    .take()
-                    .and_then(|mut b| b.set_len(c.len()).is_ok().then_some(b))
-                {
-                    Some(b) => b,
-                    None => match self.files.buffer_now(c.len()) {
-                        Some(b) => b,
-                        None if !flight.is_empty() => break,
-                        None => self.files.buffer(c.len(), BUFFER_WAIT).await?,
-                    },
+                let in_flight = !flight.is_empty();
+                let Some(mut buf) = (self.files)
+                    .piece_buffer(&mut spare, c.len(), in_flight, BUFFER_WAIT)
+                    .await?
+                else {
+                    break;
                 };
                 let (i, c) = chunks.next().expect("peeked");
                 buf.as_mut_slice().copy_from_slice(c);
