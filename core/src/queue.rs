@@ -485,21 +485,7 @@ impl Queue {
         loop {
             let got = out.len() - before;
             let want = min.saturating_sub(got).min(self.in_flight() as usize) as u32;
-            self.reaped.clear();
-            let res = self.backend.reap(want, left, &mut self.reaped);
-            let mut bad = None;
-            for i in 0..self.reaped.len() {
-                let r = self.reaped[i];
-                match self.complete(r) {
-                    Ok(c) => out.push(c),
-                    Err(e) => bad = Some(e),
-                }
-            }
-            if let Some(e) = res.err().or(bad) {
-                // Nothing reaped is lost: what completed waits in `ready` for the next call.
-                self.ready.extend(out.drain(before..));
-                return Err(e);
-            }
+            self.reap_once(want, left, out, before)?;
             let got = out.len() - before;
             let satisfied = got >= min || self.in_flight() == 0;
             if timeout.is_none() || satisfied || left.is_some_and(|l| l.is_zero()) {
@@ -511,6 +497,60 @@ impl Queue {
             let d = *deadline.get_or_insert_with(|| now + timeout.unwrap_or_default());
             left = Some(d.saturating_duration_since(now));
         }
+    }
+
+    /// One call to the backend; completions appended to `out` (on error, everything appended
+    /// since `before` goes to `ready` instead: nothing reaped is lost).
+    fn reap_once(
+        &mut self,
+        want: u32,
+        timeout: Option<Duration>,
+        out: &mut Vec<Completion>,
+        before: usize,
+    ) -> Result<()> {
+        self.reaped.clear();
+        let res = self.backend.reap(want, timeout, &mut self.reaped);
+        let mut bad = None;
+        for i in 0..self.reaped.len() {
+            let r = self.reaped[i];
+            match self.complete(r) {
+                Ok(c) => out.push(c),
+                Err(e) => bad = Some(e),
+            }
+        }
+        if let Some(e) = res.err().or(bad) {
+            self.ready.extend(out.drain(before..));
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Let `fd` (an eventfd) wake [`Queue::wait_or_wake`] from another thread. Returns
+    /// whether the backend can wait that way (io_uring without IOPOLL); elsewhere
+    /// `wait_or_wake` always returns `None` and the owner keeps polling.
+    pub fn set_wake_fd(&mut self, fd: std::sync::Arc<std::os::fd::OwnedFd>) -> bool {
+        self.backend.set_wake_fd(fd)
+    }
+
+    /// Block until an operation completes, the wake-up fd ([`Queue::set_wake_fd`]) is
+    /// signalled, or `timeout` passes, whichever is first; completions are appended to `out`
+    /// as by [`Queue::poll`]. `None`: this queue cannot wait that way (no wake-up fd, a
+    /// backend that only polls, or no room for the wake-up read): nothing was done.
+    pub fn wait_or_wake(
+        &mut self,
+        timeout: Duration,
+        out: &mut Vec<Completion>,
+    ) -> Result<Option<usize>> {
+        let before = out.len();
+        if !self.ready.is_empty() {
+            out.extend(self.ready.drain(..));
+            return Ok(Some(out.len() - before));
+        }
+        if !self.backend.arm_wake() {
+            return Ok(None);
+        }
+        self.reap_once(1, Some(timeout), out, before)?;
+        Ok(Some(out.len() - before))
     }
 
     fn complete(&mut self, r: Reaped) -> Result<Completion> {

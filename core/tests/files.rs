@@ -125,6 +125,17 @@ fn differential_reads(backend: BackendChoice) {
                 got == want,
                 "{name} (size {size}) at {off}+{len}: bytes differ"
             );
+            for direct in [true, false] {
+                let b = rt.block_on(f.read_bytes(off, len, direct)).unwrap();
+                assert!(
+                    b[..] == want[..],
+                    "{name} (size {size}) at {off}+{len}, read_bytes direct={direct}: bytes differ"
+                );
+                // A range that fits one pool buffer once widened is that buffer, not a copy.
+                if len > 0 && len + 2 * 4096 <= 1 << 20 {
+                    assert!(b.is_pooled(), "{name} at {off}+{len}: copied");
+                }
+            }
         }
     }
 }

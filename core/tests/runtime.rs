@@ -781,3 +781,102 @@ fn buffers_of_a_region_grown_meanwhile_are_mapped_before_use() {
     drop(f);
     rt.shutdown();
 }
+
+/// A `Files` runtime with one poller under `idle` over a directory holding `data` (64 KiB),
+/// and a read in flight that completes only when the returned pipe end is written.
+fn stuck_read(
+    idle: IdlePolicy,
+) -> (
+    tempfile::TempDir,
+    Arc<rio::runtime::Files>,
+    std::io::PipeWriter,
+    rio::runtime::IoFuture,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("data"), vec![7u8; 64 << 10]).unwrap();
+    let cfg = EngineConfig {
+        backend: BackendChoice::Uring,
+        hugepages: false,
+        ..EngineConfig::default()
+    };
+    let fs = rio::runtime::Files::open_with(dir.path(), &cfg, one_core(16, idle, pool())).unwrap();
+    let (r, w) = std::io::pipe().unwrap();
+    let r = Arc::new(std::os::fd::OwnedFd::from(r));
+    let buf = fs.runtime().buffer(4096, Duration::from_secs(1)).unwrap();
+    let pending = fs
+        .runtime()
+        .submit_file(&r, rio::op::OpKind::Read, 0, 4096, Some(buf));
+    (dir, fs, w, pending)
+}
+
+/// CPU the process uses over `secs` (the test holds SERIAL: nothing else of ours runs).
+fn cpu_over(secs: f64) -> f64 {
+    let t0 = rio_sys::rusage::process_cpu();
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    let t1 = rio_sys::rusage::process_cpu();
+    (t1.user + t1.system)
+        .saturating_sub(t0.user + t0.system)
+        .as_secs_f64()
+        / secs
+}
+
+/// `IdlePolicy::Block`: with a read in flight that does not complete (a pipe nobody writes),
+/// the poller sleeps in the kernel instead of spinning (under `SleepAfter` the same poller
+/// spins: it parks only with nothing in flight); a submission wakes it at once: its wait is
+/// 60 s long, so a read that did not wake it would take a minute, and the test allows 20 s.
+#[test]
+fn a_blocking_poller_sleeps_with_io_in_flight_and_wakes_for_a_submission() {
+    use std::io::Write;
+    let _s = SERIAL.lock().unwrap();
+    let w = waker();
+    let (_d, fs, mut pipe, pending) = stuck_read(IdlePolicy::SleepAfter {
+        polls: 64,
+        max_sleep: Duration::from_secs(60),
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let spinning = cpu_over(1.0);
+    pipe.write_all(&[1u8; 4096]).unwrap();
+    let (n, _) = block_on(pending, &w).unwrap();
+    assert_eq!(n, 4096);
+    fs.runtime().shutdown();
+
+    let (_d, fs, mut pipe, pending) = stuck_read(IdlePolicy::Block {
+        spin: 64,
+        max_sleep: Duration::from_secs(60),
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let blocked = cpu_over(1.0);
+    eprintln!("poller CPU with a read in flight: sleep-after {spinning:.2}, block {blocked:.3}");
+    assert!(
+        spinning > 0.3,
+        "sleep-after spins with I/O in flight: {spinning:.2} CPU"
+    );
+    assert!(blocked < 0.25, "a blocking poller sleeps: {blocked:.3} CPU");
+    // A new read while the poller waits in the kernel for the pipe.
+    let f = fs
+        .open_file(std::path::Path::new("data"), &{
+            let mut o = std::fs::OpenOptions::new();
+            o.read(true);
+            o
+        })
+        .unwrap();
+    let t = Instant::now();
+    let got = block_on(f.read_at(100, 1000), &w).unwrap();
+    let took = t.elapsed();
+    assert!(got == vec![7u8; 1000]);
+    assert!(
+        took < Duration::from_secs(20),
+        "the submission did not wake the poller: the read took {took:?}"
+    );
+    // The pipe's completion ends a wait too.
+    pipe.write_all(&[2u8; 4096]).unwrap();
+    let t = Instant::now();
+    let (n, buf) = block_on(pending, &w).unwrap();
+    assert_eq!(n, 4096);
+    assert!(buf.unwrap().as_slice() == [2u8; 4096]);
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "the completion did not end the wait"
+    );
+    fs.runtime().shutdown();
+}

@@ -81,3 +81,27 @@ pub fn file_size(fd: BorrowedFd<'_>) -> std::io::Result<u64> {
     cvt(unsafe { libc::fstat64(fd.as_raw_fd(), &mut st) })?;
     Ok(st.st_size as u64)
 }
+
+/// A new non-blocking, close-on-exec `eventfd(2)` counter starting at 0.
+pub fn eventfd() -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: no memory is passed.
+    let fd = cvt(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) })?;
+    // SAFETY: `fd` was just created by eventfd and is owned by no one else.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// Add 1 to an eventfd counter (wakes whoever waits to read it). A full counter (EAGAIN) is
+/// not an error: the reader has a wake-up pending anyway.
+pub fn eventfd_signal(fd: BorrowedFd<'_>) -> std::io::Result<()> {
+    let one: u64 = 1;
+    // SAFETY: `one` is 8 readable bytes, alive for the call.
+    let n = unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EAGAIN) {
+            return Err(e);
+        }
+    }
+    Ok(())
+}

@@ -142,6 +142,23 @@ impl BackendQueue {
         }
     }
 
+    /// Let `fd` (an eventfd) cut short a blocking wait ([`BackendQueue::arm_wake`]); false
+    /// where the backend cannot wait that way (psync, the userspace drivers, IOPOLL rings).
+    pub fn set_wake_fd(&mut self, fd: std::sync::Arc<std::os::fd::OwnedFd>) -> bool {
+        match self {
+            BackendQueue::Uring(q) => q.set_wake_fd(fd),
+            _ => false,
+        }
+    }
+
+    /// Prepare a wait that the wake-up fd interrupts; false: the backend cannot (spin instead).
+    pub fn arm_wake(&mut self) -> bool {
+        match self {
+            BackendQueue::Uring(q) => q.arm_wake(),
+            _ => false,
+        }
+    }
+
     /// The queue is being dropped with operations that never completed: do not wait for them
     /// (the queue leaks their memory instead).
     pub fn abandon(&mut self) {

@@ -46,7 +46,21 @@ pub(crate) struct UringQueue {
     /// Completions of operations done inline (non-read/write ops on an IOPOLL ring).
     inline_done: Vec<Reaped>,
     abandoned: bool,
+    /// The owner's wake-up eventfd, if it set one (see [`UringQueue::arm_wake`]).
+    wake: Option<Wake>,
 }
+
+/// A read of an eventfd kept in the ring while its owner blocks for completions, so that
+/// another thread can cut the wait short by signalling the eventfd.
+struct Wake {
+    fd: std::sync::Arc<std::os::fd::OwnedFd>,
+    /// Where the kernel puts the counter (8 bytes, heap: it must not move while armed).
+    buf: *mut u64,
+    armed: bool,
+}
+
+/// `user_data` of the wake-up read: never a slot (slots are u32).
+const WAKE_TOKEN: u64 = u64::MAX;
 
 /// What the ring ended up with, for the log.
 #[derive(Clone, Debug, Default)]
@@ -127,9 +141,48 @@ impl UringQueue {
                 iopoll: opts.iopoll,
                 inline_done: Vec::new(),
                 abandoned: false,
+                wake: None,
             },
             feats,
         ))
+    }
+
+    /// Let `fd` (an eventfd) interrupt blocking waits: see [`UringQueue::arm_wake`]. Not on an
+    /// IOPOLL ring (it takes only reads and writes of polled files).
+    pub fn set_wake_fd(&mut self, fd: std::sync::Arc<std::os::fd::OwnedFd>) -> bool {
+        if self.iopoll || self.wake.is_some() {
+            return false;
+        }
+        self.wake = Some(Wake {
+            fd,
+            buf: Box::into_raw(Box::new(0u64)),
+            armed: false,
+        });
+        true
+    }
+
+    /// Make sure a read of the wake-up eventfd is queued, so that a blocking wait returns
+    /// when another thread signals it. Returns false when there is no wake-up fd or no room
+    /// in the submission queue (the caller must not block then).
+    pub fn arm_wake(&mut self) -> bool {
+        let Some(w) = &mut self.wake else {
+            return false;
+        };
+        if w.armed {
+            return true;
+        }
+        let sqe = opcode::Read::new(types::Fd(w.fd.as_raw_fd()), w.buf.cast(), 8)
+            .build()
+            .user_data(WAKE_TOKEN);
+        // SAFETY: the 8-byte target is heap memory owned by this queue, freed only after the
+        // read completed (or leaked with the ring, see Drop); the eventfd is kept open by the
+        // Arc held here.
+        if unsafe { self.ring.submission().push(&sqe) }.is_err() {
+            return false;
+        }
+        w.armed = true;
+        self.pending += 1;
+        true
     }
 
     /// Stop using a region registered at creation (a pool gave it back): the fixed buffers
@@ -305,6 +358,13 @@ impl UringQueue {
             self.pending = self.ring.submission().len() as u32;
         }
         for cqe in self.ring.completion() {
+            if cqe.user_data() == WAKE_TOKEN {
+                // The owner was woken (or the read failed): re-armed before its next wait.
+                if let Some(w) = &mut self.wake {
+                    w.armed = false;
+                }
+                continue;
+            }
             out.push(Reaped::ok(cqe.user_data() as u32, cqe.result()));
         }
         Ok(())
@@ -322,6 +382,14 @@ impl Drop for UringQueue {
             // the buffers they target are leaked by the queue, so nothing is freed under them.
             tracing::debug!("dropping io_uring with requests outstanding");
         }
+        if let Some(w) = &self.wake
+            && !w.armed
+        {
+            // SAFETY: `buf` came from Box::into_raw and no read targets it (not armed).
+            drop(unsafe { Box::from_raw(w.buf) });
+        }
+        // An armed read is cancelled when the ring closes: its 8 bytes are leaked rather
+        // than freed under it.
     }
 }
 

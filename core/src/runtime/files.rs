@@ -20,6 +20,7 @@
 //! done again buffered: nothing fails for lack of alignment.
 
 use std::collections::VecDeque;
+use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -350,6 +351,61 @@ fn is_einval(e: &Error) -> bool {
     )
 }
 
+/// The bytes of a [`OpenFile::read_bytes`]: the wanted part of the pool buffer they were
+/// read into (no copy; the buffer goes home when this is dropped, from any thread), or a
+/// vector when the range spanned several buffers. `Send`, `'static`: a host can hand it to
+/// its own byte containers (e.g. `bytes::Bytes::from_owner`).
+pub struct ReadBytes(Repr);
+
+enum Repr {
+    Pool {
+        buf: PoolBuf,
+        from: usize,
+        to: usize,
+    },
+    Heap(Vec<u8>),
+}
+
+impl ReadBytes {
+    /// Whether the bytes are a pool buffer's (not copied).
+    pub fn is_pooled(&self) -> bool {
+        matches!(self.0, Repr::Pool { .. })
+    }
+
+    /// The bytes as an owned vector (a copy when they are a pool buffer's).
+    pub fn into_vec(self) -> Vec<u8> {
+        match self.0 {
+            Repr::Pool { .. } => self.as_ref().to_vec(),
+            Repr::Heap(v) => v,
+        }
+    }
+}
+
+impl AsRef<[u8]> for ReadBytes {
+    fn as_ref(&self) -> &[u8] {
+        match &self.0 {
+            Repr::Pool { buf, from, to } => &buf.as_slice()[*from..*to],
+            Repr::Heap(v) => v,
+        }
+    }
+}
+
+impl std::ops::Deref for ReadBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.as_ref()
+    }
+}
+
+impl std::fmt::Debug for ReadBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadBytes")
+            .field("len", &self.len())
+            .field("pooled", &self.is_pooled())
+            .finish()
+    }
+}
+
 impl OpenFile {
     pub fn path(&self) -> &Path {
         &self.inner.path
@@ -393,10 +449,7 @@ impl OpenFile {
     /// length; with O_DIRECT the range is widened to the alignment and the wanted bytes copied
     /// out.
     pub async fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
-        let mut out = vec![0u8; len];
-        let n = self.read_into(offset, &mut out).await?;
-        out.truncate(n);
-        Ok(out)
+        self.read_vec(offset, len, self.is_direct()).await
     }
 
     /// [`read_at`](Self::read_at) into `out`; returns the bytes read (short only at the end of
@@ -406,6 +459,12 @@ impl OpenFile {
             return Ok(0);
         }
         check_range(&self.inner.path, offset, out.len() as u64)?;
+        let len = out.len();
+        // SAFETY: `[u8]` and `[MaybeUninit<u8>]` have the same layout, and read_pieces only
+        // ever writes initialised bytes into it, so `out` stays initialised.
+        let out = unsafe {
+            std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<MaybeUninit<u8>>(), len)
+        };
         if self.is_direct() {
             match self.read_pieces(offset, out, true).await {
                 Err(e) if is_einval(&e) => self.direct_refused(&e),
@@ -418,21 +477,105 @@ impl OpenFile {
     /// [`read_at`](Self::read_at) through the page cache even when the file has an O_DIRECT
     /// handle (data likely cached, or read again soon).
     pub async fn read_buffered_at(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
-        let mut out = vec![0u8; len];
+        self.read_vec(offset, len, false).await
+    }
+
+    /// Read into a new vector, never zeroed first (read_pieces fills a prefix of it).
+    async fn read_vec(&self, offset: u64, len: usize, direct: bool) -> Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(len);
         if len == 0 {
             return Ok(out);
         }
         check_range(&self.inner.path, offset, len as u64)?;
-        let n = self.read_pieces(offset, &mut out, false).await?;
-        out.truncate(n);
+        let mut n = None;
+        if direct {
+            match self
+                .read_pieces(offset, out.spare_capacity_mut(), true)
+                .await
+            {
+                Err(e) if is_einval(&e) => self.direct_refused(&e),
+                r => n = Some(r?),
+            }
+        }
+        let n = match n {
+            Some(n) => n,
+            None => {
+                self.read_pieces(offset, out.spare_capacity_mut(), false)
+                    .await?
+            }
+        };
+        // SAFETY: read_pieces returned `n`: it initialised `out[..n]` (the bytes it copied
+        // out are a prefix, written in order).
+        unsafe { out.set_len(n) };
         Ok(out)
     }
 
-    async fn read_pieces(&self, offset: u64, out: &mut [u8], direct: bool) -> Result<usize> {
-        let (fd, align) = match (&self.inner.direct, direct) {
+    /// Read up to `len` bytes at `offset` (fewer only at the end of the file) without copying
+    /// them when they fit in one pool buffer: the returned [`ReadBytes`] then holds that
+    /// buffer (back to its pool when dropped), and its bytes are the wanted part of it.
+    /// A longer range is copied into a vector as by [`read_at`](Self::read_at). `direct`: go
+    /// O_DIRECT if the file has it (else through the page cache).
+    pub async fn read_bytes(&self, offset: u64, len: usize, direct: bool) -> Result<ReadBytes> {
+        if len == 0 {
+            return Ok(ReadBytes(Repr::Heap(Vec::new())));
+        }
+        check_range(&self.inner.path, offset, len as u64)?;
+        let direct = direct && self.is_direct();
+        if direct {
+            match self.read_one(offset, len, true).await {
+                Err(e) if is_einval(&e) => self.direct_refused(&e),
+                r => return r,
+            }
+        }
+        self.read_one(offset, len, false).await
+    }
+
+    /// [`read_bytes`](Self::read_bytes) in one direction (direct or buffered).
+    async fn read_one(&self, offset: u64, len: usize, direct: bool) -> Result<ReadBytes> {
+        let (fd, align) = self.handle(direct);
+        let end = offset + len as u64;
+        let start = offset & !(align - 1);
+        let stop = end.div_ceil(align) * align;
+        if stop - start > self.files.piece as u64 {
+            return self
+                .read_vec(offset, len, direct)
+                .await
+                .map(|v| ReadBytes(Repr::Heap(v)));
+        }
+        let n = (stop - start) as usize;
+        let wait = self.files.read_wait();
+        let buf = (self.files)
+            .piece_buffer(&mut None, n, false, wait)
+            .await?
+            .expect("a call with nothing in flight gets a buffer or an error");
+        let fut = self
+            .files
+            .rt
+            .submit_file(fd, OpKind::Read, start, n as u64, Some(buf));
+        let (got, buf) = done_bytes(fut.await)?;
+        let buf = buf.expect("a read hands its buffer back");
+        let from = (offset - start) as usize;
+        let to = (got as usize).min(from + len).max(from);
+        Ok(ReadBytes(Repr::Pool { buf, from, to }))
+    }
+
+    /// The descriptor and split point of a direct or buffered operation.
+    fn handle(&self, direct: bool) -> (&Arc<OwnedFd>, u64) {
+        match (&self.inner.direct, direct) {
             (Some(d), true) => (d, self.inner.align),
             _ => (&self.inner.buffered, 1),
-        };
+        }
+    }
+
+    /// Read `[offset, offset + out.len())` into `out`; returns how many bytes it wrote, always
+    /// a prefix of `out` (pieces are copied out in order), short only at the end of the file.
+    async fn read_pieces(
+        &self,
+        offset: u64,
+        out: &mut [MaybeUninit<u8>],
+        direct: bool,
+    ) -> Result<usize> {
+        let (fd, align) = self.handle(direct);
         let end = offset + out.len() as u64;
         let start = offset & !(align - 1);
         let stop = end.div_ceil(align) * align;
@@ -469,7 +612,16 @@ impl OpenFile {
             let hi = (at + n).min(end);
             if hi > lo {
                 let src = &buf.as_slice()[(lo - at) as usize..(hi - at) as usize];
-                out[(lo - offset) as usize..(hi - offset) as usize].copy_from_slice(src);
+                let dst = &mut out[(lo - offset) as usize..(hi - offset) as usize];
+                // SAFETY: `dst` and `src` have the same length (both `hi - lo`), and a pool
+                // buffer never overlaps the caller's memory.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        src.as_ptr(),
+                        dst.as_mut_ptr().cast::<u8>(),
+                        src.len(),
+                    )
+                };
                 got = (hi - offset) as usize;
             }
             if at + n < (at + buf.len() as u64).min(stop) {

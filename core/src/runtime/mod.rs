@@ -35,7 +35,7 @@ use crate::queue::{Completion, Queue};
 mod file;
 mod files;
 pub use file::DiskFile;
-pub use files::{Files, OpenFile, SeqWriter};
+pub use files::{Files, OpenFile, ReadBytes, SeqWriter};
 
 /// What a poller does when a poll found nothing to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,6 +45,14 @@ pub enum IdlePolicy {
     /// After `polls` empty polls with nothing in flight, park until woken by a submission
     /// (or `max_sleep` passes).
     SleepAfter { polls: u32, max_sleep: Duration },
+    /// After `spin` empty polls, sleep even with I/O in flight: parked when nothing is in
+    /// flight (as `SleepAfter`), otherwise blocked in the kernel until a completion arrives,
+    /// a submission comes in (the submitter signals an eventfd the ring is reading), or
+    /// `max_sleep` passes. For hosts whose I/Os are long against a poll (a file server's
+    /// reads of hundreds of microseconds) and whose CPUs have other work: a spinning poller
+    /// takes a core from them. Where the backend cannot block so (psync, the userspace
+    /// drivers), the poller spins while I/O is in flight, as `SleepAfter` does.
+    Block { spin: u32, max_sleep: Duration },
 }
 
 impl Default for IdlePolicy {
@@ -220,6 +228,11 @@ struct CoreShared {
     inbox: crossbeam_queue::ArrayQueue<Request>,
     sleeping: AtomicBool,
     thread: std::sync::OnceLock<std::thread::Thread>,
+    /// The poller waits in the kernel for completions (`IdlePolicy::Block`); a submitter that
+    /// clears this signals `wake_fd`.
+    in_kernel: AtomicBool,
+    /// The eventfd the poller's ring reads while it waits in the kernel.
+    wake_fd: Option<Arc<std::os::fd::OwnedFd>>,
     /// The core's depth tuner (with a p99 target): the poller locks it once per window.
     tuner: Option<Mutex<crate::tune::QdTuner>>,
     /// Where the poller's windows go (telemetry), if anywhere.
@@ -231,11 +244,23 @@ struct CoreShared {
 }
 
 impl CoreShared {
+    /// After a request went into the inbox: wake the poller if it sleeps. The flags are read
+    /// SeqCst after the inbox push (a SeqCst update), and the poller sets them SeqCst before
+    /// it checks the inbox a last time: one of the two sides sees the other.
     fn wake_poller(&self) {
-        if self.sleeping.load(Ordering::Acquire)
+        if self.sleeping.load(Ordering::SeqCst)
             && let Some(t) = self.thread.get()
         {
             t.unpark();
+        }
+        if self.in_kernel.load(Ordering::SeqCst)
+            && self.in_kernel.swap(false, Ordering::SeqCst)
+            && let Some(fd) = &self.wake_fd
+        {
+            use std::os::fd::AsFd;
+            if let Err(e) = rio_sys::io::eventfd_signal(fd.as_fd()) {
+                tracing::warn!(core = self.core, error = %e, "cannot wake the poller");
+            }
         }
     }
 }
@@ -313,6 +338,17 @@ impl Runtime {
                 inbox: crossbeam_queue::ArrayQueue::new(nslots),
                 sleeping: AtomicBool::new(false),
                 thread: std::sync::OnceLock::new(),
+                in_kernel: AtomicBool::new(false),
+                wake_fd: match cfg.idle {
+                    IdlePolicy::Block { .. } => match rio_sys::io::eventfd() {
+                        Ok(fd) => Some(Arc::new(fd)),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "no eventfd: pollers spin while I/O is in flight");
+                            None
+                        }
+                    },
+                    _ => None,
+                },
                 sink: cfg.sink.clone(),
                 on_complete: cfg.on_complete.clone(),
                 index: shared.len() as u32,
@@ -632,11 +668,12 @@ impl Runtime {
 
     /// Stop the pollers after they drained what was submitted. Idempotent.
     pub fn shutdown(&self) {
-        self.stop.store(true, Ordering::Release);
+        self.stop.store(true, Ordering::SeqCst);
         for c in &self.cores {
             if let Some(t) = c.thread.get() {
                 t.unpark();
             }
+            c.wake_poller();
         }
         let threads = std::mem::take(&mut *self.threads.lock().expect("poisoned"));
         for t in threads {
@@ -995,6 +1032,11 @@ impl Poller {
             }
         };
         let cs = &*self.shared;
+        // Blocking in the kernel needs the ring to read the wake-up eventfd.
+        let can_block = cs
+            .wake_fd
+            .as_ref()
+            .is_some_and(|fd| q.set_wake_fd(Arc::clone(fd)));
         let mut inflight: Vec<Held> = (0..cs.slots.len()).map(|_| Held::default()).collect();
         // Run-to-completion: what handlers resubmitted (taken before the inbox), and the
         // completions waiting for the handler. Both hold at most a slot each: no growth.
@@ -1043,7 +1085,7 @@ impl Poller {
                     self.submit(&mut q, req, &mut inflight, &mut dones);
                 }
             }
-            comps.clear();
+            // `comps` is empty here, or holds what a kernel wait (below) reaped.
             if let Err(e) = q.poll(&mut comps) {
                 tracing::warn!(core, error = %e, "poll reported an error");
             }
@@ -1124,23 +1166,39 @@ impl Poller {
                 last_maintain = Instant::now();
                 self.maintain(&mut q);
             }
-            match self.idle {
-                IdlePolicy::BusyPoll => std::hint::spin_loop(),
-                IdlePolicy::SleepAfter { polls, max_sleep } => {
-                    if empty >= polls && q.in_flight() == 0 {
-                        // Buffers the host dropped on this thread sit in its private stash:
-                        // a host thread waiting in `Runtime::buffer` could not take them while
-                        // this poller sleeps.
-                        guard.flush();
-                        cs.sleeping.store(true, Ordering::Release);
-                        if cs.inbox.is_empty() && !self.stop.load(Ordering::Acquire) {
-                            std::thread::park_timeout(max_sleep);
-                        }
-                        cs.sleeping.store(false, Ordering::Release);
-                    } else {
-                        std::hint::spin_loop();
+            let (polls, max_sleep, block) = match self.idle {
+                IdlePolicy::BusyPoll => {
+                    std::hint::spin_loop();
+                    continue;
+                }
+                IdlePolicy::SleepAfter { polls, max_sleep } => (polls, max_sleep, false),
+                IdlePolicy::Block { spin, max_sleep } => (spin, max_sleep, can_block),
+            };
+            if empty < polls {
+                std::hint::spin_loop();
+            } else if q.in_flight() == 0 {
+                // Buffers the host dropped on this thread sit in its private stash: a host
+                // thread waiting in `Runtime::buffer` could not take them while this poller
+                // sleeps.
+                guard.flush();
+                cs.sleeping.store(true, Ordering::SeqCst);
+                if cs.inbox.is_empty() && !self.stop.load(Ordering::Acquire) {
+                    std::thread::park_timeout(max_sleep);
+                }
+                cs.sleeping.store(false, Ordering::SeqCst);
+            } else if block {
+                cs.in_kernel.store(true, Ordering::SeqCst);
+                if cs.inbox.is_empty() && !self.stop.load(Ordering::Acquire) {
+                    // What completed meanwhile lands in `comps`, handled with the next poll.
+                    match q.wait_or_wake(max_sleep, &mut comps) {
+                        Ok(Some(_)) => {}
+                        Ok(None) => std::hint::spin_loop(),
+                        Err(e) => tracing::warn!(core, error = %e, "wait reported an error"),
                     }
                 }
+                cs.in_kernel.store(false, Ordering::SeqCst);
+            } else {
+                std::hint::spin_loop();
             }
         }
     }

@@ -9,11 +9,14 @@
 //! [`RioBackend`] serves every local disk of the process through **one** rio runtime
 //! ([`rio::runtime::Files`]: one io_uring (or psync) queue per poller core for all files),
 //! with pool buffers that never allocate on the hot path:
-//! - `pread_bytes`: the part file opened and handed to rio, the range read in pieces of at
-//!   most 1 MiB with 4 in flight; ranges of at least `direct_read_min` bytes go O_DIRECT
-//!   (cold data straight from the device, no page-cache pollution; RustFS's shard blocks are
-//!   not 4 KiB aligned, so the range is widened and the wanted bytes copied out), smaller
-//!   ones through the page cache.
+//! - `pread_bytes`: the part file opened and handed to rio; ranges of at least
+//!   `direct_read_min` bytes go O_DIRECT (cold data straight from the device, no page-cache
+//!   pollution; RustFS's shard blocks are not 4 KiB aligned, so the range is widened),
+//!   smaller ones through the page cache. A range that fits one pool buffer (1 MiB) is
+//!   returned as that buffer (`Bytes::from_owner`: no copy); a longer one is read in pieces
+//!   of 1 MiB, 4 in flight, copied into one allocation.
+//! - The runtime's pollers sleep in the kernel while reads are in flight
+//!   (`Settings::block_poll`) instead of spinning beside RustFS's own work.
 //! - `open_read_stream` / `open_full_read`: a reader that keeps the next pieces in flight
 //!   while the caller consumes the current one (read-ahead).
 //! - `open_write` (truncate): a [`rio::runtime::SeqWriter`]: the stream staged in pool
@@ -60,6 +63,11 @@ pub struct Settings {
     /// Pieces a streaming reader keeps in flight ahead of the caller (`RIO_RUSTFS_READ_AHEAD`,
     /// default 2).
     pub read_ahead: usize,
+    /// Pollers sleep in the kernel while reads are in flight, woken by a completion or a
+    /// submission (`RIO_RUSTFS_POLL=block`, the default), or spin until idle
+    /// (`RIO_RUSTFS_POLL=spin`, rio's default elsewhere). A RustFS node's CPUs hash, encode
+    /// and serve the network; a poller spinning through a 500 µs read takes a core from them.
+    pub block_poll: bool,
     /// Open part files kept per disk between reads (`RIO_RUSTFS_FD_CACHE`, default 256; 0
     /// turns the cache off). Each holds two descriptors (buffered and O_DIRECT); the cache is
     /// off when RLIMIT_NOFILE's soft limit is under 4096, as RustFS's own is when low.
@@ -97,9 +105,18 @@ impl Settings {
                 as i64,
             read_ahead: num("RIO_RUSTFS_READ_AHEAD", 2)?.clamp(1, 16) as usize,
             fd_cache: num("RIO_RUSTFS_FD_CACHE", 256)?.min(1 << 16) as usize,
+            block_poll: match std::env::var("RIO_RUSTFS_POLL").as_deref() {
+                Err(_) | Ok("block") => true,
+                Ok("spin") => false,
+                Ok(v) => return Err(format!("RIO_RUSTFS_POLL={v}: expected block or spin")),
+            },
         })
     }
 }
+
+/// Empty polls before a poller sleeps (`Settings::block_poll`): a few microseconds, short
+/// against a part file read.
+const BLOCK_AFTER_POLLS: u32 = 200;
 
 /// The adapter's default cap on rio's buffer pools, per core (`RIO_BUFFER_POOL_BYTES`).
 pub const DEFAULT_POOL_BYTES: usize = 256 << 20;
@@ -152,6 +169,12 @@ fn shared(root: &Path, settings: &Settings) -> std::result::Result<Arc<Shared>, 
     SHARED
         .get_or_init(|| {
             let mut rt = settings.engine.runtime_config();
+            if settings.block_poll && !settings.engine.busy_poll {
+                rt.idle = rio::runtime::IdlePolicy::Block {
+                    spin: BLOCK_AFTER_POLLS,
+                    max_sleep: std::time::Duration::from_millis(1),
+                };
+            }
             let telemetry = if settings.engine.otel_export {
                 let t = rio_otel::TelemetryConfig::from_env(&settings.engine)
                     .and_then(rio_otel::Telemetry::start)
@@ -377,11 +400,10 @@ impl RioBackend {
         let direct = length >= self.shared.settings.direct_read_min;
         let (f, _) = self.open_read(volume, path, Some(end), direct)?;
         let direct = direct && f.is_direct();
-        let r = if direct {
-            f.read_at(offset as u64, length).await
-        } else {
-            f.read_buffered_at(offset as u64, length).await
-        };
+        // One pool buffer's worth (a shard of objects up to a few MiB) comes back as that
+        // buffer, handed to RustFS as the `Bytes`' owner: no copy, no zeroing; the buffer
+        // goes home when RustFS drops the bytes.
+        let r = f.read_bytes(offset as u64, length, direct).await;
         match r {
             Ok(v) if v.len() == length => {
                 let st = &self.shared.stats;
@@ -390,7 +412,7 @@ impl RioBackend {
                 if direct {
                     st.direct_reads.fetch_add(1, Ordering::Relaxed);
                 }
-                Some(Bytes::from(v))
+                Some(Bytes::from_owner(v))
             }
             Ok(_) => None, // the file shrank under us: StdBackend reports it its way
             Err(rio::Error::BufferUnavailable { .. }) => {
