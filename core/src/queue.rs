@@ -226,6 +226,7 @@ impl Queue {
             len,
             addr,
             fd: -1,
+            cached: false,
         };
         self.enqueue(raw, buf, token)
     }
@@ -294,6 +295,7 @@ impl Queue {
             len,
             addr,
             fd: -1,
+            cached: false,
         };
         self.enqueue(raw, None, token).map_err(Error::from)
     }
@@ -302,7 +304,9 @@ impl Queue {
     /// caller opened (io_uring and psync queues only; a [`crate::Engine::open_dir`] runtime
     /// serves the files of a directory this way). The file's own open mode rules: with
     /// O_DIRECT, offsets, lengths and the address must meet its alignment, or the kernel fails
-    /// the operation with EINVAL. The target's size does not bound the offset.
+    /// the operation with EINVAL. The target's size does not bound the offset. `cached`: the
+    /// file is open without O_DIRECT (the data is copied through the page cache; io_uring
+    /// then passes a plain address rather than a registered buffer, which it copies faster).
     ///
     /// # Safety
     /// As for `submit_raw`, and `fd` must stay open (not closed, not reused) until this
@@ -315,6 +319,7 @@ impl Queue {
         addr: *mut u8,
         len: u64,
         token: u64,
+        cached: bool,
     ) -> Result<()> {
         use std::os::fd::AsRawFd;
         if !self.backend.serves_files() {
@@ -355,6 +360,7 @@ impl Queue {
             len,
             addr,
             fd: fd.as_raw_fd(),
+            cached,
         };
         self.enqueue(raw, None, token).map_err(Error::from)
     }

@@ -138,6 +138,24 @@ fn differential_reads(backend: BackendChoice) {
             }
         }
     }
+    // The files were just written: buffered read_bytes found them cached and copied them on
+    // the calling thread. With that off, the same reads go through the poller.
+    let inline = fs.inline_reads();
+    assert!(inline > 0, "no read was served from the page cache inline");
+    fs.set_inline_cached_reads(false);
+    let name = format!("part.{}", sizes.len() - 1);
+    let f = fs.open_file(Path::new(&name), &read_opts()).unwrap();
+    let want = std_read(&dir.path().join(&name), 4097, 300_000);
+    let b = rt.block_on(f.read_bytes(4097, 300_000, false)).unwrap();
+    assert!(
+        b[..] == want[..],
+        "read_bytes without the inline path: bytes differ"
+    );
+    assert_eq!(
+        fs.inline_reads(),
+        inline,
+        "a read went inline while that was off"
+    );
 }
 
 #[test]

@@ -105,3 +105,36 @@ pub fn eventfd_signal(fd: BorrowedFd<'_>) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// `preadv2(2)` of `len` bytes at `buf` with `RWF_NOWAIT`: only what the page cache holds now,
+/// never waiting for the device. `Err(EAGAIN)` when nothing could be read without waiting;
+/// a short count when only part was cached (or at the end of the file).
+///
+/// # Safety
+/// As for [`pread_raw`].
+pub unsafe fn pread_nowait_raw(
+    fd: BorrowedFd<'_>,
+    buf: *mut u8,
+    len: usize,
+    offset: u64,
+) -> std::io::Result<usize> {
+    let iov = libc::iovec {
+        iov_base: buf.cast(),
+        iov_len: len,
+    };
+    // SAFETY: one iovec over memory the caller guarantees valid for `len` bytes of writes.
+    let n = unsafe {
+        libc::preadv2(
+            fd.as_raw_fd(),
+            &iov,
+            1,
+            offset as libc::off_t,
+            libc::RWF_NOWAIT,
+        )
+    };
+    if n < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}

@@ -25,6 +25,9 @@ pub(crate) struct RawOp {
     /// A file of the caller's instead of the queue's own target (`-1`: the target). Kernel
     /// backends only; the queue's owner keeps it open until the completion is reaped.
     pub fd: i32,
+    /// The file goes through the page cache (no O_DIRECT): the kernel copies, and it copies
+    /// into a plain user address faster than into a registered buffer (io_uring).
+    pub cached: bool,
 }
 
 /// A backend's completion: the queue slot and the kernel-style result (bytes, or -errno), or

@@ -487,6 +487,7 @@ impl SpdkQueue {
                     len: 0,
                     addr: std::ptr::null_mut(),
                     fd: -1,
+                    cached: false,
                 },
                 issued: 0,
                 outstanding: 0,

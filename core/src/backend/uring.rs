@@ -223,6 +223,19 @@ impl UringQueue {
         None
     }
 
+    /// The registered buffer for `op`'s data, unless the data goes through the page cache:
+    /// the kernel then copies it, and copies to or from a registered buffer (a bvec: a
+    /// `memcpy` per page) ran ~1.4x slower than to a user address (`copy_to_user`) here
+    /// (a 516 KiB cached read: 140 against 100 µs).
+    #[inline]
+    fn fixed_index(&self, op: &RawOp) -> Option<u16> {
+        if op.cached {
+            None
+        } else {
+            self.buf_index(op.addr, op.len)
+        }
+    }
+
     #[inline]
     pub fn push(&mut self, slot: u32, op: &RawOp) -> Result<()> {
         if self.iopoll && !matches!(op.op, OpKind::Read | OpKind::Write) {
@@ -236,7 +249,7 @@ impl UringQueue {
             ($fd:expr) => {{
                 let fd = $fd;
                 match op.op {
-                    OpKind::Read => match self.buf_index(op.addr, op.len) {
+                    OpKind::Read => match self.fixed_index(op) {
                         Some(i) => opcode::ReadFixed::new(fd, op.addr, op.len as u32, i)
                             .offset(op.offset)
                             .build(),
@@ -244,7 +257,7 @@ impl UringQueue {
                             .offset(op.offset)
                             .build(),
                     },
-                    OpKind::Write => match self.buf_index(op.addr, op.len) {
+                    OpKind::Write => match self.fixed_index(op) {
                         Some(i) => opcode::WriteFixed::new(fd, op.addr, op.len as u32, i)
                             .offset(op.offset)
                             .build(),

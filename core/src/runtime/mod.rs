@@ -160,6 +160,7 @@ impl Resubmit<'_> {
             buf,
             slot,
             file: None,
+            cached: false,
             tag: Some(tag),
         });
         Ok(())
@@ -212,6 +213,8 @@ struct Request {
     /// A host file instead of the runtime's target (a [`Files`] runtime): held by the poller
     /// until the completion is reaped, so it cannot be closed under the kernel.
     file: Option<Arc<std::os::fd::OwnedFd>>,
+    /// `file` is open without O_DIRECT (see `Queue::submit_fd`).
+    cached: bool,
     /// A run-to-completion operation: completes through the handler with this tag.
     tag: Option<u64>,
 }
@@ -501,7 +504,23 @@ impl Runtime {
         len: u64,
         buf: Option<PoolBuf>,
     ) -> IoFuture {
-        self.submit_inner(op, offset, len, buf, false, Some(Arc::clone(file)))
+        self.submit_inner(op, offset, len, buf, false, Some((Arc::clone(file), false)))
+            .unwrap_or_else(|_| unreachable!("a required submission always waits for a slot"))
+    }
+
+    /// [`submit_file`](Self::submit_file) on a file open without O_DIRECT: the kernel copies
+    /// through the page cache, and io_uring does that copy faster into a plain address than
+    /// into a registered buffer (measured ~1.4x on a 516 KiB cached read), so the operation
+    /// passes the buffer's address unregistered.
+    pub fn submit_cached_file(
+        &self,
+        file: &Arc<std::os::fd::OwnedFd>,
+        op: OpKind,
+        offset: u64,
+        len: u64,
+        buf: Option<PoolBuf>,
+    ) -> IoFuture {
+        self.submit_inner(op, offset, len, buf, false, Some((Arc::clone(file), true)))
             .unwrap_or_else(|_| unreachable!("a required submission always waits for a slot"))
     }
 
@@ -556,6 +575,7 @@ impl Runtime {
                 buf,
                 slot,
                 file: None,
+                cached: false,
                 tag: Some(tag),
             },
         );
@@ -616,7 +636,14 @@ impl Runtime {
         len: u64,
         buf: PoolBuf,
     ) -> std::result::Result<IoFuture, Option<PoolBuf>> {
-        self.submit_inner(op, offset, len, Some(buf), true, Some(Arc::clone(file)))
+        self.submit_inner(
+            op,
+            offset,
+            len,
+            Some(buf),
+            true,
+            Some((Arc::clone(file), false)),
+        )
     }
 
     /// `optional`: refuse (giving the buffer back) unless more than half the core's slots are
@@ -628,8 +655,12 @@ impl Runtime {
         len: u64,
         buf: Option<PoolBuf>,
         optional: bool,
-        file: Option<Arc<std::os::fd::OwnedFd>>,
+        file: Option<(Arc<std::os::fd::OwnedFd>, bool)>,
     ) -> std::result::Result<IoFuture, Option<PoolBuf>> {
+        let (file, cached) = match file {
+            Some((f, c)) => (Some(f), c),
+            None => (None, false),
+        };
         let cs = self.core_for(&buf);
         if self.stop.load(Ordering::Acquire) {
             return Ok(IoFuture::failed(cs, shut_down(), buf));
@@ -655,6 +686,7 @@ impl Runtime {
                 buf,
                 slot,
                 file,
+                cached,
                 tag: None,
             },
         );
@@ -1240,7 +1272,15 @@ impl Poller {
             // until then too.
             Some(f) => unsafe {
                 use std::os::fd::AsFd;
-                q.submit_fd(req.op, f.as_fd(), req.offset, addr, len, req.slot as u64)
+                q.submit_fd(
+                    req.op,
+                    f.as_fd(),
+                    req.offset,
+                    addr,
+                    len,
+                    req.slot as u64,
+                    req.cached,
+                )
             },
         };
         match r {

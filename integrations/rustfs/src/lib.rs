@@ -68,6 +68,10 @@ pub struct Settings {
     /// (`RIO_RUSTFS_POLL=spin`, rio's default elsewhere). A RustFS node's CPUs hash, encode
     /// and serve the network; a poller spinning through a 500 µs read takes a core from them.
     pub block_poll: bool,
+    /// Reads below `direct_read_min` first copy what the page cache holds on RustFS's own
+    /// thread, as RustFS's `StdBackend` does on its blocking pool, without the hand-off
+    /// (`RIO_RUSTFS_INLINE_CACHED=1`, the default; `0`: every read through rio's pollers).
+    pub inline_cached: bool,
     /// Open part files kept per disk between reads (`RIO_RUSTFS_FD_CACHE`, default 256; 0
     /// turns the cache off). Each holds two descriptors (buffered and O_DIRECT); the cache is
     /// off when RLIMIT_NOFILE's soft limit is under 4096, as RustFS's own is when low.
@@ -105,6 +109,7 @@ impl Settings {
                 as i64,
             read_ahead: num("RIO_RUSTFS_READ_AHEAD", 2)?.clamp(1, 16) as usize,
             fd_cache: num("RIO_RUSTFS_FD_CACHE", 256)?.min(1 << 16) as usize,
+            inline_cached: num("RIO_RUSTFS_INLINE_CACHED", 1)? != 0,
             block_poll: match std::env::var("RIO_RUSTFS_POLL").as_deref() {
                 Err(_) | Ok("block") => true,
                 Ok("spin") => false,
@@ -130,6 +135,9 @@ pub struct Stats {
     pub read_bytes: AtomicU64,
     /// Of the reads, those that went O_DIRECT (straight from the device).
     pub direct_reads: AtomicU64,
+    /// Of the reads, those copied from the page cache on the calling thread
+    /// (`RWF_NOWAIT`; see `rio::runtime::Files::set_inline_cached_reads`).
+    pub inline_reads: AtomicU64,
     /// Streaming readers (`open_read_stream`, `open_full_read`) served by rio.
     pub streams: AtomicU64,
     /// Writers opened on rio.
@@ -188,6 +196,7 @@ fn shared(root: &Path, settings: &Settings) -> std::result::Result<Arc<Shared>, 
             // A read that finds the pool spent is served by a plain pread at once rather than
             // queued behind the pool (Stats::pool_overflows).
             files.set_read_buffer_wait(std::time::Duration::ZERO);
+            files.set_inline_cached_reads(settings.inline_cached);
             if let Some(t) = &telemetry {
                 t.watch_pools(Arc::clone(files.runtime().pools()));
             }
@@ -411,6 +420,9 @@ impl RioBackend {
                 st.read_bytes.fetch_add(length as u64, Ordering::Relaxed);
                 if direct {
                     st.direct_reads.fetch_add(1, Ordering::Relaxed);
+                }
+                if v.served_inline() {
+                    st.inline_reads.fetch_add(1, Ordering::Relaxed);
                 }
                 Some(Bytes::from_owner(v))
             }

@@ -26,8 +26,9 @@ async fn object_layer_on_rio() {
         st.writers.load(Ordering::Relaxed),
     );
     eprintln!(
-        "rio served reads={reads} (direct {}) streams={streams} writers={writers} (direct {}) delegated={} io_errors={}",
+        "rio served reads={reads} (direct {}, inline {}) streams={streams} writers={writers} (direct {}) delegated={} io_errors={}",
         st.direct_reads.load(Ordering::Relaxed),
+        st.inline_reads.load(Ordering::Relaxed),
         st.direct_writers.load(Ordering::Relaxed),
         st.delegated.load(Ordering::Relaxed),
         st.io_errors.load(Ordering::Relaxed),
