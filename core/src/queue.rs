@@ -311,6 +311,8 @@ impl Queue {
     /// # Safety
     /// As for `submit_raw`, and `fd` must stay open (not closed, not reused) until this
     /// operation's completion has been reaped.
+    // submit_raw's arguments plus the file and how it is open: a struct would only rename them.
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn submit_fd(
         &mut self,
         op: OpKind,
