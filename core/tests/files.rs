@@ -136,6 +136,11 @@ fn differential_reads(backend: BackendChoice) {
                     assert!(b.is_pooled(), "{name} at {off}+{len}: copied");
                 }
             }
+            let b = rt.block_on(f.read_bytes_auto(off, len)).unwrap();
+            assert!(
+                b[..] == want[..],
+                "{name} (size {size}) at {off}+{len}, read_bytes_auto: bytes differ"
+            );
         }
     }
     // The files were just written: buffered read_bytes found them cached and copied them on
@@ -529,4 +534,47 @@ fn a_read_without_buffer_wait_fails_at_once_on_a_spent_pool() {
     }
     drop(held);
     assert!(rt.block_on(f.read_at(0, 1 << 20)).unwrap() == data);
+}
+
+/// `read_bytes_auto` gives the same bytes whether the page cache holds the range (copied on
+/// the calling thread) or not (O_DIRECT): the file is read once as written (cached), then
+/// again after its pages were dropped (fdatasync + POSIX_FADV_DONTNEED; whether the kernel
+/// dropped them is printed, the bytes are checked either way), single- and multi-piece.
+#[test]
+fn read_bytes_auto_reads_cached_and_dropped_ranges_alike() {
+    use std::os::fd::AsRawFd;
+    let dir = tempfile::tempdir().unwrap();
+    let fs = files(dir.path(), BackendChoice::Uring);
+    let mut rng = Rng(0xa070);
+    let data = rng.bytes((3 << 20) + 777);
+    let path = dir.path().join("part.1");
+    std::fs::write(&path, &data).unwrap();
+    let f = fs.open_file(Path::new("part.1"), &read_opts()).unwrap();
+    let rt = rt();
+    let shapes = [
+        (32u64, 512 << 10),
+        (0, 4096),
+        (5000, (2 << 20) + 99),
+        (1 << 20, 1 << 20),
+    ];
+    for round in ["cached", "dropped"] {
+        if round == "dropped" {
+            let file = std::fs::File::open(&path).unwrap();
+            file.sync_data().unwrap();
+            // SAFETY: a plain advice call on an open descriptor; no memory is passed.
+            unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        }
+        for &(off, len) in &shapes {
+            let b = rt.block_on(f.read_bytes_auto(off, len)).unwrap();
+            let end = (off as usize + len).min(data.len());
+            assert!(
+                b[..] == data[off as usize..end],
+                "{round} {off}+{len}: bytes differ"
+            );
+            eprintln!(
+                "{round} {off}+{len}: from the page cache inline: {}",
+                b.served_inline()
+            );
+        }
+    }
 }

@@ -386,7 +386,8 @@ enum Repr {
         /// Copied from the page cache on the calling thread.
         inline: bool,
     },
-    Heap(Vec<u8>),
+    /// A copy; `true` when its start was copied from the page cache on the calling thread.
+    Heap(Vec<u8>, bool),
 }
 
 impl ReadBytes {
@@ -398,14 +399,17 @@ impl ReadBytes {
     /// Whether the bytes were copied from the page cache on the calling thread
     /// ([`Files::set_inline_cached_reads`]), not read through the runtime.
     pub fn served_inline(&self) -> bool {
-        matches!(self.0, Repr::Pool { inline: true, .. })
+        matches!(
+            self.0,
+            Repr::Pool { inline: true, .. } | Repr::Heap(_, true)
+        )
     }
 
     /// The bytes as an owned vector (a copy when they are a pool buffer's).
     pub fn into_vec(self) -> Vec<u8> {
         match self.0 {
             Repr::Pool { .. } => self.as_ref().to_vec(),
-            Repr::Heap(v) => v,
+            Repr::Heap(v, _) => v,
         }
     }
 }
@@ -414,7 +418,7 @@ impl AsRef<[u8]> for ReadBytes {
     fn as_ref(&self) -> &[u8] {
         match &self.0 {
             Repr::Pool { buf, from, to, .. } => &buf.as_slice()[*from..*to],
-            Repr::Heap(v) => v,
+            Repr::Heap(v, _) => v,
         }
     }
 }
@@ -546,7 +550,7 @@ impl OpenFile {
     /// O_DIRECT if the file has it (else through the page cache).
     pub async fn read_bytes(&self, offset: u64, len: usize, direct: bool) -> Result<ReadBytes> {
         if len == 0 {
-            return Ok(ReadBytes(Repr::Heap(Vec::new())));
+            return Ok(ReadBytes(Repr::Heap(Vec::new(), false)));
         }
         check_range(&self.inner.path, offset, len as u64)?;
         let direct = direct && self.is_direct();
@@ -569,7 +573,7 @@ impl OpenFile {
             return self
                 .read_vec(offset, len, direct)
                 .await
-                .map(|v| ReadBytes(Repr::Heap(v)));
+                .map(|v| ReadBytes(Repr::Heap(v, false)));
         }
         let n = (stop - start) as usize;
         let wait = self.files.read_wait();
@@ -578,29 +582,14 @@ impl OpenFile {
             .await?
             .expect("a call with nothing in flight gets a buffer or an error");
         let from = (offset - start) as usize;
-        if !direct && self.files.inline_cached.load(Ordering::Relaxed) {
-            // SAFETY: `buf` is this call's own pool buffer of `n` bytes; nothing else
-            // touches it during the call.
-            let r =
-                unsafe { rio_sys::io::pread_nowait_raw(fd.as_fd(), buf.as_mut_ptr(), n, start) };
-            match r {
-                Ok(k) if k == n => {
-                    self.files.inline_reads.fetch_add(1, Ordering::Relaxed);
-                    return Ok(ReadBytes(Repr::Pool {
-                        buf,
-                        from,
-                        to: from + len,
-                        inline: true,
-                    }));
-                }
-                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-                    // A file system without RWF_NOWAIT: every read through the runtime.
-                    self.files.inline_cached.store(false, Ordering::Relaxed);
-                }
-                // EAGAIN (not cached), short (partly cached, or the end of the file), any
-                // other error: the runtime reads it, and reports what is wrong its way.
-                _ => {}
-            }
+        // SAFETY: `buf` is this call's own pool buffer of `n` bytes, untouched meanwhile.
+        if !direct && unsafe { self.cached_copy(buf.as_mut_ptr(), n, start) } {
+            return Ok(ReadBytes(Repr::Pool {
+                buf,
+                from,
+                to: from + len,
+                inline: true,
+            }));
         }
         let fut = self.submit(fd, OpKind::Read, start, n as u64, Some(buf));
         let (got, buf) = done_bytes(fut.await)?;
@@ -630,6 +619,84 @@ impl OpenFile {
         } else {
             rt.submit_file(fd, op, offset, len, buf)
         }
+    }
+
+    /// Copy `[at, at + n)` into `dst` on this thread if the page cache holds all of it now
+    /// (`preadv2` with `RWF_NOWAIT`, through the buffered handle); false otherwise (nothing
+    /// or part cached, the end of the file, any error, the inline path off): the caller
+    /// reads it through the runtime, which reports what is wrong its way.
+    ///
+    /// # Safety
+    /// `dst` is valid for writes of `n` bytes and nobody else accesses it during the call.
+    unsafe fn cached_copy(&self, dst: *mut u8, n: usize, at: u64) -> bool {
+        if !self.files.inline_cached.load(Ordering::Relaxed) {
+            return false;
+        }
+        // SAFETY: the caller's contract.
+        let r = unsafe { rio_sys::io::pread_nowait_raw(self.inner.buffered.as_fd(), dst, n, at) };
+        match r {
+            Ok(k) if k == n => {
+                self.files.inline_reads.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                // A file system without RWF_NOWAIT: every read through the runtime.
+                self.files.inline_cached.store(false, Ordering::Relaxed);
+                false
+            }
+            _ => false,
+        }
+    }
+
+    /// [`read_bytes`](Self::read_bytes) from wherever the data is: copied from the page
+    /// cache when it holds the range (looked up with `cachestat`, then copied with
+    /// `RWF_NOWAIT` on this thread, the first pool buffer's worth of it), else O_DIRECT from
+    /// the device, so cold data neither
+    /// goes through nor evicts the cache and warm data is not read again from the device.
+    /// Without an O_DIRECT handle or with the inline path off
+    /// ([`Files::set_inline_cached_reads`]), as `read_bytes(.., direct = true)`.
+    pub async fn read_bytes_auto(&self, offset: u64, len: usize) -> Result<ReadBytes> {
+        if len == 0 || !self.is_direct() || !self.files.inline_cached.load(Ordering::Relaxed) {
+            return self.read_bytes(offset, len, true).await;
+        }
+        check_range(&self.inner.path, offset, len as u64)?;
+        // Look before reading: a RWF_NOWAIT read that misses starts the kernel's read-ahead
+        // of the range, which the O_DIRECT read would then fetch from the device a second
+        // time. cachestat has no such side effect (Linux 6.5+; without it, the RWF_NOWAIT
+        // probe below decides alone).
+        let (first, last) = (offset / PAGE, (offset + len as u64 - 1) / PAGE);
+        match rio_sys::io::cached_pages(self.inner.buffered.as_fd(), offset, len as u64) {
+            Ok(n) if n < last - first + 1 => return self.read_bytes(offset, len, true).await,
+            _ => {}
+        }
+        let piece = self.files.piece;
+        if len <= piece {
+            if let Some(mut buf) = self.files.buffer_now(len) {
+                // SAFETY: our own pool buffer of `len` bytes.
+                if unsafe { self.cached_copy(buf.as_mut_ptr(), len, offset) } {
+                    return Ok(ReadBytes(Repr::Pool {
+                        buf,
+                        from: 0,
+                        to: len,
+                        inline: true,
+                    }));
+                }
+            }
+            return self.read_bytes(offset, len, true).await;
+        }
+        let mut out: Vec<u8> = Vec::with_capacity(len);
+        // SAFETY: the vector's spare capacity holds `len` > `piece` bytes, ours alone.
+        if unsafe { self.cached_copy(out.as_mut_ptr(), piece, offset) } {
+            // The range starts cached: the rest most likely is too, read buffered.
+            let rest = &mut out.spare_capacity_mut()[piece..];
+            let n = self.read_pieces(offset + piece as u64, rest, false).await?;
+            // SAFETY: cached_copy initialised `out[..piece]`, read_pieces the `n` bytes
+            // after it.
+            unsafe { out.set_len(piece + n) };
+            return Ok(ReadBytes(Repr::Heap(out, true)));
+        }
+        drop(out);
+        self.read_bytes(offset, len, true).await
     }
 
     /// The descriptor and split point of a direct or buffered operation.

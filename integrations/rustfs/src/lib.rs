@@ -10,9 +10,11 @@
 //! ([`rio::runtime::Files`]: one io_uring (or psync) queue per poller core for all files),
 //! with pool buffers that never allocate on the hot path:
 //! - `pread_bytes`: the part file opened and handed to rio; ranges of at least
-//!   `direct_read_min` bytes go O_DIRECT (cold data straight from the device, no page-cache
-//!   pollution; RustFS's shard blocks are not 4 KiB aligned, so the range is widened),
-//!   smaller ones through the page cache. A range that fits one pool buffer (1 MiB) is
+//!   `direct_read_min` bytes are copied from the page cache when it holds them (checked
+//!   without waiting, on RustFS's thread) and otherwise go O_DIRECT (cold data straight from
+//!   the device, no page-cache pollution; RustFS's shard blocks are not 4 KiB aligned, so
+//!   the range is widened); smaller ones go through the page cache, first copied inline
+//!   when cached. A range that fits one pool buffer (1 MiB) is
 //!   returned as that buffer (`Bytes::from_owner`: no copy); a longer one is read in pieces
 //!   of 1 MiB, 4 in flight, copied into one allocation.
 //! - The runtime's pollers sleep in the kernel while reads are in flight
@@ -54,8 +56,9 @@ pub struct Settings {
     /// The engine: backend, queue depth, pools, direct I/O, the p99 target
     /// (`RUSTFS_TARGET_LATENCY_US`), all of rio's `RIO_*` knobs.
     pub engine: rio::EngineConfig,
-    /// Reads of at least this many bytes go O_DIRECT (`RIO_RUSTFS_DIRECT_READ_MIN`, bytes;
-    /// default 1 MiB). Smaller ones go through the page cache, as RustFS's own do.
+    /// Reads of at least this many bytes go O_DIRECT unless the page cache holds them
+    /// (`RIO_RUSTFS_DIRECT_READ_MIN`, bytes; default 256 KiB: the shards of objects from
+    /// 512 KiB up on four drives). Smaller ones go through the page cache, as RustFS's own do.
     pub direct_read_min: usize,
     /// Part files of at least this size hint are written O_DIRECT (`RIO_RUSTFS_DIRECT_WRITE_MIN`,
     /// bytes; default 1 MiB; an unknown size counts as large).
@@ -104,7 +107,7 @@ impl Settings {
         };
         Ok(Settings {
             engine,
-            direct_read_min: num("RIO_RUSTFS_DIRECT_READ_MIN", 1 << 20)? as usize,
+            direct_read_min: num("RIO_RUSTFS_DIRECT_READ_MIN", 256 << 10)? as usize,
             direct_write_min: num("RIO_RUSTFS_DIRECT_WRITE_MIN", 1 << 20)?.min(i64::MAX as u64)
                 as i64,
             read_ahead: num("RIO_RUSTFS_READ_AHEAD", 2)?.clamp(1, 16) as usize,
@@ -133,7 +136,8 @@ pub struct Stats {
     pub reads: AtomicU64,
     /// Bytes they returned.
     pub read_bytes: AtomicU64,
-    /// Of the reads, those that went O_DIRECT (straight from the device).
+    /// Of the reads, those that went O_DIRECT (straight from the device: long enough, and
+    /// not in the page cache).
     pub direct_reads: AtomicU64,
     /// Of the reads, those copied from the page cache on the calling thread
     /// (`RWF_NOWAIT`; see `rio::runtime::Files::set_inline_cached_reads`).
@@ -412,17 +416,21 @@ impl RioBackend {
         // One pool buffer's worth (a shard of objects up to a few MiB) comes back as that
         // buffer, handed to RustFS as the `Bytes`' owner: no copy, no zeroing; the buffer
         // goes home when RustFS drops the bytes.
-        let r = f.read_bytes(offset as u64, length, direct).await;
+        let r = if direct {
+            // From the page cache if it holds the range (warm: no device read), else O_DIRECT.
+            f.read_bytes_auto(offset as u64, length).await
+        } else {
+            f.read_bytes(offset as u64, length, false).await
+        };
         match r {
             Ok(v) if v.len() == length => {
                 let st = &self.shared.stats;
                 st.reads.fetch_add(1, Ordering::Relaxed);
                 st.read_bytes.fetch_add(length as u64, Ordering::Relaxed);
-                if direct {
-                    st.direct_reads.fetch_add(1, Ordering::Relaxed);
-                }
                 if v.served_inline() {
                     st.inline_reads.fetch_add(1, Ordering::Relaxed);
+                } else if direct {
+                    st.direct_reads.fetch_add(1, Ordering::Relaxed);
                 }
                 Some(Bytes::from_owner(v))
             }
