@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use rio::config::BackendChoice;
-use rio::runtime::{Files, OpenFile};
+use rio::runtime::{Files, InlineReads, OpenFile};
 use rio::{EngineConfig, Error};
 
 /// A small deterministic generator (the tests' own; no timing, no host state).
@@ -40,8 +40,12 @@ fn config(backend: BackendChoice) -> EngineConfig {
     c
 }
 
+/// A runtime that copies cached data inline whenever it can (the default does so only when
+/// the poller is parked, which depends on timing; the tests judge the bytes and the path).
 fn files(dir: &Path, backend: BackendChoice) -> Arc<Files> {
-    Files::open(dir, &config(backend)).expect("a Files runtime on a temp directory")
+    let fs = Files::open(dir, &config(backend)).expect("a Files runtime on a temp directory");
+    fs.set_inline_cached_reads(InlineReads::Always);
+    fs
 }
 
 fn rt() -> tokio::runtime::Runtime {
@@ -147,7 +151,7 @@ fn differential_reads(backend: BackendChoice) {
     // the calling thread. With that off, the same reads go through the poller.
     let inline = fs.inline_reads();
     assert!(inline > 0, "no read was served from the page cache inline");
-    fs.set_inline_cached_reads(false);
+    fs.set_inline_cached_reads(InlineReads::Off);
     let name = format!("part.{}", sizes.len() - 1);
     let f = fs.open_file(Path::new(&name), &read_opts()).unwrap();
     let want = std_read(&dir.path().join(&name), 4097, 300_000);
@@ -576,5 +580,49 @@ fn read_bytes_auto_reads_cached_and_dropped_ranges_alike() {
                 b.served_inline()
             );
         }
+    }
+}
+
+/// `InlineReads::WhenPollerIdle` (the default): a cached read is copied on the calling thread
+/// while the poller that would serve it is parked (a hand-off would wake it), and handed to
+/// the poller while it is awake (a busy-polling one never parks).
+#[test]
+fn cached_reads_go_inline_only_while_the_poller_is_parked() {
+    use rio::runtime::IdlePolicy;
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let data = Rng(0x1d1e).bytes(600 << 10);
+    std::fs::write(dir.path().join("part.1"), &data).unwrap();
+    let rt = rt();
+    for (idle, parks) in [
+        (
+            IdlePolicy::SleepAfter {
+                polls: 16,
+                max_sleep: Duration::from_secs(60),
+            },
+            true,
+        ),
+        (IdlePolicy::BusyPoll, false),
+    ] {
+        let c = config(BackendChoice::Uring);
+        let mut rc = c.runtime_config();
+        rc.cores = Some(vec![0]);
+        rc.idle = idle;
+        let fs = Files::open_with(dir.path(), &c, rc).unwrap();
+        let f = fs.open_file(Path::new("part.1"), &read_opts()).unwrap();
+        // Warm the page cache through the runtime, then let the poller settle.
+        rt.block_on(f.read_bytes(0, data.len(), false)).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while parks && !fs.runtime().poller_parked(0) {
+            assert!(Instant::now() < deadline, "the poller never parked");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let b = rt.block_on(f.read_bytes(32, 512 << 10, false)).unwrap();
+        assert!(
+            b[..] == data[32..32 + (512 << 10)],
+            "{idle:?}: bytes differ"
+        );
+        assert_eq!(b.served_inline(), parks, "{idle:?}: inline copy");
+        fs.runtime().shutdown();
     }
 }

@@ -47,6 +47,22 @@ const MAX_PIECE: usize = 1 << 20;
 /// Direct I/O is never split finer than a page (see the module doc).
 const PAGE: u64 = 4096;
 
+/// When [`Files`] copies cached data on the caller's thread ([`Files::set_inline_cached_reads`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum InlineReads {
+    /// Every read goes through the poller (a host whose threads must never spend tens of
+    /// microseconds copying).
+    Off = 0,
+    /// When the poller that would serve the read is parked: a hand-off then costs a wake-up
+    /// each way, more than copying a 512 KiB shard (40 µs inline against 80-140 µs through
+    /// a sleeping poller, docs/DESIGN.md). An awake poller copies while the caller's thread
+    /// goes on serving other requests.
+    WhenPollerIdle = 1,
+    /// Whenever the data is cached.
+    Always = 2,
+}
+
 /// A runtime over a directory whose files are served by descriptor. `Send + Sync`; share it
 /// with `Arc` between every file of a drive.
 #[derive(Debug)]
@@ -58,7 +74,7 @@ pub struct Files {
     /// How long a read with nothing in flight waits for a pool buffer, in nanoseconds.
     read_wait_ns: AtomicU64,
     /// Buffered `read_bytes` first copy what the page cache holds on the calling thread.
-    inline_cached: AtomicBool,
+    inline_cached: std::sync::atomic::AtomicU8,
     /// Reads served that way.
     inline_reads: AtomicU64,
 }
@@ -95,20 +111,26 @@ impl Files {
             direct: t.direct,
             piece: largest.min(MAX_PIECE),
             read_wait_ns: AtomicU64::new(BUFFER_WAIT.as_nanos() as u64),
-            inline_cached: AtomicBool::new(true),
+            inline_cached: std::sync::atomic::AtomicU8::new(InlineReads::WhenPollerIdle as u8),
             inline_reads: AtomicU64::new(0),
             rt,
         }))
     }
 
-    /// Whether a buffered [`OpenFile::read_bytes`] first copies what the page cache holds on
-    /// the calling thread (`preadv2` with `RWF_NOWAIT`: never waits for the device), going
-    /// through the runtime only for what is not cached (default on). A cached read is a
-    /// copy either way; done inline it saves two thread hand-offs (to the poller and back),
-    /// which cost more than the copy of a 512 KiB shard. Off: every read goes through the
-    /// poller (a host whose threads must never spend ~50 µs copying).
-    pub fn set_inline_cached_reads(&self, on: bool) {
-        self.inline_cached.store(on, Ordering::Relaxed);
+    /// When a buffered [`OpenFile::read_bytes`] (and [`OpenFile::read_bytes_auto`] on a cached
+    /// range) copies what the page cache holds on the calling thread (`preadv2` with
+    /// `RWF_NOWAIT`: never waits for the device) instead of through the poller. Default
+    /// [`InlineReads::WhenPollerIdle`].
+    pub fn set_inline_cached_reads(&self, mode: InlineReads) {
+        self.inline_cached.store(mode as u8, Ordering::Relaxed);
+    }
+
+    fn inline_mode(&self) -> InlineReads {
+        match self.inline_cached.load(Ordering::Relaxed) {
+            0 => InlineReads::Off,
+            1 => InlineReads::WhenPollerIdle,
+            _ => InlineReads::Always,
+        }
     }
 
     /// Buffered reads served from the page cache on the calling thread so far.
@@ -583,7 +605,10 @@ impl OpenFile {
             .expect("a call with nothing in flight gets a buffer or an error");
         let from = (offset - start) as usize;
         // SAFETY: `buf` is this call's own pool buffer of `n` bytes, untouched meanwhile.
-        if !direct && unsafe { self.cached_copy(buf.as_mut_ptr(), n, start) } {
+        if !direct
+            && self.inline_pays(&buf)
+            && unsafe { self.cached_copy(buf.as_mut_ptr(), n, start) }
+        {
             return Ok(ReadBytes(Repr::Pool {
                 buf,
                 from,
@@ -591,6 +616,20 @@ impl OpenFile {
                 inline: true,
             }));
         }
+        self.read_in(buf, fd, start, from, len).await
+    }
+
+    /// Read `buf.len()` bytes at `start` through the runtime into `buf`; the result is its
+    /// bytes `[from, from + len)` (fewer at the end of the file).
+    async fn read_in(
+        &self,
+        buf: PoolBuf,
+        fd: &Arc<OwnedFd>,
+        start: u64,
+        from: usize,
+        len: usize,
+    ) -> Result<ReadBytes> {
+        let n = buf.len();
         let fut = self.submit(fd, OpKind::Read, start, n as u64, Some(buf));
         let (got, buf) = done_bytes(fut.await)?;
         let buf = buf.expect("a read hands its buffer back");
@@ -621,6 +660,16 @@ impl OpenFile {
         }
     }
 
+    /// Whether to copy a cached range on the calling thread rather than hand it to the
+    /// poller of `buf`'s core ([`InlineReads`]).
+    fn inline_pays(&self, buf: &PoolBuf) -> bool {
+        match self.files.inline_mode() {
+            InlineReads::Off => false,
+            InlineReads::WhenPollerIdle => self.files.rt.poller_parked(buf.home_core()),
+            InlineReads::Always => true,
+        }
+    }
+
     /// Copy `[at, at + n)` into `dst` on this thread if the page cache holds all of it now
     /// (`preadv2` with `RWF_NOWAIT`, through the buffered handle); false otherwise (nothing
     /// or part cached, the end of the file, any error, the inline path off): the caller
@@ -629,7 +678,7 @@ impl OpenFile {
     /// # Safety
     /// `dst` is valid for writes of `n` bytes and nobody else accesses it during the call.
     unsafe fn cached_copy(&self, dst: *mut u8, n: usize, at: u64) -> bool {
-        if !self.files.inline_cached.load(Ordering::Relaxed) {
+        if self.files.inline_mode() == InlineReads::Off {
             return false;
         }
         // SAFETY: the caller's contract.
@@ -641,7 +690,7 @@ impl OpenFile {
             }
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
                 // A file system without RWF_NOWAIT: every read through the runtime.
-                self.files.inline_cached.store(false, Ordering::Relaxed);
+                self.files.set_inline_cached_reads(InlineReads::Off);
                 false
             }
             _ => false,
@@ -656,7 +705,7 @@ impl OpenFile {
     /// Without an O_DIRECT handle or with the inline path off
     /// ([`Files::set_inline_cached_reads`]), as `read_bytes(.., direct = true)`.
     pub async fn read_bytes_auto(&self, offset: u64, len: usize) -> Result<ReadBytes> {
-        if len == 0 || !self.is_direct() || !self.files.inline_cached.load(Ordering::Relaxed) {
+        if len == 0 || !self.is_direct() || self.files.inline_mode() == InlineReads::Off {
             return self.read_bytes(offset, len, true).await;
         }
         check_range(&self.inner.path, offset, len as u64)?;
@@ -665,21 +714,29 @@ impl OpenFile {
         // time. cachestat has no such side effect (Linux 6.5+; without it, the RWF_NOWAIT
         // probe below decides alone).
         let (first, last) = (offset / PAGE, (offset + len as u64 - 1) / PAGE);
-        match rio_sys::io::cached_pages(self.inner.buffered.as_fd(), offset, len as u64) {
-            Ok(n) if n < last - first + 1 => return self.read_bytes(offset, len, true).await,
-            _ => {}
-        }
+        let cached =
+            match rio_sys::io::cached_pages(self.inner.buffered.as_fd(), offset, len as u64) {
+                Ok(n) if n < last - first + 1 => return self.read_bytes(offset, len, true).await,
+                Ok(_) => true,
+                Err(_) => false, // unknown: the RWF_NOWAIT copy below is the probe
+            };
         let piece = self.files.piece;
         if len <= piece {
             if let Some(mut buf) = self.files.buffer_now(len) {
-                // SAFETY: our own pool buffer of `len` bytes.
-                if unsafe { self.cached_copy(buf.as_mut_ptr(), len, offset) } {
-                    return Ok(ReadBytes(Repr::Pool {
-                        buf,
-                        from: 0,
-                        to: len,
-                        inline: true,
-                    }));
+                if !cached || self.inline_pays(&buf) {
+                    // SAFETY: our own pool buffer of `len` bytes.
+                    if unsafe { self.cached_copy(buf.as_mut_ptr(), len, offset) } {
+                        return Ok(ReadBytes(Repr::Pool {
+                            buf,
+                            from: 0,
+                            to: len,
+                            inline: true,
+                        }));
+                    }
+                } else {
+                    // Cached, and the poller is awake: it copies while this thread goes on.
+                    let fd = Arc::clone(&self.inner.buffered);
+                    return self.read_in(buf, &fd, offset, 0, len).await;
                 }
             }
             return self.read_bytes(offset, len, true).await;

@@ -35,7 +35,7 @@ use crate::queue::{Completion, Queue};
 mod file;
 mod files;
 pub use file::DiskFile;
-pub use files::{Files, OpenFile, ReadBytes, SeqWriter};
+pub use files::{Files, InlineReads, OpenFile, ReadBytes, SeqWriter};
 
 /// What a poller does when a poll found nothing to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -457,6 +457,15 @@ impl Runtime {
     /// Read-ahead settings `DiskFile`s of this runtime start with.
     pub fn prefetch_config(&self) -> crate::tune::PrefetchConfig {
         self.prefetch
+    }
+
+    /// Whether the poller of `core` is parked (idle, nothing in flight): a submission to it
+    /// costs a wake-up. A hint, read without ordering; `false` for a core without a poller.
+    pub fn poller_parked(&self, core: usize) -> bool {
+        self.cores
+            .iter()
+            .find(|c| c.core == core)
+            .is_some_and(|c| c.sleeping.load(Ordering::Relaxed))
     }
 
     /// The cores pollers run on.

@@ -71,10 +71,10 @@ pub struct Settings {
     /// (`RIO_RUSTFS_POLL=spin`, rio's default elsewhere). A RustFS node's CPUs hash, encode
     /// and serve the network; a poller spinning through a 500 µs read takes a core from them.
     pub block_poll: bool,
-    /// Reads below `direct_read_min` first copy what the page cache holds on RustFS's own
-    /// thread, as RustFS's `StdBackend` does on its blocking pool, without the hand-off
-    /// (`RIO_RUSTFS_INLINE_CACHED=1`, the default; `0`: every read through rio's pollers).
-    pub inline_cached: bool,
+    /// When cached data is copied on RustFS's own thread rather than by rio's poller
+    /// (`RIO_RUSTFS_INLINE_CACHED`: `idle`, the default: when the poller is parked; `always`;
+    /// `off`). See `rio::runtime::InlineReads`.
+    pub inline_cached: rio::runtime::InlineReads,
     /// Open part files kept per disk between reads (`RIO_RUSTFS_FD_CACHE`, default 256; 0
     /// turns the cache off). Each holds two descriptors (buffered and O_DIRECT); the cache is
     /// off when RLIMIT_NOFILE's soft limit is under 4096, as RustFS's own is when low.
@@ -112,7 +112,16 @@ impl Settings {
                 as i64,
             read_ahead: num("RIO_RUSTFS_READ_AHEAD", 2)?.clamp(1, 16) as usize,
             fd_cache: num("RIO_RUSTFS_FD_CACHE", 256)?.min(1 << 16) as usize,
-            inline_cached: num("RIO_RUSTFS_INLINE_CACHED", 1)? != 0,
+            inline_cached: match std::env::var("RIO_RUSTFS_INLINE_CACHED").as_deref() {
+                Err(_) | Ok("idle") => rio::runtime::InlineReads::WhenPollerIdle,
+                Ok("always") => rio::runtime::InlineReads::Always,
+                Ok("off") => rio::runtime::InlineReads::Off,
+                Ok(v) => {
+                    return Err(format!(
+                        "RIO_RUSTFS_INLINE_CACHED={v}: expected idle, always or off"
+                    ));
+                }
+            },
             block_poll: match std::env::var("RIO_RUSTFS_POLL").as_deref() {
                 Err(_) | Ok("block") => true,
                 Ok("spin") => false,
