@@ -1228,6 +1228,8 @@ impl Poller {
                 }
                 cs.sleeping.store(false, Ordering::SeqCst);
             } else if block {
+                // As before parking: buffers dropped on this thread go where others find them.
+                guard.flush();
                 cs.in_kernel.store(true, Ordering::SeqCst);
                 if cs.inbox.is_empty() && !self.stop.load(Ordering::Acquire) {
                     // What completed meanwhile lands in `comps`, handled with the next poll.
