@@ -520,7 +520,18 @@ impl OpenFile {
         let out = unsafe {
             std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<MaybeUninit<u8>>(), len)
         };
-        if self.is_direct() {
+        self.read_span(offset, out, self.is_direct()).await
+    }
+
+    /// [`read_pieces`](Self::read_pieces) O_DIRECT if `direct`, and buffered if the file
+    /// system refuses it (EINVAL: direct I/O is then off for this file).
+    async fn read_span(
+        &self,
+        offset: u64,
+        out: &mut [MaybeUninit<u8>],
+        direct: bool,
+    ) -> Result<usize> {
+        if direct {
             match self.read_pieces(offset, out, true).await {
                 Err(e) if is_einval(&e) => self.direct_refused(&e),
                 r => return r,
@@ -542,23 +553,9 @@ impl OpenFile {
             return Ok(out);
         }
         check_range(&self.inner.path, offset, len as u64)?;
-        let mut n = None;
-        if direct {
-            match self
-                .read_pieces(offset, out.spare_capacity_mut(), true)
-                .await
-            {
-                Err(e) if is_einval(&e) => self.direct_refused(&e),
-                r => n = Some(r?),
-            }
-        }
-        let n = match n {
-            Some(n) => n,
-            None => {
-                self.read_pieces(offset, out.spare_capacity_mut(), false)
-                    .await?
-            }
-        };
+        let n = self
+            .read_span(offset, out.spare_capacity_mut(), direct)
+            .await?;
         // SAFETY: read_pieces returned `n`: it initialised `out[..n]` (the bytes it copied
         // out are a prefix, written in order).
         unsafe { out.set_len(n) };
