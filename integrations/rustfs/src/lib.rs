@@ -79,6 +79,15 @@ pub struct Settings {
     /// turns the cache off). Each holds two descriptors (buffered and O_DIRECT); the cache is
     /// off when RLIMIT_NOFILE's soft limit is under 4096, as RustFS's own is when low.
     pub fd_cache: usize,
+    /// Ranges remembered as recently read, for cache admission on a second read
+    /// (`RIO_RUSTFS_CACHE_REREADS`, default 4096; 0 turns it off). A large read that the page
+    /// cache does not hold goes O_DIRECT the first time; read again while still remembered,
+    /// it goes through the page cache, which then keeps it for the reads after (data written
+    /// O_DIRECT, as large parts are, is otherwise never cached, and an object read over and
+    /// over would come from the device every time). Read once, data stays out of the cache,
+    /// as in a 2Q cache's admission. A fixed table of hashes: no allocation per read; a
+    /// collision only makes one read go the other way.
+    pub cache_rereads: usize,
 }
 
 impl Settings {
@@ -112,6 +121,7 @@ impl Settings {
                 as i64,
             read_ahead: num("RIO_RUSTFS_READ_AHEAD", 2)?.clamp(1, 16) as usize,
             fd_cache: num("RIO_RUSTFS_FD_CACHE", 256)?.min(1 << 16) as usize,
+            cache_rereads: num("RIO_RUSTFS_CACHE_REREADS", 4096)?.min(1 << 24) as usize,
             inline_cached: match std::env::var("RIO_RUSTFS_INLINE_CACHED").as_deref() {
                 Err(_) | Ok("idle") => rio::runtime::InlineReads::WhenPollerIdle,
                 Ok("always") => rio::runtime::InlineReads::Always,
@@ -148,6 +158,10 @@ pub struct Stats {
     /// Of the reads, those that went O_DIRECT (straight from the device: long enough, and
     /// not in the page cache).
     pub direct_reads: AtomicU64,
+    /// Of the reads, those sent through the page cache (rather than O_DIRECT, whatever
+    /// `cachestat` says) because the same range was read recently
+    /// ([`Settings::cache_rereads`]); those served inline count in `inline_reads` too.
+    pub cache_rereads: AtomicU64,
     /// Of the reads, those copied from the page cache on the calling thread
     /// (`RWF_NOWAIT`; see `rio::runtime::Files::set_inline_cached_reads`).
     pub inline_reads: AtomicU64,
@@ -170,6 +184,8 @@ pub struct Stats {
 
 struct Shared {
     files: Arc<Files>,
+    /// Recently read ranges ([`Settings::cache_rereads`]).
+    rereads: Option<ReReads>,
     settings: Settings,
     stats: Arc<Stats>,
     /// rio's OTLP exporter (with `RIO_OTEL=1`): the runtime's latency windows, pools and
@@ -221,6 +237,7 @@ fn shared(root: &Path, settings: &Settings) -> std::result::Result<Arc<Shared>, 
             );
             Ok(Arc::new(Shared {
                 files,
+                rereads: (settings.cache_rereads > 0).then(|| ReReads::new(settings.cache_rereads)),
                 settings: settings.clone(),
                 stats: stats(),
                 _telemetry: telemetry,
@@ -242,6 +259,33 @@ pub fn install(settings: Settings) -> bool {
             }
         }
     }))
+}
+
+/// A table of range hashes, one per slot ([`Settings::cache_rereads`]).
+struct ReReads {
+    slots: Box<[AtomicU64]>,
+}
+
+impl ReReads {
+    fn new(n: usize) -> ReReads {
+        ReReads {
+            slots: (0..n).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// Whether `(root, volume, path, offset, length)` was read recently; remembered if not.
+    fn seen(&self, root: &Path, volume: &str, path: &str, offset: usize, length: usize) -> bool {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (root, volume, path, offset, length).hash(&mut h);
+        let h = h.finish() | 1; // never 0, an empty slot
+        let slot = &self.slots[(h % self.slots.len() as u64) as usize];
+        if slot.load(Ordering::Relaxed) == h {
+            return true;
+        }
+        slot.store(h, Ordering::Relaxed);
+        false
+    }
 }
 
 /// Open part files of one disk, kept between reads (RustFS's own backend keeps such a cache
@@ -425,7 +469,16 @@ impl RioBackend {
         // One pool buffer's worth (a shard of objects up to a few MiB) comes back as that
         // buffer, handed to RustFS as the `Bytes`' owner: no copy, no zeroing; the buffer
         // goes home when RustFS drops the bytes.
-        let r = if direct {
+        let reread = direct
+            && self
+                .shared
+                .rereads
+                .as_ref()
+                .is_some_and(|r| r.seen(&self.root, volume, path, offset, length));
+        let r = if reread {
+            // Read before: through the page cache, which keeps it for the next reads.
+            f.read_bytes(offset as u64, length, false).await
+        } else if direct {
             // From the page cache if it holds the range (warm: no device read), else O_DIRECT.
             f.read_bytes_auto(offset as u64, length).await
         } else {
@@ -436,9 +489,12 @@ impl RioBackend {
                 let st = &self.shared.stats;
                 st.reads.fetch_add(1, Ordering::Relaxed);
                 st.read_bytes.fetch_add(length as u64, Ordering::Relaxed);
+                if reread {
+                    st.cache_rereads.fetch_add(1, Ordering::Relaxed);
+                }
                 if v.served_inline() {
                     st.inline_reads.fetch_add(1, Ordering::Relaxed);
-                } else if direct {
+                } else if direct && !reread {
                     st.direct_reads.fetch_add(1, Ordering::Relaxed);
                 }
                 Some(Bytes::from_owner(v))

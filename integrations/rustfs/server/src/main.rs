@@ -128,11 +128,12 @@ async fn serve(a: Args) -> ExitCode {
         use std::sync::atomic::Ordering::Relaxed;
         let s = rio_rustfs::stats();
         println!(
-            "RIO_STATS reads={} read_bytes={} direct_reads={} inline_reads={} streams={} writers={} direct_writers={} delegated={} io_errors={} pool_overflows={}",
+            "RIO_STATS reads={} read_bytes={} direct_reads={} inline_reads={} cache_rereads={} streams={} writers={} direct_writers={} delegated={} io_errors={} pool_overflows={}",
             s.reads.load(Relaxed),
             s.read_bytes.load(Relaxed),
             s.direct_reads.load(Relaxed),
             s.inline_reads.load(Relaxed),
+            s.cache_rereads.load(Relaxed),
             s.streams.load(Relaxed),
             s.writers.load(Relaxed),
             s.direct_writers.load(Relaxed),
