@@ -957,6 +957,7 @@ impl Device {
         {
             cq.backlog.push_back(post);
             self.backlogged += 1;
+            self.sh.stats.cq_full_holds.add(1);
         }
     }
 

@@ -85,6 +85,10 @@ pub struct SimStats {
     pub sgl_cmds: u64,
     /// Asynchronous Event Requests completed with an event.
     pub events_reported: u64,
+    /// Completions held back because their CQ was full by the head doorbell the model read
+    /// (posted later, once the host freed slots). A driver that rings the CQ head before
+    /// every SQ tail never causes one.
+    pub cq_full_holds: u64,
 }
 
 impl SimStats {
@@ -117,6 +121,7 @@ pub(crate) struct StatCounters {
     inline_passes: Counter,
     sgl_cmds: Counter,
     events_reported: Counter,
+    cq_full_holds: Counter,
 }
 
 pub(crate) struct NsInfo {
@@ -508,6 +513,7 @@ impl SimController {
             inline_passes: s.inline_passes.get(),
             sgl_cmds: s.sgl_cmds.get(),
             events_reported: s.events_reported.get(),
+            cq_full_holds: s.cq_full_holds.get(),
         }
     }
 
