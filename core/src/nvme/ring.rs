@@ -132,6 +132,12 @@ impl Ring {
         self.distance(self.sq_tail_rung, self.sq_tail)
     }
 
+    /// Completion entries consumed whose slots the controller has not been given back yet
+    /// (the CQ head doorbell lags [`Ring::next_cqe`] until [`Ring::ring_cq`]).
+    pub fn cq_unrung(&self) -> u16 {
+        self.distance(self.cq_head_rung, self.cq_head)
+    }
+
     /// Ring distance from `from` to `to` (no division: entries need not be a power of two).
     #[inline]
     fn distance(&self, from: u16, to: u16) -> u16 {
