@@ -568,7 +568,7 @@ impl Queue {
             .slots
             .get_mut(r.slot as usize)
             .and_then(Option::take)
-            .ok_or(Error::BadCompletion {
+            .ok_or_else(|| Error::BadCompletion {
                 backend: self.backend.name(),
                 slot: r.slot,
             })?;
