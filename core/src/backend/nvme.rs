@@ -621,7 +621,7 @@ impl NvmeQueue {
         // the first poll that finds nothing new, or once half the ring is held. Measured in
         // the TCG guest (docs/DESIGN.md, "rio against SPDK"): a CQ-head write right behind
         // the controller's completion post met QEMU's device model still holding its lock,
-        // and 4K QD1 went from 20-22k to 26-39k IOPS when it moved. The controller never
+        // and 4K QD1 went from 20-22k to 26-42k IOPS when it moved. The controller never
         // finds the CQ full for it: every SQ doorbell is preceded by a CQ doorbell, so the
         // entries it has posted and not seen freed belong to commands outstanding at that
         // moment, at most the tracker count (entries - 1). (Writing the CQ head only when
