@@ -125,6 +125,16 @@ impl Queue {
         self.backend.set_submit_batch(n)
     }
 
+    /// How many memory regions (the queue's arena, the regions given to
+    /// `queue_with_regions` or `add_region`) io_uring has registered as fixed buffers; `None`
+    /// on the other backends.
+    pub fn registered_regions(&self) -> Option<usize> {
+        match &self.backend {
+            BackendQueue::Uring(q) => Some(q.registered_regions()),
+            _ => None,
+        }
+    }
+
     /// Counters of the userspace NVMe driver's queue pair (`None` on kernel backends).
     pub fn nvme_stats(&self) -> Option<crate::backend::nvme::NvmeQueueStats> {
         match &self.backend {
@@ -368,8 +378,9 @@ impl Queue {
     }
 
     /// Make more external memory usable by `submit_raw` after the queue was built (a pool that
-    /// grew): mapped into the IOMMU for the vfio backend; io_uring does I/O on it without
-    /// fixed-buffer registration (same results, a little more kernel work per operation).
+    /// grew): mapped into the IOMMU for the vfio backend; registered as fixed buffers by
+    /// io_uring where the kernel has a sparse buffer table (5.13+), else used unregistered
+    /// (same results, a little more kernel work per operation).
     ///
     /// # Safety
     /// As for [`crate::Engine::queue_with_regions`]: the memory stays mapped and unmoved until
@@ -386,7 +397,12 @@ impl Queue {
             #[cfg(feature = "spdk")]
             // SAFETY: caller contract.
             BackendQueue::Spdk(q) => unsafe { q.add_region(ptr, len, kind) },
-            BackendQueue::Uring(_) | BackendQueue::Psync(_) => Ok(()),
+            BackendQueue::Uring(q) => {
+                // SAFETY: caller contract (the memory stays mapped until `remove_region`).
+                unsafe { q.add_region(ptr, len) };
+                Ok(())
+            }
+            BackendQueue::Psync(_) => Ok(()),
         }
     }
 

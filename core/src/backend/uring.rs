@@ -1,6 +1,7 @@
-//! io_uring backend: O_DIRECT, the queue's arena registered once as fixed buffers
-//! (READ_FIXED/WRITE_FIXED), the target registered as a fixed file, one `io_uring_enter` per
-//! poll batch, optional SQPOLL, IOPOLL on NVMe devices with poll queues.
+//! io_uring backend: O_DIRECT, the queue's arena and its owner's regions (a buffer pool's,
+//! also those added while it runs) registered as fixed buffers (READ_FIXED/WRITE_FIXED), the
+//! target registered as a fixed file, one `io_uring_enter` per poll batch, optional SQPOLL,
+//! IOPOLL on NVMe devices with poll queues.
 //!
 //! Without SQPOLL the ring is created SINGLE_ISSUER + DEFER_TASKRUN + TASKRUN_FLAG (kernel
 //! 6.1+; older kernels fall back to a plain ring): completions are posted only when the owning
@@ -29,16 +30,25 @@ pub(crate) struct UringOptions {
 /// Largest single registered buffer the kernel accepts.
 const MAX_REG: usize = 1 << 30;
 
+/// Entries of the fixed-buffer table when it is registered sparse (kernel 5.13+): regions
+/// (in pieces of at most 1 GiB) are put in and taken out one by one, while I/O is in flight.
+/// The kernel allows 16384; a pool has a handful of regions per core.
+const TABLE_SLOTS: usize = 1024;
+
 pub(crate) struct UringQueue {
     ring: IoUring,
     file: File,
     fixed_file: bool,
-    /// Arena base and length when registered as fixed buffers (in 1 GiB pieces).
     /// Registered memory: (start address, length, index of its first fixed buffer). Each
     /// region is registered in pieces of at most 1 GiB.
     fixed_bufs: Vec<(usize, usize, u16)>,
-    /// The regions registered (arena first), for re-registration without one of them.
+    /// The regions registered at creation (arena first), for re-registration without one of
+    /// them (a table that is not sparse).
     registered: Vec<(usize, usize)>,
+    /// Which entries of a sparse table hold a buffer; empty when the table is not sparse (an
+    /// old kernel: the regions given at creation are registered in one go, and regions added
+    /// later are used unregistered).
+    slots_used: Vec<bool>,
     /// SQEs pushed and not yet handed to the kernel.
     pending: u32,
     submit_batch: u32,
@@ -116,35 +126,90 @@ impl UringQueue {
         };
         let fixed_file = ring.submitter().register_files(&[file.as_raw_fd()]).is_ok();
         feats.fixed_file = fixed_file;
-        let (iovecs, table) = iovec_table(regions.iter().map(|&(b, l)| (b as usize, l)));
-        // SAFETY: the iovecs cover exactly the queue's arena and the regions its owner added,
-        // which are kept alive for as long as this ring exists (the Queue owns the arena and
-        // drops the ring first; added regions are the caller's contract; an abandoned queue
-        // leaks the arena).
-        let fixed_bufs = match unsafe { ring.submitter().register_buffers(&iovecs) } {
-            Ok(()) => table,
-            Err(e) => {
-                tracing::warn!(error = %e, "io_uring: cannot register buffers; using unregistered I/O");
-                Vec::new()
-            }
+        let mut q = UringQueue {
+            ring,
+            file,
+            fixed_file,
+            fixed_bufs: Vec::new(),
+            registered: regions.iter().map(|&(b, l)| (b as usize, l)).collect(),
+            slots_used: Vec::new(),
+            pending: 0,
+            submit_batch: opts.submit_batch,
+            iopoll: opts.iopoll,
+            inline_done: Vec::new(),
+            abandoned: false,
+            wake: None,
         };
-        feats.fixed_buffers = !fixed_bufs.is_empty();
-        Ok((
-            UringQueue {
-                ring,
-                file,
-                fixed_file,
-                fixed_bufs,
-                registered: regions.iter().map(|&(b, l)| (b as usize, l)).collect(),
-                pending: 0,
-                submit_batch: opts.submit_batch,
-                iopoll: opts.iopoll,
-                inline_done: Vec::new(),
-                abandoned: false,
-                wake: None,
-            },
-            feats,
-        ))
+        let pieces: usize = q.registered.iter().map(|&(_, l)| l.div_ceil(MAX_REG)).sum();
+        if pieces <= TABLE_SLOTS
+            && q.ring
+                .submitter()
+                .register_buffers_sparse(TABLE_SLOTS as u32)
+                .is_ok()
+        {
+            q.slots_used = vec![false; TABLE_SLOTS];
+            for (base, len) in q.registered.clone() {
+                // SAFETY: the queue's arena and the regions its owner gave, which are kept
+                // alive for as long as this ring exists (the Queue owns the arena and drops
+                // the ring first; the regions are the caller's contract; an abandoned queue
+                // leaks the arena).
+                if let Err(e) = unsafe { q.register_region(base, len) } {
+                    tracing::warn!(error = %e, "io_uring: cannot register a buffer region; its I/O goes unregistered");
+                }
+            }
+        } else {
+            let (iovecs, table) = iovec_table(q.registered.iter().copied());
+            // SAFETY: as above.
+            match unsafe { q.ring.submitter().register_buffers(&iovecs) } {
+                Ok(()) => q.fixed_bufs = table,
+                Err(e) => {
+                    tracing::warn!(error = %e, "io_uring: cannot register buffers; using unregistered I/O")
+                }
+            }
+        }
+        feats.fixed_buffers = !q.fixed_bufs.is_empty();
+        Ok((q, feats))
+    }
+
+    /// Put `[base, base+len)` in free entries of the sparse fixed-buffer table (pieces of at
+    /// most 1 GiB, consecutive entries).
+    ///
+    /// # Safety
+    /// The memory must stay mapped until it is taken out ([`UringQueue::remove_region`]) or
+    /// the ring is dropped.
+    unsafe fn register_region(&mut self, base: usize, len: usize) -> std::io::Result<()> {
+        let (iovecs, _) = iovec_table(std::iter::once((base, len)));
+        let n = iovecs.len();
+        let first = (0..=self.slots_used.len().saturating_sub(n))
+            .find(|&i| n > 0 && self.slots_used[i..i + n].iter().all(|u| !u))
+            .ok_or_else(|| std::io::Error::other("the fixed-buffer table is full"))?;
+        // SAFETY: the caller keeps the memory mapped while it is registered.
+        unsafe {
+            self.ring
+                .submitter()
+                .register_buffers_update(first as u32, &iovecs, None)?
+        };
+        self.slots_used[first..first + n].fill(true);
+        self.fixed_bufs.push((base, len, first as u16));
+        Ok(())
+    }
+
+    /// A region the owner added after creation (a pool that grew): registered in the sparse
+    /// table, so its I/O uses fixed buffers too (no page pinning per O_DIRECT operation). On
+    /// an old kernel (no sparse table), a full table or a refusal (RLIMIT_MEMLOCK), its I/O
+    /// stays unregistered: slower, never wrong.
+    ///
+    /// # Safety
+    /// As for [`UringQueue::register_region`].
+    pub unsafe fn add_region(&mut self, ptr: *mut u8, len: usize) {
+        let base = ptr as usize;
+        if self.slots_used.is_empty() || self.fixed_bufs.iter().any(|&(b, _, _)| b == base) {
+            return;
+        }
+        // SAFETY: caller contract.
+        if let Err(e) = unsafe { self.register_region(base, len) } {
+            tracing::debug!(error = %e, len, "io_uring: a new buffer region stays unregistered");
+        }
     }
 
     /// Let `fd` (an eventfd) interrupt blocking waits: see [`UringQueue::arm_wake`]. Not on an
@@ -185,11 +250,42 @@ impl UringQueue {
         true
     }
 
-    /// Stop using a region registered at creation (a pool gave it back): the fixed buffers
-    /// are registered again without it. The caller (`Queue::remove_region`) has checked that
-    /// nothing is in flight (the kernel may be using the registered pages).
+    /// Stop using a region (a pool gave it back). The caller (`Queue::remove_region`) has
+    /// checked that nothing is in flight. A sparse table empties the region's entries; a
+    /// table registered in one go is registered again without it.
     pub fn remove_region(&mut self, ptr: *mut u8) {
-        let Some(i) = self.registered.iter().position(|&(b, _)| b == ptr as usize) else {
+        let base = ptr as usize;
+        if !self.slots_used.is_empty() {
+            let Some(i) = self.fixed_bufs.iter().position(|&(b, _, _)| b == base) else {
+                return; // never registered: nothing to do
+            };
+            let (_, len, first) = self.fixed_bufs[i];
+            let n = len.div_ceil(MAX_REG);
+            let empty = vec![
+                libc::iovec {
+                    iov_base: std::ptr::null_mut(),
+                    iov_len: 0,
+                };
+                n
+            ];
+            // SAFETY: empty entries (a null base and length) register no memory.
+            match unsafe {
+                self.ring
+                    .submitter()
+                    .register_buffers_update(first as u32, &empty, None)
+            } {
+                Ok(()) => {
+                    self.fixed_bufs.remove(i);
+                    self.slots_used[first as usize..first as usize + n].fill(false);
+                    self.registered.retain(|&(b, _)| b != base);
+                }
+                // The entries stay: the kernel keeps its pin on the pages, and nothing uses
+                // them once the owner stops submitting from this region.
+                Err(e) => tracing::warn!(error = %e, "io_uring: cannot unregister a buffer region"),
+            }
+            return;
+        }
+        let Some(i) = self.registered.iter().position(|&(b, _)| b == base) else {
             return; // never registered (added later): nothing to do
         };
         self.registered.remove(i);
@@ -204,6 +300,11 @@ impl UringQueue {
                 Vec::new()
             }
         };
+    }
+
+    /// Regions registered as fixed buffers.
+    pub fn registered_regions(&self) -> usize {
+        self.fixed_bufs.len()
     }
 
     /// Index of the registered buffer that holds `[addr, addr+len)`, if any.
