@@ -112,6 +112,9 @@ pub type CompletionHandler = Arc<dyn Fn(Done, &mut Resubmit<'_>) + Send + Sync>;
 pub struct Resubmit<'a> {
     cs: &'a CoreShared,
     local: &'a mut Vec<Request>,
+    /// Slots of tagged operations that completed in this poll, kept on the poller: a
+    /// resubmission takes one of these first (no atomic), the shared free list only after.
+    free: &'a mut Vec<u32>,
     stop: bool,
 }
 
@@ -145,7 +148,7 @@ impl Resubmit<'_> {
                 buf,
             ));
         }
-        let Some(slot) = self.cs.free.pop() else {
+        let Some(slot) = self.free.pop().or_else(|| self.cs.free.pop()) else {
             return Err((
                 Error::QueueFull {
                     depth: self.cs.slots.len() as u32,
@@ -1083,6 +1086,9 @@ impl Poller {
         // completions waiting for the handler. Both hold at most a slot each: no growth.
         let mut local: Vec<Request> = Vec::with_capacity(cs.slots.len());
         let mut dones: Vec<Done> = Vec::with_capacity(cs.slots.len());
+        // Slots of tagged operations completed in this poll, for the handlers' resubmissions;
+        // what they leave goes back to the shared free list before the next poll.
+        let mut free_local: Vec<u32> = Vec::with_capacity(cs.slots.len());
         let mut comps: Vec<Completion> = Vec::with_capacity(self.depth as usize);
         let mut empty = 0u32;
         let mut last_maintain = Instant::now();
@@ -1151,22 +1157,44 @@ impl Poller {
                     q.set_submit_batch(b);
                 }
             }
-            for c in comps.drain(..) {
+            if !comps.is_empty() {
                 work = true;
-                let held = std::mem::take(&mut inflight[c.token as usize]);
-                match held.tag {
-                    Some(tag) => {
-                        // The slot goes back first: a handler that resubmits finds one.
-                        let _ = cs.free.push(c.token as u32);
-                        dones.push(Done {
-                            tag,
-                            result: c.result.map_err(Error::Io),
-                            buf: held.buf,
-                        });
+                // Read once per poll: a handler's resubmissions are refused once it is set.
+                let stop = self.stop.load(Ordering::Acquire);
+                for c in comps.drain(..) {
+                    let held = std::mem::take(&mut inflight[c.token as usize]);
+                    match (held.tag, &cs.on_complete) {
+                        // Run-to-completion: the handler runs here, one completion at a time
+                        // (no staging of `Done`s). The slot goes back first, to this poller's
+                        // own list: a handler that resubmits takes it again without an atomic.
+                        (Some(tag), Some(h)) => {
+                            free_local.push(c.token as u32);
+                            let mut rs = Resubmit {
+                                cs,
+                                local: &mut local,
+                                free: &mut free_local,
+                                stop,
+                            };
+                            h(
+                                Done {
+                                    tag,
+                                    result: c.result.map_err(Error::Io),
+                                    buf: held.buf,
+                                },
+                                &mut rs,
+                            );
+                        }
+                        // A tag without a handler cannot be submitted (`submit_tagged` refuses).
+                        (Some(_), None) => {
+                            let _ = cs.free.push(c.token as u32);
+                        }
+                        (None, _) => {
+                            complete(cs, c.token as u32, c.result.map_err(Error::Io), held.buf)
+                        }
                     }
-                    None => complete(cs, c.token as u32, c.result.map_err(Error::Io), held.buf),
                 }
             }
+            // Tagged operations that failed at submission (`Poller::submit`).
             if !dones.is_empty()
                 && let Some(h) = &cs.on_complete
             {
@@ -1174,11 +1202,16 @@ impl Poller {
                 let mut rs = Resubmit {
                     cs,
                     local: &mut local,
+                    free: &mut free_local,
                     stop: self.stop.load(Ordering::Acquire),
                 };
                 for d in dones.drain(..) {
                     h(d, &mut rs);
                 }
+            }
+            // Slots the handlers did not take again: back where every submitter finds them.
+            for slot in free_local.drain(..) {
+                let _ = cs.free.push(slot);
             }
             if work {
                 empty = 0;
