@@ -626,3 +626,72 @@ fn cached_reads_go_inline_only_while_the_poller_is_parked() {
         fs.runtime().shutdown();
     }
 }
+
+/// Counts what a Files runtime's pollers report: I/Os in the windows, and failed I/Os.
+#[derive(Default)]
+struct CountingSink {
+    reads: std::sync::atomic::AtomicU64,
+    read_bytes: std::sync::atomic::AtomicU64,
+    errors: std::sync::atomic::AtomicU64,
+}
+
+impl rio::WindowSink for CountingSink {
+    fn window(&self, w: &rio::Window) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.reads.fetch_add(w.read.ios, Relaxed);
+        self.read_bytes.fetch_add(w.read.bytes, Relaxed);
+    }
+    fn io_error(&self, _job: u32, _e: &rio::IoError) {
+        self.errors
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A direct read widened to the alignment runs past the end of its file and comes back short:
+/// `Files` takes that as the end of the file, and so do the windows its pollers hand the sink
+/// (the telemetry's): a read of the bytes there were, not a failed I/O. (They reported every
+/// such read as a `short_transfer` error, and RustFS's shard reads, each to its file's end,
+/// never reached the latency histogram.)
+#[test]
+fn a_direct_read_short_at_the_end_of_its_file_is_a_read_in_the_windows() {
+    use std::sync::atomic::Ordering::Relaxed;
+    // On the target's file system (O_DIRECT), not /tmp (tmpfs may refuse it).
+    let base = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let dir = tempfile::tempdir_in(base).unwrap();
+    let sink = Arc::new(CountingSink::default());
+    let cfg = config(BackendChoice::Uring);
+    let rtc = rio::runtime::RuntimeConfig {
+        sink: Some(sink.clone()),
+        ..cfg.runtime_config()
+    };
+    let fs = Files::open_with(dir.path(), &cfg, rtc).unwrap();
+    fs.set_inline_cached_reads(InlineReads::Off);
+    // A RustFS shard file of a 1 MiB object on four drives: one block, a 32-byte hash and
+    // 512 KiB; widened, the read asks for 528,384 bytes.
+    let data = Rng(0xe0f).bytes(524_320);
+    std::fs::write(dir.path().join("part.1"), &data).unwrap();
+    let f = fs.open_file(Path::new("part.1"), &read_opts()).unwrap();
+    assert!(
+        f.is_direct(),
+        "{} does not take O_DIRECT: this test needs a file system that does",
+        dir.path().display()
+    );
+    let rt = rt();
+    let b = rt.block_on(f.read_bytes(0, data.len(), true)).unwrap();
+    assert!(b[..] == data[..], "bytes differ");
+    drop(b);
+    // An idle poller closes its last window on its own.
+    let t0 = std::time::Instant::now();
+    while sink.reads.load(Relaxed) == 0 && t0.elapsed() < std::time::Duration::from_secs(30) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(
+        sink.errors.load(Relaxed),
+        0,
+        "the short read was reported as a failure"
+    );
+    assert_eq!(sink.reads.load(Relaxed), 1, "the read is in the windows");
+    assert_eq!(sink.read_bytes.load(Relaxed), data.len() as u64);
+    drop(f);
+    fs.runtime().shutdown();
+}

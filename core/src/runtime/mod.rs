@@ -931,13 +931,14 @@ struct Meter {
 impl Meter {
     const LEN: Duration = Duration::from_millis(100);
 
+    /// One completed read or write of `bytes`.
     #[inline]
-    fn record(&mut self, c: &Completion, now: Instant) {
+    fn record(&mut self, c: &Completion, bytes: u64, now: Instant) {
         let ns = now
             .saturating_duration_since(self.started[c.token as usize])
             .as_nanos() as u64;
         let slice = ((c.offset as u128 * self.heat_mul) >> 64) as usize;
-        self.win.record(c.op, c.len, ns, slice);
+        self.win.record(c.op, bytes, ns, slice);
     }
 
     /// Closes the window if it is due: hands it to the sink, feeds the tuner (which may move
@@ -1093,6 +1094,10 @@ impl Poller {
         let mut empty = 0u32;
         let mut last_maintain = Instant::now();
         let size = self.engine.target().geometry.size.max(1);
+        // A directory runtime serves host files, whose reads may run past their end (a range
+        // widened to the O_DIRECT alignment): short there is the end of the file, which
+        // `Files` takes as a count, so the windows count it as a read, not a failure.
+        let short_is_eof = self.engine.target().geometry.size == 0;
         let mut meter = (cs.tuner.is_some() || cs.sink.is_some()).then(|| Meter {
             started: vec![Instant::now(); cs.slots.len()].into_boxed_slice(),
             win: crate::window::Window::new(cs.index),
@@ -1144,8 +1149,16 @@ impl Poller {
                     match &c.result {
                         // Flushes and the like carry no data: they would skew the write
                         // latency the window reports.
-                        Ok(_) if matches!(c.op, OpKind::Read | OpKind::Write) => m.record(c, now),
+                        Ok(_) if matches!(c.op, OpKind::Read | OpKind::Write) => {
+                            m.record(c, c.len, now)
+                        }
                         Ok(_) => {}
+                        Err(crate::error::IoError {
+                            kind: crate::error::IoErrorKind::Short { done },
+                            ..
+                        }) if short_is_eof && c.op == OpKind::Read => {
+                            m.record(c, u64::from(*done), now)
+                        }
                         Err(e) => {
                             if let Some(sink) = &cs.sink {
                                 sink.io_error(cs.index, e);
