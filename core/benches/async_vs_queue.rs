@@ -22,6 +22,10 @@
 //! rounds, and the verdict is the median of the per-round IOPS ratios. Single runs on this
 //! machine move by 10% and more, so a ratio of two separate runs would say little.
 //!
+//! It first prints the round trip of one cache line between the submitter's CPU and the
+//! poller's, measured in the same run: the floor under every hand-off the async API makes (a
+//! request one way, a completion the other, for each I/O).
+//!
 //! `-- --test` (as `cargo bench -- --test` passes it) runs one short round and gives no
 //! verdict.
 
@@ -236,6 +240,49 @@ impl CallbackSide {
     }
 }
 
+/// The floor of any hand-off between two threads: one cache line passed back and forth between
+/// `a` and `b` (each side waits for the other's store, then stores). Returns ns per round trip
+/// (two line transfers), median of 5 slices of `secs / 5`.
+fn line_round_trip_ns(a: usize, b: usize, secs: f64) -> f64 {
+    #[repr(align(128))]
+    struct Line(AtomicU64);
+    let line = Arc::new(Line(AtomicU64::new(0)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (l2, s2) = (Arc::clone(&line), Arc::clone(&stop));
+    let peer = std::thread::spawn(move || {
+        core_affinity::set_for_current(core_affinity::CoreId { id: b });
+        // Answers odd values with the next even one.
+        while !s2.load(Ordering::Relaxed) {
+            let v = l2.0.load(Ordering::Acquire);
+            if v % 2 == 1 {
+                l2.0.store(v + 1, Ordering::Release);
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+    });
+    core_affinity::set_for_current(core_affinity::CoreId { id: a });
+    let mut slices = Vec::with_capacity(5);
+    for _ in 0..5 {
+        let start = Instant::now();
+        let until = start + Duration::from_secs_f64(secs / 5.0);
+        let mut trips = 0u64;
+        let mut v = line.0.load(Ordering::Acquire);
+        while !trips.is_multiple_of(1024) || Instant::now() < until {
+            line.0.store(v + 1, Ordering::Release);
+            while line.0.load(Ordering::Acquire) != v + 2 {
+                std::hint::spin_loop();
+            }
+            v += 2;
+            trips += 1;
+        }
+        slices.push(start.elapsed().as_nanos() as f64 / trips as f64);
+    }
+    stop.store(true, Ordering::Relaxed);
+    peer.join().expect("ping-pong peer");
+    median(&mut slices)
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
@@ -305,6 +352,15 @@ fn main() {
         );
     }
     println!("async_vs_queue: QD{QD} held, 4 KiB reads, {rounds} rounds of {secs} s per side");
+    if first != last {
+        // What a cross-thread hand-off costs at least on this machine, measured now: the
+        // async API moves a request's and a completion's cache lines between the submitter's
+        // CPU and the poller's for every I/O; the direct Queue and the callback API do not.
+        println!(
+            "async_vs_queue: one cache line's round trip between CPU {first} and CPU {last}: {:.0} ns",
+            line_round_trip_ns(first, last, if test { 0.05 } else { 0.5 })
+        );
+    }
     for (name, target, direct) in targets {
         let cfg = EngineConfig {
             hugepages: false,

@@ -21,10 +21,12 @@
 //!   (`Settings::block_poll`) instead of spinning beside RustFS's own work.
 //! - `open_read_stream` / `open_full_read`: a reader that keeps the next pieces in flight
 //!   while the caller consumes the current one (read-ahead).
-//! - `open_write` (truncate): a [`rio::runtime::SeqWriter`]: the stream staged in pool
-//!   buffers, whole aligned chunks written O_DIRECT while the next fills (objects of at least
-//!   `direct_write_min` bytes), the unaligned tail buffered at shutdown. RustFS's commit
-//!   (fdatasync, rename, directory fsync) is outside the trait and unchanged.
+//! - `open_write` (truncate): by default RustFS's own writer (`Settings::rio_writes`: through
+//!   the page cache, as stock, which measured faster end to end); with `RIO_RUSTFS_WRITES=rio`
+//!   a [`rio::runtime::SeqWriter`]: the stream staged in pool buffers, whole aligned chunks
+//!   written O_DIRECT while the next fills (objects of at least `direct_write_min` bytes), the
+//!   unaligned tail buffered at shutdown. RustFS's commit (fdatasync, rename, directory
+//!   fsync) is outside the trait and unchanged.
 //! - Open part files are kept per disk (`fd_cache`, like RustFS's own backend's cache), and
 //!   dropped by the invalidation hooks RustFS calls on every rename, delete and close.
 //! - Anything rio cannot do as RustFS would, it leaves to RustFS's own `StdBackend`: a path
@@ -63,6 +65,16 @@ pub struct Settings {
     /// Part files of at least this size hint are written O_DIRECT (`RIO_RUSTFS_DIRECT_WRITE_MIN`,
     /// bytes; default 1 MiB; an unknown size counts as large).
     pub direct_write_min: i64,
+    /// Part files are left to RustFS's own writer (`RIO_RUSTFS_WRITES=std`, the default:
+    /// through the page cache, as stock RustFS writes them; rio serves every read) or written
+    /// by rio (`rio`: O_DIRECT from `direct_write_min`, else buffered through rio's pollers).
+    /// With `std`, freshly written parts sit in the page cache as they do under stock, and
+    /// rio reads what the cache holds from there and the rest O_DIRECT. Measured in the
+    /// end-to-end run (docs/RUSTFS.md, session 14): `std` GETs 1.11-1.14x stock against
+    /// 0.98-1.10x with `rio` in the same runs, PUTs the same; rio's O_DIRECT writes kept
+    /// large parts out of the page cache, so warm GETs of them read the device (0.75-0.90x).
+    /// `rio` suits a node whose data dwarfs its memory (writes do not evict hot data).
+    pub rio_writes: bool,
     /// Pieces a streaming reader keeps in flight ahead of the caller (`RIO_RUSTFS_READ_AHEAD`,
     /// default 2).
     pub read_ahead: usize,
@@ -122,6 +134,11 @@ impl Settings {
             direct_read_min: num("RIO_RUSTFS_DIRECT_READ_MIN", 256 << 10)? as usize,
             direct_write_min: num("RIO_RUSTFS_DIRECT_WRITE_MIN", 1 << 20)?.min(i64::MAX as u64)
                 as i64,
+            rio_writes: match std::env::var("RIO_RUSTFS_WRITES").as_deref() {
+                Ok("rio") => true,
+                Err(_) | Ok("std") => false,
+                Ok(v) => return Err(format!("RIO_RUSTFS_WRITES={v}: expected rio or std")),
+            },
             read_ahead: num("RIO_RUSTFS_READ_AHEAD", 2)?.clamp(1, 16) as usize,
             fd_cache: num("RIO_RUSTFS_FD_CACHE", 256)?.min(1 << 16) as usize,
             cache_rereads: num("RIO_RUSTFS_CACHE_REREADS", 0)?.min(1 << 24) as usize,
@@ -593,6 +610,7 @@ impl LocalIoBackend for RioBackend {
 
     async fn open_write(&self, volume: &str, path: &str, mode: WriteMode) -> Result<FileWriter> {
         if let WriteMode::Truncate { size_hint } = mode
+            && self.shared.settings.rio_writes
             && let Some(w) = self.open_write_rio(volume, path, size_hint)
         {
             self.shared.stats.writers.fetch_add(1, Ordering::Relaxed);

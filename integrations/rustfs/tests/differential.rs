@@ -44,6 +44,8 @@ fn settings() -> Settings {
     // files of a few MiB.
     s.direct_read_min = 64 << 10;
     s.direct_write_min = 64 << 10;
+    // The writers under test are rio's (the default leaves writes to RustFS's own).
+    s.rio_writes = true;
     s
 }
 

@@ -12,6 +12,9 @@ async fn object_layer_on_rio() {
     // Objects of the test are a few MiB: let their shard reads and writes take O_DIRECT.
     settings.direct_read_min = 64 << 10;
     settings.direct_write_min = 64 << 10;
+    // This test is about rio's writer as much as its reads (the default leaves writes to
+    // RustFS's own writer).
+    settings.rio_writes = true;
     assert!(
         rio_rustfs::install(settings),
         "the first factory of the process"

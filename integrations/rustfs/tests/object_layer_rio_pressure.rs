@@ -17,6 +17,7 @@ async fn many_large_objects_at_once_on_a_spent_pool() {
     settings.engine.pool_initial_buffers = 2;
     settings.direct_read_min = 64 << 10;
     settings.direct_write_min = 64 << 10;
+    settings.rio_writes = true;
     assert!(
         rio_rustfs::install(settings),
         "the first factory of the process"
