@@ -43,12 +43,12 @@ pub(crate) struct UringQueue {
     /// region is registered in pieces of at most 1 GiB.
     fixed_bufs: Vec<(usize, usize, u16)>,
     /// The regions registered at creation (arena first), for re-registration without one of
-    /// them (a table that is not sparse).
+    /// them; used only when the table is not sparse.
     registered: Vec<(usize, usize)>,
-    /// Which entries of a sparse table hold a buffer; empty when the table is not sparse (an
-    /// old kernel: the regions given at creation are registered in one go, and regions added
-    /// later are used unregistered).
-    slots_used: Vec<bool>,
+    /// The fixed-buffer table is sparse: regions go in and out one by one (which entries are
+    /// taken follows from `fixed_bufs`). Not on an old kernel: there the regions given at
+    /// creation are registered in one go, and regions added later are used unregistered.
+    sparse: bool,
     /// SQEs pushed and not yet handed to the kernel.
     pending: u32,
     submit_batch: u32,
@@ -132,7 +132,7 @@ impl UringQueue {
             fixed_file,
             fixed_bufs: Vec::new(),
             registered: regions.iter().map(|&(b, l)| (b as usize, l)).collect(),
-            slots_used: Vec::new(),
+            sparse: false,
             pending: 0,
             submit_batch: opts.submit_batch,
             iopoll: opts.iopoll,
@@ -147,7 +147,7 @@ impl UringQueue {
                 .register_buffers_sparse(TABLE_SLOTS as u32)
                 .is_ok()
         {
-            q.slots_used = vec![false; TABLE_SLOTS];
+            q.sparse = true;
             for (base, len) in q.registered.clone() {
                 // SAFETY: the queue's arena and the regions its owner gave, which are kept
                 // alive for as long as this ring exists (the Queue owns the arena and drops
@@ -180,8 +180,24 @@ impl UringQueue {
     unsafe fn register_region(&mut self, base: usize, len: usize) -> std::io::Result<()> {
         let (iovecs, _) = iovec_table(std::iter::once((base, len)));
         let n = iovecs.len();
-        let first = (0..=self.slots_used.len().saturating_sub(n))
-            .find(|&i| n > 0 && self.slots_used[i..i + n].iter().all(|u| !u))
+        if n == 0 {
+            return Ok(()); // an empty region: nothing to register
+        }
+        // The first run of `n` free entries: at 0 or right after a registered region.
+        let taken = |i: usize| {
+            self.fixed_bufs.iter().any(|&(_, l, f)| {
+                let f = f as usize;
+                i < f + l.div_ceil(MAX_REG) && f < i + n
+            })
+        };
+        let first = std::iter::once(0)
+            .chain(
+                self.fixed_bufs
+                    .iter()
+                    .map(|&(_, l, f)| f as usize + l.div_ceil(MAX_REG)),
+            )
+            .filter(|&i| i + n <= TABLE_SLOTS && !taken(i))
+            .min()
             .ok_or_else(|| std::io::Error::other("the fixed-buffer table is full"))?;
         // SAFETY: the caller keeps the memory mapped while it is registered.
         unsafe {
@@ -189,7 +205,6 @@ impl UringQueue {
                 .submitter()
                 .register_buffers_update(first as u32, &iovecs, None)?
         };
-        self.slots_used[first..first + n].fill(true);
         self.fixed_bufs.push((base, len, first as u16));
         Ok(())
     }
@@ -203,7 +218,7 @@ impl UringQueue {
     /// As for [`UringQueue::register_region`].
     pub unsafe fn add_region(&mut self, ptr: *mut u8, len: usize) {
         let base = ptr as usize;
-        if self.slots_used.is_empty() || self.fixed_bufs.iter().any(|&(b, _, _)| b == base) {
+        if !self.sparse || self.fixed_bufs.iter().any(|&(b, _, _)| b == base) {
             return;
         }
         // SAFETY: caller contract.
@@ -255,11 +270,13 @@ impl UringQueue {
     /// table registered in one go is registered again without it.
     pub fn remove_region(&mut self, ptr: *mut u8) {
         let base = ptr as usize;
-        if !self.slots_used.is_empty() {
+        if self.sparse {
             let Some(i) = self.fixed_bufs.iter().position(|&(b, _, _)| b == base) else {
                 return; // never registered: nothing to do
             };
-            let (_, len, first) = self.fixed_bufs[i];
+            // Never used again whatever the kernel says: the owner may unmap the memory and map
+            // another region at the same address, which must not meet a stale entry.
+            let (_, len, first) = self.fixed_bufs.remove(i);
             let n = len.div_ceil(MAX_REG);
             let empty = vec![
                 libc::iovec {
@@ -269,19 +286,15 @@ impl UringQueue {
                 n
             ];
             // SAFETY: empty entries (a null base and length) register no memory.
-            match unsafe {
+            if let Err(e) = unsafe {
                 self.ring
                     .submitter()
                     .register_buffers_update(first as u32, &empty, None)
             } {
-                Ok(()) => {
-                    self.fixed_bufs.remove(i);
-                    self.slots_used[first as usize..first as usize + n].fill(false);
-                    self.registered.retain(|&(b, _)| b != base);
-                }
-                // The entries stay: the kernel keeps its pin on the pages, and nothing uses
-                // them once the owner stops submitting from this region.
-                Err(e) => tracing::warn!(error = %e, "io_uring: cannot unregister a buffer region"),
+                // The kernel keeps its pin on the old pages until the entries are overwritten
+                // (a later region may take them) or the ring is dropped; rio no longer
+                // refers to them.
+                tracing::warn!(error = %e, "io_uring: cannot unregister a buffer region");
             }
             return;
         }
