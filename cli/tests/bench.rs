@@ -112,5 +112,6 @@ fn stop_flag_ends_a_time_based_run() {
     let t = std::time::Instant::now();
     let r = run(&open(&p), &spec, RunOptions::default(), &stop, &mut |_| {}).unwrap();
     assert!(r.interrupted);
-    assert!(t.elapsed() < std::time::Duration::from_secs(5));
+    // A 600 s run: well under it, however loaded the host.
+    assert!(t.elapsed() < std::time::Duration::from_secs(120));
 }

@@ -555,7 +555,7 @@ fn ctrl_c_prints_the_result_so_far() {
             "--filename",
             p.to_str().unwrap(),
             "--runtime",
-            "60",
+            "600",
             "--time_based",
             "--output-format",
             "json",
@@ -570,8 +570,8 @@ fn ctrl_c_prints_the_result_so_far() {
     let t = std::time::Instant::now();
     let out = child.wait_with_output().unwrap();
     assert!(
-        t.elapsed() < Duration::from_secs(10),
-        "run did not stop on SIGINT"
+        t.elapsed() < Duration::from_secs(120),
+        "run did not stop on SIGINT (a 600 s run; the bound is generous for a loaded host)"
     );
     assert!(
         out.status.success(),

@@ -469,11 +469,18 @@ fn scarce_files(dir: &Path) -> Arc<Files> {
 /// Buffers come back when the tasks holding them run again: a read or writer waiting for one
 /// must not block its thread. On a one-thread executor, 24 tasks each write and read back
 /// 3 MiB through pools of two 1 MiB buffers per core: every one finishes, byte for byte (a
-/// blocking wait would hold the only thread until its deadline and fail the task).
+/// blocking wait would hold the only thread, whose tasks hold the buffers, until its deadline
+/// and fail the task).
+///
+/// The waits are long (2 min) so that the deadline is not what is judged: the last task to
+/// get a buffer waits for most of the others, which takes as long as the host is slow (about
+/// 1 s of 6.5 s beside eight CPU hogs here; past the default 5 s beside a CI build).
 #[test]
 fn more_readers_and_writers_than_pool_buffers_on_one_thread_all_finish() {
     let dir = tempfile::tempdir().unwrap();
     let fs = scarce_files(dir.path());
+    fs.set_read_buffer_wait(std::time::Duration::from_secs(120));
+    fs.set_write_buffer_wait(std::time::Duration::from_secs(120));
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
@@ -507,17 +514,8 @@ fn more_readers_and_writers_than_pool_buffers_on_one_thread_all_finish() {
     }
 }
 
-/// With no read wait, a read that finds the pool spent and nothing of its own in flight fails
-/// at once with `BufferUnavailable` (the host serves it another way); once buffers are back
-/// the same read succeeds.
-#[test]
-fn a_read_without_buffer_wait_fails_at_once_on_a_spent_pool() {
-    let dir = tempfile::tempdir().unwrap();
-    let fs = scarce_files(dir.path());
-    let data = Rng(31).bytes(1 << 20);
-    std::fs::write(dir.path().join("obj"), &data).unwrap();
-    let f = fs.open_file(Path::new("obj"), &read_opts()).unwrap();
-    fs.set_read_buffer_wait(std::time::Duration::ZERO);
+/// Every 1 MiB buffer the pools have now (round robin over the cores until each refused).
+fn hold_every_buffer(fs: &Files) -> Vec<rio::pool::PoolBuf> {
     let mut held = Vec::new();
     let cores = fs.runtime().cores().len();
     let mut misses = 0;
@@ -530,6 +528,21 @@ fn a_read_without_buffer_wait_fails_at_once_on_a_spent_pool() {
             None => misses += 1,
         }
     }
+    held
+}
+
+/// With no read wait, a read that finds the pool spent and nothing of its own in flight fails
+/// at once with `BufferUnavailable` (the host serves it another way); once buffers are back
+/// the same read succeeds.
+#[test]
+fn a_read_without_buffer_wait_fails_at_once_on_a_spent_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = scarce_files(dir.path());
+    let data = Rng(31).bytes(1 << 20);
+    std::fs::write(dir.path().join("obj"), &data).unwrap();
+    let f = fs.open_file(Path::new("obj"), &read_opts()).unwrap();
+    fs.set_read_buffer_wait(std::time::Duration::ZERO);
+    let held = hold_every_buffer(&fs);
     assert!(!held.is_empty());
     let rt = rt();
     match rt.block_on(f.read_at(0, 1 << 20)) {
@@ -538,6 +551,32 @@ fn a_read_without_buffer_wait_fails_at_once_on_a_spent_pool() {
     }
     drop(held);
     assert!(rt.block_on(f.read_at(0, 1 << 20)).unwrap() == data);
+}
+
+/// The write wait is the host's too: with none, a write that finds the pool spent before its
+/// first piece fails at once with `BufferUnavailable` and leaves the file as it was; once buffers are back the
+/// same write lands.
+#[test]
+fn a_write_without_buffer_wait_fails_at_once_on_a_spent_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = scarce_files(dir.path());
+    let data = Rng(37).bytes(1 << 20);
+    let f = fs.open_file(Path::new("obj"), &rw_opts()).unwrap();
+    fs.set_write_buffer_wait(std::time::Duration::ZERO);
+    let held = hold_every_buffer(&fs);
+    let rt = rt();
+    match rt.block_on(f.write_at(0, &data)) {
+        Err(Error::BufferUnavailable { requested, reason }) => {
+            assert_eq!(requested, 1 << 20);
+            // Gave up on its first look (the default wait would say 5 s here).
+            assert!(reason.ends_with("gave up after 0ns"), "{reason}");
+        }
+        other => panic!("expected BufferUnavailable, got {other:?}"),
+    }
+    assert_eq!(std::fs::metadata(dir.path().join("obj")).unwrap().len(), 0);
+    drop(held);
+    rt.block_on(f.write_at(0, &data)).unwrap();
+    assert!(std::fs::read(dir.path().join("obj")).unwrap() == data);
 }
 
 /// `read_bytes_auto` gives the same bytes whether the page cache holds the range (copied on

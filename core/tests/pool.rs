@@ -138,9 +138,10 @@ fn exhaustion_waits_until_the_deadline_then_errors() {
     });
     let t = Instant::now();
     let b = p
-        .get(0, 8000, Some(Instant::now() + Duration::from_secs(5)))
+        .get(0, 8000, Some(Instant::now() + Duration::from_secs(60)))
         .unwrap();
-    assert!(t.elapsed() < Duration::from_secs(1));
+    // Woken by the return, not by its deadline (a minute; bound generous for a busy host).
+    assert!(t.elapsed() < Duration::from_secs(30));
     assert_eq!(b.as_ptr() as usize, addr);
     h.join().unwrap();
 }

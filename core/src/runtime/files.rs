@@ -36,8 +36,9 @@ use crate::error::{Error, IoError, IoErrorKind, Result};
 use crate::op::OpKind;
 use crate::pool::PoolBuf;
 
-/// How long a read or write waits for a pool buffer before failing (reads: see
-/// [`Files::set_read_buffer_wait`]). The wait never blocks the calling thread.
+/// How long a read or write waits for a pool buffer before failing, by default (see
+/// [`Files::set_read_buffer_wait`], [`Files::set_write_buffer_wait`]). The wait never blocks
+/// the calling thread.
 const BUFFER_WAIT: Duration = Duration::from_secs(5);
 /// Pieces of one call in flight at once: enough to keep a device busy on a large read,
 /// few enough that many concurrent callers cannot take the whole pool.
@@ -73,6 +74,8 @@ pub struct Files {
     piece: usize,
     /// How long a read with nothing in flight waits for a pool buffer, in nanoseconds.
     read_wait_ns: AtomicU64,
+    /// The same for a write.
+    write_wait_ns: AtomicU64,
     /// Buffered `read_bytes` first copy what the page cache holds on the calling thread.
     inline_cached: std::sync::atomic::AtomicU8,
     /// Reads served that way.
@@ -111,6 +114,7 @@ impl Files {
             direct: t.direct,
             piece: largest.min(MAX_PIECE),
             read_wait_ns: AtomicU64::new(BUFFER_WAIT.as_nanos() as u64),
+            write_wait_ns: AtomicU64::new(BUFFER_WAIT.as_nanos() as u64),
             inline_cached: std::sync::atomic::AtomicU8::new(InlineReads::WhenPollerIdle as u8),
             inline_reads: AtomicU64::new(0),
             rt,
@@ -142,7 +146,8 @@ impl Files {
     /// in flight (default 5 s), before it fails with [`Error::BufferUnavailable`]. The wait
     /// yields to the caller's executor, never blocks its thread. `Duration::ZERO` fails at
     /// once: for a host that would rather serve that read another way (a plain `pread`) than
-    /// queue behind the pool. Writes always wait up to 5 s.
+    /// queue behind the pool. Writes wait as [`set_write_buffer_wait`](Self::set_write_buffer_wait)
+    /// says.
     pub fn set_read_buffer_wait(&self, wait: Duration) {
         let ns = wait.as_nanos().min(u64::MAX as u128) as u64;
         self.read_wait_ns.store(ns, Ordering::Relaxed);
@@ -150,6 +155,22 @@ impl Files {
 
     fn read_wait(&self) -> Duration {
         Duration::from_nanos(self.read_wait_ns.load(Ordering::Relaxed))
+    }
+
+    /// How long a write ([`OpenFile::write_at`], a [`SeqWriter`]'s next chunk) waits for a
+    /// pool buffer when the pool is spent and the write has none in flight (default 5 s),
+    /// before it fails with [`Error::BufferUnavailable`]. Like the read wait it yields, never
+    /// blocks the thread; a writer waiting on its own write in flight does not count it.
+    /// [`SeqWriter::reserve_within`] takes its own wait for hosts that would rather write
+    /// another way at once. The one blocking path, [`SeqWriter::stage`] without a
+    /// [`reserve`](SeqWriter::reserve) first, blocks its thread for up to this wait.
+    pub fn set_write_buffer_wait(&self, wait: Duration) {
+        let ns = wait.as_nanos().min(u64::MAX as u128) as u64;
+        self.write_wait_ns.store(ns, Ordering::Relaxed);
+    }
+
+    fn write_wait(&self) -> Duration {
+        Duration::from_nanos(self.write_wait_ns.load(Ordering::Relaxed))
     }
 
     /// A pool buffer of `len` bytes if one can be had now (the pool may grow; no waiting).
@@ -884,7 +905,7 @@ impl OpenFile {
                 let Some(&(_, c)) = chunks.peek() else { break };
                 let in_flight = !flight.is_empty();
                 let Some(mut buf) = (self.files)
-                    .piece_buffer(&mut spare, c.len(), in_flight, BUFFER_WAIT)
+                    .piece_buffer(&mut spare, c.len(), in_flight, self.files.write_wait())
                     .await?
                 else {
                     break;
@@ -904,16 +925,28 @@ impl OpenFile {
                 // A short write (the file system ran out of room part way): the rest again,
                 // buffered, so the error is the file system's own.
                 let rest = &data[(at - offset) as usize + n as usize..(at - offset) as usize + len];
-                self.write_rest(at + n, rest).await?;
+                self.write_rest(at + n, rest, spare.take()).await?;
             }
         }
     }
 
-    /// The remainder of a short write, one buffered write at a time until done or an error.
-    async fn write_rest(&self, mut at: u64, mut rest: &[u8]) -> Result<()> {
+    /// The remainder of a short write, one buffered write at a time until done or an error;
+    /// `spare` (the short write's own buffer, if the caller has it) carries the first piece.
+    async fn write_rest(
+        &self,
+        mut at: u64,
+        mut rest: &[u8],
+        mut spare: Option<PoolBuf>,
+    ) -> Result<()> {
         while !rest.is_empty() {
             let c = &rest[..rest.len().min(self.files.piece)];
-            let mut buf = self.files.buffer(c.len(), BUFFER_WAIT).await?;
+            let mut buf = match spare
+                .take()
+                .and_then(|mut b| b.set_len(c.len()).is_ok().then_some(b))
+            {
+                Some(b) => b,
+                None => self.files.buffer(c.len(), self.files.write_wait()).await?,
+            };
             buf.as_mut_slice().copy_from_slice(c);
             let fut = self.submit(
                 &self.inner.buffered,
@@ -922,7 +955,8 @@ impl OpenFile {
                 c.len() as u64,
                 Some(buf),
             );
-            let (n, _) = done_bytes(fut.await)?;
+            let (n, back) = done_bytes(fut.await)?;
+            spare = back;
             if n == 0 {
                 return Err(Error::Io(IoError {
                     op: OpKind::Write,
@@ -1040,12 +1074,13 @@ impl SeqWriter {
     }
 
     /// Take the next chunk's pool buffer without blocking the thread: a free one, else the
-    /// buffer of the write in flight once it completes, else wait (yielding) up to 5 s for
-    /// one. Then [`stage`](Self::stage) does not wait. A writer never holds more than two
+    /// buffer of the write in flight once it completes, else wait (yielding) for one up to the
+    /// write wait ([`Files::set_write_buffer_wait`]). Then [`stage`](Self::stage) does not
+    /// wait. A writer never holds more than two
     /// buffers (the chunk filling and the one being written), so writers that all wait for
     /// a buffer cannot hold each other up.
     pub async fn reserve(&mut self) -> Result<()> {
-        self.reserve_within(BUFFER_WAIT).await
+        self.reserve_within(self.file.files.write_wait()).await
     }
 
     /// [`reserve`](Self::reserve), waiting at most `wait` for a free buffer once the write in
@@ -1074,8 +1109,8 @@ impl SeqWriter {
     }
 
     /// Copy as much of `data` as the current chunk takes (taking a pool buffer for a new
-    /// chunk, blocking up to 5 s for one unless [`reserve`](Self::reserve)d); returns the
-    /// bytes taken. No I/O: for hosts that drive the writer from `poll_write` (then
+    /// chunk, blocking up to the write wait for one unless [`reserve`](Self::reserve)d);
+    /// returns the bytes taken. No I/O: for hosts that drive the writer from `poll_write` (then
     /// [`write_staged`](Self::write_staged) when [`chunk_full`](Self::chunk_full)).
     pub fn stage(&mut self, data: &[u8]) -> Result<usize> {
         self.file.check_writable()?;
@@ -1086,7 +1121,12 @@ impl SeqWriter {
             Some(b) => b.len(),
             None => {
                 let want = self.chunk_len();
-                self.stage = Some(self.file.files.rt.buffer(want, BUFFER_WAIT)?);
+                self.stage = Some(
+                    self.file
+                        .files
+                        .rt
+                        .buffer(want, self.file.files.write_wait())?,
+                );
                 self.fill = 0;
                 want
             }
@@ -1148,7 +1188,7 @@ impl SeqWriter {
             if (n as usize) < len {
                 let buf = buf.expect("a write hands its buffer back");
                 self.file
-                    .write_rest(at + n, &buf.as_slice()[n as usize..len])
+                    .write_rest(at + n, &buf.as_slice()[n as usize..len], None)
                     .await?;
             }
             self.written += len as u64;
