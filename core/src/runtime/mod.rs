@@ -108,7 +108,10 @@ pub struct Done {
 pub type CompletionHandler = Arc<dyn Fn(Done, &mut Resubmit<'_>) + Send + Sync>;
 
 /// Submission from inside a [`CompletionHandler`]: the operation goes straight to this
-/// poller's queue (no inbox, no wake-up), on this core.
+/// poller's queue (no inbox, no wake-up), on this core: written to the queue before the
+/// handler returns, sent to the device with the poller's next poll (or earlier, when a
+/// submission batch fills), as the operations of a direct [`Queue`] user are; when the depth
+/// cap in force is reached, it waits for the poller's next submissions instead.
 pub struct Resubmit<'a> {
     cs: &'a CoreShared,
     local: &'a mut Vec<Request>,
@@ -116,12 +119,29 @@ pub struct Resubmit<'a> {
     /// resubmission takes one of these first (no atomic), the shared free list only after.
     free: &'a mut Vec<u32>,
     stop: bool,
+    /// The poller's queue and what it needs to submit at once (None: defer to `local`).
+    now: Option<Direct<'a>>,
+}
+
+/// What [`Resubmit`] needs to hand an operation to the queue itself.
+struct Direct<'a> {
+    poller: &'a Poller,
+    q: &'a mut Queue,
+    inflight: &'a mut [Held],
+    dones: &'a mut Vec<Done>,
+    regions: &'a mut (u64, usize),
+    limit: u32,
+    /// Slots submitted here, when metering: stamped with one clock read once the poll's
+    /// handlers have run (the device gets them with the next poll, as the inbox's).
+    stamp: Option<&'a mut Vec<u32>>,
 }
 
 impl Resubmit<'_> {
     /// Submit `op` on this core, completing through the handler with `tag`. Refused (the
     /// buffer handed back) when the runtime is shutting down, when no slot is free, or when
-    /// the buffer belongs to another core's pool.
+    /// the buffer belongs to another core's pool. `Ok` means taken, not yet accepted by the
+    /// queue: an operation the queue refuses (out of range, say) comes back to the handler
+    /// as a failed [`Done`] with its buffer, after this poll's completions were handled.
     pub fn submit(
         &mut self,
         op: OpKind,
@@ -156,7 +176,7 @@ impl Resubmit<'_> {
                 buf,
             ));
         };
-        self.local.push(Request {
+        let req = Request {
             op,
             offset,
             len,
@@ -165,7 +185,20 @@ impl Resubmit<'_> {
             file: None,
             cached: false,
             tag: Some(tag),
-        });
+        };
+        match &mut self.now {
+            // A failure at submission reaches the handler later, as a `Done` (as for a
+            // deferred one).
+            Some(d) if d.q.in_flight() < d.limit => {
+                let (generation, known) = &mut *d.regions;
+                d.poller.sync_regions(d.q, generation, known);
+                if let Some(stamp) = &mut d.stamp {
+                    stamp.push(slot);
+                }
+                d.poller.submit(d.q, req, d.inflight, d.dones);
+            }
+            _ => self.local.push(req),
+        }
         Ok(())
     }
 }
@@ -1066,10 +1099,10 @@ impl Poller {
                 .map_or(0, |m| m as usize + 1);
             Ok((guard, q, generation, known))
         };
-        let (guard, mut q, mut generation, mut known) = match setup() {
-            Ok(v) => {
+        let (guard, mut q, mut regions) = match setup() {
+            Ok((g, q, generation, known)) => {
                 let _ = ready.send(Ok(()));
-                v
+                (g, q, (generation, known))
             }
             Err(e) => {
                 let _ = ready.send(Err(e));
@@ -1090,6 +1123,8 @@ impl Poller {
         // Slots of tagged operations completed in this poll, for the handlers' resubmissions;
         // what they leave goes back to the shared free list before the next poll.
         let mut free_local: Vec<u32> = Vec::with_capacity(cs.slots.len());
+        // Slots handlers submitted in this poll, to be stamped for the meter.
+        let mut stamp: Vec<u32> = Vec::with_capacity(cs.slots.len());
         let mut comps: Vec<Completion> = Vec::with_capacity(self.depth as usize);
         let mut empty = 0u32;
         let mut last_maintain = Instant::now();
@@ -1123,7 +1158,7 @@ impl Poller {
                         break;
                     };
                     work = true;
-                    self.sync_regions(&mut q, &mut generation, &mut known);
+                    self.sync_regions(&mut q, &mut regions.0, &mut regions.1);
                     m.started[req.slot as usize] = now;
                     self.submit(&mut q, req, &mut inflight, &mut dones);
                 }
@@ -1133,7 +1168,7 @@ impl Poller {
                         break;
                     };
                     work = true;
-                    self.sync_regions(&mut q, &mut generation, &mut known);
+                    self.sync_regions(&mut q, &mut regions.0, &mut regions.1);
                     self.submit(&mut q, req, &mut inflight, &mut dones);
                 }
             }
@@ -1174,6 +1209,8 @@ impl Poller {
                 work = true;
                 // Read once per poll: a handler's resubmissions are refused once it is set.
                 let stop = self.stop.load(Ordering::Acquire);
+                // The cap as the window just closed (if it did) left it.
+                let limit = meter.as_ref().map_or(self.depth, |m| m.limit);
                 for c in comps.drain(..) {
                     let held = std::mem::take(&mut inflight[c.token as usize]);
                     match (held.tag, &cs.on_complete) {
@@ -1187,6 +1224,15 @@ impl Poller {
                                 local: &mut local,
                                 free: &mut free_local,
                                 stop,
+                                now: Some(Direct {
+                                    poller: &self,
+                                    q: &mut q,
+                                    inflight: &mut inflight,
+                                    dones: &mut dones,
+                                    regions: &mut regions,
+                                    limit,
+                                    stamp: meter.is_some().then_some(&mut stamp),
+                                }),
                             };
                             h(
                                 Done {
@@ -1217,9 +1263,21 @@ impl Poller {
                     local: &mut local,
                     free: &mut free_local,
                     stop: self.stop.load(Ordering::Acquire),
+                    // Resubmissions of failed submissions wait for the next poll (no
+                    // recursion through `dones`).
+                    now: None,
                 };
                 for d in dones.drain(..) {
                     h(d, &mut rs);
+                }
+            }
+            // What the handlers submitted starts now (one clock read for all of it).
+            if let Some(m) = &mut meter
+                && !stamp.is_empty()
+            {
+                let now = Instant::now();
+                for slot in stamp.drain(..) {
+                    m.started[slot as usize] = now;
                 }
             }
             // Slots the handlers did not take again: back where every submitter finds them.
