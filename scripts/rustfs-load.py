@@ -20,10 +20,13 @@ S3 error makes the run fail (exit 1) after printing what went wrong.
 import argparse
 import concurrent.futures as cf
 import hashlib
+import http.client
 import json
 import os
 import sys
+import threading
 import time
+import urllib.parse
 
 import boto3
 import botocore.config
@@ -170,6 +173,79 @@ def summary(lat, nbytes, wall):
     }
 
 
+class LightGet:
+    """GETs at the server's pace: a presigned URL per object (SigV4 query auth, made by boto3:
+    still an S3 GET the server authenticates), fetched with `http.client` on one kept-alive
+    connection per thread, read with `readinto` into a buffer the thread reuses, and compared
+    with the object's content computed once. boto3's own GET allocates, joins and copies every
+    body (~1.5x the server's CPU per 16 MiB GET on a 2-core machine), so the client, not the
+    server, set the pace of large cold GETs; this one costs a receive and a compare."""
+
+    def __init__(self, s3, bucket, keys, size):
+        self.size = size
+        self.urls = {
+            k: urllib.parse.urlsplit(
+                s3.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": k}, ExpiresIn=3600)
+            )
+            for k in keys
+        }
+        self.expected = {k: content(k, size) for k in keys}
+        self.local = threading.local()
+
+    def one(self, key):
+        u = self.urls[key]
+        t = time.perf_counter()
+        for attempt in (0, 1):
+            conn = getattr(self.local, "conn", None)
+            if conn is None:
+                conn = self.local.conn = http.client.HTTPConnection(u.hostname, u.port, timeout=300)
+                self.local.buf = bytearray(self.size)
+            try:
+                conn.request("GET", f"{u.path}?{u.query}")
+                r = conn.getresponse()
+                break
+            except (ConnectionError, http.client.HTTPException):
+                # A kept-alive connection the server closed: once more on a new one.
+                conn.close()
+                self.local.conn = None
+                if attempt:
+                    raise
+        if r.status != 200:
+            raise Failed(f"GET {key}: HTTP {r.status} {r.read()[:200]!r}")
+        mv = memoryview(self.local.buf)
+        got = 0
+        while got < self.size:
+            n = r.readinto(mv[got:])
+            if not n:
+                break
+            got += n
+        rest = r.read()
+        lat = time.perf_counter() - t
+        # bytearray == bytes is one memcmp (a memoryview compares element by element).
+        if got != self.size or rest or self.local.buf != self.expected[key]:
+            raise Failed(f"GET {key}: {got + len(rest)} bytes, content differs from what was PUT")
+        return lat
+
+
+def coldget(s3, bucket, manifest, size, conc, passes, seconds=0.0):
+    """`passes` passes of cold GETs (page cache dropped first) of every object of `size`,
+    with LightGet (or, with `seconds`, passes until that long has gone by); returns each
+    pass's summary."""
+    keys = sorted(k for k, sz in manifest.items() if sz == size)
+    if not keys:
+        raise Failed(f"no object of {size} bytes in the manifest")
+    g = LightGet(s3, bucket, keys, size)
+    out = []
+    start = time.perf_counter()
+    while len(out) < passes if not seconds else time.perf_counter() - start < seconds:
+        drop_caches()
+        t = time.perf_counter()
+        with cf.ThreadPoolExecutor(max_workers=conc) as ex:
+            lat = list(ex.map(g.one, keys))
+        out.append(summary(lat, size * len(keys), time.perf_counter() - t))
+    return out
+
+
 def check(s3, bucket, manifest, conc):
     """GET every object of the manifest and verify it; returns the count."""
     by_size = {}
@@ -188,7 +264,9 @@ def main():
     ap.add_argument("--access-key", default="rustfsadmin")
     ap.add_argument("--secret-key", default="rustfsadmin")
     ap.add_argument("--bucket", default="rio-e2e")
-    ap.add_argument("--phase", choices=["load", "check"], required=True)
+    ap.add_argument("--phase", choices=["load", "check", "coldget"], required=True)
+    ap.add_argument("--passes", type=int, default=3, help="coldget: passes over the objects")
+    ap.add_argument("--seconds", type=float, default=0.0, help="coldget: passes until this long instead")
     ap.add_argument("--sizes", default="4k,64k,1m,16m")
     ap.add_argument("--conc", default="1,8,32")
     ap.add_argument("--budget", default="128m", help="bytes PUT per cell (at least conc objects)")
@@ -224,6 +302,20 @@ def main():
             if a.out:
                 with open(a.out, "w") as f:
                     json.dump({"cells": cells, "verified": sum(c["verified"] for c in cells)}, f)
+        elif a.phase == "coldget":
+            with open(a.manifest) as f:
+                manifest = json.load(f)
+            size = parse_size(a.sizes.split(",")[0])
+            passes = coldget(s3, a.bucket, manifest, size, conc_max, a.passes, a.seconds)
+            for p in passes:
+                print(
+                    f"  coldget size={size} conc={conc_max} n={p['ops']} "
+                    f"{p['bytes_per_s'] / 2**20:.1f}MiB/s p99={p['p99_ms']:.1f}ms",
+                    flush=True,
+                )
+            if a.out:
+                with open(a.out, "w") as f:
+                    json.dump({"passes": passes}, f)
         else:
             with open(a.manifest) as f:
                 manifest = json.load(f)
