@@ -69,6 +69,8 @@ pub struct Queue {
     reaped: Vec<Reaped>,
     /// Completions reaped by a blocking helper on behalf of `poll`.
     ready: VecDeque<Completion>,
+    /// `wait_each`'s reaped completions (kept for its capacity).
+    scratch: Vec<Completion>,
     _not_send: PhantomData<*const ()>,
 }
 
@@ -103,6 +105,7 @@ impl Queue {
             free: (0..depth).rev().collect(),
             reaped: Vec::with_capacity(depth as usize),
             ready: VecDeque::new(),
+            scratch: Vec::with_capacity(depth as usize),
             _not_send: PhantomData,
         }
     }
@@ -250,11 +253,10 @@ impl Queue {
         buf: Option<IoBuf>,
         token: u64,
     ) -> std::result::Result<(), Rejected> {
-        let slot = *self.free.last().expect("checked non-empty");
-        if let Err(error) = self.backend.push(slot, &raw) {
-            return Err(Rejected { error, buf });
-        }
-        self.free.pop();
+        // The slot is filled before the backend sees the operation: a backend that completes
+        // it at once (SPDK, when `wait_each` submits from inside its completion callback)
+        // finds it in place.
+        let slot = self.free.pop().expect("checked non-empty");
         self.slots[slot as usize] = Some(Slot {
             token,
             op: raw.op,
@@ -262,6 +264,11 @@ impl Queue {
             len: raw.len,
             buf,
         });
+        if let Err(error) = self.backend.push(slot, &raw) {
+            let buf = self.slots[slot as usize].take().and_then(|s| s.buf);
+            self.free.push(slot);
+            return Err(Rejected { error, buf });
+        }
         Ok(())
     }
 
@@ -491,6 +498,111 @@ impl Queue {
         out: &mut Vec<Completion>,
     ) -> Result<usize> {
         self.reap(min, Some(timeout), out)
+    }
+
+    /// [`Queue::wait`], each completion handed to `each` with this queue, so that `each` can
+    /// submit the next operation at once (run to completion, as a device loop does). Returns
+    /// how many were handed over.
+    ///
+    /// On SPDK's driver `each` runs inside SPDK's completion callback, before SPDK writes the
+    /// completion queue's head: what it submits reaches the device with the same poll's
+    /// doorbell, in SPDK's own order (callbacks, CQ head, SQ tail), as `spdk_nvme_perf`
+    /// submits; completions are handed over one by one as SPDK finds them. Elsewhere they
+    /// are reaped first, then handed over in order: the same as `wait` and a loop over its
+    /// output. `each` must not poll or wait on this queue (on SPDK such a call only collects
+    /// what is already finished).
+    #[inline]
+    pub fn wait_each<F: FnMut(&mut Queue, Completion)>(
+        &mut self,
+        min: usize,
+        timeout: Duration,
+        mut each: F,
+    ) -> Result<usize> {
+        #[cfg(feature = "spdk")]
+        if matches!(self.backend, BackendQueue::Spdk(_)) {
+            return self.wait_each_spdk(min, timeout, &mut each);
+        }
+        let mut got = std::mem::take(&mut self.scratch);
+        let r = self.wait(min, timeout, &mut got);
+        let n = got.len();
+        for c in got.drain(..) {
+            each(self, c);
+        }
+        // (A nested call took the empty vector meanwhile and gave it back.)
+        self.scratch = got;
+        r.map(|_| n)
+    }
+
+    #[cfg(feature = "spdk")]
+    fn wait_each_spdk(
+        &mut self,
+        min: usize,
+        timeout: Duration,
+        each: &mut dyn FnMut(&mut Queue, Completion),
+    ) -> Result<usize> {
+        use std::cell::Cell;
+        let handed = Cell::new(0usize);
+        let bad: Cell<Option<Error>> = Cell::new(None);
+        // Left by a blocking helper for `poll`: first, in order.
+        while let Some(c) = self.ready.pop_front() {
+            handed.set(handed.get() + 1);
+            each(self, c);
+        }
+        let min = min.min(handed.get() + self.in_flight() as usize);
+        let this: *mut Queue = self;
+        // SAFETY: `this` is `self`; the reference to the backend ends with this statement
+        // (only the pointer is kept, and the backend does not move during this call).
+        let sq: *mut crate::backend::spdk::SpdkQueue = match unsafe { &mut (*this).backend } {
+            BackendQueue::Spdk(sq) => sq,
+            _ => unreachable!("checked by the caller"),
+        };
+        // From here on the queue is reached only through `this`, one short-lived reference at
+        // a time: the hook makes its own from inside SPDK's callback.
+        let mut hook = |r: Reaped| {
+            // SAFETY: `this` is the queue this call borrows mutably; no other reference to it
+            // is alive while the hook runs (`poll_each` holds none across SPDK's call, nor
+            // while it hands over what finished outside a callback), and this one ends before
+            // the hook returns.
+            let q = unsafe { &mut *this };
+            match q.complete(r) {
+                Ok(c) => {
+                    handed.set(handed.get() + 1);
+                    each(q, c);
+                }
+                Err(e) => {
+                    let first = bad.take().unwrap_or(e);
+                    bad.set(Some(first));
+                }
+            }
+        };
+        let mut deadline: Option<Instant> = None;
+        let mut spins = 0u32;
+        loop {
+            // SAFETY: `sq` lives in `*this`, to which no reference is alive across the call;
+            // the hook does not poll (it runs `each`, which must not either; a nested poll
+            // does not re-enter SPDK).
+            unsafe { crate::backend::spdk::SpdkQueue::poll_each(sq, &mut hook) };
+            // SAFETY: as above.
+            let idle = unsafe { (*this).in_flight() } == 0;
+            if handed.get() >= min || idle {
+                break;
+            }
+            // As `spin_reap`: the clock first read 64 polls in, a yield after 20,000 spins.
+            spins = spins.wrapping_add(1);
+            if spins.is_multiple_of(64) {
+                let now = Instant::now();
+                if now >= *deadline.get_or_insert(now + timeout) {
+                    break;
+                }
+                if spins > 20_000 {
+                    std::thread::yield_now();
+                }
+            }
+        }
+        match bad.take() {
+            Some(e) => Err(e),
+            None => Ok(handed.get()),
+        }
     }
 
     fn reap(

@@ -608,3 +608,74 @@ fn a_reset_by_one_queue_fails_the_others_outstanding_commands_once_and_they_reco
     drop(out);
     assert_eq!((q1.arena().in_use(), q2.arena().in_use()), (0, 0));
 }
+
+/// `Queue::wait_each` hands every completion over once, with its buffer and data, and takes
+/// the resubmissions made from inside the handler (a run-to-completion loop at depth 8).
+#[test]
+fn wait_each_hands_every_completion_over_and_takes_resubmissions() {
+    let e = open(&config(), sim(16 << 20));
+    let mut q = e.queue(Some(8)).unwrap();
+    const BLOCKS: u64 = 64;
+    const BS: usize = 4096;
+    for b in 0..BLOCKS {
+        write_pattern(&mut q, b * BS as u64, BS, b as u8);
+    }
+    let mut next = 0u64;
+    for _ in 0..8 {
+        let buf = q.alloc_buf(BS).unwrap();
+        q.submit_read(next * BS as u64, buf, next).unwrap();
+        next += 1;
+    }
+    let mut seen = vec![0u32; BLOCKS as usize];
+    let mut handed = 0usize;
+    while q.in_flight() > 0 {
+        handed += q
+            .wait_each(1, Duration::from_secs(20), |q, c| {
+                let b = c.token;
+                assert_eq!(c.offset, b * BS as u64);
+                let buf = c.buf.expect("a read hands its buffer back");
+                assert_eq!(c.result.expect("read ok"), BS as u64);
+                assert_eq!(&buf[..], &pattern(c.offset, BS, b as u8)[..], "block {b}");
+                seen[b as usize] += 1;
+                if next < BLOCKS {
+                    q.submit_read(next * BS as u64, buf, next).unwrap();
+                    next += 1;
+                }
+            })
+            .unwrap();
+    }
+    assert_eq!(handed, BLOCKS as usize);
+    assert!(seen.iter().all(|&n| n == 1), "{seen:?}");
+}
+
+/// A failed operation reaches the handler as an error with its buffer; `wait_each` itself
+/// succeeds (the failure is the operation's, not the queue's).
+#[test]
+fn wait_each_hands_a_failed_operation_over_with_its_buffer() {
+    let mut s = sim(16 << 20);
+    s.faults = vec![Fault::ErrorStatus {
+        admin: false,
+        opcode: io_opcode::READ,
+        nth: 1,
+        status: Status::new(2, 0x81).with_dnr(true), // Media: Unrecovered Read Error
+    }];
+    let e = open(&config(), s);
+    let mut q = e.queue(Some(4)).unwrap();
+    let buf = q.alloc_buf(4096).unwrap();
+    q.submit_read(0, buf, 7).unwrap();
+    let mut got = None;
+    let n = q
+        .wait_each(1, Duration::from_secs(20), |_, c| got = Some(c))
+        .unwrap();
+    assert_eq!(n, 1);
+    let c = got.expect("handed over");
+    assert_eq!(c.token, 7);
+    assert!(c.buf.is_some(), "the buffer comes back with the failure");
+    match c.result {
+        Err(e) => assert!(
+            matches!(e.kind, IoErrorKind::Nvme(n) if n.status.sc() == 0x81),
+            "{e}"
+        ),
+        Ok(n) => panic!("read succeeded ({n} bytes) under an injected status"),
+    }
+}

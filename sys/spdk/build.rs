@@ -200,7 +200,20 @@ fn main() {
     for v in VARS {
         builder = builder.allowlist_var(v);
     }
-    let bindings = builder.generate().unwrap_or_else(|e| {
+    // bindgen panics (rather than erring) when it cannot load libclang at all: that panic's
+    // own report is silenced, the error below says what to do.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let generated = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| builder.generate()));
+    std::panic::set_hook(hook);
+    let generated = generated.unwrap_or_else(|_| {
+        fail(
+            "bindgen could not load libclang, which it needs to read SPDK's headers: install \
+             it (Debian: libclang-dev) or set LIBCLANG_PATH to the directory holding \
+             libclang.so",
+        )
+    });
+    let bindings = generated.unwrap_or_else(|e| {
         fail(&format!(
             "bindgen could not read SPDK's headers ({e}); it needs libclang (Debian: libclang-dev)"
         ))

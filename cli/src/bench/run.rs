@@ -322,23 +322,9 @@ struct Job<'a> {
     spec: &'a BenchSpec,
     q: Queue,
     idx: u64,
-    start: u64,
-    nblocks: u64,
-    bs: u64,
     t0: Instant,
-    rng: Rng,
-    cursor: u64,
-    read_pct: u64,
-    /// Seed last written to each block (0: unknown), when verifying.
-    seeds: Vec<u64>,
-    generation: u64,
-    /// Per token: submission time, offset in flight (u64::MAX: none), and the idle buffer.
-    submitted: Vec<Instant>,
-    inflight_off: Vec<u64>,
-    bufs: Vec<Option<IoBuf>>,
-    /// Random payload for writes without verify.
-    issued: u64,
-    limit: u64,
+    /// What to submit next and what each token has in flight.
+    g: Gen<'a>,
     /// The window being filled, and when it closes.
     win: Window,
     win_end: Instant,
@@ -351,6 +337,30 @@ struct Job<'a> {
     decisions: u64,
     /// End of the last window whose p99 broke the target (seconds from start).
     last_breach: Option<f64>,
+}
+
+/// A job's stream of operations: which block next, read or write, with which buffer, and
+/// what each token has in flight. Kept apart from the queue so that the completion handler
+/// of [`Queue::wait_each`] can borrow it beside the queue.
+struct Gen<'a> {
+    spec: &'a BenchSpec,
+    idx: u64,
+    start: u64,
+    nblocks: u64,
+    bs: u64,
+    rng: Rng,
+    cursor: u64,
+    read_pct: u64,
+    /// Seed last written to each block (0: unknown), when verifying.
+    seeds: Vec<u64>,
+    generation: u64,
+    /// Per token: submission time, offset in flight (u64::MAX: none), and the idle buffer.
+    submitted: Vec<Instant>,
+    inflight_off: Vec<u64>,
+    bufs: Vec<Option<IoBuf>>,
+    /// Bytes issued so far, and the most the job issues.
+    issued: u64,
+    limit: u64,
 }
 
 impl<'a> Job<'a> {
@@ -396,20 +406,24 @@ impl<'a> Job<'a> {
             spec,
             q,
             idx,
-            start,
-            nblocks,
-            bs,
             t0: Instant::now(),
-            rng,
-            cursor: 0,
-            read_pct: spec.rw.read_percent(spec.rwmixread) as u64,
-            seeds,
-            generation: 1,
-            submitted: vec![Instant::now(); spec.iodepth as usize],
-            inflight_off: vec![u64::MAX; spec.iodepth as usize],
-            bufs,
-            issued: 0,
-            limit: if spec.time_based { u64::MAX } else { len },
+            g: Gen {
+                spec,
+                idx,
+                start,
+                nblocks,
+                bs,
+                rng,
+                cursor: 0,
+                read_pct: spec.rw.read_percent(spec.rwmixread) as u64,
+                seeds,
+                generation: 1,
+                submitted: vec![Instant::now(); spec.iodepth as usize],
+                inflight_off: vec![u64::MAX; spec.iodepth as usize],
+                bufs,
+                issued: 0,
+                limit: if spec.time_based { u64::MAX } else { len },
+            },
             win: Window::new(idx as u32),
             win_end: Instant::now(),
             heat_mul: ((HEAT_BUCKETS as u128) << 64) / (nblocks * bs).max(1) as u128,
@@ -418,70 +432,6 @@ impl<'a> Job<'a> {
             idle: Vec::with_capacity(spec.iodepth as usize),
             decisions: 0,
             last_breach: None,
-        })
-    }
-
-    /// Choose the next block: sequential cursor or uniform random, avoiding blocks in flight
-    /// when verifying a mixed workload.
-    #[inline]
-    fn next_block(&mut self) -> u64 {
-        if !self.spec.rw.random() {
-            let b = self.cursor;
-            self.cursor = (self.cursor + 1) % self.nblocks;
-            return b;
-        }
-        let mut b = self.rng.below(self.nblocks);
-        if self.spec.verify && self.spec.rw.writes() {
-            // Two operations on one block in flight at once could complete in either order,
-            // and the seed table could no longer say what the block holds. Re-roll, then scan;
-            // a free block exists because validation keeps nblocks > iodepth under --verify.
-            let busy = |j: &Self, b: u64| j.inflight_off.contains(&(j.start + b * j.bs));
-            let mut tries = 0;
-            while busy(self, b) {
-                tries += 1;
-                b = if tries < 32 {
-                    self.rng.below(self.nblocks)
-                } else {
-                    (b + 1) % self.nblocks
-                };
-            }
-        }
-        b
-    }
-
-    #[inline]
-    fn issue(&mut self, token: usize, now: Instant) -> Result<(), BenchError> {
-        let block = self.next_block();
-        let offset = self.start + block * self.bs;
-        let is_read =
-            self.read_pct == 100 || (self.read_pct > 0 && self.rng.below(100) < self.read_pct);
-        let mut buf = self.bufs[token].take().expect("token idle");
-        self.submitted[token] = now;
-        self.inflight_off[token] = offset;
-        self.issued += self.bs;
-        let r = if is_read {
-            self.q.submit_read(offset, buf, token as u64)
-        } else {
-            if self.spec.verify {
-                let seed = verify::seed_for(self.spec.seed ^ self.idx, offset, self.generation);
-                self.generation += 1;
-                verify::fill_block(&mut buf, offset, seed);
-                self.seeds[block as usize] = seed;
-            }
-            self.q.submit_write(offset, buf, token as u64)
-        };
-        r.map_err(|rej| BenchError::Setup(rej.error))
-    }
-
-    fn check_read(&self, c: &Completion) -> Result<(), BenchError> {
-        let buf = c.buf.as_ref().expect("read returns its buffer");
-        let block = (c.offset - self.start) / self.bs;
-        let expect = self.seeds[block as usize];
-        verify::check_block(buf, c.offset, (expect != 0).then_some(expect)).map_err(|reason| {
-            BenchError::Verify {
-                offset: c.offset,
-                reason,
-            }
         })
     }
 
@@ -516,11 +466,10 @@ impl<'a> Job<'a> {
             Phase::Ramp
         });
         prog.total
-            .store(if spec.time_based { 0 } else { self.limit }, Relaxed);
-        let mut comps: Vec<Completion> = Vec::with_capacity(spec.iodepth as usize);
+            .store(if spec.time_based { 0 } else { self.g.limit }, Relaxed);
         let mut now = Instant::now();
-        let can_issue = |j: &Self, now: Instant| {
-            !stop.load(Relaxed) && end_at.is_none_or(|e| now < e) && j.issued < j.limit
+        let can_issue = |g: &Gen, now: Instant| {
+            !stop.load(Relaxed) && end_at.is_none_or(|e| now < e) && g.issued < g.limit
         };
         for t in (0..spec.iodepth as usize).rev() {
             self.idle.push(t);
@@ -532,11 +481,70 @@ impl<'a> Job<'a> {
             clock.start();
         }
         while self.q.in_flight() > 0 {
-            self.q.wait(1, Duration::from_secs(1), &mut comps)?;
-            now = Instant::now();
+            // Each completion is handled as it is reaped and its token issued again at once:
+            // on SPDK's driver inside SPDK's completion callback (its own run-to-completion
+            // order, as `spdk_nvme_perf`), elsewhere right after the reap. One clock read per
+            // reaped batch, at its first completion: its latency end and the next I/O's start.
+            let (mut n, mut bytes) = (0u64, 0u64);
+            let mut reaped_at: Option<Instant> = None;
+            let mut failed: Option<BenchError> = None;
+            let (g, win, idle, depth, heat_mul) = (
+                &mut self.g,
+                &mut self.win,
+                &mut self.idle,
+                self.depth,
+                self.heat_mul,
+            );
+            self.q
+                .wait_each(1, Duration::from_secs(1), |q, c| {
+                    let token = c.token as usize;
+                    if failed.is_some() {
+                        // The job is ending with an error: keep the buffer, issue nothing.
+                        g.bufs[token] = c.buf;
+                        return;
+                    }
+                    let now = *reaped_at.get_or_insert_with(Instant::now);
+                    let lat = now.saturating_duration_since(g.submitted[token]).as_nanos() as u64;
+                    g.inflight_off[token] = u64::MAX;
+                    if let Err(e) = c.result {
+                        sink.io_error(win.job, &e);
+                        failed = Some(e.into());
+                        return;
+                    }
+                    if c.op == OpKind::Read
+                        && spec.verify
+                        && let Err(e) = g.check_read(&c)
+                    {
+                        failed = Some(e);
+                        g.bufs[token] = c.buf;
+                        return;
+                    }
+                    // One histogram update per I/O: the window's. Measured windows are added
+                    // to the job's totals when they close. The heat column by a multiply, not
+                    // a division (a 64-bit divide per I/O cost the model 10% of its IOPS).
+                    let slice = (((c.offset - g.start) as u128 * heat_mul) >> 64) as usize;
+                    win.record(c.op, c.len, lat, slice);
+                    n += 1;
+                    bytes += c.len;
+                    g.bufs[token] = c.buf;
+                    // Straight back out while under the depth (the common case); parked when
+                    // the tuner lowered the depth, picked up by `fill` when it rises again.
+                    if q.in_flight() < depth && can_issue(g, now) {
+                        if let Err(e) = g.issue(q, token, now) {
+                            failed = Some(e);
+                        }
+                    } else {
+                        idle.push(token);
+                    }
+                })
+                .map_err(BenchError::from)?;
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            now = reaped_at.unwrap_or_else(Instant::now);
             if !measuring && now >= measure_at {
-                // The ramp's last window closes here, so no window straddles the start of the
-                // measurement (measured windows are what the result adds up).
+                // The ramp's last window (with this batch) closes here, so no window straddles
+                // the start of the measurement (measured windows are what the result adds up).
                 if self.win.ios() > 0 {
                     self.close_window(now, false, sink, &mut series, &mut out);
                 }
@@ -545,36 +553,6 @@ impl<'a> Job<'a> {
                 out = JobOutcome::new();
                 prog.set_phase(Phase::Measure);
                 clock.start();
-            }
-            let (mut n, mut bytes) = (0u64, 0u64);
-            for c in comps.drain(..) {
-                let token = c.token as usize;
-                let lat = now
-                    .saturating_duration_since(self.submitted[token])
-                    .as_nanos() as u64;
-                self.inflight_off[token] = u64::MAX;
-                if let Err(e) = c.result {
-                    sink.io_error(self.win.job, &e);
-                    return Err(e.into());
-                }
-                if c.op == OpKind::Read && spec.verify {
-                    self.check_read(&c)?;
-                }
-                // One histogram update per I/O: the window's. Measured windows are added to
-                // the job's totals when they close. The heat column by a multiply, not a
-                // division (a 64-bit divide per I/O cost the model 10% of its IOPS).
-                let slice = (((c.offset - self.start) as u128 * self.heat_mul) >> 64) as usize;
-                self.win.record(c.op, c.len, lat, slice);
-                n += 1;
-                bytes += c.len;
-                self.bufs[token] = c.buf;
-                // Straight back out while under the depth (the common case); parked when the
-                // tuner lowered the depth, picked up by `fill` when it rises again.
-                if self.q.in_flight() < self.depth && can_issue(self, now) {
-                    self.issue(token, now)?;
-                } else {
-                    self.idle.push(token);
-                }
             }
             if !self.idle.is_empty() {
                 self.fill(now, &can_issue)?;
@@ -626,14 +604,14 @@ impl<'a> Job<'a> {
 
     /// Issues idle tokens while fewer than `depth` operations are in flight.
     #[inline]
-    fn fill<F: Fn(&Self, Instant) -> bool>(
+    fn fill<F: Fn(&Gen, Instant) -> bool>(
         &mut self,
         now: Instant,
         can_issue: &F,
     ) -> Result<(), BenchError> {
-        while self.q.in_flight() < self.depth && can_issue(self, now) {
+        while self.q.in_flight() < self.depth && can_issue(&self.g, now) {
             let Some(t) = self.idle.pop() else { break };
-            self.issue(t, now)?;
+            self.g.issue(&mut self.q, t, now)?;
         }
         Ok(())
     }
@@ -704,20 +682,20 @@ impl<'a> Job<'a> {
         let mut checked = 0u64;
         let mut comps = Vec::new();
         prog.bytes.store(0, Relaxed);
-        prog.total.store(self.nblocks * self.bs, Relaxed);
+        prog.total.store(self.g.nblocks * self.g.bs, Relaxed);
         loop {
-            for t in 0..self.bufs.len() {
-                if self.bufs[t].is_none() {
+            for t in 0..self.g.bufs.len() {
+                if self.g.bufs[t].is_none() {
                     continue;
                 }
-                while next < self.nblocks && self.seeds[next as usize] == 0 {
+                while next < self.g.nblocks && self.g.seeds[next as usize] == 0 {
                     next += 1;
                 }
-                if next >= self.nblocks || stop.load(Relaxed) {
+                if next >= self.g.nblocks || stop.load(Relaxed) {
                     break;
                 }
-                let buf = self.bufs[t].take().expect("idle");
-                let off = self.start + next * self.bs;
+                let buf = self.g.bufs[t].take().expect("idle");
+                let off = self.g.start + next * self.g.bs;
                 self.q
                     .submit_read(off, buf, t as u64)
                     .map_err(|r| BenchError::Setup(r.error))?;
@@ -732,13 +710,79 @@ impl<'a> Job<'a> {
                 if let Err(e) = c.result {
                     return Err(e.into());
                 }
-                self.check_read(&c)?;
+                self.g.check_read(&c)?;
                 prog.bytes.fetch_add(c.len, Relaxed);
                 checked += 1;
-                self.bufs[token] = c.buf;
+                self.g.bufs[token] = c.buf;
             }
         }
         Ok(checked)
+    }
+}
+
+impl Gen<'_> {
+    /// Choose the next block: sequential cursor or uniform random, avoiding blocks in flight
+    /// when verifying a mixed workload.
+    #[inline]
+    fn next_block(&mut self) -> u64 {
+        if !self.spec.rw.random() {
+            let b = self.cursor;
+            self.cursor = (self.cursor + 1) % self.nblocks;
+            return b;
+        }
+        let mut b = self.rng.below(self.nblocks);
+        if self.spec.verify && self.spec.rw.writes() {
+            // Two operations on one block in flight at once could complete in either order,
+            // and the seed table could no longer say what the block holds. Re-roll, then scan;
+            // a free block exists because validation keeps nblocks > iodepth under --verify.
+            let busy = |j: &Self, b: u64| j.inflight_off.contains(&(j.start + b * j.bs));
+            let mut tries = 0;
+            while busy(self, b) {
+                tries += 1;
+                b = if tries < 32 {
+                    self.rng.below(self.nblocks)
+                } else {
+                    (b + 1) % self.nblocks
+                };
+            }
+        }
+        b
+    }
+
+    #[inline]
+    fn issue(&mut self, q: &mut Queue, token: usize, now: Instant) -> Result<(), BenchError> {
+        let block = self.next_block();
+        let offset = self.start + block * self.bs;
+        let is_read =
+            self.read_pct == 100 || (self.read_pct > 0 && self.rng.below(100) < self.read_pct);
+        let mut buf = self.bufs[token].take().expect("token idle");
+        self.submitted[token] = now;
+        self.inflight_off[token] = offset;
+        self.issued += self.bs;
+        let r = if is_read {
+            q.submit_read(offset, buf, token as u64)
+        } else {
+            if self.spec.verify {
+                let seed = verify::seed_for(self.spec.seed ^ self.idx, offset, self.generation);
+                self.generation += 1;
+                verify::fill_block(&mut buf, offset, seed);
+                self.seeds[block as usize] = seed;
+            }
+            q.submit_write(offset, buf, token as u64)
+        };
+        r.map_err(|rej| BenchError::Setup(rej.error))
+    }
+
+    fn check_read(&self, c: &Completion) -> Result<(), BenchError> {
+        let buf = c.buf.as_ref().expect("read returns its buffer");
+        let block = (c.offset - self.start) / self.bs;
+        let expect = self.seeds[block as usize];
+        verify::check_block(buf, c.offset, (expect != 0).then_some(expect)).map_err(|reason| {
+            BenchError::Verify {
+                offset: c.offset,
+                reason,
+            }
+        })
     }
 }
 

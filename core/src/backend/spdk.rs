@@ -16,6 +16,11 @@
 //!   interrupts, no syscalls). SPDK splits reads and writes larger than the controller's
 //!   transfer limit itself; Write Zeroes is split here at 65,536 blocks per command, and
 //!   Deallocate sent as one Dataset Management command of up to 256 ranges.
+//! - [`crate::Queue::wait_each`] hands each completion to its caller from inside SPDK's
+//!   completion callback (the queue reached through a raw pointer, one reference at a time),
+//!   so the caller's next command is queued before SPDK writes the CQ head and rings the SQ
+//!   doorbell once for it in the same poll: SPDK's run-to-completion order, which
+//!   `spdk_nvme_perf` uses. `rio bench` drives every backend that way.
 //! - When SPDK is out of request objects (-ENOMEM) the slot waits in a backlog and is tried
 //!   again after the next completions, as the vfio backend does with a full SQ.
 //! - Errors: an NVMe status becomes [`Fail::Nvme`] (the same typed error as rio's own
@@ -348,10 +353,25 @@ impl Drop for SpdkCtrl {
     }
 }
 
+/// What every slot's completion callback reaches: the queue's list of finished operations
+/// and, while [`SpdkQueue::poll_each`] runs, its owner's hook. Owned by the queue (stable:
+/// from `Box::into_raw`, freed last).
+struct Shared {
+    done: Vec<Reaped>,
+    /// Called with the result of each operation that finished whole, from inside SPDK's
+    /// completion callback, instead of listing it in `done`. The lifetime is erased: set only
+    /// for the duration of one `spdk_nvme_qpair_process_completions` call in `poll_each`,
+    /// whose caller owns the closure for longer.
+    hook: Option<NonNull<dyn FnMut(Reaped)>>,
+    /// Operations the hook was given during the current `process_completions` call (taken
+    /// off the queue's count of operations in flight after it returns).
+    finished: u32,
+    block: u64,
+}
+
 /// One queue slot's operation, as SPDK's completion callbacks see it.
 struct Slot {
-    /// The queue's list of finished operations (stable: owned by the queue, freed last).
-    done: *mut Vec<Reaped>,
+    shared: *mut Shared,
     slot: u32,
     active: bool,
     op: RawOp,
@@ -363,6 +383,25 @@ struct Slot {
 }
 
 impl Slot {
+    /// The operation is over (every piece completed, or it failed): its result, the slot
+    /// inactive. `None` if it held nothing.
+    #[inline]
+    fn finish(&mut self) -> Option<Reaped> {
+        if !self.active {
+            return None;
+        }
+        self.active = false;
+        let res = match self.op.op {
+            OpKind::Read | OpKind::Write => i32::try_from(self.op.len).unwrap_or(i32::MAX),
+            _ => 0,
+        };
+        Some(Reaped {
+            slot: self.slot,
+            res,
+            fail: self.fail,
+        })
+    }
+
     fn total(&self, block: u64) -> u64 {
         match self.op.op {
             OpKind::Read | OpKind::Write | OpKind::Flush => 1,
@@ -392,11 +431,27 @@ extern "C" fn on_complete(arg: *mut c_void, cpl: *const sys::spdk_nvme_cpl) {
         s.fail = Fail::Nvme(NvmeError::new(false, opcode, status));
     }
     s.outstanding -= 1;
-    // Completion of the whole operation is decided by the queue (it knows the block size).
     if s.outstanding == 0 {
-        // SAFETY: `done` points to the queue's list, alive and not otherwise borrowed during
-        // process_completions.
-        unsafe { (*s.done).push(Reaped::ok(s.slot, -1)) };
+        let (sh, slot) = (s.shared, s.slot);
+        // SAFETY: `shared` is the queue's, alive and not otherwise borrowed during
+        // process_completions (`poll_each` holds no reference into it across the call).
+        let block = unsafe { (*sh).block };
+        let whole = s.fail != Fail::None || s.issued >= s.total(block);
+        // SAFETY: as above; the hook is alive while set (see `Shared::hook`), and nothing
+        // else calls it meanwhile.
+        unsafe {
+            match (*sh).hook {
+                Some(h) if whole => {
+                    let Some(r) = s.finish() else { return };
+                    (*sh).finished += 1;
+                    // `s` is not used past this point: the hook may submit a new operation
+                    // into this slot.
+                    (*h.as_ptr())(r)
+                }
+                // Unfinished (more pieces to send) or no hook: the queue's `collect` decides.
+                _ => (*sh).done.push(Reaped::ok(slot, -1)),
+            }
+        }
     }
 }
 
@@ -406,11 +461,13 @@ pub(crate) struct SpdkQueue {
     qpair: NonNull<sys::spdk_nvme_qpair>,
     /// Slot contexts, from `Box::into_raw` (SPDK holds pointers into it); freed on drop.
     slots: NonNull<[Slot]>,
-    /// Callbacks' output (`Reaped::ok(slot, -1)`: the slot's last command finished); from
-    /// `Box::into_raw`, freed on drop.
-    done: NonNull<Vec<Reaped>>,
+    /// Callbacks' output (`Reaped::ok(slot, -1)`: the slot's last command finished) and the
+    /// owner's hook; from `Box::into_raw`, freed on drop.
+    shared: NonNull<Shared>,
     /// Slots with work SPDK could not take yet (out of request objects).
     backlog: VecDeque<u32>,
+    /// `poll_each`'s list of operations finished outside a callback (kept for its capacity).
+    rest: Vec<Reaped>,
     /// Regions this queue registered (base addresses).
     regions: Vec<usize>,
     block: u64,
@@ -475,10 +532,15 @@ impl SpdkQueue {
                 ),
             ));
         };
-        let done = NonNull::from(Box::leak(Box::new(Vec::with_capacity(depth as usize))));
+        let shared = NonNull::from(Box::leak(Box::new(Shared {
+            done: Vec::with_capacity(depth as usize),
+            hook: None,
+            finished: 0,
+            block: ctrl.block_size as u64,
+        })));
         let slots: Box<[Slot]> = (0..depth)
             .map(|i| Slot {
-                done: done.as_ptr(),
+                shared: shared.as_ptr(),
                 slot: i,
                 active: false,
                 op: RawOp {
@@ -499,8 +561,9 @@ impl SpdkQueue {
             ctrl,
             qpair,
             slots: NonNull::from(Box::leak(slots)),
-            done,
+            shared,
             backlog: VecDeque::new(),
+            rest: Vec::with_capacity(depth as usize),
             regions: registered,
             block,
             submit_batch: 0,
@@ -637,7 +700,7 @@ impl SpdkQueue {
             // Nothing in SPDK (refused, or failed queue pair): finished now.
             let slot = s.slot;
             // SAFETY: the queue's own list, not borrowed elsewhere now.
-            unsafe { (*self.done.as_ptr()).push(Reaped::ok(slot, -1)) };
+            unsafe { (*self.shared.as_ptr()).done.push(Reaped::ok(slot, -1)) };
         }
         true
     }
@@ -649,7 +712,10 @@ impl SpdkQueue {
         let mut k = 0;
         // SAFETY: the queue's own list; callbacks are not running (we are not inside SPDK),
         // and no reference to it is alive across this read.
-        while let Some(i) = unsafe { (&(*self.done.as_ptr())).get(k).map(|r| r.slot) } {
+        while let Some(i) = unsafe {
+            let done = &(*self.shared.as_ptr()).done;
+            done.get(k).map(|r| r.slot)
+        } {
             k += 1;
             let block = self.block;
             let s = self.slot(i);
@@ -663,41 +729,89 @@ impl SpdkQueue {
                 }
                 continue;
             }
-            let s = self.slot(i);
-            s.active = false;
-            let res = match s.op.op {
-                OpKind::Read | OpKind::Write => i32::try_from(s.op.len).unwrap_or(i32::MAX),
-                _ => 0,
-            };
-            out.push(Reaped {
-                slot: i,
-                res,
-                fail: s.fail,
-            });
-            self.in_flight -= 1;
+            if let Some(r) = self.finish(i) {
+                out.push(r);
+            }
         }
         // SAFETY: as above.
-        unsafe { (*self.done.as_ptr()).clear() };
+        unsafe { (*self.shared.as_ptr()).done.clear() };
     }
 
-    fn poll_once(&mut self, out: &mut Vec<Reaped>) {
+    /// The slot's operation is over: its result, the slot free. `None` if it held nothing.
+    #[inline]
+    fn finish(&mut self, i: u32) -> Option<Reaped> {
+        let r = self.slot(i).finish()?;
+        self.in_flight -= 1;
+        Some(r)
+    }
+
+    /// One poll, each finished operation handed to `hook`; those that finish in SPDK's
+    /// completion callback are handed over from inside it, so the hook (through its owner,
+    /// the [`crate::Queue`]) may submit at once and the new command goes out with this poll's
+    /// doorbell, after SPDK writes the completion queue's head (SPDK's own run-to-completion
+    /// order, as `spdk_nvme_perf` submits). Operations finished outside a callback (refused
+    /// at submission, on a failed queue pair, or after their last piece) follow, after
+    /// SPDK returns.
+    ///
+    /// # Safety
+    /// `this` is valid, and no reference to it (nor to the `Queue` that owns it) is alive
+    /// across the call other than what `hook` makes for itself; `hook` must not poll this
+    /// queue again.
+    pub unsafe fn poll_each(this: *mut SpdkQueue, hook: &mut dyn FnMut(Reaped)) {
+        // SAFETY (all derefs of `this` below): valid per the contract; each reference lives
+        // only within its statement, never across the SPDK call, during which the hook makes
+        // its own.
+        unsafe {
+            let (qp, sh) = ((*this).qpair, (*this).shared);
+            let nested = (*sh.as_ptr()).hook.is_some();
+            if !nested {
+                (*this).drain_backlog();
+            }
+            if (*this).in_flight > 0 && !nested {
+                // Erase the hook's lifetime: it outlives this call, and is unset before return.
+                let h: NonNull<dyn FnMut(Reaped) + '_> = NonNull::from(&mut *hook);
+                (*sh.as_ptr()).hook = Some(std::mem::transmute::<
+                    NonNull<dyn FnMut(Reaped) + '_>,
+                    NonNull<dyn FnMut(Reaped)>,
+                >(h));
+                let rc = sys::spdk_nvme_qpair_process_completions(qp.as_ptr(), 0);
+                (*sh.as_ptr()).hook = None;
+                let finished = std::mem::take(&mut (*sh.as_ptr()).finished);
+                (*this).in_flight -= finished;
+                (*this).after_process(rc);
+            }
+            let mut rest = std::mem::take(&mut (*this).rest);
+            (*this).collect_rest(&mut rest);
+            for r in rest.drain(..) {
+                hook(r);
+            }
+            // A nested call (the hook polled) took the empty list meanwhile and gave it back.
+            (*this).rest = rest;
+        }
+    }
+
+    /// Slots waiting for SPDK request objects: handed to SPDK now if it takes them.
+    fn drain_backlog(&mut self) {
         while let Some(&i) = self.backlog.front() {
             if !self.issue(i) {
                 break;
             }
             self.backlog.pop_front();
         }
-        if self.in_flight > 0 {
-            // SAFETY: the queue pair is live and used only by this thread; callbacks touch
-            // only the slot contexts and the done list, which nothing else borrows now.
-            let rc = unsafe { sys::spdk_nvme_qpair_process_completions(self.qpair.as_ptr(), 0) };
-            if rc < 0 && !self.failed {
-                // The queue pair failed (controller removed, or SPDK's reset failed): SPDK
-                // aborts what it holds through the callbacks; nothing new is accepted.
-                tracing::error!(trid = %self.ctrl.trid, rc, "SPDK queue pair failed");
-                self.failed = true;
-            }
+    }
+
+    /// What `process_completions` returned: a negative code is a failed queue pair.
+    fn after_process(&mut self, rc: i32) {
+        if rc < 0 && !self.failed {
+            // The queue pair failed (controller removed, or SPDK's reset failed): SPDK
+            // aborts what it holds through the callbacks; nothing new is accepted.
+            tracing::error!(trid = %self.ctrl.trid, rc, "SPDK queue pair failed");
+            self.failed = true;
         }
+    }
+
+    /// The callbacks' list into `out`; on a failed queue pair, the backlog failed too.
+    fn collect_rest(&mut self, out: &mut Vec<Reaped>) {
         self.collect(out);
         if self.failed {
             // Backlogged slots never reached SPDK: fail them here.
@@ -706,6 +820,26 @@ impl SpdkQueue {
             }
             self.collect(out);
         }
+    }
+
+    fn poll_once(&mut self, out: &mut Vec<Reaped>) {
+        // SAFETY: the queue's own `Shared`, not borrowed across this read.
+        if unsafe { (*self.shared.as_ptr()).hook.is_some() } {
+            // Called from a `poll_each` hook (the owner polled inside its completion
+            // handler): SPDK must not be re-entered for this queue pair; only what is
+            // already listed is collected.
+            self.collect(out);
+            return;
+        }
+        self.drain_backlog();
+        if self.in_flight > 0 {
+            // SAFETY: the queue pair is live and used only by this thread; callbacks touch
+            // only the slot contexts and the shared list (no hook is set outside
+            // `poll_each`), which nothing else borrows now.
+            let rc = unsafe { sys::spdk_nvme_qpair_process_completions(self.qpair.as_ptr(), 0) };
+            self.after_process(rc);
+        }
+        self.collect_rest(out);
     }
 
     pub fn reap(
@@ -761,7 +895,7 @@ impl Drop for SpdkQueue {
         unsafe {
             sys::spdk_nvme_ctrlr_free_io_qpair(self.qpair.as_ptr());
             drop(Box::from_raw(self.slots.as_ptr()));
-            drop(Box::from_raw(self.done.as_ptr()));
+            drop(Box::from_raw(self.shared.as_ptr()));
         }
         for b in std::mem::take(&mut self.regions) {
             mem_unregister(b);
