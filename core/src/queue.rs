@@ -550,11 +550,16 @@ impl Queue {
         }
         let min = min.min(handed.get() + self.in_flight() as usize);
         let this: *mut Queue = self;
-        // SAFETY: `this` is `self`; the reference to the backend ends with this statement
-        // (only the pointer is kept, and the backend does not move during this call).
-        let sq: *mut crate::backend::spdk::SpdkQueue = match unsafe { &mut (*this).backend } {
-            BackendQueue::Spdk(sq) => sq,
-            _ => unreachable!("checked by the caller"),
+        // The backend, derived anew from the queue's pointer at each use: the hook's reference
+        // to the whole queue ends any pointer derived from it before.
+        let owner = this;
+        let mut spdk = || -> *mut crate::backend::spdk::SpdkQueue {
+            // SAFETY: `owner` is `self`; this reference ends with the statement (only the
+            // pointer is kept, and used before the hook's next reference).
+            match unsafe { &mut (*owner).backend } {
+                BackendQueue::Spdk(sq) => sq,
+                _ => unreachable!("checked by the caller"),
+            }
         };
         // From here on the queue is reached only through `this`, one short-lived reference at
         // a time: the hook makes its own from inside SPDK's callback.
@@ -578,10 +583,10 @@ impl Queue {
         let mut deadline: Option<Instant> = None;
         let mut spins = 0u32;
         loop {
-            // SAFETY: `sq` lives in `*this`, to which no reference is alive across the call;
-            // the hook does not poll (it runs `each`, which must not either; a nested poll
-            // does not re-enter SPDK).
-            unsafe { crate::backend::spdk::SpdkQueue::poll_each(sq, &mut hook) };
+            // SAFETY: `spdk` derives the backend from `self` at each call; no reference to the
+            // queue is alive across the call; the hook does not poll (it runs `each`, which
+            // must not either; a nested poll does not re-enter SPDK).
+            unsafe { crate::backend::spdk::SpdkQueue::poll_each(&mut spdk, &mut hook) };
             // SAFETY: as above.
             let idle = unsafe { (*this).in_flight() } == 0;
             if handed.get() >= min || idle {

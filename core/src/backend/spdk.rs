@@ -754,20 +754,25 @@ impl SpdkQueue {
     /// SPDK returns.
     ///
     /// # Safety
-    /// `this` is valid, and no reference to it (nor to the `Queue` that owns it) is alive
-    /// across the call other than what `hook` makes for itself; `hook` must not poll this
-    /// queue again.
-    pub unsafe fn poll_each(this: *mut SpdkQueue, hook: &mut dyn FnMut(Reaped)) {
-        // SAFETY (all derefs of `this` below): valid per the contract; each reference lives
-        // only within its statement, never across the SPDK call, during which the hook makes
-        // its own.
+    /// `this` returns a valid pointer to this queue each time it is called (derived anew from
+    /// its owner's pointer), and no reference to the queue (nor to the `Queue` that owns it)
+    /// is alive across the call other than what `hook` makes for itself; `hook` must not poll
+    /// this queue again.
+    pub unsafe fn poll_each(
+        this: &mut dyn FnMut() -> *mut SpdkQueue,
+        hook: &mut dyn FnMut(Reaped),
+    ) {
+        // SAFETY (all derefs below): `this()` is valid per the contract, and derived afresh for
+        // each statement, because the hook's own reference to the owner (made from the same
+        // origin) ends any pointer derived before it; each reference lives only within its
+        // statement, never across the SPDK call or a hook call.
         unsafe {
-            let (qp, sh) = ((*this).qpair, (*this).shared);
+            let (qp, sh) = ((*this()).qpair, (*this()).shared);
             let nested = (*sh.as_ptr()).hook.is_some();
             if !nested {
-                (*this).drain_backlog();
+                (*this()).drain_backlog();
             }
-            if (*this).in_flight > 0 && !nested {
+            if (*this()).in_flight > 0 && !nested {
                 // Erase the hook's lifetime: it outlives this call, and is unset before return.
                 let h: NonNull<dyn FnMut(Reaped) + '_> = NonNull::from(&mut *hook);
                 (*sh.as_ptr()).hook = Some(std::mem::transmute::<
@@ -777,16 +782,16 @@ impl SpdkQueue {
                 let rc = sys::spdk_nvme_qpair_process_completions(qp.as_ptr(), 0);
                 (*sh.as_ptr()).hook = None;
                 let finished = std::mem::take(&mut (*sh.as_ptr()).finished);
-                (*this).in_flight -= finished;
-                (*this).after_process(rc);
+                (*this()).in_flight -= finished;
+                (*this()).after_process(rc);
             }
-            let mut rest = std::mem::take(&mut (*this).rest);
-            (*this).collect_rest(&mut rest);
+            let mut rest = std::mem::take(&mut (*this()).rest);
+            (*this()).collect_rest(&mut rest);
             for r in rest.drain(..) {
                 hook(r);
             }
             // A nested call (the hook polled) took the empty list meanwhile and gave it back.
-            (*this).rest = rest;
+            (*this()).rest = rest;
         }
     }
 
