@@ -534,11 +534,12 @@ impl Queue {
     }
 
     #[cfg(feature = "spdk")]
-    fn wait_each_spdk(
+    #[inline]
+    fn wait_each_spdk<F: FnMut(&mut Queue, Completion)>(
         &mut self,
         min: usize,
         timeout: Duration,
-        each: &mut dyn FnMut(&mut Queue, Completion),
+        each: &mut F,
     ) -> Result<usize> {
         use std::cell::Cell;
         let handed = Cell::new(0usize);

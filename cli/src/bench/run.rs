@@ -354,8 +354,9 @@ struct Gen<'a> {
     /// Seed last written to each block (0: unknown), when verifying.
     seeds: Vec<u64>,
     generation: u64,
-    /// Per token: submission time, offset in flight (u64::MAX: none), and the idle buffer.
-    submitted: Vec<Instant>,
+    /// Per token: submission time (nanoseconds from the job's start: a latency is one
+    /// subtraction), offset in flight (u64::MAX: none), and the idle buffer.
+    submitted: Vec<u64>,
     inflight_off: Vec<u64>,
     bufs: Vec<Option<IoBuf>>,
     /// Bytes issued so far, and the most the job issues.
@@ -418,7 +419,7 @@ impl<'a> Job<'a> {
                 read_pct: spec.rw.read_percent(spec.rwmixread) as u64,
                 seeds,
                 generation: 1,
-                submitted: vec![Instant::now(); spec.iodepth as usize],
+                submitted: vec![0; spec.iodepth as usize],
                 inflight_off: vec![u64::MAX; spec.iodepth as usize],
                 bufs,
                 issued: 0,
@@ -486,14 +487,15 @@ impl<'a> Job<'a> {
             // order, as `spdk_nvme_perf`), elsewhere right after the reap. One clock read per
             // reaped batch, at its first completion: its latency end and the next I/O's start.
             let (mut n, mut bytes) = (0u64, 0u64);
-            let mut reaped_at: Option<Instant> = None;
+            let mut reaped_at: Option<(Instant, u64)> = None;
             let mut failed: Option<BenchError> = None;
-            let (g, win, idle, depth, heat_mul) = (
+            let (g, win, idle, depth, heat_mul, t0) = (
                 &mut self.g,
                 &mut self.win,
                 &mut self.idle,
                 self.depth,
                 self.heat_mul,
+                self.t0,
             );
             self.q
                 .wait_each(1, Duration::from_secs(1), |q, c| {
@@ -503,8 +505,11 @@ impl<'a> Job<'a> {
                         g.bufs[token] = c.buf;
                         return;
                     }
-                    let now = *reaped_at.get_or_insert_with(Instant::now);
-                    let lat = now.saturating_duration_since(g.submitted[token]).as_nanos() as u64;
+                    let (now, now_ns) = *reaped_at.get_or_insert_with(|| {
+                        let n = Instant::now();
+                        (n, since(t0, n))
+                    });
+                    let lat = now_ns.saturating_sub(g.submitted[token]);
                     g.inflight_off[token] = u64::MAX;
                     if let Err(e) = c.result {
                         sink.io_error(win.job, &e);
@@ -530,7 +535,7 @@ impl<'a> Job<'a> {
                     // Straight back out while under the depth (the common case); parked when
                     // the tuner lowered the depth, picked up by `fill` when it rises again.
                     if q.in_flight() < depth && can_issue(g, now) {
-                        if let Err(e) = g.issue(q, token, now) {
+                        if let Err(e) = g.issue(q, token, now_ns) {
                             failed = Some(e);
                         }
                     } else {
@@ -541,7 +546,7 @@ impl<'a> Job<'a> {
             if let Some(e) = failed {
                 return Err(e);
             }
-            now = reaped_at.unwrap_or_else(Instant::now);
+            now = reaped_at.map_or_else(Instant::now, |(n, _)| n);
             if !measuring && now >= measure_at {
                 // The ramp's last window (with this batch) closes here, so no window straddles
                 // the start of the measurement (measured windows are what the result adds up).
@@ -609,9 +614,10 @@ impl<'a> Job<'a> {
         now: Instant,
         can_issue: &F,
     ) -> Result<(), BenchError> {
+        let now_ns = since(self.t0, now);
         while self.q.in_flight() < self.depth && can_issue(&self.g, now) {
             let Some(t) = self.idle.pop() else { break };
-            self.g.issue(&mut self.q, t, now)?;
+            self.g.issue(&mut self.q, t, now_ns)?;
         }
         Ok(())
     }
@@ -750,13 +756,13 @@ impl Gen<'_> {
     }
 
     #[inline]
-    fn issue(&mut self, q: &mut Queue, token: usize, now: Instant) -> Result<(), BenchError> {
+    fn issue(&mut self, q: &mut Queue, token: usize, now_ns: u64) -> Result<(), BenchError> {
         let block = self.next_block();
         let offset = self.start + block * self.bs;
         let is_read =
             self.read_pct == 100 || (self.read_pct > 0 && self.rng.below(100) < self.read_pct);
         let mut buf = self.bufs[token].take().expect("token idle");
-        self.submitted[token] = now;
+        self.submitted[token] = now_ns;
         self.inflight_off[token] = offset;
         self.issued += self.bs;
         let r = if is_read {
@@ -784,6 +790,12 @@ impl Gen<'_> {
             }
         })
     }
+}
+
+/// Nanoseconds from `t0` to `t` (0 if `t` is earlier): the job's clock for latencies.
+#[inline]
+fn since(t0: Instant, t: Instant) -> u64 {
+    t.saturating_duration_since(t0).as_nanos() as u64
 }
 
 impl Clocks {

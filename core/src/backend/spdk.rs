@@ -758,10 +758,16 @@ impl SpdkQueue {
     /// its owner's pointer), and no reference to the queue (nor to the `Queue` that owns it)
     /// is alive across the call other than what `hook` makes for itself; `hook` must not poll
     /// this queue again.
-    pub unsafe fn poll_each(
-        this: &mut dyn FnMut() -> *mut SpdkQueue,
-        hook: &mut dyn FnMut(Reaped),
-    ) {
+    ///
+    /// Generic, so that the accessor (called a dozen times a poll) and the hook's calls from
+    /// here are inlined: under an emulated CPU (QEMU's TCG) each indirect call costs a
+    /// translation lookup, and a `dyn` accessor took 14% of the polling thread's samples.
+    #[inline]
+    pub unsafe fn poll_each<A, H>(this: &mut A, hook: &mut H)
+    where
+        A: FnMut() -> *mut SpdkQueue,
+        H: FnMut(Reaped),
+    {
         // SAFETY (all derefs below): `this()` is valid per the contract, and derived afresh for
         // each statement, because the hook's own reference to the owner (made from the same
         // origin) ends any pointer derived before it; each reference lives only within its
@@ -774,7 +780,8 @@ impl SpdkQueue {
             }
             if (*this()).in_flight > 0 && !nested {
                 // Erase the hook's lifetime: it outlives this call, and is unset before return.
-                let h: NonNull<dyn FnMut(Reaped) + '_> = NonNull::from(&mut *hook);
+                let h: NonNull<dyn FnMut(Reaped) + '_> =
+                    NonNull::from(&mut *hook as &mut dyn FnMut(Reaped));
                 (*sh.as_ptr()).hook = Some(std::mem::transmute::<
                     NonNull<dyn FnMut(Reaped) + '_>,
                     NonNull<dyn FnMut(Reaped)>,
@@ -785,18 +792,31 @@ impl SpdkQueue {
                 (*this()).in_flight -= finished;
                 (*this()).after_process(rc);
             }
-            let mut rest = std::mem::take(&mut (*this()).rest);
-            (*this()).collect_rest(&mut rest);
-            for r in rest.drain(..) {
-                hook(r);
+            if (*this()).has_rest() {
+                let mut rest = std::mem::take(&mut (*this()).rest);
+                (*this()).collect_rest_slow(&mut rest);
+                for r in rest.drain(..) {
+                    hook(r);
+                }
+                // A nested call (the hook polled) took the empty list meanwhile and gave it
+                // back.
+                (*this()).rest = rest;
             }
-            // A nested call (the hook polled) took the empty list meanwhile and gave it back.
-            (*this()).rest = rest;
         }
     }
 
-    /// Slots waiting for SPDK request objects: handed to SPDK now if it takes them.
+    /// Slots waiting for SPDK request objects: handed to SPDK now if it takes them. Inline
+    /// and one test in the common case (nothing waiting): it runs at every poll.
+    #[inline]
     fn drain_backlog(&mut self) {
+        if !self.backlog.is_empty() {
+            self.drain_backlog_slow();
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn drain_backlog_slow(&mut self) {
         while let Some(&i) = self.backlog.front() {
             if !self.issue(i) {
                 break;
@@ -806,17 +826,42 @@ impl SpdkQueue {
     }
 
     /// What `process_completions` returned: a negative code is a failed queue pair.
+    #[inline]
     fn after_process(&mut self, rc: i32) {
         if rc < 0 && !self.failed {
-            // The queue pair failed (controller removed, or SPDK's reset failed): SPDK
-            // aborts what it holds through the callbacks; nothing new is accepted.
-            tracing::error!(trid = %self.ctrl.trid, rc, "SPDK queue pair failed");
-            self.failed = true;
+            self.qpair_failed(rc);
         }
     }
 
-    /// The callbacks' list into `out`; on a failed queue pair, the backlog failed too.
+    #[cold]
+    #[inline(never)]
+    fn qpair_failed(&mut self, rc: i32) {
+        // The queue pair failed (controller removed, or SPDK's reset failed): SPDK aborts
+        // what it holds through the callbacks; nothing new is accepted.
+        tracing::error!(trid = %self.ctrl.trid, rc, "SPDK queue pair failed");
+        self.failed = true;
+    }
+
+    /// The callbacks' list into `out`; on a failed queue pair, the backlog failed too. Inline
+    /// and two tests in the common case (nothing listed, the queue pair well): it runs at
+    /// every poll.
+    #[inline]
     fn collect_rest(&mut self, out: &mut Vec<Reaped>) {
+        if self.has_rest() {
+            self.collect_rest_slow(out);
+        }
+    }
+
+    /// Whether `collect_rest` has anything to do.
+    #[inline]
+    fn has_rest(&self) -> bool {
+        // SAFETY: the queue's own list, not borrowed across this read.
+        let listed = unsafe { !(*self.shared.as_ptr()).done.is_empty() };
+        listed || self.failed
+    }
+
+    #[inline(never)]
+    fn collect_rest_slow(&mut self, out: &mut Vec<Reaped>) {
         self.collect(out);
         if self.failed {
             // Backlogged slots never reached SPDK: fail them here.
