@@ -57,7 +57,7 @@ pub use config::EngineConfig;
 pub use engine::{BackendKind, Engine, Selection};
 pub use error::{Error, IoError, IoErrorKind, Result};
 pub use op::OpKind;
-pub use queue::{Completion, Queue, Rejected};
+pub use queue::{Completion, Queue, Rejected, Submitter};
 pub use window::{Window, WindowSink};
 
 /// The largest read or write one operation may move: Linux's limit for a single read or

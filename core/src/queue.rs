@@ -500,19 +500,23 @@ impl Queue {
         self.reap(min, Some(timeout), out)
     }
 
-    /// [`Queue::wait`], each completion handed to `each` with this queue, so that `each` can
-    /// submit the next operation at once (run to completion, as a device loop does). Returns
-    /// how many were handed over.
+    /// [`Queue::wait`], each completion handed to `each` with a [`Submitter`] for this queue,
+    /// so that `each` can submit the next operation at once (run to completion, as a device
+    /// loop does). Returns how many were handed over.
     ///
     /// On SPDK's driver `each` runs inside SPDK's completion callback, before SPDK writes the
     /// completion queue's head: what it submits reaches the device with the same poll's
     /// doorbell, in SPDK's own order (callbacks, CQ head, SQ tail), as `spdk_nvme_perf`
     /// submits; completions are handed over one by one as SPDK finds them. Elsewhere they
     /// are reaped first, then handed over in order: the same as `wait` and a loop over its
-    /// output. `each` must not poll or wait on this queue (on SPDK such a call only collects
-    /// what is already finished).
+    /// output. The handler gets a [`Submitter`], not the queue: it can submit and read the
+    /// queue's state, but not poll, wait, drop or replace the queue it is called from.
+    ///
+    /// A panic in `each` propagates out of `wait_each` (on SPDK's driver it is caught at
+    /// SPDK's C boundary and resumed after SPDK returns). What finished besides stays in the
+    /// queue and is handed over by the next call: nothing is lost.
     #[inline]
-    pub fn wait_each<F: FnMut(&mut Queue, Completion)>(
+    pub fn wait_each<F: FnMut(&mut Submitter<'_>, Completion)>(
         &mut self,
         min: usize,
         timeout: Duration,
@@ -525,17 +529,33 @@ impl Queue {
         let mut got = std::mem::take(&mut self.scratch);
         let r = self.wait(min, timeout, &mut got);
         let n = got.len();
-        for c in got.drain(..) {
-            each(self, c);
+        {
+            // What `each` has not been given when it panics goes back to `ready`, first in
+            // line for the next call (the guard's drop).
+            struct Left<'a, 'b> {
+                q: &'a mut Queue,
+                rest: std::vec::Drain<'b, Completion>,
+            }
+            impl Drop for Left<'_, '_> {
+                fn drop(&mut self) {
+                    self.q.ready.extend(self.rest.by_ref());
+                }
+            }
+            let mut left = Left {
+                q: self,
+                rest: got.drain(..),
+            };
+            for c in left.rest.by_ref() {
+                each(&mut Submitter { q: left.q }, c);
+            }
         }
-        // (A nested call took the empty vector meanwhile and gave it back.)
         self.scratch = got;
         r.map(|_| n)
     }
 
     #[cfg(feature = "spdk")]
     #[inline]
-    fn wait_each_spdk<F: FnMut(&mut Queue, Completion)>(
+    fn wait_each_spdk<F: FnMut(&mut Submitter<'_>, Completion)>(
         &mut self,
         min: usize,
         timeout: Duration,
@@ -547,7 +567,7 @@ impl Queue {
         // Left by a blocking helper for `poll`: first, in order.
         while let Some(c) = self.ready.pop_front() {
             handed.set(handed.get() + 1);
-            each(self, c);
+            each(&mut Submitter { q: self }, c);
         }
         let min = min.min(handed.get() + self.in_flight() as usize);
         let this: *mut Queue = self;
@@ -568,12 +588,14 @@ impl Queue {
             // SAFETY: `this` is the queue this call borrows mutably; no other reference to it
             // is alive while the hook runs (`poll_each` holds none across SPDK's call, nor
             // while it hands over what finished outside a callback), and this one ends before
-            // the hook returns.
+            // the hook returns. `each` sees it only through a `Submitter`, which cannot drop,
+            // replace or poll the queue: SPDK's queue pair and the slot contexts `poll_each`
+            // is using stay in place.
             let q = unsafe { &mut *this };
             match q.complete(r) {
                 Ok(c) => {
                     handed.set(handed.get() + 1);
-                    each(q, c);
+                    each(&mut Submitter { q }, c);
                 }
                 Err(e) => {
                     let first = bad.take().unwrap_or(e);
@@ -585,8 +607,8 @@ impl Queue {
         let mut spins = 0u32;
         loop {
             // SAFETY: `spdk` derives the backend from `self` at each call; no reference to the
-            // queue is alive across the call; the hook does not poll (it runs `each`, which
-            // must not either; a nested poll does not re-enter SPDK).
+            // queue is alive across the call; the hook does not poll (`each` has only a
+            // `Submitter`, which cannot).
             unsafe { crate::backend::spdk::SpdkQueue::poll_each(&mut spdk, &mut hook) };
             // SAFETY: as above.
             let idle = unsafe { (*this).in_flight() } == 0;
@@ -840,6 +862,111 @@ impl Queue {
             sink.clear();
         }
         self.in_flight()
+    }
+}
+
+/// What a [`Queue::wait_each`] handler may do with the queue it is called from: submit,
+/// and read the queue's state (through `Deref`). It cannot poll, wait, drop or replace the
+/// queue: on SPDK's driver the handler runs inside SPDK's completion callback, where the
+/// queue pair and its slot contexts must stay as they are until SPDK returns.
+pub struct Submitter<'a> {
+    q: &'a mut Queue,
+}
+
+impl std::ops::Deref for Submitter<'_> {
+    type Target = Queue;
+    #[inline]
+    fn deref(&self) -> &Queue {
+        self.q
+    }
+}
+
+impl std::fmt::Debug for Submitter<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Submitter").field(&*self.q).finish()
+    }
+}
+
+impl Submitter<'_> {
+    /// [`Queue::submit_read`].
+    #[inline]
+    pub fn submit_read(
+        &mut self,
+        offset: u64,
+        buf: IoBuf,
+        token: u64,
+    ) -> std::result::Result<(), Rejected> {
+        self.q.submit_read(offset, buf, token)
+    }
+
+    /// [`Queue::submit_write`].
+    #[inline]
+    pub fn submit_write(
+        &mut self,
+        offset: u64,
+        buf: IoBuf,
+        token: u64,
+    ) -> std::result::Result<(), Rejected> {
+        self.q.submit_write(offset, buf, token)
+    }
+
+    /// [`Queue::submit_flush`].
+    pub fn submit_flush(&mut self, token: u64) -> Result<()> {
+        self.q.submit_flush(token)
+    }
+
+    /// [`Queue::submit_write_zeroes`].
+    pub fn submit_write_zeroes(&mut self, offset: u64, len: u64, token: u64) -> Result<()> {
+        self.q.submit_write_zeroes(offset, len, token)
+    }
+
+    /// [`Queue::submit_deallocate`].
+    pub fn submit_deallocate(&mut self, offset: u64, len: u64, token: u64) -> Result<()> {
+        self.q.submit_deallocate(offset, len, token)
+    }
+
+    /// [`Queue::submit_raw`].
+    ///
+    /// # Safety
+    /// As for [`Queue::submit_raw`].
+    pub unsafe fn submit_raw(
+        &mut self,
+        op: OpKind,
+        offset: u64,
+        addr: *mut u8,
+        len: u64,
+        token: u64,
+    ) -> Result<()> {
+        // SAFETY: the caller's contract is `submit_raw`'s.
+        unsafe { self.q.submit_raw(op, offset, addr, len, token) }
+    }
+
+    /// [`Queue::submit_fd`].
+    ///
+    /// # Safety
+    /// As for [`Queue::submit_fd`].
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn submit_fd(
+        &mut self,
+        op: OpKind,
+        fd: std::os::fd::BorrowedFd<'_>,
+        offset: u64,
+        addr: *mut u8,
+        len: u64,
+        token: u64,
+        cached: bool,
+    ) -> Result<()> {
+        // SAFETY: the caller's contract is `submit_fd`'s.
+        unsafe { self.q.submit_fd(op, fd, offset, addr, len, token, cached) }
+    }
+}
+
+impl Queue {
+    /// A [`Submitter`] for this queue: the handle a [`Queue::wait_each`] handler gets, for
+    /// code that submits both from inside a handler and outside one.
+    #[inline]
+    pub fn submitter(&mut self) -> Submitter<'_> {
+        Submitter { q: self }
     }
 }
 

@@ -18,7 +18,7 @@ use rio::OpKind;
 use rio::buf::IoBuf;
 use rio::engine::Engine;
 use rio::error::{Error, IoError};
-use rio::queue::{Completion, Queue};
+use rio::queue::{Completion, Queue, Submitter};
 
 /// Why a run failed.
 #[derive(Debug, thiserror::Error)]
@@ -617,7 +617,7 @@ impl<'a> Job<'a> {
         let now_ns = since(self.t0, now);
         while self.q.in_flight() < self.depth && can_issue(&self.g, now) {
             let Some(t) = self.idle.pop() else { break };
-            self.g.issue(&mut self.q, t, now_ns)?;
+            self.g.issue(&mut self.q.submitter(), t, now_ns)?;
         }
         Ok(())
     }
@@ -756,7 +756,12 @@ impl Gen<'_> {
     }
 
     #[inline]
-    fn issue(&mut self, q: &mut Queue, token: usize, now_ns: u64) -> Result<(), BenchError> {
+    fn issue(
+        &mut self,
+        q: &mut Submitter<'_>,
+        token: usize,
+        now_ns: u64,
+    ) -> Result<(), BenchError> {
         let block = self.next_block();
         let offset = self.start + block * self.bs;
         let is_read =

@@ -20,7 +20,15 @@
 //!   completion callback (the queue reached through a raw pointer, one reference at a time),
 //!   so the caller's next command is queued before SPDK writes the CQ head and rings the SQ
 //!   doorbell once for it in the same poll: SPDK's run-to-completion order, which
-//!   `spdk_nvme_perf` uses. `rio bench` drives every backend that way.
+//!   `spdk_nvme_perf` uses. `rio bench` drives every backend that way. The handler gets a
+//!   [`crate::Submitter`], which cannot poll, drop or replace the queue; a panic in it is
+//!   caught at SPDK's C boundary and resumed after SPDK returns.
+//! - SPDK may complete a command inside the call that submits it (a buffer it cannot
+//!   translate, submitted from inside a completion callback): each command is counted before
+//!   SPDK sees it, and such a completion only counts it down (`Shared::issuing`); `issue`
+//!   lists the slot once SPDK has returned, so the handler is never re-entered. Reads and
+//!   writes outside memory registered for the queue are refused at submission instead
+//!   (`Error::BufferUnavailable`), as rio's own driver refuses unmapped memory.
 //! - When SPDK is out of request objects (-ENOMEM) the slot waits in a backlog and is tried
 //!   again after the next completions, as the vfio backend does with a full SQ.
 //! - Errors: an NVMe status becomes [`Fail::Nvme`] (the same typed error as rio's own
@@ -232,9 +240,11 @@ pub(crate) struct SpdkCtrl {
     pub model: String,
 }
 
-// SAFETY: SPDK's controller object is safe to use from several threads for what rio does with
-// it (allocating and freeing I/O queue pairs takes the controller's lock); each queue pair is
-// used by one thread only (SpdkQueue is not Sync and is driven by its owner).
+// SAFETY: what rio does with SPDK's controller from several threads is what SPDK allows:
+// allocating and freeing I/O queue pairs (both take the controller's lock), reading the
+// namespace's data (fixed once attached) and building commands for a queue pair that only
+// its owning thread uses (SpdkQueue is not Send: `Queue` is neither Send nor Sync). Detach
+// happens once, in Drop, when no queue holds the controller any more.
 unsafe impl Send for SpdkCtrl {}
 // SAFETY: as above.
 unsafe impl Sync for SpdkCtrl {}
@@ -366,8 +376,19 @@ struct Shared {
     /// Operations the hook was given during the current `process_completions` call (taken
     /// off the queue's count of operations in flight after it returns).
     finished: u32,
+    /// A panic out of the hook, caught at SPDK's C boundary (unwinding through C is not
+    /// allowed); `poll_each` resumes it once SPDK has returned. While it is set, the hook is
+    /// not called again: later completions are listed in `done`.
+    panic: Option<Box<dyn std::any::Any + Send>>,
+    /// The slot `SpdkQueue::issue` is handing to SPDK (`NOT_ISSUING` otherwise). SPDK may
+    /// complete a command inside the submitting call (a buffer it cannot translate, from
+    /// inside a completion callback): that callback only counts the command, and `issue`
+    /// decides what follows once SPDK has returned.
+    issuing: u32,
     block: u64,
 }
+
+const NOT_ISSUING: u32 = u32::MAX;
 
 /// One queue slot's operation, as SPDK's completion callbacks see it.
 struct Slot {
@@ -412,10 +433,13 @@ impl Slot {
 
 /// SPDK's completion callback: `arg` is the slot's context.
 extern "C" fn on_complete(arg: *mut c_void, cpl: *const sys::spdk_nvme_cpl) {
-    // SAFETY: `arg` is the `Slot` this command was submitted with; the slot array outlives
-    // every command (the queue drains or leaks it before freeing), and callbacks run on the
-    // queue's own thread inside `spdk_nvme_qpair_process_completions`, while no reference to
-    // the slot is held elsewhere.
+    // SAFETY: `arg` is the `Slot` this command was submitted with, derived from the slot
+    // array's own pointer (`SpdkQueue::slot_ptr`). The array outlives every command (the
+    // queue drains, or leaks it when abandoned, before freeing). Callbacks run on the queue's
+    // own thread, inside `spdk_nvme_qpair_process_completions` or inside a submitting
+    // `spdk_nvme_ns_cmd_*` call; in both, the queue's code holds no reference to this slot
+    // across the call (`issue` reaches it through the raw pointer, one statement at a time).
+    // This reference ends before the hook runs.
     let s = unsafe { &mut *arg.cast::<Slot>() };
     // SAFETY: SPDK passes a completion valid for this call.
     let raw = unsafe { sys::cpl_status_raw(cpl) };
@@ -430,27 +454,45 @@ extern "C" fn on_complete(arg: *mut c_void, cpl: *const sys::spdk_nvme_cpl) {
         };
         s.fail = Fail::Nvme(NvmeError::new(false, opcode, status));
     }
+    // `issue` counts a command before handing it over, so this cannot underflow.
     s.outstanding -= 1;
-    if s.outstanding == 0 {
-        let (sh, slot) = (s.shared, s.slot);
-        // SAFETY: `shared` is the queue's, alive and not otherwise borrowed during
-        // process_completions (`poll_each` holds no reference into it across the call).
-        let block = unsafe { (*sh).block };
-        let whole = s.fail != Fail::None || s.issued >= s.total(block);
-        // SAFETY: as above; the hook is alive while set (see `Shared::hook`), and nothing
-        // else calls it meanwhile.
-        unsafe {
-            match (*sh).hook {
-                Some(h) if whole => {
-                    let Some(r) = s.finish() else { return };
-                    (*sh).finished += 1;
-                    // `s` is not used past this point: the hook may submit a new operation
-                    // into this slot.
-                    (*h.as_ptr())(r)
-                }
-                // Unfinished (more pieces to send) or no hook: the queue's `collect` decides.
-                _ => (*sh).done.push(Reaped::ok(slot, -1)),
+    if s.outstanding > 0 {
+        return;
+    }
+    let (sh, slot) = (s.shared, s.slot);
+    // SAFETY: `shared` is the queue's (freed only after the queue pair), reached by raw
+    // pointer only: no reference into it is held across SPDK's calls, by `poll_each` nor by
+    // `issue`, and each one here ends within its statement.
+    unsafe {
+        let issuing = (*sh).issuing;
+        if issuing != NOT_ISSUING {
+            // Completed inside a submitting call: `issue` lists its own slot when SPDK
+            // returns; any other is listed here, never handed to the hook (which may be
+            // running further up this stack).
+            if issuing != slot {
+                (*sh).done.push(Reaped::ok(slot, -1));
             }
+            return;
+        }
+        let whole = s.fail != Fail::None || s.issued >= s.total((*sh).block);
+        match (*sh).hook {
+            Some(h) if whole && (*sh).panic.is_none() => {
+                let Some(r) = s.finish() else { return };
+                (*sh).finished += 1;
+                // `s` is not used past this point: the hook may submit a new operation into
+                // this slot. A panic may not unwind into SPDK's C code: it is kept and
+                // resumed by `poll_each` once SPDK has returned.
+                // SAFETY: the hook is alive while set (`Shared::hook`); it is not running
+                // now (it cannot poll, and SPDK completes nothing into it while it submits:
+                // `issuing` above), so this is the only call.
+                let call = std::panic::AssertUnwindSafe(|| (*h.as_ptr())(r));
+                if let Err(p) = std::panic::catch_unwind(call) {
+                    (*sh).panic = Some(p);
+                }
+            }
+            // Unfinished (more pieces to send), no hook, or the hook panicked: the queue's
+            // `collect` decides.
+            _ => (*sh).done.push(Reaped::ok(slot, -1)),
         }
     }
 }
@@ -468,12 +510,11 @@ pub(crate) struct SpdkQueue {
     backlog: VecDeque<u32>,
     /// `poll_each`'s list of operations finished outside a callback (kept for its capacity).
     rest: Vec<Reaped>,
-    /// Regions this queue registered (base addresses).
-    regions: Vec<usize>,
+    /// Regions this queue registered (base, length): a read or write must lie in one.
+    regions: Vec<(usize, usize)>,
     block: u64,
     submit_batch: u32,
     in_flight: u32,
-    abandoned: bool,
     failed: bool,
 }
 
@@ -487,12 +528,12 @@ impl SpdkQueue {
         let mut registered = Vec::new();
         for &(p, l, k) in regions {
             if let Err(e) = mem_register(p, l, k) {
-                for b in registered {
+                for (b, _) in registered {
                     mem_unregister(b);
                 }
                 return Err(e);
             }
-            registered.push(p as usize);
+            registered.push((p as usize, l));
         }
         let mut opts = sys::spdk_nvme_io_qpair_opts::default();
         // SAFETY: the controller is attached; `opts` is written with its defaults.
@@ -520,7 +561,7 @@ impl SpdkQueue {
             )
         };
         let Some(qpair) = NonNull::new(qp) else {
-            for b in registered {
+            for (b, _) in registered {
                 mem_unregister(b);
             }
             return Err(spdk_err(
@@ -536,6 +577,8 @@ impl SpdkQueue {
             done: Vec::with_capacity(depth as usize),
             hook: None,
             finished: 0,
+            panic: None,
+            issuing: NOT_ISSUING,
             block: ctrl.block_size as u64,
         })));
         let slots: Box<[Slot]> = (0..depth)
@@ -568,7 +611,6 @@ impl SpdkQueue {
             block,
             submit_batch: 0,
             in_flight: 0,
-            abandoned: false,
             failed: false,
         })
     }
@@ -583,16 +625,44 @@ impl SpdkQueue {
         self.submit_batch = n;
     }
 
-    fn slot(&mut self, i: u32) -> &mut Slot {
+    /// Slot `i`'s context, derived from the array's own pointer (the pointer SPDK is given
+    /// for a command, so that it stays valid however the queue reaches the slot meanwhile).
+    #[inline]
+    fn slot_ptr(&self, i: u32) -> *mut Slot {
+        debug_assert!((i as usize) < self.slots.len());
         // SAFETY: `slots` is the live allocation made in `new`; `i` is a slot index the
-        // Queue handed out (< depth); no other reference to it exists while `&mut self` is
-        // held (callbacks run only inside `process_completions`, not during this borrow).
-        unsafe { &mut (*self.slots.as_ptr())[i as usize] }
+        // Queue handed out (< depth), so the offset stays inside it.
+        unsafe { self.slots.as_ptr().cast::<Slot>().add(i as usize) }
+    }
+
+    #[inline]
+    fn slot(&mut self, i: u32) -> &mut Slot {
+        // SAFETY: `slot_ptr` is in bounds and the array is live. No other reference to the
+        // slot exists while this one does: SPDK's callbacks make theirs only inside
+        // `process_completions` or a submitting call, and no caller of `slot` holds its
+        // reference across either (`issue` uses the raw pointer).
+        unsafe { &mut *self.slot_ptr(i) }
+    }
+
+    /// Whether `[addr, addr+len)` lies in memory this queue registered with SPDK.
+    #[inline]
+    fn covers(&self, addr: *mut u8, len: u64) -> bool {
+        let (a, l) = (addr as usize, len as usize);
+        self.regions
+            .iter()
+            .any(|&(b, bl)| a >= b && a.checked_add(l).is_some_and(|e| e <= b + bl))
     }
 
     #[inline]
     pub fn push(&mut self, slot: u32, op: &RawOp) -> Result<()> {
         // `op.fd` is always the target here: `Queue::submit_fd` refuses files on this backend.
+        if matches!(op.op, OpKind::Read | OpKind::Write) && !self.covers(op.addr, op.len) {
+            // SPDK would fail it as a bad translation; refused here with the reason instead.
+            return Err(Error::BufferUnavailable {
+                requested: op.len as usize,
+                reason: "buffer is not in memory registered with SPDK for this queue".into(),
+            });
+        }
         let s = self.slot(slot);
         s.active = true;
         s.op = *op;
@@ -611,66 +681,78 @@ impl SpdkQueue {
     fn issue(&mut self, i: u32) -> bool {
         let (ns, qp, block) = (self.ctrl.ns.as_ptr(), self.qpair.as_ptr(), self.block);
         let failed = self.failed;
-        let s = self.slot(i);
-        let total = s.total(block);
-        let arg: *mut c_void = (s as *mut Slot).cast();
-        while s.issued < total {
-            if failed {
-                s.fail = Fail::Reset { fatal: true };
-                s.issued = total;
-                break;
-            }
-            let lba = s.op.offset / block;
-            let (rc, step) = match s.op.op {
-                // SAFETY (all arms): the namespace and queue pair are live; buffers are the
-                // arena's or registered regions', held by the Queue until this slot completes;
-                // `arg` is this slot's context, which outlives the command.
-                OpKind::Read | OpKind::Write => {
-                    let cmd = if s.op.op == OpKind::Read {
-                        sys::spdk_nvme_ns_cmd_read
-                    } else {
-                        sys::spdk_nvme_ns_cmd_write
-                    };
-                    let blocks = (s.op.len / block) as u32;
-                    let buf = s.op.addr.cast();
-                    (
-                        unsafe { cmd(ns, qp, buf, lba, blocks, Some(on_complete), arg, 0) },
-                        1,
-                    )
+        let sh = self.shared.as_ptr();
+        // The slot only through this pointer, one statement at a time: SPDK may call
+        // `on_complete` with it inside the submitting call, which makes its own reference.
+        let sp = self.slot_ptr(i);
+        let arg: *mut c_void = sp.cast();
+        // SAFETY: (all accesses to `*sp` and `*sh` below): both are live (the queue's own
+        // allocations); each reference made from them ends within its statement, none is
+        // held across an SPDK call.
+        unsafe {
+            (*sh).issuing = i;
+            let total = (*sp).total(block);
+            let mut refused = false;
+            while (*sp).issued < total {
+                if failed {
+                    (*sp).fail = Fail::Reset { fatal: true };
                 }
-                OpKind::Flush => (
-                    unsafe { sys::spdk_nvme_ns_cmd_flush(ns, qp, Some(on_complete), arg) },
-                    1,
-                ),
-                OpKind::WriteZeroes => {
-                    let n = (total - s.issued).min(MAX_ZERO_BLOCKS);
-                    (
-                        unsafe {
+                if (*sp).fail != Fail::None {
+                    // Failed (the queue pair, or an earlier piece SPDK completed at once with
+                    // an error): send no more.
+                    (*sp).issued = total;
+                    break;
+                }
+                let op = (*sp).op;
+                let issued = (*sp).issued;
+                let lba = op.offset / block;
+                // Counted before SPDK sees it: SPDK may complete it inside the call.
+                (*sp).outstanding += 1;
+                // SAFETY (the SPDK calls): the namespace and queue pair are live; a read or
+                // write's buffer is in memory registered with SPDK (`push` checked), held by
+                // the Queue until this slot completes; `arg` is this slot's context, which
+                // outlives the command; the DSM ranges are copied by SPDK before it returns.
+                let (rc, step) = match op.op {
+                    OpKind::Read | OpKind::Write => {
+                        let cmd = if op.op == OpKind::Read {
+                            sys::spdk_nvme_ns_cmd_read
+                        } else {
+                            sys::spdk_nvme_ns_cmd_write
+                        };
+                        let blocks = (op.len / block) as u32;
+                        let buf = op.addr.cast();
+                        (cmd(ns, qp, buf, lba, blocks, Some(on_complete), arg, 0), 1)
+                    }
+                    OpKind::Flush => (
+                        sys::spdk_nvme_ns_cmd_flush(ns, qp, Some(on_complete), arg),
+                        1,
+                    ),
+                    OpKind::WriteZeroes => {
+                        let n = (total - issued).min(MAX_ZERO_BLOCKS);
+                        (
                             sys::spdk_nvme_ns_cmd_write_zeroes(
                                 ns,
                                 qp,
-                                lba + s.issued,
+                                lba + issued,
                                 n as u32,
                                 Some(on_complete),
                                 arg,
                                 0,
-                            )
-                        },
-                        n,
-                    )
-                }
-                OpKind::Deallocate => {
-                    let mut ranges = [sys::spdk_nvme_dsm_range::default(); MAX_DSM_RANGES];
-                    let (mut n, mut used) = (0u64, 0usize);
-                    while s.issued + n < total && used < MAX_DSM_RANGES {
-                        let len = (total - s.issued - n).min(MAX_DSM_RANGE_BLOCKS);
-                        ranges[used].starting_lba = lba + s.issued + n;
-                        ranges[used].length = len as u32;
-                        n += len;
-                        used += 1;
+                            ),
+                            n,
+                        )
                     }
-                    (
-                        unsafe {
+                    OpKind::Deallocate => {
+                        let mut ranges = [sys::spdk_nvme_dsm_range::default(); MAX_DSM_RANGES];
+                        let (mut n, mut used) = (0u64, 0usize);
+                        while issued + n < total && used < MAX_DSM_RANGES {
+                            let len = (total - issued - n).min(MAX_DSM_RANGE_BLOCKS);
+                            ranges[used].starting_lba = lba + issued + n;
+                            ranges[used].length = len as u32;
+                            n += len;
+                            used += 1;
+                        }
+                        (
                             sys::spdk_nvme_ns_cmd_dataset_management(
                                 ns,
                                 qp,
@@ -679,28 +761,33 @@ impl SpdkQueue {
                                 used as u16,
                                 Some(on_complete),
                                 arg,
-                            )
-                        },
-                        n,
-                    )
+                            ),
+                            n,
+                        )
+                    }
+                };
+                if rc != 0 {
+                    // Not taken: no callback will come for it.
+                    (*sp).outstanding -= 1;
+                    if rc == -libc::ENOMEM {
+                        refused = true;
+                        break;
+                    }
+                    (*sp).fail = Fail::Errno(-rc);
+                    (*sp).issued = total;
+                    break;
                 }
-            };
-            if rc == -libc::ENOMEM {
+                (*sp).issued += step;
+            }
+            (*sh).issuing = NOT_ISSUING;
+            if refused {
                 return false;
             }
-            if rc != 0 {
-                s.fail = Fail::Errno(-rc);
-                s.issued = total;
-                break;
+            if (*sp).outstanding == 0 {
+                // Nothing in SPDK (refused, failed queue pair, or completed inside the
+                // submitting call): finished now, collected by the next poll.
+                (*sh).done.push(Reaped::ok(i, -1));
             }
-            s.outstanding += 1;
-            s.issued += step;
-        }
-        if s.outstanding == 0 {
-            // Nothing in SPDK (refused, or failed queue pair): finished now.
-            let slot = s.slot;
-            // SAFETY: the queue's own list, not borrowed elsewhere now.
-            unsafe { (*self.shared.as_ptr()).done.push(Reaped::ok(slot, -1)) };
         }
         true
     }
@@ -708,10 +795,11 @@ impl SpdkQueue {
     /// Finish the slots whose last command completed (the callbacks' list) into `out`.
     fn collect(&mut self, out: &mut Vec<Reaped>) {
         // By index, through the raw pointer each time: `issue` below may append to the list
-        // (a piece refused at once), and nothing here holds a reference into it meanwhile.
+        // (a piece refused or completed at once, also from SPDK's callback inside the
+        // submitting call), and nothing here holds a reference into it meanwhile.
         let mut k = 0;
-        // SAFETY: the queue's own list; callbacks are not running (we are not inside SPDK),
-        // and no reference to it is alive across this read.
+        // SAFETY: the queue's own list (freed only in Drop); this reference ends within the
+        // expression, before `issue` or anything else can reach the list.
         while let Some(i) = unsafe {
             let done = &(*self.shared.as_ptr()).done;
             done.get(k).map(|r| r.slot)
@@ -733,7 +821,7 @@ impl SpdkQueue {
                 out.push(r);
             }
         }
-        // SAFETY: as above.
+        // SAFETY: as above; nothing reaches the list during this call.
         unsafe { (*self.shared.as_ptr()).done.clear() };
     }
 
@@ -753,11 +841,15 @@ impl SpdkQueue {
     /// at submission, on a failed queue pair, or after their last piece) follow, after
     /// SPDK returns.
     ///
+    /// A panic in `hook` propagates: one inside SPDK's callback is caught there and resumed
+    /// here after SPDK returns (what else completed meanwhile is listed for the next poll);
+    /// one while handing over the rest leaves what was not handed over for the next poll.
+    ///
     /// # Safety
     /// `this` returns a valid pointer to this queue each time it is called (derived anew from
     /// its owner's pointer), and no reference to the queue (nor to the `Queue` that owns it)
-    /// is alive across the call other than what `hook` makes for itself; `hook` must not poll
-    /// this queue again.
+    /// is alive across the call other than what `hook` makes for itself. `hook` must not
+    /// poll, drop, move or replace this queue (it may submit to it).
     ///
     /// Generic, so that the accessor (called a dozen times a poll) and the hook's calls from
     /// here are inlined: under an emulated CPU (QEMU's TCG) each indirect call costs a
@@ -771,7 +863,8 @@ impl SpdkQueue {
         // SAFETY (all derefs below): `this()` is valid per the contract, and derived afresh for
         // each statement, because the hook's own reference to the owner (made from the same
         // origin) ends any pointer derived before it; each reference lives only within its
-        // statement, never across the SPDK call or a hook call.
+        // statement, never across the SPDK call or a hook call. `sh` is the queue's own
+        // allocation, which the hook cannot free (the contract).
         unsafe {
             let (qp, sh) = ((*this()).qpair, (*this()).shared);
             let nested = (*sh.as_ptr()).hook.is_some();
@@ -791,17 +884,52 @@ impl SpdkQueue {
                 let finished = std::mem::take(&mut (*sh.as_ptr()).finished);
                 (*this()).in_flight -= finished;
                 (*this()).after_process(rc);
+                if let Some(p) = (*sh.as_ptr()).panic.take() {
+                    std::panic::resume_unwind(p);
+                }
             }
             if (*this()).has_rest() {
-                let mut rest = std::mem::take(&mut (*this()).rest);
-                (*this()).collect_rest_slow(&mut rest);
-                for r in rest.drain(..) {
-                    hook(r);
-                }
-                // A nested call (the hook polled) took the empty list meanwhile and gave it
-                // back.
-                (*this()).rest = rest;
+                Self::hand_rest(this, hook);
             }
+        }
+    }
+
+    /// `poll_each`'s operations finished outside a callback, handed to `hook` in order.
+    /// Those not handed over when `hook` panics stay in `rest`, first for the next poll.
+    ///
+    /// # Safety
+    /// As for `poll_each`.
+    #[inline(never)]
+    unsafe fn hand_rest<A, H>(this: &mut A, hook: &mut H)
+    where
+        A: FnMut() -> *mut SpdkQueue,
+        H: FnMut(Reaped),
+    {
+        struct Left<'a, A: FnMut() -> *mut SpdkQueue> {
+            this: &'a mut A,
+            rest: Vec<Reaped>,
+            handed: usize,
+        }
+        impl<A: FnMut() -> *mut SpdkQueue> Drop for Left<'_, A> {
+            fn drop(&mut self) {
+                self.rest.drain(..self.handed);
+                // SAFETY: as in `poll_each`: valid, and no other reference to the queue is
+                // alive (the hook has returned or unwound).
+                unsafe { (*(self.this)()).rest = std::mem::take(&mut self.rest) };
+            }
+        }
+        // SAFETY: as in `poll_each`; each reference ends within its statement.
+        let rest = unsafe { std::mem::take(&mut (*this()).rest) };
+        let mut left = Left {
+            this,
+            rest,
+            handed: 0,
+        };
+        // SAFETY: as above.
+        unsafe { (*(left.this)()).collect_rest_slow(&mut left.rest) };
+        while let Some(&r) = left.rest.get(left.handed) {
+            left.handed += 1;
+            hook(r);
         }
     }
 
@@ -857,11 +985,13 @@ impl SpdkQueue {
     fn has_rest(&self) -> bool {
         // SAFETY: the queue's own list, not borrowed across this read.
         let listed = unsafe { !(*self.shared.as_ptr()).done.is_empty() };
-        listed || self.failed
+        listed || self.failed || !self.rest.is_empty()
     }
 
     #[inline(never)]
     fn collect_rest_slow(&mut self, out: &mut Vec<Reaped>) {
+        // Left by a `poll_each` whose hook panicked: first, in order.
+        out.append(&mut self.rest);
         self.collect(out);
         if self.failed {
             // Backlogged slots never reached SPDK: fail them here.
@@ -875,9 +1005,10 @@ impl SpdkQueue {
     fn poll_once(&mut self, out: &mut Vec<Reaped>) {
         // SAFETY: the queue's own `Shared`, not borrowed across this read.
         if unsafe { (*self.shared.as_ptr()).hook.is_some() } {
-            // Called from a `poll_each` hook (the owner polled inside its completion
-            // handler): SPDK must not be re-entered for this queue pair; only what is
-            // already listed is collected.
+            // Called from inside a `poll_each` hook. `Queue::wait_each` gives its handler a
+            // `Submitter`, which cannot poll, so this is a defence, not a path: SPDK must
+            // not be re-entered for this queue pair; only what is already listed is
+            // collected.
             self.collect(out);
             return;
         }
@@ -904,14 +1035,14 @@ impl SpdkQueue {
         })
     }
 
-    pub fn abandon(&mut self) {
-        self.abandoned = true;
-    }
+    /// The owner gives up on what is in flight: nothing to do here, as Drop keeps the queue
+    /// pair, the slot contexts and the registrations whenever anything is in flight.
+    pub fn abandon(&mut self) {}
 
     /// Stop using a region (a pool gave it back); nothing is in flight (caller's check).
     pub fn remove_region(&mut self, ptr: *mut u8) {
-        if let Some(i) = self.regions.iter().position(|&b| b == ptr as usize) {
-            mem_unregister(self.regions.remove(i));
+        if let Some(i) = self.regions.iter().position(|&(b, _)| b == ptr as usize) {
+            mem_unregister(self.regions.remove(i).0);
         }
     }
 
@@ -926,28 +1057,30 @@ impl SpdkQueue {
         kind: rio_sys::mem::PageKind,
     ) -> Result<()> {
         mem_register(ptr, len, kind)?;
-        self.regions.push(ptr as usize);
+        self.regions.push((ptr as usize, len));
         Ok(())
     }
 }
 
 impl Drop for SpdkQueue {
     fn drop(&mut self) {
-        if self.abandoned && self.in_flight > 0 {
+        if self.in_flight > 0 {
             // Commands may still be in the device: keep the queue pair, the slot contexts
             // and the registrations (the Queue leaks the buffers too).
             tracing::error!(trid = %self.ctrl.trid, in_flight = self.in_flight,
                 "dropping an SPDK queue pair with commands outstanding; its memory is kept");
             return;
         }
-        // SAFETY: nothing is in flight (or the owner abandoned nothing): the queue pair is
-        // freed once, after which no callback can run; then the contexts and list are freed.
+        // SAFETY: nothing is in flight (checked above), and no hook is set (`poll_each` is
+        // not running: this is `&mut self`). The queue pair is freed once and not used
+        // after; anything SPDK still held is completed through the callbacks, which touch
+        // only the slot contexts and the list, both still alive until after that call.
         unsafe {
             sys::spdk_nvme_ctrlr_free_io_qpair(self.qpair.as_ptr());
             drop(Box::from_raw(self.slots.as_ptr()));
             drop(Box::from_raw(self.shared.as_ptr()));
         }
-        for b in std::mem::take(&mut self.regions) {
+        for (b, _) in std::mem::take(&mut self.regions) {
             mem_unregister(b);
         }
     }
