@@ -435,7 +435,7 @@ impl Slot {
 extern "C" fn on_complete(arg: *mut c_void, cpl: *const sys::spdk_nvme_cpl) {
     // SAFETY: `arg` is the `Slot` this command was submitted with, derived from the slot
     // array's own pointer (`SpdkQueue::slot_ptr`). The array outlives every command (the
-    // queue drains, or leaks it when abandoned, before freeing). Callbacks run on the queue's
+    // queue's Drop keeps it while anything is in flight). Callbacks run on the queue's
     // own thread, inside `spdk_nvme_qpair_process_completions` or inside a submitting
     // `spdk_nvme_ns_cmd_*` call; in both, the queue's code holds no reference to this slot
     // across the call (`issue` reaches it through the raw pointer, one statement at a time).
