@@ -191,7 +191,9 @@ impl CallbackSide {
                 cores: Some(vec![cpu]),
                 on_complete: Some(Arc::new(move |c: Done, rs: &mut Resubmit<'_>| {
                     c.result.expect("read");
-                    d.fetch_add(1, Ordering::Relaxed);
+                    // One writer (the runtime has one core, so one poller): a load and a
+                    // store, as the direct side's local count costs, not a locked add.
+                    d.store(d.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
                     let resubmitted = r.load(Ordering::Relaxed)
                         && rs
                             .submit(OpKind::Read, c.tag * 4096, 4096, c.buf, c.tag)

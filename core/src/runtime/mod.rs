@@ -176,17 +176,8 @@ impl Resubmit<'_> {
                 buf,
             ));
         };
-        let req = Request {
-            op,
-            offset,
-            len,
-            buf,
-            slot,
-            file: None,
-            cached: false,
-            tag: Some(tag),
-        };
         match &mut self.now {
+            // Straight to the queue (no `Request` built and moved: this runs once per I/O).
             // A failure at submission reaches the handler later, as a `Done` (as for a
             // deferred one).
             Some(d) if d.q.in_flight() < d.limit => {
@@ -195,9 +186,33 @@ impl Resubmit<'_> {
                 if let Some(stamp) = &mut d.stamp {
                     stamp.push(slot);
                 }
-                d.poller.submit(d.q, req, d.inflight, d.dones);
+                let mut buf = buf;
+                let (addr, len) = data_of(&mut buf, op, len);
+                // SAFETY: the buffer is kept in `inflight` (owned by this poller) until the
+                // completion of this slot is reaped; it lies in a pool region the queue maps
+                // (`sync_regions` above added any new one).
+                match unsafe { d.q.submit_raw(op, offset, addr, len, slot as u64) } {
+                    Ok(()) => d.inflight[slot as usize].hold(buf, None, Some(tag)),
+                    Err(e) => {
+                        let _ = self.cs.free.push(slot);
+                        d.dones.push(Done {
+                            tag,
+                            result: Err(e),
+                            buf,
+                        });
+                    }
+                }
             }
-            _ => self.local.push(req),
+            _ => self.local.push(Request {
+                op,
+                offset,
+                len,
+                buf,
+                slot,
+                file: None,
+                cached: false,
+                tag: Some(tag),
+            }),
         }
         Ok(())
     }
@@ -1371,14 +1386,7 @@ impl Poller {
         inflight: &mut [Held],
         dones: &mut Vec<Done>,
     ) {
-        let addr = req
-            .buf
-            .as_mut()
-            .map_or(std::ptr::null_mut(), |b| b.as_mut_ptr());
-        let len = match (&req.buf, req.op) {
-            (Some(b), OpKind::Read | OpKind::Write) => b.len() as u64,
-            _ => req.len,
-        };
+        let (addr, len) = data_of(&mut req.buf, req.op, req.len);
         let r = match &req.file {
             // SAFETY: the buffer is kept in `inflight` (owned by this poller) until the
             // completion of this token is reaped; it lies in a pool region the queue maps.
@@ -1399,13 +1407,7 @@ impl Poller {
             },
         };
         match r {
-            Ok(()) => {
-                inflight[req.slot as usize] = Held {
-                    buf: req.buf.take(),
-                    _file: req.file.take(),
-                    tag: req.tag,
-                }
-            }
+            Ok(()) => inflight[req.slot as usize].hold(req.buf.take(), req.file.take(), req.tag),
             Err(e) => match req.tag {
                 Some(tag) => {
                     let _ = self.shared.free.push(req.slot);
@@ -1429,6 +1431,47 @@ struct Held {
     _file: Option<Arc<std::os::fd::OwnedFd>>,
     /// A run-to-completion operation's tag.
     tag: Option<u64>,
+}
+
+impl Held {
+    /// Fill this entry for an operation just submitted. It is empty (taken when its last
+    /// operation completed), so nothing is dropped: the out-of-line drop of a `PoolBuf` is
+    /// called only if that ever fails to hold.
+    #[inline]
+    fn hold(
+        &mut self,
+        buf: Option<PoolBuf>,
+        file: Option<Arc<std::os::fd::OwnedFd>>,
+        tag: Option<u64>,
+    ) {
+        let old = std::mem::replace(
+            self,
+            Held {
+                buf,
+                _file: file,
+                tag,
+            },
+        );
+        if old.buf.is_some() || old._file.is_some() {
+            drop(old);
+        } else {
+            std::mem::forget(old);
+        }
+    }
+}
+
+/// The address and length a submission hands the queue: a read or write moves its buffer's
+/// length from its start; other operations carry no data.
+#[inline]
+fn data_of(buf: &mut Option<PoolBuf>, op: OpKind, len: u64) -> (*mut u8, u64) {
+    let addr = buf
+        .as_mut()
+        .map_or(std::ptr::null_mut(), |b| b.as_mut_ptr());
+    let len = match (&*buf, op) {
+        (Some(b), OpKind::Read | OpKind::Write) => b.len() as u64,
+        _ => len,
+    };
+    (addr, len)
 }
 
 thread_local! {
