@@ -305,8 +305,10 @@ impl NvmeQueue {
 
     #[inline]
     pub fn push(&mut self, slot: u32, op: &RawOp) -> Result<()> {
-        // Commands are stamped with this clock (timeouts count from it): never an old one.
-        self.now_ms = coarse_ms();
+        // Commands are stamped with the last poll's clock (`now_ms`), not a clock read per
+        // command (3% of the inline model's time): the device sees them only at a later
+        // poll's doorbell, and `poll_once` moves the stamps of commands queued across a
+        // stall of the owner forward, so they never time out early.
         if self.ctrl.generation() != self.generation || self.on_device != OnDevice::Yes {
             // Another queue reset the controller: fail what this queue had outstanding (handed
             // over at the next poll) and create the queue pair again before taking more.
@@ -588,7 +590,17 @@ impl NvmeQueue {
         // The clock first: commands issued from the backlog below are stamped with it, and an
         // owner that did not poll for a long while must not see fresh commands time out.
         let now = coarse_ms();
-        self.now_ms = now;
+        let before = std::mem::replace(&mut self.now_ms, now);
+        if now.saturating_sub(before) > SCAN_MS {
+            // The owner did not poll for a while: what it queued meanwhile carries the last
+            // poll's clock (`push`), though it may have been queued just now. Counted from
+            // now (a timeout can come late by the stall, never early).
+            for t in self.trackers.iter_mut() {
+                if t.active && t.submitted_ms >= before {
+                    t.submitted_ms = now;
+                }
+            }
+        }
         if self.ctrl.generation() != self.generation {
             return self.recover(out, false);
         }
