@@ -655,9 +655,19 @@ impl Queue {
             // replace or poll the queue: SPDK's queue pair and the slot contexts `poll_each`
             // is using stay in place.
             let q = unsafe { &mut *this };
-            match q.complete(r) {
-                Ok(c) => {
+            // Built where it is handed over (as in the generic `wait_each`): no `Result`
+            // around it to be copied through the stack.
+            match q.take_slot(r) {
+                Ok(slot) => {
                     handed.set(handed.get() + 1);
+                    let c = Completion {
+                        token: slot.token,
+                        op: slot.op,
+                        offset: slot.offset,
+                        len: slot.len,
+                        result: Self::result_of(&slot, r),
+                        buf: slot.buf,
+                    };
                     each(&mut Submitter { q }, c);
                 }
                 Err(e) => {
