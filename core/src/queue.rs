@@ -548,6 +548,9 @@ impl Queue {
             handed += 1;
             each(&mut Submitter { q: self }, c);
         }
+        // Capped at what can finish (as `wait` caps it, and the SPDK path): the handler's own
+        // submissions do not raise it.
+        let min = min.min(handed + self.in_flight() as usize);
         let mut deadline: Option<Instant> = None;
         let mut left = Some(timeout);
         loop {

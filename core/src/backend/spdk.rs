@@ -807,7 +807,10 @@ impl SpdkQueue {
             k += 1;
             let block = self.block;
             let s = self.slot(i);
-            if !s.active {
+            if !s.active || s.outstanding > 0 {
+                // Finished already, or a stale entry (listed when its first pieces were done,
+                // a panic left it, and the backlog sent the rest meanwhile): the last
+                // callback of what SPDK still holds lists it again.
                 continue;
             }
             if s.issued < s.total(block) && s.fail == Fail::None {
