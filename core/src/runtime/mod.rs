@@ -21,7 +21,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::thread::JoinHandle;
+
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
@@ -34,8 +34,10 @@ use crate::queue::{Completion, Queue};
 
 mod file;
 mod files;
+mod task;
 pub use file::DiskFile;
 pub use files::{Files, InlineReads, OpenFile, ReadBytes, SeqWriter};
+pub use task::{JoinError, JoinHandle};
 
 /// What a poller does when a poll found nothing to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -250,9 +252,55 @@ struct Slot {
     epoch: AtomicU32,
     /// Written by the poller while the slot is PENDING (or ABANDONED), read by the future once
     /// it saw DONE: the state's release/acquire hand-over makes the accesses exclusive.
-    result: std::cell::UnsafeCell<Option<(Result<u64>, Option<PoolBuf>)>>,
-    /// Lock-free registration (the `atomic-waker` crate, as in futures and smol).
+    result: std::cell::UnsafeCell<SlotResult>,
+    /// Lock-free registration (the `atomic-waker` crate, as in futures and smol), for a
+    /// future polled off the poller's thread.
     waker: atomic_waker::AtomicWaker,
+    /// A future polled off the poller's thread registered in `waker` (set before it
+    /// registers, SeqCst, and read SeqCst by the poller after it published DONE: one of the
+    /// two sees the other). Reset when the slot is armed again.
+    remote: AtomicBool,
+    /// The waker of a future polled on the poller's own thread (a task): touched only by
+    /// that thread, so registering and waking take no atomic operation, and it is kept
+    /// across reuses of the slot (the next registration of the same task clones nothing).
+    /// A stale one only causes a spurious wake.
+    local_waker: std::cell::UnsafeCell<Option<std::task::Waker>>,
+}
+
+/// A slot's result, field by field: written with plain scalar stores and read back the same
+/// way. (As one `Option<(Result<u64>, Option<PoolBuf>)>` it was built on the stack with narrow
+/// stores and copied with wide loads, a store-forwarding stall on every completion.)
+#[derive(Default)]
+struct SlotResult {
+    n: u64,
+    err: Option<Error>,
+    buf: Option<PoolBuf>,
+}
+
+impl SlotResult {
+    #[inline(always)]
+    fn set(&mut self, res: Result<u64>, buf: Option<PoolBuf>) {
+        match res {
+            Ok(n) => self.n = n,
+            Err(e) => self.err = Some(e),
+        }
+        self.buf = buf;
+    }
+
+    #[inline(always)]
+    fn take(&mut self) -> IoOutput {
+        let buf = self.buf.take();
+        match self.err.take() {
+            None => Ok((self.n, buf)),
+            Some(e) => Err((e, buf)),
+        }
+    }
+
+    /// Drop what it holds (the buffer goes home).
+    fn clear(&mut self) {
+        self.err = None;
+        self.buf = None;
+    }
 }
 
 struct Request {
@@ -270,8 +318,9 @@ struct Request {
     tag: Option<u64>,
 }
 
-// SAFETY: a Slot's UnsafeCell is accessed by one side at a time, handed over through `state`
-// (see `result`); everything else in it is Sync.
+// SAFETY: a Slot's `result` is accessed by one side at a time, handed over through `state`
+// (see `result`); `local_waker` only by the core's poller thread (every access checks
+// `on_poller` first or runs in the poller itself); everything else in it is Sync.
 unsafe impl Sync for Slot {}
 
 /// What a core's submitters and its poller share.
@@ -295,9 +344,88 @@ struct CoreShared {
     index: u32,
     /// The run-to-completion handler, if configured.
     on_complete: Option<CompletionHandler>,
+    /// Tasks spawned on this core's poller ([`Runtime::spawn`]).
+    tasks: task::CoreTasks,
+}
+
+thread_local! {
+    /// The core whose poller runs on this thread (null elsewhere): code on a poller thread
+    /// submits to that poller without the inbox.
+    static ON_POLLER: std::cell::Cell<*const CoreShared> =
+        const { std::cell::Cell::new(std::ptr::null()) };
 }
 
 impl CoreShared {
+    /// This thread is this core's poller (a task or a handler runs on it).
+    #[inline]
+    fn on_poller(&self) -> bool {
+        ON_POLLER.with(|c| std::ptr::eq(c.get(), self))
+    }
+
+    /// A free slot, made pending for a new request: its epoch. The caller took the slot
+    /// from a free list, so it alone writes the epoch now: a load and a store, no RMW.
+    #[inline]
+    fn arm(&self, slot: u32) -> u32 {
+        let s = &self.slots[slot as usize];
+        let epoch = s.epoch.load(Ordering::Relaxed).wrapping_add(1);
+        s.epoch.store(epoch, Ordering::Release);
+        s.remote.store(false, Ordering::Relaxed);
+        s.state.store(PENDING, Ordering::Release);
+        epoch
+    }
+
+    /// A free slot for a submission on the poller's own thread: its private list first.
+    #[inline]
+    fn take_local(&self) -> Option<u32> {
+        // SAFETY: called on the poller's thread only (the callers checked `on_poller`); no
+        // reference into the list outlives this call.
+        unsafe { (*self.tasks.free.get()).pop() }.or_else(|| self.free.pop())
+    }
+
+    /// A slot freed on the poller's own thread: into its private list (no atomic) while that
+    /// holds less than half the slots, so submitters on other threads always find the rest.
+    #[inline]
+    fn free_local(&self, slot: u32) {
+        // SAFETY: as in `take_local`.
+        let l = unsafe { &mut *self.tasks.free.get() };
+        if l.len() < self.slots.len() / 2 {
+            l.push(slot);
+        } else {
+            let _ = self.free.push(slot);
+        }
+    }
+
+    /// Hand a request to the core's poller: from its own thread into the list it drains
+    /// before its inbox; from any other thread through the inbox.
+    #[inline]
+    fn hand(&self, on_poller: bool, req: Request) {
+        if on_poller {
+            // SAFETY: on the poller thread (checked), the only thread that touches `reqs`;
+            // the poller holds no reference into it while it runs other code (it moves the
+            // list's contents out in one call).
+            unsafe { (*self.tasks.reqs.get()).push(req) };
+        } else {
+            self.push_request(req);
+        }
+    }
+
+    /// Hand a request to the core's poller through the inbox. The inbox has as many places
+    /// as there are slots, and this request holds one: the push cannot find it full for long
+    /// (only while the poller is between pops).
+    fn push_request(&self, mut req: Request) {
+        loop {
+            match self.inbox.push(req) {
+                Ok(()) => break,
+                Err(r) => {
+                    req = r;
+                    self.wake_poller();
+                    std::thread::yield_now();
+                }
+            }
+        }
+        self.wake_poller();
+    }
+
     /// After a request went into the inbox: wake the poller if it sleeps. The flags are read
     /// SeqCst after the inbox push (a SeqCst update), and the poller sets them SeqCst before
     /// it checks the inbox a last time: one of the two sides sees the other.
@@ -325,7 +453,7 @@ pub struct Runtime {
     pools: Arc<Pools>,
     cores: Vec<Arc<CoreShared>>,
     stop: Arc<AtomicBool>,
-    threads: Mutex<Vec<JoinHandle<()>>>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     next: AtomicU32,
     prefetch: crate::tune::PrefetchConfig,
 }
@@ -378,8 +506,10 @@ impl Runtime {
                     .map(|_| Slot {
                         state: AtomicU8::new(FREE),
                         epoch: AtomicU32::new(0),
-                        result: std::cell::UnsafeCell::new(None),
+                        result: std::cell::UnsafeCell::new(SlotResult::default()),
                         waker: atomic_waker::AtomicWaker::new(),
+                        remote: AtomicBool::new(false),
+                        local_waker: std::cell::UnsafeCell::new(None),
                     })
                     .collect(),
                 free: {
@@ -405,6 +535,7 @@ impl Runtime {
                 },
                 sink: cfg.sink.clone(),
                 on_complete: cfg.on_complete.clone(),
+                tasks: task::CoreTasks::new(nslots),
                 index: shared.len() as u32,
                 tuner: cfg.target_p99.map(|t| {
                     let mut c = crate::tune::QdConfig::new(t, depth);
@@ -527,8 +658,7 @@ impl Runtime {
     /// A pool buffer of `len` bytes from the next core's pool (round robin), waiting up to
     /// `wait` when the pool is exhausted. The seed's `get_optimized_buffer`.
     pub fn buffer(&self, len: usize, wait: Duration) -> Result<PoolBuf> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) as usize % self.cores.len();
-        let core = self.cores[i].core;
+        let core = self.cores[self.pick()].core;
         self.pools
             .get(core, len, Some(Instant::now() + wait))
             .map_err(|e| Error::BufferUnavailable {
@@ -540,8 +670,77 @@ impl Runtime {
     /// A pool buffer of `len` bytes if one is free now (round robin over the cores): no wait,
     /// no pool growth, no allocation. For optional work such as read-ahead.
     pub fn try_buffer(&self, len: usize) -> Option<PoolBuf> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) as usize % self.cores.len();
-        self.pools.try_get(self.cores[i].core, len)
+        self.pools.try_get(self.cores[self.pick()].core, len)
+    }
+
+    /// The core for a new buffer or task: on a poller's thread (a task), that poller's own
+    /// (its I/O then never leaves the thread); elsewhere the next one, round robin.
+    fn pick(&self) -> usize {
+        let here = ON_POLLER.with(|c| c.get());
+        if !here.is_null()
+            && let Some(i) = self
+                .cores
+                .iter()
+                .position(|c| std::ptr::eq(Arc::as_ptr(c), here))
+        {
+            return i;
+        }
+        self.next.fetch_add(1, Ordering::Relaxed) as usize % self.cores.len()
+    }
+
+    /// Run `fut` on a poller's thread, polled between that poller's polls of its queue
+    /// (thread-per-core, as Seastar and SPDK's reactors run): the I/O it submits through this
+    /// runtime goes to that poller's queue without crossing a thread, and its completions
+    /// wake it there. Called from a task, the new task goes to the same poller; elsewhere,
+    /// round robin. Buffers a task takes with [`try_buffer`](Self::try_buffer) come from its
+    /// poller's pool.
+    ///
+    /// A task must not block: a blocking call (a lock held elsewhere, a blocking read,
+    /// [`JoinHandle::join`], [`buffer`](Self::buffer) waiting for an empty pool) stops the
+    /// poller, and with it every task and I/O of its core. A task that keeps the runtime
+    /// (an `Arc<Runtime>`) keeps it alive: [`shutdown`](Self::shutdown) ends it, and then
+    /// every task still waiting is dropped (its handle says [`JoinError::Cancelled`]). A
+    /// panic in a task ends that task only ([`JoinError::Panicked`]).
+    pub fn spawn<F>(&self, fut: F) -> JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let i = self.pick();
+        self.spawn_at(i, fut)
+    }
+
+    /// [`spawn`](Self::spawn) on the poller of `cores()[index]`.
+    pub fn spawn_on<F>(&self, index: usize, fut: F) -> Result<JoinHandle<F::Output>>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        if index >= self.cores.len() {
+            return Err(Error::config(
+                "spawn_on",
+                format!(
+                    "core index {index} is out of range: the runtime has {} poller(s)",
+                    self.cores.len()
+                ),
+            ));
+        }
+        Ok(self.spawn_at(index, fut))
+    }
+
+    fn spawn_at<F>(&self, index: usize, fut: F) -> JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        if self.stop.load(Ordering::Acquire) {
+            return task::cancelled();
+        }
+        let (t, handle) = task::task(fut);
+        let cs = &self.cores[index];
+        // Refused once the poller exited: the task is dropped, its handle says cancelled.
+        let _ = cs.tasks.spawn(cs, t);
+        handle
     }
 
     /// Submit `op` on `buf` (reads and writes) at `offset`; the future resolves when it
@@ -626,19 +825,16 @@ impl Runtime {
         let Some(slot) = self.take_slot(&cs, false) else {
             return Err((shut_down(), buf));
         };
-        self.push_request(
-            &cs,
-            Request {
-                op,
-                offset,
-                len,
-                buf,
-                slot,
-                file: None,
-                cached: false,
-                tag: Some(tag),
-            },
-        );
+        cs.push_request(Request {
+            op,
+            offset,
+            len,
+            buf,
+            slot,
+            file: None,
+            cached: false,
+            tag: Some(tag),
+        });
         Ok(())
     }
 
@@ -668,23 +864,6 @@ impl Runtime {
             cs.wake_poller();
             std::thread::yield_now();
         }
-    }
-
-    /// Hand a request to the core's poller. The inbox has as many places as there are
-    /// slots, and this request holds one: the push cannot find it full for long (only while
-    /// the poller is between pops).
-    fn push_request(&self, cs: &CoreShared, mut req: Request) {
-        loop {
-            match cs.inbox.push(req) {
-                Ok(()) => break,
-                Err(r) => {
-                    req = r;
-                    cs.wake_poller();
-                    std::thread::yield_now();
-                }
-            }
-        }
-        cs.wake_poller();
     }
 
     /// [`try_submit`](Self::try_submit) on a host file (read-ahead of a [`Files`] file).
@@ -728,33 +907,39 @@ impl Runtime {
         if optional && cs.free.len() <= cs.slots.len() / 2 {
             return Err(buf);
         }
-        let Some(slot) = self.take_slot(&cs, optional) else {
-            if optional {
-                return Err(buf);
-            }
-            return Ok(IoFuture::failed(cs, shut_down(), buf));
+        let req = Request {
+            op,
+            offset,
+            len,
+            buf,
+            slot: u32::MAX,
+            file,
+            cached,
+            tag: None,
         };
-        let s = &cs.slots[slot as usize];
-        let epoch = s.epoch.fetch_add(1, Ordering::AcqRel).wrapping_add(1);
-        s.state.store(PENDING, Ordering::Release);
-        self.push_request(
-            &cs,
-            Request {
-                op,
-                offset,
-                len,
-                buf,
-                slot,
-                file,
-                cached,
-                tag: None,
-            },
-        );
+        // On the poller's own thread (a task): never wait for a slot here, since only this
+        // thread frees them; the future takes one when it is polled.
+        let local = cs.on_poller();
+        let slot = if local {
+            match cs.take_local() {
+                Some(s) => s,
+                None if optional => return Err(req.buf),
+                None => return Ok(IoFuture::deferred(cs, req)),
+            }
+        } else {
+            match self.take_slot(&cs, optional) {
+                Some(s) => s,
+                None if optional => return Err(req.buf),
+                None => return Ok(IoFuture::failed(cs, shut_down(), req.buf)),
+            }
+        };
+        let epoch = cs.arm(slot);
+        cs.hand(local, Request { slot, ..req });
         Ok(IoFuture {
             cs,
             slot,
             epoch,
-            early: None,
+            cold: None,
         })
     }
 
@@ -768,8 +953,13 @@ impl Runtime {
             c.wake_poller();
         }
         let threads = std::mem::take(&mut *self.threads.lock().expect("poisoned"));
+        let me = std::thread::current().id();
         for t in threads {
-            let _ = t.join();
+            // A task (or handler) on a poller that shuts the runtime down, or drops its last
+            // handle: that poller exits when this call returns; it cannot wait for itself.
+            if t.thread().id() != me {
+                let _ = t.join();
+            }
         }
     }
 }
@@ -839,15 +1029,24 @@ pub struct IoFuture {
     cs: Arc<CoreShared>,
     slot: u32,
     epoch: u32,
+    /// What the rare paths carry, boxed so that the future stays three words long: it is
+    /// moved with every await of every I/O.
+    cold: Option<Box<Cold>>,
+}
+
+enum Cold {
     /// Failed before submission.
-    early: Option<(Error, Option<PoolBuf>)>,
+    Failed(Error, Option<PoolBuf>),
+    /// Made on the poller's thread when no slot was free: submitted when a poll finds one.
+    Deferred(Request),
 }
 
 impl IoFuture {
     /// Whether the operation has finished (awaiting it will not wait).
     pub fn is_done(&self) -> bool {
-        self.early.is_some()
-            || (self.slot != u32::MAX
+        matches!(self.cold.as_deref(), Some(Cold::Failed(..)))
+            || (self.cold.is_none()
+                && self.slot != u32::MAX
                 && self.cs.slots[self.slot as usize]
                     .state
                     .load(Ordering::Acquire)
@@ -859,8 +1058,51 @@ impl IoFuture {
             cs,
             slot: u32::MAX,
             epoch: 0,
-            early: Some((e, buf)),
+            cold: Some(Box::new(Cold::Failed(e, buf))),
         }
+    }
+
+    fn deferred(cs: Arc<CoreShared>, req: Request) -> IoFuture {
+        IoFuture {
+            cs,
+            slot: u32::MAX,
+            epoch: 0,
+            cold: Some(Box::new(Cold::Deferred(req))),
+        }
+    }
+
+    /// A deferred request's submission: with a slot now, or `false` (the waker registered to
+    /// run when one is free on the poller's thread). Off the poller's thread (the future was
+    /// sent away), it waits for a slot as any submitter does.
+    #[cold]
+    fn start_deferred(&mut self, cx: &mut Context<'_>) -> std::result::Result<bool, Error> {
+        let local = self.cs.on_poller();
+        let slot = loop {
+            let free = if local {
+                self.cs.take_local()
+            } else {
+                self.cs.free.pop()
+            };
+            if let Some(s) = free {
+                break s;
+            }
+            if local {
+                self.cs.tasks.wait_for_slot(&self.cs, cx.waker());
+                return Ok(false);
+            }
+            if self.cs.tasks.is_closed() {
+                return Err(shut_down());
+            }
+            self.cs.wake_poller();
+            std::thread::yield_now();
+        };
+        let Some(Cold::Deferred(req)) = self.cold.take().map(|c| *c) else {
+            unreachable!("a deferred future holds its request");
+        };
+        self.epoch = self.cs.arm(slot);
+        self.slot = slot;
+        self.cs.hand(local, Request { slot, ..req });
+        Ok(true)
     }
 }
 
@@ -872,29 +1114,59 @@ impl Future for IoFuture {
     type Output = IoOutput;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<IoOutput> {
-        if let Some((e, b)) = self.early.take() {
-            return Poll::Ready(Err((e, b)));
+        if self.cold.is_some() {
+            if let Some(Cold::Failed(..)) = self.cold.as_deref() {
+                let Some(Cold::Failed(e, b)) = self.cold.take().map(|c| *c) else {
+                    unreachable!()
+                };
+                return Poll::Ready(Err((e, b)));
+            }
+            match self.start_deferred(cx) {
+                Ok(true) => {}
+                Ok(false) => return Poll::Pending,
+                Err(e) => {
+                    let buf = match self.cold.take().map(|c| *c) {
+                        Some(Cold::Deferred(r)) => r.buf,
+                        _ => None,
+                    };
+                    return Poll::Ready(Err((e, buf)));
+                }
+            }
         }
         let s = &self.cs.slots[self.slot as usize];
+        let local = self.cs.on_poller();
         if s.state.load(Ordering::Acquire) != DONE {
+            if local {
+                // SAFETY: on the poller's thread, the only one that touches `local_waker`
+                // (`complete` runs there too, so it cannot complete meanwhile); no reference
+                // into the cell outlives this block.
+                let lw = unsafe { &mut *s.local_waker.get() };
+                match lw {
+                    Some(w) if w.will_wake(cx.waker()) => {}
+                    _ => *lw = Some(cx.waker().clone()),
+                }
+                return Poll::Pending;
+            }
+            s.remote.store(true, Ordering::SeqCst);
             s.waker.register(cx.waker());
             // Re-check after publishing the waker: the poller may have completed meanwhile.
-            if s.state.load(Ordering::Acquire) != DONE {
+            if s.state.load(Ordering::SeqCst) != DONE {
                 return Poll::Pending;
             }
         }
         // SAFETY: the state is DONE (acquired above): the poller has written the result and
         // will not touch the slot again until it is freed below; this future is its only user.
-        let (res, buf) = unsafe { (*s.result.get()).take() }.expect("a done slot holds its result");
+        let out = unsafe { (*s.result.get()).take() };
         // The waker was taken by the poller (or, if stored after that, is stale and harmless:
         // a spurious wake is allowed by the Future contract).
         s.state.store(FREE, Ordering::Release);
-        let _ = self.cs.free.push(self.slot);
+        if local {
+            self.cs.free_local(self.slot);
+        } else {
+            let _ = self.cs.free.push(self.slot);
+        }
         self.slot = u32::MAX;
-        Poll::Ready(match res {
-            Ok(n) => Ok((n, buf)),
-            Err(e) => Err((e, buf)),
-        })
+        Poll::Ready(out)
     }
 }
 
@@ -916,7 +1188,7 @@ impl Drop for IoFuture {
         }
         // Already done but never polled: free it here (the buffer goes home on drop).
         // SAFETY: the state is DONE (the CAS above failed with an acquire load): as in `poll`.
-        drop(unsafe { (*s.result.get()).take() });
+        unsafe { (*s.result.get()).clear() };
         drop(s.waker.take());
         s.state.store(FREE, Ordering::Release);
         let _ = self.cs.free.push(self.slot);
@@ -1163,8 +1435,18 @@ impl Poller {
                 ((crate::window::HEAT_BUCKETS as u128) << 64) / size as u128
             },
         });
+        ON_POLLER.with(|c| c.set(Arc::as_ptr(&self.shared)));
+        let mut tasks = task::Tasks::new();
         loop {
-            let mut work = false;
+            // Woken tasks run first; what they submit joins the handlers' resubmissions.
+            let mut work = tasks.run(&self.shared);
+            // SAFETY: this is the poller thread, the only one that touches `reqs`, and no
+            // other reference to it is live during this call.
+            let reqs = unsafe { &mut *cs.tasks.reqs.get() };
+            if !reqs.is_empty() {
+                // Each request holds a slot, so both lists together fit `local`'s capacity.
+                local.append(reqs);
+            }
             let limit = meter.as_ref().map_or(self.depth, |m| m.limit);
             if let Some(m) = &mut meter {
                 let now = Instant::now();
@@ -1303,10 +1585,13 @@ impl Poller {
                 empty = 0;
                 continue;
             }
+            // Idle: slots kept for this thread's tasks go back where every submitter finds them.
+            tasks.give_back_slots(cs);
             if self.stop.load(Ordering::Acquire)
                 && q.in_flight() == 0
                 && cs.inbox.is_empty()
                 && local.is_empty()
+                && !cs.tasks.pending_from_others()
             {
                 break;
             }
@@ -1342,7 +1627,12 @@ impl Poller {
                 // sleeps.
                 guard.flush();
                 cs.sleeping.store(true, Ordering::SeqCst);
-                if cs.inbox.is_empty() && !self.stop.load(Ordering::Acquire) {
+                // Pairs with the fence of a task's spawn or wake from another thread.
+                std::sync::atomic::fence(Ordering::SeqCst);
+                if cs.inbox.is_empty()
+                    && !cs.tasks.pending_from_others()
+                    && !self.stop.load(Ordering::Acquire)
+                {
                     std::thread::park_timeout(max_sleep);
                 }
                 cs.sleeping.store(false, Ordering::SeqCst);
@@ -1350,7 +1640,11 @@ impl Poller {
                 // As before parking: buffers dropped on this thread go where others find them.
                 guard.flush();
                 cs.in_kernel.store(true, Ordering::SeqCst);
-                if cs.inbox.is_empty() && !self.stop.load(Ordering::Acquire) {
+                std::sync::atomic::fence(Ordering::SeqCst);
+                if cs.inbox.is_empty()
+                    && !cs.tasks.pending_from_others()
+                    && !self.stop.load(Ordering::Acquire)
+                {
                     // What completed meanwhile lands in `comps`, handled with the next poll.
                     match q.wait_or_wake(max_sleep, &mut comps) {
                         Ok(Some(_)) => {}
@@ -1363,6 +1657,10 @@ impl Poller {
                 std::hint::spin_loop();
             }
         }
+        // Nothing in flight: the tasks still waiting (on something other than this queue)
+        // are dropped, and so is any spawned from now on.
+        tasks.close(cs);
+        ON_POLLER.with(|c| c.set(std::ptr::null()));
     }
 
     /// Give idle pool memory back (adaptive pools): the pool unmaps regions whose buffers are
@@ -1494,22 +1792,38 @@ fn release_from_poller_queue(ev: &crate::pool::RegionEvent) -> std::result::Resu
 }
 
 /// Hand a result to the slot's future (or, if the future is gone, drop it and free the slot).
+#[inline(always)]
 fn complete(cs: &CoreShared, slot: u32, res: Result<u64>, buf: Option<PoolBuf>) {
     let s = &cs.slots[slot as usize];
     // SAFETY: the slot is PENDING or ABANDONED: only this poller accesses the result until the
     // state becomes DONE (released by the CAS below).
-    unsafe { *s.result.get() = Some((res, buf)) };
+    unsafe { (*s.result.get()).set(res, buf) };
     match s
         .state
-        .compare_exchange(PENDING, DONE, Ordering::AcqRel, Ordering::Acquire)
+        .compare_exchange(PENDING, DONE, Ordering::SeqCst, Ordering::Acquire)
     {
         Ok(_) => {
-            s.waker.wake();
+            // A task on this thread: woken by reference, its waker left in place. Taken out
+            // for the call, so a waker that polls the future inline (allowed, if odd) finds
+            // the cell free to register in.
+            // SAFETY: this is the poller's thread, the only one that touches `local_waker`.
+            if let Some(w) = unsafe { (*s.local_waker.get()).take() } {
+                w.wake_by_ref();
+                // SAFETY: as above.
+                let cell = unsafe { &mut *s.local_waker.get() };
+                if cell.is_none() {
+                    *cell = Some(w);
+                }
+            }
+            // A future polled elsewhere (or moved elsewhere after a poll here).
+            if s.remote.load(Ordering::SeqCst) {
+                s.waker.wake();
+            }
         }
         Err(_) => {
             // Abandoned: nobody will poll it.
             // SAFETY: ABANDONED: the future is gone; only this poller sees the slot.
-            drop(unsafe { (*s.result.get()).take() });
+            unsafe { (*s.result.get()).clear() };
             s.state.store(FREE, Ordering::Release);
             let _ = cs.free.push(slot);
         }

@@ -1,0 +1,509 @@
+//! Tasks on the pollers (thread-per-core): futures that a poller thread polls between its
+//! queue's polls, so their I/O never crosses a thread.
+//!
+//! A future polled on another thread hands every request to the poller through the core's
+//! inbox and gets its completion back through the slot and the waker: several cache-line
+//! transfers between two CPUs per I/O (docs/DESIGN.md, "The runtime's async API"). A task
+//! spawned with [`Runtime::spawn`](super::Runtime::spawn) runs on the poller itself: its
+//! submissions go into a list only that thread touches, its completions wake it into a run
+//! list only that thread touches, and the poller runs every woken task once per poll, so one
+//! poll of the queue completes many I/Os and one submission call sends what the tasks asked
+//! for next. This is how Seastar, glommio and SPDK's reactors run: the cost is that a task
+//! must not block (a blocking call stops the poller and every task and I/O of its core).
+//!
+//! ```text
+//!  spawn ─► spawned[core] (SegQueue) ─► poller(core): slab of tasks
+//!                                         │ poll woken tasks ─► reqs (poller-only) ─► Queue
+//!                                         └◄─ runq (poller-only) ◄─ waker ◄─ completion
+//! ```
+//!
+//! Wakes from other threads (a task waiting on a channel, say) go through a lock-free queue
+//! and unpark the poller. A panic in a task is caught at its poll and handed to its
+//! [`JoinHandle`]; the poller and its other tasks go on.
+
+use std::any::Any;
+use std::cell::UnsafeCell;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::{Duration, Instant};
+
+use super::CoreShared;
+
+/// Why a task gave no output.
+pub enum JoinError {
+    /// The task panicked; the payload is what it panicked with
+    /// ([`std::panic::resume_unwind`] it to propagate).
+    Panicked(Box<dyn Any + Send + 'static>),
+    /// The runtime shut down before the task finished (or was already shut down when it was
+    /// spawned): the task was dropped.
+    Cancelled,
+}
+
+impl JoinError {
+    /// The panic's message when it was a string, as `std` prints it.
+    pub fn message(&self) -> Option<&str> {
+        match self {
+            JoinError::Panicked(p) => p
+                .downcast_ref::<&str>()
+                .copied()
+                .or_else(|| p.downcast_ref::<String>().map(String::as_str)),
+            JoinError::Cancelled => None,
+        }
+    }
+}
+
+impl std::fmt::Debug for JoinError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+impl std::fmt::Display for JoinError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JoinError::Panicked(_) => match self.message() {
+                Some(m) => write!(f, "the task panicked: {m}"),
+                None => f.write_str("the task panicked"),
+            },
+            JoinError::Cancelled => f.write_str("the runtime shut down before the task finished"),
+        }
+    }
+}
+
+impl std::error::Error for JoinError {}
+
+/// A task's output, once there is one, and who waits for it.
+struct JoinCell<T> {
+    state: Mutex<JoinState<T>>,
+    done: Condvar,
+}
+
+struct JoinState<T> {
+    out: Option<Result<T, JoinError>>,
+    /// The output was taken (by the handle).
+    taken: bool,
+    waker: Option<Waker>,
+}
+
+impl<T> JoinCell<T> {
+    fn new() -> Arc<JoinCell<T>> {
+        Arc::new(JoinCell {
+            state: Mutex::new(JoinState {
+                out: None,
+                taken: false,
+                waker: None,
+            }),
+            done: Condvar::new(),
+        })
+    }
+
+    /// Set the output unless there is one already (a task sets it once; its drop sets
+    /// `Cancelled` only if it never did).
+    fn set(&self, out: Result<T, JoinError>) {
+        let waker = {
+            let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            if s.out.is_some() || s.taken {
+                return;
+            }
+            s.out = Some(out);
+            s.waker.take()
+        };
+        self.done.notify_all();
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+}
+
+/// Waits for a spawned task: `.await` it (any executor), or [`join`](Self::join) from a
+/// thread. Dropping it detaches the task, which runs on.
+pub struct JoinHandle<T> {
+    cell: Arc<JoinCell<T>>,
+}
+
+impl<T> JoinHandle<T> {
+    /// Whether the task has finished (its output, or why there is none, is waiting).
+    pub fn is_finished(&self) -> bool {
+        let s = self.cell.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.out.is_some() || s.taken
+    }
+
+    /// Block this thread until the task finished. Never call it on a poller thread (from a
+    /// task or a completion handler): the task could then never run.
+    pub fn join(self) -> Result<T, JoinError> {
+        let mut s = self.cell.state.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(out) = s.out.take() {
+                s.taken = true;
+                return out;
+            }
+            s = self.cell.done.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// [`join`](Self::join) for at most `wait`; the handle comes back if the task is not done.
+    pub fn join_timeout(self, wait: Duration) -> Result<Result<T, JoinError>, JoinHandle<T>> {
+        let until = Instant::now() + wait;
+        {
+            let mut s = self.cell.state.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                if let Some(out) = s.out.take() {
+                    s.taken = true;
+                    return Ok(out);
+                }
+                let now = Instant::now();
+                if now >= until {
+                    break;
+                }
+                s = self
+                    .cell
+                    .done
+                    .wait_timeout(s, until - now)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+        }
+        Err(self)
+    }
+}
+
+impl<T> Future for JoinHandle<T> {
+    type Output = Result<T, JoinError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut s = self.cell.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(out) = s.out.take() {
+            s.taken = true;
+            return Poll::Ready(out);
+        }
+        // Polled again after it gave its output: the Future contract leaves this unspecified;
+        // pending forever is the quiet choice.
+        if !s.taken {
+            match &s.waker {
+                Some(w) if w.will_wake(cx.waker()) => {}
+                _ => s.waker = Some(cx.waker().clone()),
+            }
+        }
+        Poll::Pending
+    }
+}
+
+/// The user's future with its output's destination; what a poller holds per task.
+struct TaskFut<F: Future> {
+    fut: F,
+    cell: Arc<JoinCell<F::Output>>,
+}
+
+impl<F: Future> Future for TaskFut<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        // SAFETY: `fut` is structurally pinned: it is never moved out of `self` (no method
+        // hands it out, `TaskFut` has no `Unpin` impl of its own, and `Drop` only reads `cell`).
+        let this = unsafe { self.get_unchecked_mut() };
+        // SAFETY: as above: `fut` stays where it is for as long as the `TaskFut` lives.
+        let fut = unsafe { Pin::new_unchecked(&mut this.fut) };
+        match std::panic::catch_unwind(AssertUnwindSafe(|| fut.poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(v)) => {
+                this.cell.set(Ok(v));
+                Poll::Ready(())
+            }
+            Err(p) => {
+                this.cell.set(Err(JoinError::Panicked(p)));
+                Poll::Ready(())
+            }
+        }
+    }
+}
+
+impl<F: Future> Drop for TaskFut<F> {
+    fn drop(&mut self) {
+        // A no-op when the task finished (the cell is set once).
+        self.cell.set(Err(JoinError::Cancelled));
+    }
+}
+
+/// A task as the spawner hands it to the poller.
+pub(super) type BoxedTask = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// Wrap `fut` for a poller; the handle gets its output.
+pub(super) fn task<F>(fut: F) -> (BoxedTask, JoinHandle<F::Output>)
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let cell = JoinCell::new();
+    let t = TaskFut {
+        fut,
+        cell: Arc::clone(&cell),
+    };
+    (Box::pin(t), JoinHandle { cell })
+}
+
+/// A handle whose task never ran (the runtime was shut down).
+pub(super) fn cancelled<T>() -> JoinHandle<T> {
+    let cell = JoinCell::new();
+    cell.set(Err(JoinError::Cancelled));
+    JoinHandle { cell }
+}
+
+/// A task id: its index in the poller's slab and the generation of that entry, so a stale
+/// waker (kept past its task's end) never runs the entry's next task.
+fn id_of(index: u32, generation: u32) -> u64 {
+    (u64::from(generation) << 32) | u64::from(index)
+}
+
+/// What a task's waker points at.
+struct Header {
+    id: u64,
+    /// Queued to run: a task is queued once however often it is woken before it runs.
+    queued: AtomicBool,
+    cs: Arc<CoreShared>,
+}
+
+impl Wake for Header {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if self.cs.on_poller() {
+            // The poller's own thread (a completion): a load and a store instead of a swap.
+            // A wake from another thread racing with it may queue the task twice: one
+            // spurious poll, which futures allow.
+            if !self.queued.load(Ordering::Acquire) {
+                self.queued.store(true, Ordering::Release);
+                // SAFETY: on the core's poller thread (checked above), the only thread that
+                // touches `runq`; no reference to it is held across this call (the poller
+                // swaps the list out before it polls tasks).
+                unsafe { (*self.cs.tasks.runq.get()).push(self.id) };
+            }
+        } else if !self.queued.swap(true, Ordering::AcqRel) {
+            self.cs.tasks.wake_remote(&self.cs, self.id);
+        }
+    }
+}
+
+/// What a core's pollers and the other threads share about its tasks.
+pub(super) struct CoreTasks {
+    /// Tasks spawned on this core, not yet taken by the poller.
+    spawned: crossbeam_queue::SegQueue<BoxedTask>,
+    /// Wakes from other threads.
+    remote: crossbeam_queue::SegQueue<u64>,
+    /// The poller has exited: a task spawned now is dropped (cancelled) by its spawner.
+    closed: AtomicBool,
+    /// Wakes on the poller thread: touched only by that thread.
+    pub(super) runq: UnsafeCell<Vec<u64>>,
+    /// Requests that tasks (any code on the poller thread) submitted: touched only by that
+    /// thread, drained by the poller before its inbox.
+    pub(super) reqs: UnsafeCell<Vec<super::Request>>,
+    /// Futures on the poller thread waiting for a free slot: touched only by that thread.
+    slot_waiters: UnsafeCell<Vec<Waker>>,
+    /// Slots freed on the poller thread, for its own next submissions (no atomic): touched
+    /// only by that thread, at most half the slots (the rest stay on the shared list).
+    pub(super) free: UnsafeCell<Vec<u32>>,
+}
+
+// SAFETY: the `UnsafeCell`s are accessed only from the core's poller thread (each access
+// checks `CoreShared::on_poller` first, or runs in the poller's own loop); everything else is
+// Sync. The tasks in `spawned` are Send.
+unsafe impl Sync for CoreTasks {}
+
+impl CoreTasks {
+    pub(super) fn new(nslots: usize) -> CoreTasks {
+        CoreTasks {
+            spawned: crossbeam_queue::SegQueue::new(),
+            remote: crossbeam_queue::SegQueue::new(),
+            closed: AtomicBool::new(false),
+            runq: UnsafeCell::new(Vec::new()),
+            reqs: UnsafeCell::new(Vec::with_capacity(nslots)),
+            slot_waiters: UnsafeCell::new(Vec::new()),
+            free: UnsafeCell::new(Vec::with_capacity(nslots / 2 + 1)),
+        }
+    }
+
+    fn wake_remote(&self, cs: &CoreShared, id: u64) {
+        self.remote.push(id);
+        // Pairs with the poller's fence after it announced it sleeps: one side sees the
+        // other (the wake, or the poller's flag).
+        std::sync::atomic::fence(Ordering::SeqCst);
+        cs.wake_poller();
+    }
+
+    /// Hand `task` to the poller. False (the task dropped: cancelled) once the poller exited.
+    pub(super) fn spawn(&self, cs: &CoreShared, task: BoxedTask) -> bool {
+        if self.closed.load(Ordering::SeqCst) {
+            return false;
+        }
+        self.spawned.push(task);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.closed.load(Ordering::SeqCst) {
+            // The poller exited between the check and the push, and may not have drained
+            // this one: drop what is left (dropping a task cancels it).
+            while let Some(t) = self.spawned.pop() {
+                drop(t);
+            }
+            return false;
+        }
+        cs.wake_poller();
+        true
+    }
+
+    /// On the poller thread, a future found no free slot: wake it when one is freed.
+    pub(super) fn wait_for_slot(&self, cs: &CoreShared, waker: &Waker) {
+        debug_assert!(cs.on_poller());
+        // SAFETY: called on the core's poller thread only (the caller checked); no reference
+        // to the list is held across calls.
+        unsafe { (*self.slot_waiters.get()).push(waker.clone()) };
+    }
+
+    /// The poller has exited.
+    pub(super) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Anything for the poller to do here (checked before it sleeps).
+    pub(super) fn pending_from_others(&self) -> bool {
+        !self.spawned.is_empty() || !self.remote.is_empty()
+    }
+}
+
+/// A poller's tasks: the slab it polls them from. Lives on the poller's stack.
+pub(super) struct Tasks {
+    slab: Vec<Entry>,
+    free: Vec<u32>,
+    /// The list swapped with `CoreTasks::runq` to run it.
+    running: Vec<u64>,
+}
+
+struct Entry {
+    generation: u32,
+    task: Option<(BoxedTask, Arc<Header>, Waker)>,
+}
+
+impl Tasks {
+    pub(super) fn new() -> Tasks {
+        Tasks {
+            slab: Vec::new(),
+            free: Vec::new(),
+            running: Vec::new(),
+        }
+    }
+
+    /// Take new tasks and wakes from other threads, then poll every woken task once. Returns
+    /// whether any task ran. On the poller thread only.
+    pub(super) fn run(&mut self, cs: &Arc<CoreShared>) -> bool {
+        let ct = &cs.tasks;
+        // Futures waiting for a slot: their turn when one is free.
+        // SAFETY: the poller thread (this function's caller); the list is not borrowed
+        // elsewhere (only `wait_for_slot` touches it, from code the poller runs, not now).
+        let waiters = unsafe { &mut *ct.slot_waiters.get() };
+        // SAFETY: as above.
+        if !waiters.is_empty() && (!cs.free.is_empty() || !unsafe { &*ct.free.get() }.is_empty()) {
+            for w in waiters.drain(..) {
+                w.wake();
+            }
+        }
+        while let Some(t) = ct.spawned.pop() {
+            let id = self.insert(cs, t);
+            // SAFETY: as for `waiters`: only this thread touches the run list.
+            unsafe { (*ct.runq.get()).push(id) };
+        }
+        while let Some(id) = ct.remote.pop() {
+            // SAFETY: as above.
+            unsafe { (*ct.runq.get()).push(id) };
+        }
+        // SAFETY: as above; the run list is swapped out, so wakes during the polls below push
+        // into the (empty) list left in the cell and no reference into it is held meanwhile.
+        std::mem::swap(&mut self.running, unsafe { &mut *ct.runq.get() });
+        if self.running.is_empty() {
+            return false;
+        }
+        let mut running = std::mem::take(&mut self.running);
+        for &id in &running {
+            let index = id as u32 as usize;
+            let Some(e) = self.slab.get_mut(index) else {
+                continue;
+            };
+            if u64::from(e.generation) != id >> 32 {
+                continue;
+            }
+            let Some((fut, header, waker)) = &mut e.task else {
+                continue;
+            };
+            // Cleared before the poll: a wake during it queues the task again.
+            header.queued.store(false, Ordering::Release);
+            let mut cx = Context::from_waker(waker);
+            // TaskFut catches the user's panic; the poll itself does not unwind.
+            if fut.as_mut().poll(&mut cx).is_ready() {
+                let done = e.task.take();
+                e.generation = e.generation.wrapping_add(1);
+                self.free.push(index as u32);
+                drop(done);
+            }
+        }
+        running.clear();
+        self.running = running;
+        true
+    }
+
+    fn insert(&mut self, cs: &Arc<CoreShared>, task: BoxedTask) -> u64 {
+        let index = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.slab.push(Entry {
+                    generation: 0,
+                    task: None,
+                });
+                (self.slab.len() - 1) as u32
+            }
+        };
+        let e = &mut self.slab[index as usize];
+        let id = id_of(index, e.generation);
+        let header = Arc::new(Header {
+            id,
+            // Queued: it runs once now, which registers its wakers.
+            queued: AtomicBool::new(true),
+            cs: Arc::clone(cs),
+        });
+        let waker = Waker::from(Arc::clone(&header));
+        e.task = Some((task, header, waker));
+        id
+    }
+
+    /// The poller exits: every task left is dropped (its handle says cancelled), and so is
+    /// every task spawned from now on.
+    /// Slots in the poller's private list back on the shared one (the poller is idle:
+    /// submitters on other threads may be waiting for them).
+    pub(super) fn give_back_slots(&self, cs: &CoreShared) {
+        // SAFETY: the poller thread, as in `run`.
+        let l = unsafe { &mut *cs.tasks.free.get() };
+        for slot in l.drain(..) {
+            let _ = cs.free.push(slot);
+        }
+    }
+
+    pub(super) fn close(&mut self, cs: &CoreShared) {
+        cs.tasks.closed.store(true, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        while let Some(t) = cs.tasks.spawned.pop() {
+            drop(t);
+        }
+        for e in &mut self.slab {
+            drop(e.task.take());
+        }
+        // SAFETY: the poller thread, as in `run`.
+        drop(std::mem::take(unsafe { &mut *cs.tasks.slot_waiters.get() }));
+        self.give_back_slots(cs);
+        // Tasks' wakers kept in slots hold the core (a cycle): let them go.
+        for s in cs.slots.iter() {
+            // SAFETY: the poller thread, the only one that touches `local_waker`.
+            drop(unsafe { (*s.local_waker.get()).take() });
+        }
+    }
+}

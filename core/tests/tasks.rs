@@ -1,0 +1,275 @@
+//! Tasks on the pollers (`Runtime::spawn`): futures polled on a poller's own thread, their I/O
+//! handed to its queue without crossing a thread. On the software controller model, through the
+//! real NVMe driver.
+//!
+//! A failing wait never hangs the test: handles are joined with a timeout, and a runtime whose
+//! poller may be stuck is leaked rather than shut down (shutting down joins the poller).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use rio::nvme::sim::{Latency, SimConfig, SimNamespace};
+use rio::pool::{PagePolicy, PoolConfig};
+use rio::runtime::{IdlePolicy, JoinError, JoinHandle, Runtime, RuntimeConfig};
+use rio::target::OpenOptions;
+use rio::{Engine, EngineConfig, OpKind};
+
+fn runtime(latency: Latency, depth: u32, idle: IdlePolicy) -> Arc<Runtime> {
+    let cfg = EngineConfig {
+        hugepages: false,
+        ..EngineConfig::default()
+    };
+    let sim = SimConfig {
+        namespaces: vec![SimNamespace {
+            block_size: 512,
+            size_bytes: 64 << 20,
+        }],
+        latency,
+        ..SimConfig::default()
+    };
+    let e = Engine::open_sim(
+        &cfg,
+        sim,
+        1,
+        OpenOptions {
+            write: true,
+            direct: true,
+            create: false,
+        },
+    )
+    .unwrap();
+    Runtime::start(
+        e,
+        RuntimeConfig {
+            cores: Some(vec![0]),
+            depth,
+            idle,
+            pool: PoolConfig {
+                pages: PagePolicy::Normal,
+                initial_per_class: 64,
+                ..PoolConfig::default()
+            },
+            ..RuntimeConfig::default()
+        },
+    )
+    .unwrap()
+}
+
+fn sleepy() -> IdlePolicy {
+    IdlePolicy::SleepAfter {
+        polls: 1000,
+        max_sleep: Duration::from_millis(1),
+    }
+}
+
+/// The task's output, or a failed test that leaves the (possibly stuck) runtime alone.
+fn join<T>(h: JoinHandle<T>, rt: &Arc<Runtime>, what: &str) -> Result<T, JoinError> {
+    match h.join_timeout(Duration::from_secs(20)) {
+        Ok(out) => out,
+        Err(_) => {
+            std::mem::forget(Arc::clone(rt));
+            panic!("{what}: the task did not finish in 20 s");
+        }
+    }
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (seed.wrapping_mul(31).wrapping_add(i as u64 * 7) % 251) as u8)
+        .collect()
+}
+
+/// Write then read back, in a task on the poller.
+async fn write_then_read(rt: Arc<Runtime>, k: u64) -> Result<String, String> {
+    let on = std::thread::current().name().unwrap_or("").to_string();
+    let data = pattern(k, 8192);
+    let mut b = rt.try_buffer(8192).ok_or("no buffer")?;
+    b.as_mut_slice().copy_from_slice(&data);
+    let (n, b) = rt
+        .submit(OpKind::Write, k * 8192, 8192, Some(b))
+        .await
+        .map_err(|(e, _)| e.to_string())?;
+    assert_eq!(n, 8192);
+    let mut b = b.ok_or("the write gave its buffer back")?;
+    b.as_mut_slice().fill(0);
+    let (n, b) = rt
+        .submit(OpKind::Read, k * 8192, 8192, Some(b))
+        .await
+        .map_err(|(e, _)| e.to_string())?;
+    assert_eq!(n, 8192);
+    if b.as_ref().map(|b| b.as_slice()) != Some(&data[..]) {
+        return Err(format!("task {k}: the data read back differs"));
+    }
+    Ok(on)
+}
+
+#[test]
+fn tasks_run_on_the_poller_and_read_back_what_they_wrote() {
+    let rt = runtime(Latency::None, 32, sleepy());
+    let handles: Vec<_> = (0..16)
+        .map(|k| rt.spawn(write_then_read(Arc::clone(&rt), k)))
+        .collect();
+    for (k, h) in handles.into_iter().enumerate() {
+        let on = join(h, &rt, "write then read")
+            .expect("the task finished")
+            .unwrap_or_else(|e| panic!("task {k}: {e}"));
+        assert_eq!(on, "rio-poll-0", "task {k} ran on {on}, not the poller");
+    }
+    rt.shutdown();
+    assert_eq!(rt.pools().in_use(), 0, "every buffer is back in its pool");
+}
+
+#[test]
+fn more_tasks_than_slots_wait_for_slots_on_the_poller() {
+    // Depth 4: 64 slots. 400 tasks each with a flush in flight at once, on a model that holds
+    // each command 1 ms: most find no slot and must wait on the poller's thread, which is
+    // also the only thread that frees them. (Flushes: no buffer each, so the pool is not
+    // what runs out.)
+    let rt = runtime(Latency::Fixed(Duration::from_millis(1)), 4, sleepy());
+    let done = Arc::new(AtomicU64::new(0));
+    let handles: Vec<_> = (0..400u64)
+        .map(|k| {
+            let (rt2, done) = (Arc::clone(&rt), Arc::clone(&done));
+            rt.spawn(async move {
+                let (n, b) = rt2
+                    .submit(OpKind::Flush, 0, 0, None)
+                    .await
+                    .map_err(|(e, _)| format!("task {k}: {e}"))?;
+                assert!(b.is_none());
+                done.fetch_add(1, Ordering::Relaxed);
+                Ok::<u64, String>(n)
+            })
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(join(h, &rt, "400 tasks").expect("finished"), Ok(0));
+    }
+    assert_eq!(done.load(Ordering::Relaxed), 400);
+    rt.shutdown();
+    assert_eq!(rt.pools().in_use(), 0, "every buffer is back in its pool");
+}
+
+#[test]
+fn a_panicking_task_ends_alone() {
+    let rt = runtime(Latency::None, 32, sleepy());
+    let h = rt.spawn(async { panic!("boom in a task") });
+    match join(h, &rt, "panicking task") {
+        Err(e @ JoinError::Panicked(_)) => assert_eq!(e.message(), Some("boom in a task")),
+        Err(e) => panic!("expected a panic, got {e}"),
+        Ok(()) => panic!("expected a panic, the task finished"),
+    }
+    // The poller and its queue go on.
+    let h = rt.spawn(write_then_read(Arc::clone(&rt), 3));
+    join(h, &rt, "after the panic").unwrap().unwrap();
+    rt.shutdown();
+}
+
+/// A future completed by another thread: its wake comes from off the poller.
+#[derive(Clone, Default)]
+struct Flag(Arc<Mutex<(bool, Option<Waker>)>>);
+
+impl Flag {
+    fn set(&self) {
+        let w = {
+            let mut s = self.0.lock().unwrap();
+            s.0 = true;
+            s.1.take()
+        };
+        if let Some(w) = w {
+            w.wake();
+        }
+    }
+}
+
+impl Future for Flag {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut s = self.0.lock().unwrap();
+        if s.0 {
+            return Poll::Ready(());
+        }
+        s.1 = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+#[test]
+fn a_wake_from_another_thread_reaches_a_sleeping_poller() {
+    // The poller sleeps up to a minute when idle: only the wake's own unpark gets the task
+    // going within the join's 20 s.
+    let rt = runtime(
+        Latency::None,
+        32,
+        IdlePolicy::SleepAfter {
+            polls: 100,
+            max_sleep: Duration::from_secs(60),
+        },
+    );
+    let flag = Flag::default();
+    let (f, rt2) = (flag.clone(), Arc::clone(&rt));
+    let h = rt.spawn(async move {
+        f.await;
+        write_then_read(rt2, 5).await
+    });
+    // Let the task run once and the poller go to sleep.
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!h.is_finished());
+    assert!(
+        rt.poller_parked(0),
+        "the poller sleeps while its task waits"
+    );
+    flag.set();
+    join(h, &rt, "woken from another thread").unwrap().unwrap();
+    // A task spawned while the poller sleeps wakes it too.
+    std::thread::sleep(Duration::from_millis(100));
+    let h = rt.spawn(write_then_read(Arc::clone(&rt), 6));
+    join(h, &rt, "spawned onto a sleeping poller")
+        .unwrap()
+        .unwrap();
+    rt.shutdown();
+}
+
+#[test]
+fn shutdown_cancels_waiting_tasks_and_refuses_new_ones() {
+    let rt = runtime(Latency::None, 32, sleepy());
+    let h = rt.spawn(std::future::pending::<()>());
+    std::thread::sleep(Duration::from_millis(20));
+    rt.shutdown();
+    assert!(matches!(
+        join(h, &rt, "waiting task"),
+        Err(JoinError::Cancelled)
+    ));
+    let h = rt.spawn(async { 1 });
+    assert!(matches!(
+        join(h, &rt, "after shutdown"),
+        Err(JoinError::Cancelled)
+    ));
+    assert!(
+        rt.spawn_on(1, async {}).is_err(),
+        "one poller: index 1 refused"
+    );
+}
+
+#[test]
+fn a_task_may_shut_down_the_runtime_it_holds_last() {
+    let rt = runtime(Latency::None, 32, sleepy());
+    let rt2 = Arc::clone(&rt);
+    let h = rt.spawn(async move {
+        let r = write_then_read(Arc::clone(&rt2), 9).await;
+        // The poller cannot wait for itself to exit: this returns, the poller exits after.
+        rt2.shutdown();
+        r
+    });
+    drop(rt);
+    match h.join_timeout(Duration::from_secs(20)) {
+        Ok(out) => {
+            out.unwrap().unwrap();
+        }
+        // The runtime is gone from here; a stuck poller is leaked with it.
+        Err(_) => panic!("a task that shut its own runtime down did not finish in 20 s"),
+    }
+}
