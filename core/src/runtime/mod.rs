@@ -397,7 +397,7 @@ impl CoreShared {
 
     /// Hand a request to the core's poller: from its own thread into the list it drains
     /// before its inbox; from any other thread through the inbox.
-    #[inline]
+    #[inline(always)]
     fn hand(&self, on_poller: bool, req: Request) {
         if on_poller {
             // SAFETY: on the poller thread (checked), the only thread that touches `reqs`;
@@ -745,6 +745,7 @@ impl Runtime {
 
     /// Submit `op` on `buf` (reads and writes) at `offset`; the future resolves when it
     /// completed, giving the buffer back. Runs on the core the buffer belongs to.
+    #[inline]
     pub fn submit(&self, op: OpKind, offset: u64, len: u64, buf: Option<PoolBuf>) -> IoFuture {
         self.submit_inner(op, offset, len, buf, false, None)
             .unwrap_or_else(|_| unreachable!("a required submission always waits for a slot"))
@@ -907,34 +908,49 @@ impl Runtime {
         if optional && cs.free.len() <= cs.slots.len() / 2 {
             return Err(buf);
         }
-        let req = Request {
-            op,
-            offset,
-            len,
-            buf,
-            slot: u32::MAX,
-            file,
-            cached,
-            tag: None,
-        };
         // On the poller's own thread (a task): never wait for a slot here, since only this
         // thread frees them; the future takes one when it is polled.
         let local = cs.on_poller();
         let slot = if local {
             match cs.take_local() {
                 Some(s) => s,
-                None if optional => return Err(req.buf),
-                None => return Ok(IoFuture::deferred(cs, req)),
+                None if optional => return Err(buf),
+                None => {
+                    let req = Request {
+                        op,
+                        offset,
+                        len,
+                        buf,
+                        slot: u32::MAX,
+                        file,
+                        cached,
+                        tag: None,
+                    };
+                    return Ok(IoFuture::deferred(cs, req));
+                }
             }
         } else {
             match self.take_slot(&cs, optional) {
                 Some(s) => s,
-                None if optional => return Err(req.buf),
-                None => return Ok(IoFuture::failed(cs, shut_down(), req.buf)),
+                None if optional => return Err(buf),
+                None => return Ok(IoFuture::failed(cs, shut_down(), buf)),
             }
         };
         let epoch = cs.arm(slot);
-        cs.hand(local, Request { slot, ..req });
+        // Built once, where it is handed over (moving it again was a store-forwarding stall).
+        cs.hand(
+            local,
+            Request {
+                op,
+                offset,
+                len,
+                buf,
+                slot,
+                file,
+                cached,
+                tag: None,
+            },
+        );
         Ok(IoFuture {
             cs,
             slot,
@@ -1113,6 +1129,7 @@ pub type IoOutput = std::result::Result<(u64, Option<PoolBuf>), (Error, Option<P
 impl Future for IoFuture {
     type Output = IoOutput;
 
+    #[inline]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<IoOutput> {
         if self.cold.is_some() {
             if let Some(Cold::Failed(..)) = self.cold.as_deref() {
