@@ -353,6 +353,24 @@ thread_local! {
     /// submits to that poller without the inbox.
     static ON_POLLER: std::cell::Cell<*const CoreShared> =
         const { std::cell::Cell::new(std::ptr::null()) };
+    /// While the poller on this thread runs its tasks: its queue and tables, for their
+    /// submissions to go straight to the queue (null otherwise).
+    static TASK_DIRECT: std::cell::Cell<*const TaskDirect> =
+        const { std::cell::Cell::new(std::ptr::null()) };
+}
+
+/// What a task's submission needs to reach the queue itself (as [`Resubmit`]'s direct path).
+/// Raw pointers: the poller publishes them in `TASK_DIRECT` only for the duration of
+/// `Tasks::run`, during which its loop touches none of these objects.
+struct TaskDirect {
+    poller: *const Poller,
+    q: *mut Queue,
+    /// The in-flight table's first entry (one entry per slot).
+    inflight: *mut Held,
+    regions: *mut (u64, usize),
+    limit: u32,
+    /// The slots to stamp for the meter; null without one.
+    stamp: *mut Vec<u32>,
 }
 
 impl CoreShared {
@@ -937,6 +955,45 @@ impl Runtime {
             }
         };
         let epoch = cs.arm(slot);
+        if local && file.is_none() {
+            let d = TASK_DIRECT.with(|c| c.get());
+            if !d.is_null() {
+                // SAFETY: non-null only while this thread's poller runs its tasks (this is one
+                // of them: `local`), and the objects it points to live on that poller's stack
+                // for that whole call, untouched by the poller meanwhile. Each reference made
+                // here ends before anything that could submit again runs (`complete` below
+                // may wake a waker; the queue reference is not used after it).
+                let d = unsafe { &*d };
+                // SAFETY: as above.
+                let q = unsafe { &mut *d.q };
+                if q.in_flight() < d.limit {
+                    // SAFETY: as above.
+                    let (generation, known) = unsafe { &mut *d.regions };
+                    // SAFETY: as above.
+                    unsafe { (*d.poller).sync_regions(q, generation, known) };
+                    if !d.stamp.is_null() {
+                        // SAFETY: as above.
+                        unsafe { (*d.stamp).push(slot) };
+                    }
+                    let mut buf = buf;
+                    let (addr, dlen) = data_of(&mut buf, op, len);
+                    // SAFETY: the buffer is kept in the poller's in-flight table until the
+                    // completion of this slot is reaped; it lies in a pool region the queue
+                    // maps (`sync_regions` above added any new one).
+                    match unsafe { q.submit_raw(op, offset, addr, dlen, slot as u64) } {
+                        // SAFETY: the table has an entry per slot; as above for the pointer.
+                        Ok(()) => unsafe { (*d.inflight.add(slot as usize)).hold(buf, None, None) },
+                        Err(e) => complete(&cs, slot, Err(e), buf),
+                    }
+                    return Ok(IoFuture {
+                        cs,
+                        slot,
+                        epoch,
+                        cold: None,
+                    });
+                }
+            }
+        }
         // Built once, where it is handed over (moving it again was a store-forwarding stall).
         cs.hand(
             local,
@@ -1455,8 +1512,35 @@ impl Poller {
         ON_POLLER.with(|c| c.set(Arc::as_ptr(&self.shared)));
         let mut tasks = task::Tasks::new();
         loop {
-            // Woken tasks run first; what they submit joins the handlers' resubmissions.
+            let limit = meter.as_ref().map_or(self.depth, |m| m.limit);
+            // Woken tasks run first. While they run, what they submit goes straight to the
+            // queue (below the depth cap): the queue and the poller's tables are published
+            // to them through `TASK_DIRECT`, and this loop touches none of them meanwhile.
+            let direct = TaskDirect {
+                poller: &self,
+                q: &mut q,
+                inflight: inflight.as_mut_ptr(),
+                regions: &mut regions,
+                limit,
+                stamp: if meter.is_some() {
+                    &mut stamp
+                } else {
+                    std::ptr::null_mut()
+                },
+            };
+            TASK_DIRECT.with(|c| c.set(&direct));
             let mut work = tasks.run(&self.shared);
+            TASK_DIRECT.with(|c| c.set(std::ptr::null()));
+            // What tasks sent to the queue starts now (one clock read for all of it), before
+            // the poll that may complete it.
+            if let Some(m) = &mut meter
+                && !stamp.is_empty()
+            {
+                let now = Instant::now();
+                for slot in stamp.drain(..) {
+                    m.started[slot as usize] = now;
+                }
+            }
             // SAFETY: this is the poller thread, the only one that touches `reqs`, and no
             // other reference to it is live during this call.
             let reqs = unsafe { &mut *cs.tasks.reqs.get() };
@@ -1464,7 +1548,6 @@ impl Poller {
                 // Each request holds a slot, so both lists together fit `local`'s capacity.
                 local.append(reqs);
             }
-            let limit = meter.as_ref().map_or(self.depth, |m| m.limit);
             if let Some(m) = &mut meter {
                 let now = Instant::now();
                 while q.in_flight() < limit {
