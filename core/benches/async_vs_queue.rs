@@ -16,7 +16,9 @@
 //! task polled only after its waker ran.
 //!
 //! The tasks side: the same futures, polled on the poller's own thread (`Runtime::spawn`,
-//! thread-per-core): 32 tasks, each reading, awaiting, reading again.
+//! thread-per-core): 32 tasks, each reading, awaiting, reading again. The local tasks side:
+//! the same with `Runtime::spawn_local` and `Runtime::submit_local` (futures that borrow the
+//! runtime and stay on the poller's thread).
 //!
 //! The callback side: a runtime whose handler (`RuntimeConfig::on_complete`) runs on the poller
 //! and resubmits each completed read through its `Resubmit`; the submitting thread only waits.
@@ -192,6 +194,39 @@ fn task_round(rt: &Arc<Runtime>, secs: f64) -> (u64, Duration) {
                     buf = b;
                     // Every task runs on the one poller thread: one writer, a load and a
                     // store, as the direct side's local count costs.
+                    d.store(d.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    let n = done.load(Ordering::Relaxed);
+    let t = start.elapsed();
+    running.store(false, Ordering::Relaxed);
+    for h in handles {
+        h.join_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("a task did not end"))
+            .expect("task");
+    }
+    (n, t)
+}
+
+/// [`task_round`] with tasks made on the poller (`spawn_local`) and `submit_local` futures.
+fn local_task_round(rt: &Arc<Runtime>, secs: f64) -> (u64, Duration) {
+    let running = Arc::new(AtomicBool::new(true));
+    let done = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let handles: Vec<_> = (0..QD as u64)
+        .map(|i| {
+            let (rt2, run, d) = (Arc::clone(rt), Arc::clone(&running), Arc::clone(&done));
+            rt.spawn_local(move || async move {
+                let mut buf = Some(rt2.try_buffer(4096).expect("a buffer of the poller's pool"));
+                while run.load(Ordering::Relaxed) {
+                    let (_, b) = rt2
+                        .submit_local(OpKind::Read, i * 4096, 4096, buf.take())
+                        .await
+                        .expect("read");
+                    buf = b;
                     d.store(d.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
                 }
             })
@@ -435,8 +470,10 @@ fn main() {
         queue_round(&mut q, &mut out, secs / 4.0);
         side.round(secs / 4.0);
         task_round(&rt, secs / 4.0);
+        local_task_round(&rt, secs / 4.0);
         cb.round(secs / 4.0);
-        let (mut qsum, mut asum, mut tsum, mut csum) = (
+        let (mut qsum, mut asum, mut tsum, mut lsum, mut csum) = (
+            (0u64, Duration::ZERO),
             (0u64, Duration::ZERO),
             (0u64, Duration::ZERO),
             (0u64, Duration::ZERO),
@@ -444,36 +481,42 @@ fn main() {
         );
         let mut ratios = Vec::with_capacity(rounds);
         let mut tratios = Vec::with_capacity(rounds);
+        let mut lratios = Vec::with_capacity(rounds);
         let mut cratios = Vec::with_capacity(rounds);
         for r in 0..rounds {
-            // Rotate the order: queue, async, tasks, callback; then async, tasks, callback,
-            // queue; ...
-            let (mut qr, mut ar, mut tr, mut cr) = Default::default();
-            for k in 0..4 {
-                match (r + k) % 4 {
+            // Rotate the order: queue, async, tasks, local tasks, callback; then async, tasks,
+            // local tasks, callback, queue; ...
+            let (mut qr, mut ar, mut tr, mut lr, mut cr) = Default::default();
+            for k in 0..5 {
+                match (r + k) % 5 {
                     0 => qr = queue_round(&mut q, &mut out, secs),
                     1 => ar = side.round(secs),
                     2 => tr = task_round(&rt, secs),
+                    3 => lr = local_task_round(&rt, secs),
                     _ => cr = cb.round(secs),
                 }
             }
             let iops = |(n, t): (u64, Duration)| n as f64 / t.as_secs_f64();
             let ratio = iops(ar) / iops(qr);
             let tratio = iops(tr) / iops(qr);
+            let lratio = iops(lr) / iops(qr);
             let cratio = iops(cr) / iops(qr);
             println!(
-                "  {name} round {r}: queue {:.0} IOPS, async {:.0} ({ratio:.3}), tasks {:.0} ({tratio:.3}), callback {:.0} ({cratio:.3})",
+                "  {name} round {r}: queue {:.0} IOPS, async {:.0} ({ratio:.3}), tasks {:.0} ({tratio:.3}), local tasks {:.0} ({lratio:.3}), callback {:.0} ({cratio:.3})",
                 iops(qr),
                 iops(ar),
                 iops(tr),
+                iops(lr),
                 iops(cr)
             );
             ratios.push(ratio);
             tratios.push(tratio);
+            lratios.push(lratio);
             cratios.push(cratio);
             qsum = (qsum.0 + qr.0, qsum.1 + qr.1);
             asum = (asum.0 + ar.0, asum.1 + ar.1);
             tsum = (tsum.0 + tr.0, tsum.1 + tr.1);
+            lsum = (lsum.0 + lr.0, lsum.1 + lr.1);
             csum = (csum.0 + cr.0, csum.1 + cr.1);
         }
         drop(side); // in-flight futures may be dropped: the poller frees their slots
@@ -492,6 +535,9 @@ fn main() {
         let tlo = tratios.iter().copied().fold(f64::INFINITY, f64::min);
         let thi = tratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         let tm = median(&mut tratios);
+        let llo = lratios.iter().copied().fold(f64::INFINITY, f64::min);
+        let lhi = lratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let lm = median(&mut lratios);
         let iops = |(n, t): (u64, Duration)| n as f64 / t.as_secs_f64().max(1e-9);
         if test {
             println!("  {name}: test mode, one short round, no verdict");
@@ -507,6 +553,12 @@ fn main() {
                 iops(qsum),
                 iops(tsum),
                 (1.0 - tm) * 100.0
+            );
+            println!(
+                "LOCAL_TASKS_VS_QUEUE target={name} queue_iops={:.0} local_tasks_iops={:.0} median_ratio={lm:.3} lower={:.1}% rounds_min={llo:.3} rounds_max={lhi:.3}",
+                iops(qsum),
+                iops(lsum),
+                (1.0 - lm) * 100.0
             );
             println!(
                 "CALLBACK_VS_QUEUE target={name} queue_iops={:.0} callback_iops={:.0} median_ratio={cm:.3} lower={:.1}% rounds_min={clo:.3} rounds_max={chi:.3}",

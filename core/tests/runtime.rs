@@ -980,3 +980,46 @@ fn tasks_on_the_poller_are_metered_from_their_submission() {
     );
     f.runtime().shutdown();
 }
+
+#[test]
+fn no_heap_allocation_per_io_in_a_local_task() {
+    let _s = SERIAL.lock().unwrap();
+    let rt = sim_runtime(Latency::None);
+    let rt2 = Arc::clone(&rt);
+    let h = rt.spawn_local(move || async move {
+        let mut bufs: Vec<_> = (0..8)
+            .map(|_| rt2.try_buffer(4096).expect("a buffer"))
+            .map(Some)
+            .collect();
+        let mut i = 0u64;
+        let mut run = async |n: u64| {
+            for _ in 0..n {
+                let k = (i % 8) as usize;
+                let (_, b) = rt2
+                    .submit_local(rio::OpKind::Read, (i % 1024) * 4096, 4096, bufs[k].take())
+                    .await
+                    .expect("read");
+                bufs[k] = b;
+                i += 1;
+            }
+        };
+        run(2000).await;
+        ALLOCS.store(0, Ordering::SeqCst);
+        COUNTING.store(true, Ordering::SeqCst);
+        run(100_000).await;
+        COUNTING.store(false, Ordering::SeqCst);
+        ALLOCS.load(Ordering::SeqCst)
+    });
+    let n = match h.join_timeout(Duration::from_secs(60)) {
+        Ok(out) => out.expect("the task finished"),
+        Err(_) => {
+            std::mem::forget(rt);
+            panic!("the task did not finish in 60 s");
+        }
+    };
+    assert_eq!(
+        n, 0,
+        "{n} heap allocations across 100k I/Os in a local task"
+    );
+    rt.shutdown();
+}

@@ -273,3 +273,127 @@ fn a_task_may_shut_down_the_runtime_it_holds_last() {
         Err(_) => panic!("a task that shut its own runtime down did not finish in 20 s"),
     }
 }
+
+/// `write_then_read` through `submit_local`, in a task built on the poller.
+async fn write_then_read_local(rt: Arc<Runtime>, k: u64) -> Result<u64, String> {
+    // Not Send: a task made by `spawn_local` may hold this across awaits.
+    let seen = std::rc::Rc::new(std::cell::Cell::new(0u64));
+    let data = pattern(k, 8192);
+    let mut b = rt.try_buffer(8192).ok_or("no buffer")?;
+    b.as_mut_slice().copy_from_slice(&data);
+    let (n, b) = rt
+        .submit_local(OpKind::Write, k * 8192, 8192, Some(b))
+        .await
+        .map_err(|(e, _)| e.to_string())?;
+    seen.set(seen.get() + n);
+    let mut b = b.ok_or("the write gave its buffer back")?;
+    b.as_mut_slice().fill(0);
+    let (n, b) = rt
+        .submit_local(OpKind::Read, k * 8192, 8192, Some(b))
+        .await
+        .map_err(|(e, _)| e.to_string())?;
+    seen.set(seen.get() + n);
+    if b.as_ref().map(|b| b.as_slice()) != Some(&data[..]) {
+        return Err(format!("task {k}: the data read back differs"));
+    }
+    Ok(seen.get())
+}
+
+#[test]
+fn local_tasks_read_back_what_they_wrote() {
+    let rt = runtime(Latency::None, 32, sleepy());
+    let handles: Vec<_> = (0..16)
+        .map(|k| {
+            let rt2 = Arc::clone(&rt);
+            rt.spawn_local(move || write_then_read_local(rt2, k))
+        })
+        .collect();
+    for (k, h) in handles.into_iter().enumerate() {
+        let n = join(h, &rt, "local write then read")
+            .expect("the task finished")
+            .unwrap_or_else(|e| panic!("task {k}: {e}"));
+        assert_eq!(n, 16384);
+    }
+    // Off the poller, submit_local is an ordinary submission.
+    let b = rt.try_buffer(4096).unwrap();
+    let w = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut f = std::pin::pin!(rt.submit_local(OpKind::Read, 0, 4096, Some(b)));
+    let t0 = std::time::Instant::now();
+    let (n, b) = loop {
+        if let Poll::Ready(r) = f.as_mut().poll(&mut Context::from_waker(&w)) {
+            break r.map_err(|(e, _)| e).unwrap();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "no completion");
+        std::thread::park_timeout(Duration::from_millis(10));
+    };
+    assert_eq!(n, 4096);
+    assert_eq!(b.unwrap().as_slice(), &pattern(0, 8192)[..4096]);
+    rt.shutdown();
+    assert_eq!(rt.pools().in_use(), 0, "every buffer is back in its pool");
+}
+
+struct Unpark(std::thread::Thread);
+impl std::task::Wake for Unpark {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+#[test]
+fn local_futures_wait_for_slots_and_free_them_when_dropped_in_flight() {
+    // 64 slots, each command held 2 ms. First 200 local futures made and dropped at once
+    // (abandoned in flight, most waiting for a slot): the poller must free every slot they
+    // held, or the 400 tasks after them could never all get one.
+    let rt = runtime(Latency::Fixed(Duration::from_millis(2)), 4, sleepy());
+    let rt2 = Arc::clone(&rt);
+    let h = rt.spawn_local(move || async move {
+        let futs: Vec<_> = (0..200u64)
+            .map(|k| {
+                let b = rt2.try_buffer(4096);
+                rt2.submit_local(OpKind::Read, k * 4096, 4096, b)
+            })
+            .collect();
+        drop(futs);
+    });
+    join(h, &rt, "dropping in flight").unwrap();
+    let done = Arc::new(AtomicU64::new(0));
+    let handles: Vec<_> = (0..400u64)
+        .map(|k| {
+            let (rt2, done) = (Arc::clone(&rt), Arc::clone(&done));
+            rt.spawn_local(move || async move {
+                let (n, _) = rt2
+                    .submit_local(OpKind::Flush, 0, 0, None)
+                    .await
+                    .map_err(|(e, _)| format!("task {k}: {e}"))?;
+                done.fetch_add(1, Ordering::Relaxed);
+                Ok::<u64, String>(n)
+            })
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(join(h, &rt, "400 local tasks").expect("finished"), Ok(0));
+    }
+    assert_eq!(done.load(Ordering::Relaxed), 400);
+    rt.shutdown();
+    assert_eq!(rt.pools().in_use(), 0, "every buffer is back in its pool");
+}
+
+#[test]
+fn a_panic_while_making_a_local_task_ends_it_alone() {
+    let rt = runtime(Latency::None, 32, sleepy());
+    let h = rt.spawn_local(|| -> std::future::Ready<()> { panic!("boom while making") });
+    match join(h, &rt, "panicking constructor") {
+        Err(e @ JoinError::Panicked(_)) => assert_eq!(e.message(), Some("boom while making")),
+        Err(e) => panic!("expected a panic, got {e}"),
+        Ok(()) => panic!("expected a panic, the task finished"),
+    }
+    let rt2 = Arc::clone(&rt);
+    let h = rt.spawn_local(move || write_then_read_local(rt2, 2));
+    join(h, &rt, "after the panic").unwrap().unwrap();
+    rt.shutdown();
+    // A local task spawned after shutdown is never made: cancelled.
+    assert!(matches!(
+        join(rt.spawn_local(|| async { 1 }), &rt, "after shutdown"),
+        Err(JoinError::Cancelled)
+    ));
+}

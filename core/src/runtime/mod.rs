@@ -265,6 +265,9 @@ struct Slot {
     /// across reuses of the slot (the next registration of the same task clones nothing).
     /// A stale one only causes a spurious wake.
     local_waker: std::cell::UnsafeCell<Option<std::task::Waker>>,
+    /// The slot serves a [`LocalIo`]: every access to it is on the poller's thread, so its
+    /// state moves with plain stores (no compare-and-swap against a drop elsewhere).
+    local_only: AtomicBool,
 }
 
 /// A slot's result, field by field: written with plain scalar stores and read back the same
@@ -382,12 +385,14 @@ impl CoreShared {
 
     /// A free slot, made pending for a new request: its epoch. The caller took the slot
     /// from a free list, so it alone writes the epoch now: a load and a store, no RMW.
+    /// `local_only`: for a [`LocalIo`], which never leaves the poller's thread.
     #[inline]
-    fn arm(&self, slot: u32) -> u32 {
+    fn arm(&self, slot: u32, local_only: bool) -> u32 {
         let s = &self.slots[slot as usize];
         let epoch = s.epoch.load(Ordering::Relaxed).wrapping_add(1);
         s.epoch.store(epoch, Ordering::Release);
         s.remote.store(false, Ordering::Relaxed);
+        s.local_only.store(local_only, Ordering::Relaxed);
         s.state.store(PENDING, Ordering::Release);
         epoch
     }
@@ -411,6 +416,71 @@ impl CoreShared {
         } else {
             let _ = self.free.push(slot);
         }
+    }
+
+    /// Send an armed slot's operation: on the poller's own thread while it runs its tasks,
+    /// straight to its queue (below the depth cap); else handed to the poller.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn issue(
+        &self,
+        local: bool,
+        slot: u32,
+        op: OpKind,
+        offset: u64,
+        len: u64,
+        buf: Option<PoolBuf>,
+        file: Option<Arc<std::os::fd::OwnedFd>>,
+        cached: bool,
+    ) {
+        if local && file.is_none() {
+            let d = TASK_DIRECT.with(|c| c.get());
+            if !d.is_null() {
+                // SAFETY: non-null only while this thread's poller runs its tasks (this is one
+                // of them: `local`), and the objects it points to live on that poller's stack
+                // for that whole call, untouched by the poller meanwhile. Each reference made
+                // here ends before anything that could submit again runs (`complete` below
+                // may wake a waker; the queue reference is not used after it).
+                let d = unsafe { &*d };
+                // SAFETY: as above.
+                let q = unsafe { &mut *d.q };
+                if q.in_flight() < d.limit {
+                    // SAFETY: as above.
+                    let (generation, known) = unsafe { &mut *d.regions };
+                    // SAFETY: as above.
+                    unsafe { (*d.poller).sync_regions(q, generation, known) };
+                    if !d.stamp.is_null() {
+                        // SAFETY: as above.
+                        unsafe { (*d.stamp).push(slot) };
+                    }
+                    let mut buf = buf;
+                    let (addr, dlen) = data_of(&mut buf, op, len);
+                    // SAFETY: the buffer is kept in the poller's in-flight table until the
+                    // completion of this slot is reaped; it lies in a pool region the queue
+                    // maps (`sync_regions` above added any new one).
+                    match unsafe { q.submit_raw(op, offset, addr, dlen, slot as u64) } {
+                        // SAFETY: the table has an entry per slot; as above for the pointer.
+                        Ok(()) => unsafe { (*d.inflight.add(slot as usize)).hold(buf, None, None) },
+                        Err(e) => complete(self, slot, Err(e), buf),
+                    }
+                    return;
+                }
+            }
+        }
+        // Built once, where it is handed over (moving it again was a store-forwarding stall).
+        self.hand(
+            local,
+            Request {
+                op,
+                offset,
+                len,
+                buf,
+                slot,
+                file,
+                cached,
+                tag: None,
+            },
+        );
     }
 
     /// Hand a request to the core's poller: from its own thread into the list it drains
@@ -527,6 +597,7 @@ impl Runtime {
                         result: std::cell::UnsafeCell::new(SlotResult::default()),
                         waker: atomic_waker::AtomicWaker::new(),
                         remote: AtomicBool::new(false),
+                        local_only: AtomicBool::new(false),
                         local_waker: std::cell::UnsafeCell::new(None),
                     })
                     .collect(),
@@ -728,6 +799,25 @@ impl Runtime {
         self.spawn_at(i, fut)
     }
 
+    /// [`spawn`](Self::spawn) for a future that need not be `Send`: `make` runs on the
+    /// poller's thread and builds it there, where it stays. Such a task can hold
+    /// [`LocalIo`]s ([`submit_local`](Self::submit_local)), `Rc`s and `RefCell`s across its
+    /// awaits. A panic in `make` ends the task as one in the future does.
+    pub fn spawn_local<F, Fut>(&self, make: F) -> JoinHandle<Fut::Output>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future + 'static,
+        Fut::Output: Send + 'static,
+    {
+        if self.stop.load(Ordering::Acquire) {
+            return task::cancelled();
+        }
+        let (t, handle) = task::local_task(make);
+        let cs = &self.cores[self.pick()];
+        let _ = cs.tasks.spawn(cs, t);
+        handle
+    }
+
     /// [`spawn`](Self::spawn) on the poller of `cores()[index]`.
     pub fn spawn_on<F>(&self, index: usize, fut: F) -> Result<JoinHandle<F::Output>>
     where
@@ -767,6 +857,62 @@ impl Runtime {
     pub fn submit(&self, op: OpKind, offset: u64, len: u64, buf: Option<PoolBuf>) -> IoFuture {
         self.submit_inner(op, offset, len, buf, false, None)
             .unwrap_or_else(|_| unreachable!("a required submission always waits for a slot"))
+    }
+
+    /// [`submit`](Self::submit) for a task on a poller ([`spawn_local`](Self::spawn_local),
+    /// or [`spawn`](Self::spawn)): the future borrows the runtime instead of counting a
+    /// reference, and never leaves the poller's thread (it is not `Send`), so its completion
+    /// takes no atomic read-modify-write either. Called anywhere else, or with a buffer of
+    /// another core's pool, it works as `submit` does (the future then wraps an [`IoFuture`]).
+    #[inline]
+    pub fn submit_local(
+        &self,
+        op: OpKind,
+        offset: u64,
+        len: u64,
+        buf: Option<PoolBuf>,
+    ) -> LocalIo<'_> {
+        let here = ON_POLLER.with(|c| c.get());
+        let cs = match &buf {
+            Some(b) => self.cores.iter().find(|c| c.core == b.home_core()),
+            None => self
+                .cores
+                .iter()
+                .find(|c| std::ptr::eq(Arc::as_ptr(c), here)),
+        };
+        let Some(cs) = cs.filter(|c| std::ptr::eq(Arc::as_ptr(c), here)) else {
+            return LocalIo::shared(&self.cores[0], self.submit(op, offset, len, buf));
+        };
+        if self.stop.load(Ordering::Acquire) {
+            return LocalIo::shared(cs, IoFuture::failed(Arc::clone(cs), shut_down(), buf));
+        }
+        let Some(slot) = cs.take_local() else {
+            // Only this thread frees slots: the future takes one when a poll finds one.
+            let req = Request {
+                op,
+                offset,
+                len,
+                buf,
+                slot: u32::MAX,
+                file: None,
+                cached: false,
+                tag: None,
+            };
+            return LocalIo {
+                cs,
+                slot: u32::MAX,
+                cold: Some(Box::new(LocalCold::Deferred(req))),
+                _not_send: std::marker::PhantomData,
+            };
+        };
+        cs.arm(slot, true);
+        cs.issue(true, slot, op, offset, len, buf, None, false);
+        LocalIo {
+            cs,
+            slot,
+            cold: None,
+            _not_send: std::marker::PhantomData,
+        }
     }
 
     /// [`submit`](Self::submit) on a file of the host's instead of the runtime's target (a
@@ -954,60 +1100,8 @@ impl Runtime {
                 None => return Ok(IoFuture::failed(cs, shut_down(), buf)),
             }
         };
-        let epoch = cs.arm(slot);
-        if local && file.is_none() {
-            let d = TASK_DIRECT.with(|c| c.get());
-            if !d.is_null() {
-                // SAFETY: non-null only while this thread's poller runs its tasks (this is one
-                // of them: `local`), and the objects it points to live on that poller's stack
-                // for that whole call, untouched by the poller meanwhile. Each reference made
-                // here ends before anything that could submit again runs (`complete` below
-                // may wake a waker; the queue reference is not used after it).
-                let d = unsafe { &*d };
-                // SAFETY: as above.
-                let q = unsafe { &mut *d.q };
-                if q.in_flight() < d.limit {
-                    // SAFETY: as above.
-                    let (generation, known) = unsafe { &mut *d.regions };
-                    // SAFETY: as above.
-                    unsafe { (*d.poller).sync_regions(q, generation, known) };
-                    if !d.stamp.is_null() {
-                        // SAFETY: as above.
-                        unsafe { (*d.stamp).push(slot) };
-                    }
-                    let mut buf = buf;
-                    let (addr, dlen) = data_of(&mut buf, op, len);
-                    // SAFETY: the buffer is kept in the poller's in-flight table until the
-                    // completion of this slot is reaped; it lies in a pool region the queue
-                    // maps (`sync_regions` above added any new one).
-                    match unsafe { q.submit_raw(op, offset, addr, dlen, slot as u64) } {
-                        // SAFETY: the table has an entry per slot; as above for the pointer.
-                        Ok(()) => unsafe { (*d.inflight.add(slot as usize)).hold(buf, None, None) },
-                        Err(e) => complete(&cs, slot, Err(e), buf),
-                    }
-                    return Ok(IoFuture {
-                        cs,
-                        slot,
-                        epoch,
-                        cold: None,
-                    });
-                }
-            }
-        }
-        // Built once, where it is handed over (moving it again was a store-forwarding stall).
-        cs.hand(
-            local,
-            Request {
-                op,
-                offset,
-                len,
-                buf,
-                slot,
-                file,
-                cached,
-                tag: None,
-            },
-        );
+        let epoch = cs.arm(slot, false);
+        cs.issue(local, slot, op, offset, len, buf, file, cached);
         Ok(IoFuture {
             cs,
             slot,
@@ -1172,10 +1266,131 @@ impl IoFuture {
         let Some(Cold::Deferred(req)) = self.cold.take().map(|c| *c) else {
             unreachable!("a deferred future holds its request");
         };
-        self.epoch = self.cs.arm(slot);
+        self.epoch = self.cs.arm(slot, false);
         self.slot = slot;
         self.cs.hand(local, Request { slot, ..req });
         Ok(true)
+    }
+}
+
+/// The future of [`Runtime::submit_local`]: an operation submitted by a task on its own
+/// poller. Not `Send`: it is polled and dropped on the thread that made it.
+pub struct LocalIo<'a> {
+    cs: &'a CoreShared,
+    /// `u32::MAX`: not (yet) holding a slot; see `cold`.
+    slot: u32,
+    cold: Option<Box<LocalCold>>,
+    _not_send: std::marker::PhantomData<*const ()>,
+}
+
+enum LocalCold {
+    /// Made where no free slot was: submitted when a poll finds one.
+    Deferred(Request),
+    /// Not on this core's poller: an ordinary future.
+    Shared(IoFuture),
+}
+
+impl<'a> LocalIo<'a> {
+    /// `cs`: any core of the runtime (unused while `cold` holds the future).
+    #[cold]
+    fn shared(cs: &'a CoreShared, f: IoFuture) -> LocalIo<'a> {
+        LocalIo {
+            cs,
+            slot: u32::MAX,
+            cold: Some(Box::new(LocalCold::Shared(f))),
+            _not_send: std::marker::PhantomData,
+        }
+    }
+
+    /// Whether the operation has finished (awaiting it will not wait).
+    pub fn is_done(&self) -> bool {
+        match self.cold.as_deref() {
+            Some(LocalCold::Shared(f)) => f.is_done(),
+            Some(LocalCold::Deferred(_)) => false,
+            None => {
+                self.slot != u32::MAX
+                    && self.cs.slots[self.slot as usize]
+                        .state
+                        .load(Ordering::Relaxed)
+                        == DONE
+            }
+        }
+    }
+
+    /// A deferred submission: sent now if a slot is free, else the waker is kept for when
+    /// one is. False: still waiting.
+    #[cold]
+    fn start_deferred(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(slot) = self.cs.take_local() else {
+            self.cs.tasks.wait_for_slot(self.cs, cx.waker());
+            return false;
+        };
+        let Some(LocalCold::Deferred(req)) = self.cold.take().map(|c| *c) else {
+            unreachable!("a deferred future holds its request");
+        };
+        self.cs.arm(slot, true);
+        self.slot = slot;
+        self.cs.issue(
+            true, slot, req.op, req.offset, req.len, req.buf, None, false,
+        );
+        true
+    }
+}
+
+impl Future for LocalIo<'_> {
+    type Output = IoOutput;
+
+    #[inline]
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<IoOutput> {
+        if let Some(c) = self.cold.as_deref_mut() {
+            match c {
+                LocalCold::Shared(f) => return Pin::new(f).poll(cx),
+                LocalCold::Deferred(_) => {
+                    if !self.start_deferred(cx) {
+                        return Poll::Pending;
+                    }
+                }
+            }
+        }
+        let cs = self.cs;
+        let s = &cs.slots[self.slot as usize];
+        if s.state.load(Ordering::Relaxed) != DONE {
+            // SAFETY: this future is on the poller's thread (it is not `Send` and was made
+            // there), the only thread that touches `local_waker`; no reference into the cell
+            // outlives this block.
+            let lw = unsafe { &mut *s.local_waker.get() };
+            match lw {
+                Some(w) if w.will_wake(cx.waker()) => {}
+                _ => *lw = Some(cx.waker().clone()),
+            }
+            return Poll::Pending;
+        }
+        // SAFETY: DONE, on the poller's thread: the poller wrote the result and will not touch
+        // the slot again until it is freed below.
+        let out = unsafe { (*s.result.get()).take() };
+        s.state.store(FREE, Ordering::Relaxed);
+        cs.free_local(self.slot);
+        self.slot = u32::MAX;
+        Poll::Ready(out)
+    }
+}
+
+impl Drop for LocalIo<'_> {
+    fn drop(&mut self) {
+        if self.slot == u32::MAX {
+            return;
+        }
+        let s = &self.cs.slots[self.slot as usize];
+        if s.state.load(Ordering::Relaxed) == PENDING {
+            // In flight: the poller frees the slot (and drops the buffer) when it completes.
+            s.state.store(ABANDONED, Ordering::Relaxed);
+            return;
+        }
+        // Done but never polled.
+        // SAFETY: DONE, on the poller's thread: as in `poll`.
+        unsafe { (*s.result.get()).clear() };
+        s.state.store(FREE, Ordering::Relaxed);
+        self.cs.free_local(self.slot);
     }
 }
 
@@ -1895,6 +2110,22 @@ fn release_from_poller_queue(ev: &crate::pool::RegionEvent) -> std::result::Resu
 #[inline(always)]
 fn complete(cs: &CoreShared, slot: u32, res: Result<u64>, buf: Option<PoolBuf>) {
     let s = &cs.slots[slot as usize];
+    if s.local_only.load(Ordering::Relaxed) {
+        // A `LocalIo`: it and this poller share the thread, nothing races.
+        if s.state.load(Ordering::Relaxed) == PENDING {
+            // SAFETY: PENDING: the future has not taken a result; only this thread accesses
+            // the slot.
+            unsafe { (*s.result.get()).set(res, buf) };
+            s.state.store(DONE, Ordering::Release);
+            wake_local(s);
+        } else {
+            // Abandoned (the future was dropped in flight): the slot is free again.
+            drop((res, buf));
+            s.state.store(FREE, Ordering::Release);
+            cs.free_local(slot);
+        }
+        return;
+    }
     // SAFETY: the slot is PENDING or ABANDONED: only this poller accesses the result until the
     // state becomes DONE (released by the CAS below).
     unsafe { (*s.result.get()).set(res, buf) };
@@ -1903,18 +2134,7 @@ fn complete(cs: &CoreShared, slot: u32, res: Result<u64>, buf: Option<PoolBuf>) 
         .compare_exchange(PENDING, DONE, Ordering::SeqCst, Ordering::Acquire)
     {
         Ok(_) => {
-            // A task on this thread: woken by reference, its waker left in place. Taken out
-            // for the call, so a waker that polls the future inline (allowed, if odd) finds
-            // the cell free to register in.
-            // SAFETY: this is the poller's thread, the only one that touches `local_waker`.
-            if let Some(w) = unsafe { (*s.local_waker.get()).take() } {
-                w.wake_by_ref();
-                // SAFETY: as above.
-                let cell = unsafe { &mut *s.local_waker.get() };
-                if cell.is_none() {
-                    *cell = Some(w);
-                }
-            }
+            wake_local(s);
             // A future polled elsewhere (or moved elsewhere after a poll here).
             if s.remote.load(Ordering::SeqCst) {
                 s.waker.wake();
@@ -1926,6 +2146,23 @@ fn complete(cs: &CoreShared, slot: u32, res: Result<u64>, buf: Option<PoolBuf>) 
             unsafe { (*s.result.get()).clear() };
             s.state.store(FREE, Ordering::Release);
             let _ = cs.free.push(slot);
+        }
+    }
+}
+
+/// Wake the task on this poller that waits for `s`, if one does: by reference, its waker left
+/// in place (the task's next I/O on this slot registers without a clone). Taken out for the
+/// call, so a waker that polls the future inline (allowed, if odd) finds the cell free.
+#[inline(always)]
+fn wake_local(s: &Slot) {
+    // SAFETY: called by the poller (on its thread), the only thread that touches
+    // `local_waker`; no reference into the cell is held across the wake.
+    if let Some(w) = unsafe { (*s.local_waker.get()).take() } {
+        w.wake_by_ref();
+        // SAFETY: as above.
+        let cell = unsafe { &mut *s.local_waker.get() };
+        if cell.is_none() {
+            *cell = Some(w);
         }
     }
 }

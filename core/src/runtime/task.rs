@@ -228,11 +228,54 @@ impl<F: Future> Drop for TaskFut<F> {
     }
 }
 
+/// A task as the poller holds it (a `Send` one, or one made on the poller's thread).
+pub(super) type LocalTask = Pin<Box<dyn Future<Output = ()> + 'static>>;
+
 /// A task as the spawner hands it to the poller.
-pub(super) type BoxedTask = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+pub(super) enum Spawn {
+    /// A `Send` future, made by the spawner.
+    Task(Pin<Box<dyn Future<Output = ()> + Send + 'static>>),
+    /// A constructor run on the poller's thread; its future need not be `Send`. `None` when
+    /// the constructor panicked (its handle has the panic).
+    Local(Box<dyn FnOnce() -> Option<LocalTask> + Send + 'static>),
+}
+
+/// Cancels a handle whose task is dropped before it was made (a `Spawn::Local` never run).
+struct CellGuard<T>(Option<Arc<JoinCell<T>>>);
+
+impl<T> Drop for CellGuard<T> {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.take() {
+            c.set(Err(JoinError::Cancelled));
+        }
+    }
+}
+
+/// Wrap the constructor `f` for a poller; the handle gets its future's output.
+pub(super) fn local_task<F, Fut>(f: F) -> (Spawn, JoinHandle<Fut::Output>)
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future + 'static,
+    Fut::Output: Send + 'static,
+{
+    let cell = JoinCell::new();
+    let guard = CellGuard(Some(Arc::clone(&cell)));
+    let make = move || -> Option<LocalTask> {
+        let mut guard = guard;
+        let cell = guard.0.take()?;
+        match std::panic::catch_unwind(AssertUnwindSafe(f)) {
+            Ok(fut) => Some(Box::pin(TaskFut { fut, cell })),
+            Err(p) => {
+                cell.set(Err(JoinError::Panicked(p)));
+                None
+            }
+        }
+    };
+    (Spawn::Local(Box::new(make)), JoinHandle { cell })
+}
 
 /// Wrap `fut` for a poller; the handle gets its output.
-pub(super) fn task<F>(fut: F) -> (BoxedTask, JoinHandle<F::Output>)
+pub(super) fn task<F>(fut: F) -> (Spawn, JoinHandle<F::Output>)
 where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
@@ -242,7 +285,7 @@ where
         fut,
         cell: Arc::clone(&cell),
     };
-    (Box::pin(t), JoinHandle { cell })
+    (Spawn::Task(Box::pin(t)), JoinHandle { cell })
 }
 
 /// A handle whose task never ran (the runtime was shut down).
@@ -292,7 +335,7 @@ impl Wake for Header {
 /// What a core's pollers and the other threads share about its tasks.
 pub(super) struct CoreTasks {
     /// Tasks spawned on this core, not yet taken by the poller.
-    spawned: crossbeam_queue::SegQueue<BoxedTask>,
+    spawned: crossbeam_queue::SegQueue<Spawn>,
     /// Wakes from other threads.
     remote: crossbeam_queue::SegQueue<u64>,
     /// The poller has exited: a task spawned now is dropped (cancelled) by its spawner.
@@ -311,7 +354,7 @@ pub(super) struct CoreTasks {
 
 // SAFETY: the `UnsafeCell`s are accessed only from the core's poller thread (each access
 // checks `CoreShared::on_poller` first, or runs in the poller's own loop); everything else is
-// Sync. The tasks in `spawned` are Send.
+// Sync. What `spawned` holds is Send (a Send future, or a Send constructor).
 unsafe impl Sync for CoreTasks {}
 
 impl CoreTasks {
@@ -336,7 +379,7 @@ impl CoreTasks {
     }
 
     /// Hand `task` to the poller. False (the task dropped: cancelled) once the poller exited.
-    pub(super) fn spawn(&self, cs: &CoreShared, task: BoxedTask) -> bool {
+    pub(super) fn spawn(&self, cs: &CoreShared, task: Spawn) -> bool {
         if self.closed.load(Ordering::SeqCst) {
             return false;
         }
@@ -383,7 +426,7 @@ pub(super) struct Tasks {
 
 struct Entry {
     generation: u32,
-    task: Option<(BoxedTask, Arc<Header>, Waker)>,
+    task: Option<(LocalTask, Arc<Header>, Waker)>,
 }
 
 impl Tasks {
@@ -409,7 +452,14 @@ impl Tasks {
                 w.wake();
             }
         }
-        while let Some(t) = ct.spawned.pop() {
+        while let Some(sp) = ct.spawned.pop() {
+            let t = match sp {
+                Spawn::Task(t) => t,
+                Spawn::Local(make) => match make() {
+                    Some(t) => t,
+                    None => continue,
+                },
+            };
             let id = self.insert(cs, t);
             // SAFETY: as for `waiters`: only this thread touches the run list.
             unsafe { (*ct.runq.get()).push(id) };
@@ -452,7 +502,7 @@ impl Tasks {
         true
     }
 
-    fn insert(&mut self, cs: &Arc<CoreShared>, task: BoxedTask) -> u64 {
+    fn insert(&mut self, cs: &Arc<CoreShared>, task: LocalTask) -> u64 {
         let index = match self.free.pop() {
             Some(i) => i,
             None => {
