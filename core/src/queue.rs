@@ -603,11 +603,15 @@ impl Queue {
                 }
             }
             // What was reaped has been handed over either way; then the errors.
-            res?;
+            let timed_out = res?;
             if let Some(e) = bad {
                 return Err(e);
             }
-            if handed >= min || self.in_flight() == 0 || left.is_some_and(|l| l.is_zero()) {
+            if handed >= min
+                || self.in_flight() == 0
+                || timed_out
+                || left.is_some_and(|l| l.is_zero())
+            {
                 return Ok(handed);
             }
             // Short of `min` with time left (a backend may return early, e.g. on a signal):
@@ -725,10 +729,10 @@ impl Queue {
         loop {
             let got = out.len() - before;
             let want = min.saturating_sub(got).min(self.in_flight() as usize) as u32;
-            self.reap_once(want, left, out, before)?;
+            let timed_out = self.reap_once(want, left, out, before)?;
             let got = out.len() - before;
             let satisfied = got >= min || self.in_flight() == 0;
-            if timeout.is_none() || satisfied || left.is_some_and(|l| l.is_zero()) {
+            if timeout.is_none() || satisfied || timed_out || left.is_some_and(|l| l.is_zero()) {
                 return Ok(got);
             }
             // Short of `min` with time left (a backend may return early, e.g. on a signal):
@@ -740,14 +744,15 @@ impl Queue {
     }
 
     /// One call to the backend; completions appended to `out` (on error, everything appended
-    /// since `before` goes to `ready` instead: nothing reaped is lost).
+    /// since `before` goes to `ready` instead: nothing reaped is lost). True when the
+    /// backend's wait ended at `timeout`.
     fn reap_once(
         &mut self,
         want: u32,
         timeout: Option<Duration>,
         out: &mut Vec<Completion>,
         before: usize,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         self.reaped.clear();
         let res = self.backend.reap(want, timeout, &mut self.reaped);
         let mut bad = None;
@@ -757,11 +762,13 @@ impl Queue {
                 bad = Some(e);
             }
         }
-        if let Some(e) = res.err().or(bad) {
-            self.ready.extend(out.drain(before..));
-            return Err(e);
+        match (res, bad) {
+            (Ok(timed_out), None) => Ok(timed_out),
+            (Err(e), _) | (Ok(_), Some(e)) => {
+                self.ready.extend(out.drain(before..));
+                Err(e)
+            }
         }
-        Ok(())
     }
 
     /// Let `fd` (an eventfd) wake [`Queue::wait_or_wake`] from another thread. Returns

@@ -331,3 +331,47 @@ fn uring_eager_submission_passes_the_suite() {
     write_read_verify(&e);
     errors_and_buffer_return(&e);
 }
+
+/// `Queue::wait` with nothing completing returns after its timeout, not twice it: the first
+/// call to the backend waits the whole timeout, and the queue must not wait it again (it did,
+/// counting a second deadline from when the first wait ended). A read of a pipe nobody writes
+/// stays in flight on io_uring (psync's `pread` refuses a pipe at once: nothing to wait for).
+#[test]
+fn wait_with_nothing_completing_returns_after_one_timeout() {
+    {
+        let backend = BackendChoice::Uring;
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = EngineConfig {
+            backend,
+            hugepages: false,
+            ..EngineConfig::default()
+        };
+        let e = Engine::open_dir(&cfg, dir.path()).unwrap();
+        let mut q = e.queue(Some(4)).unwrap();
+        let (r, mut w) = std::io::pipe().unwrap();
+        let mut buf = vec![0u8; 4096];
+        // SAFETY: `buf` and `r` outlive the read: it is reaped below before either is dropped.
+        unsafe {
+            use std::os::fd::AsFd;
+            q.submit_fd(OpKind::Read, r.as_fd(), 0, buf.as_mut_ptr(), 4096, 7, true)
+                .unwrap();
+        }
+        let mut out = Vec::new();
+        let t0 = std::time::Instant::now();
+        let n = q.wait(1, Duration::from_secs(1), &mut out).unwrap();
+        let waited = t0.elapsed();
+        assert_eq!(n, 0, "{backend:?}: nothing can complete");
+        // At least the timeout; and not a second one (2 s): the margin is for a host that
+        // is slow to wake the waiter, not a measure of rio's speed.
+        assert!(
+            waited >= Duration::from_millis(990) && waited < Duration::from_millis(1800),
+            "{backend:?}: waited {waited:?} for a 1 s timeout"
+        );
+        // The read ends: written, completed, reaped.
+        std::io::Write::write_all(&mut w, &[5u8; 4096]).unwrap();
+        let n = q.wait(1, Duration::from_secs(10), &mut out).unwrap();
+        assert_eq!(n, 1, "{backend:?}");
+        assert_eq!(out[0].token, 7);
+        assert_eq!(buf[..8], [5u8; 8]);
+    }
+}

@@ -99,14 +99,16 @@ impl BackendQueue {
 
     /// Submit what is pending and collect completions into `out`. With `want > 0`, block until
     /// at least that many arrived or `timeout` passed (`None`: no deadline is the caller's
-    /// responsibility; the queue always passes one when blocking).
+    /// responsibility; the queue always passes one when blocking). True when a wait with a
+    /// timeout ended short of `want`: the timeout passed (or, on io_uring, a signal came), so
+    /// the caller must not wait again.
     #[inline]
     pub fn reap(
         &mut self,
         want: u32,
         timeout: Option<Duration>,
         out: &mut Vec<Reaped>,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         match self {
             BackendQueue::Uring(q) => q.reap(want, timeout, out),
             BackendQueue::Psync(q) => q.reap(want, timeout, out),
@@ -188,11 +190,11 @@ pub(crate) fn spin_reap(
     timeout: Option<Duration>,
     out: &mut Vec<Reaped>,
     mut poll: impl FnMut(&mut Vec<Reaped>) -> Result<bool>,
-) -> Result<()> {
+) -> Result<bool> {
     let start = out.len();
     let Some(timeout) = timeout else {
         poll(out)?;
-        return Ok(());
+        return Ok(false);
     };
     // The deadline is set at the first clock read, after 64 polls: a wait that is over sooner
     // (the common case at low depth) reads no clock at all.
@@ -202,13 +204,13 @@ pub(crate) fn spin_reap(
         let idle = poll(out)?;
         let got = (out.len() - start) as u32;
         if got >= want || idle {
-            return Ok(());
+            return Ok(false);
         }
         spins = spins.wrapping_add(1);
         if spins.is_multiple_of(64) {
             let now = std::time::Instant::now();
             if now >= *deadline.get_or_insert(now + timeout) {
-                return Ok(());
+                return Ok(true);
             }
             if spins > 20_000 {
                 std::thread::yield_now();

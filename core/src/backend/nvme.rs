@@ -225,7 +225,14 @@ impl NvmeQueue {
                 }
             }
         }
-        let timeout_ms = opts.command_timeout.map(|t| t.as_millis().max(1) as u64);
+        // The stamps can be old by up to SCAN_MS (a command carries the last poll's clock,
+        // and `poll_once` moves it only after a longer gap) and the coarse clock can be a tick
+        // behind at either end: the limit is checked with that much added, so a command never
+        // times out before it was at the device for the whole limit (it may be reported late
+        // by up to twice SCAN_MS and a tick, the scan interval included).
+        let timeout_ms = opts
+            .command_timeout
+            .map(|t| t.as_millis().max(1) as u64 + SCAN_MS + coarse_tick_ms());
         let sim = ctrl.sim().is_some();
         let sim_inline = ctrl.sim().is_some_and(|s| s.is_inline());
         let sgl_ok = ctrl.uses_sgl();
@@ -308,7 +315,8 @@ impl NvmeQueue {
         // Commands are stamped with the last poll's clock (`now_ms`), not a clock read per
         // command (3% of the inline model's time): the device sees them only at a later
         // poll's doorbell, and `poll_once` moves the stamps of commands queued across a
-        // stall of the owner forward, so they never time out early.
+        // stall of the owner forward. A stamp is then old by at most SCAN_MS, which the
+        // timeout check allows for (see `timeout_ms` in `new`): never early.
         if self.ctrl.generation() != self.generation || self.on_device != OnDevice::Yes {
             // Another queue reset the controller: fail what this queue had outstanding (handed
             // over at the next poll) and create the queue pair again before taking more.
@@ -573,7 +581,7 @@ impl NvmeQueue {
         want: u32,
         timeout: Option<Duration>,
         out: &mut Vec<Reaped>,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let start = out.len();
         out.append(&mut self.stash);
         // The stash counts toward `want`: the helper counts from the length at its entry.
@@ -597,7 +605,8 @@ impl NvmeQueue {
         if now.saturating_sub(before) > SCAN_MS {
             // The owner did not poll for a while: what it queued meanwhile carries the last
             // poll's clock (`push`), though it may have been queued just now. Counted from
-            // now (a timeout can come late by the stall, never early).
+            // now (a timeout can come late by the stall; within SCAN_MS the check's margin
+            // covers the stamp's age).
             for t in self.trackers.iter_mut() {
                 if t.active && t.submitted_ms >= before {
                     t.submitted_ms = now;
@@ -1191,6 +1200,24 @@ fn build_sgl(
 
 /// Milliseconds of CLOCK_MONOTONIC_COARSE: a few ns to read, plenty for command timeouts.
 #[inline]
+/// The coarse clock's resolution (its tick), rounded up to whole milliseconds.
+fn coarse_tick_ms() -> u64 {
+    static TICK: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *TICK.get_or_init(|| {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid out-pointer.
+        let r = unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+        if r != 0 {
+            // Linux's coarsest: HZ=100.
+            return 10;
+        }
+        (ts.tv_sec as u64 * 1000 + (ts.tv_nsec as u64).div_ceil(1_000_000)).max(1)
+    })
+}
+
 fn coarse_ms() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,

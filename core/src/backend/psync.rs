@@ -93,7 +93,7 @@ impl PsyncQueue {
         want: u32,
         timeout: Option<Duration>,
         out: &mut Vec<Reaped>,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let start = out.len();
         loop {
             match self.rx.try_recv() {
@@ -107,14 +107,14 @@ impl PsyncQueue {
             let r = match deadline {
                 Some(d) => match self.rx.recv_deadline(d) {
                     Ok(r) => r,
-                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => break,
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => return Ok(true),
                     Err(_) => return Err(workers_gone()),
                 },
                 None => self.rx.recv().map_err(|_| workers_gone())?,
             };
             out.push(r);
         }
-        Ok(())
+        Ok(false)
     }
 
     pub fn abandon(&mut self) {

@@ -1031,7 +1031,7 @@ impl SpdkQueue {
         want: u32,
         timeout: Option<Duration>,
         out: &mut Vec<Reaped>,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         super::spin_reap(want, timeout, out, |out| {
             self.poll_once(out);
             Ok(self.in_flight == 0)

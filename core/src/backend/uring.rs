@@ -462,8 +462,9 @@ impl UringQueue {
         want: u32,
         timeout: Option<Duration>,
         out: &mut Vec<Reaped>,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         out.append(&mut self.inline_done);
+        let start = out.len();
         let want = want.saturating_sub(out.len() as u32);
         let must_enter = {
             let sq = self.ring.submission();
@@ -494,7 +495,10 @@ impl UringQueue {
             }
             out.push(Reaped::ok(cqe.user_data() as u32, cqe.result()));
         }
-        Ok(())
+        // A wait with a timeout that ended short: the timeout passed (the kernel reports
+        // ETIME only when the call submitted nothing, so that is not a test) or a signal
+        // came; either way the caller should not wait again.
+        Ok(want > 0 && timeout.is_some() && ((out.len() - start) as u32) < want)
     }
 
     pub fn abandon(&mut self) {
