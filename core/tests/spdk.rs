@@ -3,8 +3,10 @@
 //! Built only with the feature, against an installed SPDK, and `#[ignore]`d: `scripts/vm-test
 //! --spdk DIR` builds this binary and runs it (`--ignored`) inside the VM with
 //! `RIO_TEST_SPDK_PCI` set to a controller bound to vfio-pci (namespace 1, 512-byte blocks),
-//! after rio's own driver has had its turn. Run with `--ignored` but without that variable, a
-//! test fails under CI=true and skips otherwise, saying what is missing.
+//! after rio's own driver has had its turn; `scripts/spdk-tcp DIR` runs it on the host with
+//! `RIO_TEST_SPDK_TARGET` set to an NVMe/TCP transport ID served by SPDK's own `nvmf_tgt`.
+//! Run with `--ignored` but without either variable, a test fails under CI=true and skips
+//! otherwise, saying what is missing.
 //!
 //! What they hold SPDK's completion path to: `Queue::wait_each` hands every completion over
 //! once, from inside SPDK's callback, and takes the handler's resubmissions; a panic in the
@@ -29,26 +31,33 @@ const RW: OpenOptions = OpenOptions {
 
 const BS: usize = 4096;
 
-fn pci() -> Option<String> {
+/// The target: `RIO_TEST_SPDK_TARGET` (any target SPDK serves, e.g. an NVMe/TCP transport
+/// ID with `ns:1`), else `pcie://$RIO_TEST_SPDK_PCI/ns=1`.
+fn target() -> Option<String> {
+    if let Ok(t) = std::env::var("RIO_TEST_SPDK_TARGET")
+        && !t.is_empty()
+    {
+        return Some(t);
+    }
     match std::env::var("RIO_TEST_SPDK_PCI") {
-        Ok(v) if !v.is_empty() => Some(v),
+        Ok(v) if !v.is_empty() => Some(format!("pcie://{v}/ns=1")),
         _ => {
             common::missing(
-                "RIO_TEST_SPDK_PCI=<PCI address of an NVMe controller bound to vfio-pci, with SPDK's environment usable> (scripts/vm-test --spdk sets it inside the VM)",
+                "RIO_TEST_SPDK_PCI=<PCI address of an NVMe controller bound to vfio-pci, with SPDK's environment usable> (scripts/vm-test --spdk sets it inside the VM), or RIO_TEST_SPDK_TARGET=<an SPDK transport ID with ns:N> (scripts/spdk-tcp sets it)",
             )?;
             None
         }
     }
 }
 
-fn open(addr: &str) -> Engine {
+fn open(target: &str) -> Engine {
     let config = EngineConfig {
         buffer_pool_bytes: 8 << 20,
         backend: BackendChoice::Spdk,
         ..EngineConfig::default()
     };
-    let e = Engine::open(&config, &format!("pcie://{addr}/ns=1"), RW)
-        .unwrap_or_else(|e| panic!("open pcie://{addr}/ns=1 with --backend spdk: {e}"));
+    let e = Engine::open(&config, target, RW)
+        .unwrap_or_else(|e| panic!("open {target} with --backend spdk: {e}"));
     assert_eq!(e.selection().backend, rio::BackendKind::Spdk);
     e
 }
@@ -58,7 +67,7 @@ fn open(addr: &str) -> Engine {
 #[test]
 #[ignore = "needs SPDK and an NVMe controller on vfio-pci: run inside the VM by scripts/vm-test --spdk"]
 fn spdk_wait_each_hands_every_completion_over_and_takes_resubmissions() {
-    let Some(a) = pci() else { return };
+    let Some(a) = target() else { return };
     let e = open(&a);
     let mut q = e.queue(Some(8)).unwrap();
     common::wait_each_round_trip(&mut q, 64);
@@ -70,7 +79,7 @@ fn spdk_wait_each_hands_every_completion_over_and_takes_resubmissions() {
 #[test]
 #[ignore = "needs SPDK and an NVMe controller on vfio-pci: run inside the VM by scripts/vm-test --spdk"]
 fn spdk_a_panicking_handler_propagates_and_loses_nothing() {
-    let Some(a) = pci() else { return };
+    let Some(a) = target() else { return };
     let e = open(&a);
     let mut q = e.queue(Some(8)).unwrap();
     common::wait_each_panic_loses_nothing(&mut q, 1);
@@ -81,7 +90,7 @@ fn spdk_a_panicking_handler_propagates_and_loses_nothing() {
 #[test]
 #[ignore = "needs SPDK and an NVMe controller on vfio-pci: run inside the VM by scripts/vm-test --spdk"]
 fn spdk_refuses_memory_it_does_not_know() {
-    let Some(a) = pci() else { return };
+    let Some(a) = target() else { return };
     let e = open(&a);
     let mut q = e.queue(Some(4)).unwrap();
     let layout = std::alloc::Layout::from_size_align(BS, BS).unwrap();

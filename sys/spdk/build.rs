@@ -16,6 +16,12 @@ use std::process::Command;
 /// The libraries rio needs, by pkg-config name (their `Requires` bring DPDK and the rest).
 const MODULES: &[&str] = &["spdk_nvme", "spdk_env_dpdk", "spdk_syslibs"];
 
+/// Linked when the installed SPDK has them: the socket implementations (POSIX, and uring where
+/// SPDK was built with it) that NVMe/TCP needs. They register themselves from constructors, so
+/// without them a `trtype:TCP` target fails to connect ("Cannot find any sock
+/// implementation") while PCIe works.
+const OPTIONAL_MODULES: &[&str] = &["spdk_sock_modules"];
+
 /// Everything rio calls; nothing else is let through the bindings.
 const FUNCTIONS: &[&str] = &[
     "spdk_env_opts_init",
@@ -97,6 +103,10 @@ fn fail(msg: &str) -> ! {
 
 /// `pkg-config <args> MODULES`, with `extra` prepended to the search path.
 fn pkg_config(args: &[&str], extra: Option<&Path>) -> Result<String, String> {
+    pkg_config_of(args, MODULES, extra)
+}
+
+fn pkg_config_of(args: &[&str], modules: &[&str], extra: Option<&Path>) -> Result<String, String> {
     let mut cmd = Command::new(env::var("PKG_CONFIG").unwrap_or_else(|_| "pkg-config".into()));
     if let Some(dir) = extra {
         let mut path = dir.as_os_str().to_owned();
@@ -108,7 +118,7 @@ fn pkg_config(args: &[&str], extra: Option<&Path>) -> Result<String, String> {
     }
     let out = cmd
         .args(args)
-        .args(MODULES)
+        .args(modules)
         .output()
         .map_err(|e| format!("cannot run pkg-config ({e}); install it (Debian: pkg-config)"))?;
     if !out.status.success() {
@@ -135,7 +145,7 @@ fn main() {
     }
     let cflags = pkg_config(&["--cflags"], pc_dir.as_deref());
     let libs = pkg_config(&["--libs"], pc_dir.as_deref());
-    let (cflags, libs) = match (cflags, libs) {
+    let (cflags, mut libs) = match (cflags, libs) {
         (Ok(c), Ok(l)) => (c, l),
         (Err(e), _) | (_, Err(e)) => fail(&format!(
             "the `spdk` feature needs an installed SPDK and none was found: set SPDK_DIR to its \
@@ -146,19 +156,38 @@ fn main() {
         )),
     };
 
+    for m in OPTIONAL_MODULES {
+        match pkg_config_of(&["--libs"], &[m], pc_dir.as_deref()) {
+            Ok(l) => {
+                libs.push(' ');
+                libs.push_str(&l);
+            }
+            Err(_) => println!(
+                "cargo:warning=the installed SPDK has no {m}: NVMe/TCP targets will not connect"
+            ),
+        }
+    }
     // Link: every -L is a search path (and, for the loader, the place the shared objects live),
     // every -l a shared library.
     let mut lib_dirs = Vec::new();
     let mut libs_named = Vec::new();
+    let mut args_seen = Vec::new();
     for tok in libs.split_whitespace() {
         if let Some(dir) = tok.strip_prefix("-L") {
-            println!("cargo:rustc-link-search=native={dir}");
-            lib_dirs.push(PathBuf::from(dir));
+            if !lib_dirs.iter().any(|d: &PathBuf| d.as_os_str() == dir) {
+                println!("cargo:rustc-link-search=native={dir}");
+                lib_dirs.push(PathBuf::from(dir));
+            }
         } else if let Some(lib) = tok.strip_prefix("-l") {
-            println!("cargo:rustc-link-lib=dylib={lib}");
-            libs_named.push(lib.to_string());
-        } else if tok.starts_with("-Wl,") || tok == "-pthread" {
+            if !libs_named.iter().any(|l| l == lib) {
+                println!("cargo:rustc-link-lib=dylib={lib}");
+                libs_named.push(lib.to_string());
+            }
+        } else if (tok.starts_with("-Wl,") || tok == "-pthread")
+            && !args_seen.iter().any(|a| a == tok)
+        {
             println!("cargo:rustc-link-arg={tok}");
+            args_seen.push(tok.to_string());
         }
     }
     if !lib_dirs.iter().any(|d| d.join("libspdk_nvme.so").exists()) {
@@ -177,7 +206,13 @@ fn main() {
     println!("cargo:libdir={}", rpath.join(":"));
 
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
-    write_keep(&out.join("keep.rs"), &libs_named, &lib_dirs);
+    // A library that exports no function (SPDK's socket modules, DPDK's mempool drivers: all
+    // they have is the constructor that registers them) cannot be kept by a reference, and a
+    // link argument of this library crate would not reach the programs linking it: the
+    // backend loads them itself (`PRELOAD`, dlopen) before SPDK starts.
+    let bare = write_keep(&out.join("keep.rs"), &libs_named, &lib_dirs);
+    let preload: Vec<String> = bare.iter().map(|p| p.display().to_string()).collect();
+    println!("cargo:rustc-env=RIO_SPDK_PRELOAD={}", preload.join(":"));
 
     let mut builder = bindgen::Builder::default()
         .header("wrapper.h")
@@ -229,8 +264,10 @@ fn main() {
 /// of ours calls, and the program would then fail at load time with an undefined symbol. So
 /// `keep.rs` references one exported function of each library pkg-config names, which makes
 /// the linker record it. Libraries that are linker scripts (libm.so) or cannot be found are
-/// skipped: glibc's are always linked.
-fn write_keep(path: &Path, libs: &[String], dirs: &[PathBuf]) {
+/// skipped: glibc's are always linked. Returns the libraries found that export no function
+/// (their real files, symbolic links resolved).
+fn write_keep(path: &Path, libs: &[String], dirs: &[PathBuf]) -> Vec<PathBuf> {
+    let mut bare = Vec::new();
     let system = [
         "/usr/lib/x86_64-linux-gnu",
         "/lib/x86_64-linux-gnu",
@@ -265,12 +302,13 @@ fn write_keep(path: &Path, libs: &[String], dirs: &[PathBuf]) {
         }
         let text = String::from_utf8_lossy(&out.stdout);
         // "name T value size": the first exported function.
-        if let Some(sym) = text.lines().find_map(|l| {
+        match text.lines().find_map(|l| {
             let mut f = l.split_whitespace();
             let (name, kind) = (f.next()?, f.next()?);
             (kind == "T").then(|| name.split('@').next().unwrap_or(name).to_string())
         }) {
-            syms.push(sym);
+            Some(sym) => syms.push(sym),
+            None => bare.push(std::fs::canonicalize(&so).unwrap_or(so)),
         }
     }
     let mut src = String::from(
@@ -288,4 +326,5 @@ fn write_keep(path: &Path, libs: &[String], dirs: &[PathBuf]) {
     src.push_str("];\n");
     std::fs::write(path, src)
         .unwrap_or_else(|e| fail(&format!("cannot write {}: {e}", path.display())));
+    bare
 }

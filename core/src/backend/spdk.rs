@@ -100,12 +100,55 @@ fn pci_addr(s: &str) -> Option<sys::spdk_pci_addr> {
     })
 }
 
+/// Load the libraries SPDK needs that a link cannot keep ([`sys::PRELOAD`]: they export
+/// nothing; their constructors register NVMe/TCP's socket implementations and DPDK's mempool
+/// drivers). Each is loaded from where the build found it, else by its file name (the
+/// loader's search path). One that cannot be loaded is logged, not fatal: PCIe needs none.
+fn preload() {
+    for path in sys::PRELOAD.split(':').filter(|p| !p.is_empty()) {
+        let name = std::path::Path::new(path)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or(path);
+        let mut loaded = false;
+        for candidate in [path, name] {
+            let Ok(c) = std::ffi::CString::new(candidate) else {
+                continue;
+            };
+            // SAFETY: `c` is a valid C string; the library is one SPDK's own programs link,
+            // whose constructors only register themselves. The handle is kept open for the
+            // life of the process (never dlclose'd: SPDK keeps pointers into it).
+            let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
+            if !h.is_null() {
+                loaded = true;
+                break;
+            }
+        }
+        if loaded {
+            tracing::debug!(library = path, "loaded for SPDK");
+        } else {
+            // SAFETY: dlerror returns a thread-local message (or null) valid until the next
+            // dl* call on this thread; it is copied at once.
+            let why = unsafe {
+                let e = libc::dlerror();
+                if e.is_null() {
+                    "unknown".to_string()
+                } else {
+                    std::ffi::CStr::from_ptr(e).to_string_lossy().into_owned()
+                }
+            };
+            tracing::warn!(library = path, error = %why, "cannot load a library SPDK may need (NVMe/TCP needs its socket modules)");
+        }
+    }
+}
+
 fn env_init(pci: Option<&str>) -> Result<()> {
     let env = ENV.get_or_init(|| {
         tracing::debug!(
             libraries = sys::linked_libraries(),
             "SPDK and the libraries it needs are linked"
         );
+        preload();
         // Hugepage memory DPDK reserves up front for SPDK's own structures (queue pairs,
         // request pools), MiB; by default SPDK's (dynamic: taken as needed). rio's buffers live
         // in its own pools either way.

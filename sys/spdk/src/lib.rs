@@ -23,6 +23,11 @@ pub fn linked_libraries() -> usize {
     std::hint::black_box(KEEP.len())
 }
 
+/// Libraries SPDK needs that export no function, only a constructor that registers them
+/// (NVMe/TCP's socket implementations, DPDK's mempool drivers), as absolute paths joined by
+/// `:`: a link keeps nothing of them, so the backend loads them before SPDK starts.
+pub const PRELOAD: &str = env!("RIO_SPDK_PRELOAD");
+
 /// The completion's status field (phase tag, SC, SCT, CRD, M, DNR) as one 16-bit word.
 ///
 /// # Safety
