@@ -206,12 +206,22 @@ fn main() {
     println!("cargo:libdir={}", rpath.join(":"));
 
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
-    // A library that exports no function (SPDK's socket modules, DPDK's mempool drivers: all
-    // they have is the constructor that registers them) cannot be kept by a reference, and a
+    // A library that exports no function (SPDK's socket modules: all they have is the
+    // constructor that registers them) cannot be kept by a reference, and a
     // link argument of this library crate would not reach the programs linking it: the
     // backend loads them itself (`PRELOAD`, dlopen) before SPDK starts.
+    // DPDK's own (its mempool drivers) are not listed: DPDK loads them from its plugin
+    // directory itself.
     let bare = write_keep(&out.join("keep.rs"), &libs_named, &lib_dirs);
-    let preload: Vec<String> = bare.iter().map(|p| p.display().to_string()).collect();
+    let preload: Vec<String> = bare
+        .iter()
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libspdk_"))
+        })
+        .map(|p| p.display().to_string())
+        .collect();
     println!("cargo:rustc-env=RIO_SPDK_PRELOAD={}", preload.join(":"));
 
     let mut builder = bindgen::Builder::default()

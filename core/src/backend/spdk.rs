@@ -101,8 +101,7 @@ fn pci_addr(s: &str) -> Option<sys::spdk_pci_addr> {
 }
 
 /// Load the libraries SPDK needs that a link cannot keep ([`sys::PRELOAD`]: they export
-/// nothing; their constructors register NVMe/TCP's socket implementations and DPDK's mempool
-/// drivers). Each is loaded from where the build found it, else by its file name (the
+/// nothing; their constructors register NVMe/TCP's socket implementations). Each is loaded from where the build found it, else by its file name (the
 /// loader's search path). One that cannot be loaded is logged, not fatal: PCIe needs none.
 fn preload() {
     for path in sys::PRELOAD.split(':').filter(|p| !p.is_empty()) {

@@ -23,8 +23,8 @@ pub fn linked_libraries() -> usize {
     std::hint::black_box(KEEP.len())
 }
 
-/// Libraries SPDK needs that export no function, only a constructor that registers them
-/// (NVMe/TCP's socket implementations, DPDK's mempool drivers), as absolute paths joined by
+/// SPDK's libraries that export no function, only a constructor that registers them
+/// (NVMe/TCP's socket implementations), as absolute paths joined by
 /// `:`: a link keeps nothing of them, so the backend loads them before SPDK starts.
 pub const PRELOAD: &str = env!("RIO_SPDK_PRELOAD");
 
