@@ -504,6 +504,7 @@ impl Queue {
 
     /// Like [`Queue::poll`], but block until at least `min` operations have finished or
     /// `timeout` passes (then fewer may be returned). `min` is capped at the number in flight.
+    /// A signal (Ctrl-C) can end the wait early on io_uring, also with fewer.
     pub fn wait(
         &mut self,
         min: usize,

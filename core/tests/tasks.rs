@@ -19,6 +19,15 @@ use rio::target::OpenOptions;
 use rio::{Engine, EngineConfig, OpKind};
 
 fn runtime(latency: Latency, depth: u32, idle: IdlePolicy) -> Arc<Runtime> {
+    runtime_with(latency, depth, idle, None)
+}
+
+fn runtime_with(
+    latency: Latency,
+    depth: u32,
+    idle: IdlePolicy,
+    on_complete: Option<rio::runtime::CompletionHandler>,
+) -> Arc<Runtime> {
     let cfg = EngineConfig {
         hugepages: false,
         ..EngineConfig::default()
@@ -53,6 +62,7 @@ fn runtime(latency: Latency, depth: u32, idle: IdlePolicy) -> Arc<Runtime> {
                 initial_per_class: 64,
                 ..PoolConfig::default()
             },
+            on_complete,
             ..RuntimeConfig::default()
         },
     )
@@ -396,4 +406,82 @@ fn a_panic_while_making_a_local_task_ends_it_alone() {
         join(rt.spawn_local(|| async { 1 }), &rt, "after shutdown"),
         Err(JoinError::Cancelled)
     ));
+}
+
+/// Pending once, waking itself: a task awaiting it in a loop is always runnable.
+struct YieldNow(bool);
+
+impl Future for YieldNow {
+    type Output = ();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0 {
+            return Poll::Ready(());
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+#[test]
+fn shutdown_ends_a_task_that_keeps_itself_runnable() {
+    let rt = runtime(Latency::None, 32, sleepy());
+    let h = rt.spawn(async {
+        loop {
+            YieldNow(false).await;
+        }
+    });
+    std::thread::sleep(Duration::from_millis(20));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let rt2 = Arc::clone(&rt);
+    std::thread::spawn(move || {
+        rt2.shutdown();
+        let _ = tx.send(());
+    });
+    if rx.recv_timeout(Duration::from_secs(20)).is_err() {
+        std::mem::forget(rt);
+        panic!("shutdown did not return in 20 s beside a task that keeps itself runnable");
+    }
+    assert!(matches!(
+        join(h, &rt, "yielding task"),
+        Err(JoinError::Cancelled)
+    ));
+}
+
+#[test]
+fn submit_tagged_on_the_poller_with_no_free_slot_is_refused_not_waited_for() {
+    let handled = Arc::new(AtomicU64::new(0));
+    let h2 = Arc::clone(&handled);
+    let handler: rio::runtime::CompletionHandler = Arc::new(
+        move |_d: rio::runtime::Done, _rs: &mut rio::runtime::Resubmit<'_>| {
+            h2.fetch_add(1, Ordering::Relaxed);
+        },
+    );
+    // 64 slots, each command held 20 ms: the task holds every slot with its own futures.
+    let rt = runtime_with(
+        Latency::Fixed(Duration::from_millis(20)),
+        4,
+        sleepy(),
+        Some(handler),
+    );
+    let rt2 = Arc::clone(&rt);
+    let h = rt.spawn_local(move || async move {
+        let held: Vec<_> = (0..64)
+            .map(|_| rt2.submit_local(OpKind::Flush, 0, 0, None))
+            .collect();
+        let r = rt2.submit_tagged(OpKind::Flush, 0, 0, None, 1);
+        for f in held {
+            f.await.map_err(|(e, _)| e.to_string())?;
+        }
+        match r {
+            Err((rio::Error::QueueFull { .. }, None)) => Ok(()),
+            Err((e, _)) => Err(format!("refused with {e}, not QueueFull")),
+            Ok(()) => Err("taken with every slot held".to_string()),
+        }
+    });
+    join(h, &rt, "submit_tagged on the poller")
+        .unwrap()
+        .unwrap();
+    rt.shutdown();
+    assert_eq!(handled.load(Ordering::Relaxed), 0);
 }

@@ -1198,8 +1198,6 @@ fn build_sgl(
     }
 }
 
-/// Milliseconds of CLOCK_MONOTONIC_COARSE: a few ns to read, plenty for command timeouts.
-#[inline]
 /// The coarse clock's resolution (its tick), rounded up to whole milliseconds.
 fn coarse_tick_ms() -> u64 {
     static TICK: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
@@ -1218,6 +1216,8 @@ fn coarse_tick_ms() -> u64 {
     })
 }
 
+/// Milliseconds of CLOCK_MONOTONIC_COARSE: a few ns to read, plenty for command timeouts.
+#[inline]
 fn coarse_ms() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,

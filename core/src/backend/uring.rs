@@ -497,8 +497,9 @@ impl UringQueue {
         }
         // A wait with a timeout that ended short: the timeout passed (the kernel reports
         // ETIME only when the call submitted nothing, so that is not a test) or a signal
-        // came; either way the caller should not wait again.
-        Ok(want > 0 && timeout.is_some() && ((out.len() - start) as u32) < want)
+        // came; either way the caller should not wait again. Not on an IOPOLL ring, whose
+        // wait ignores the timeout and may return early: the caller keeps its deadline.
+        Ok(!self.iopoll && want > 0 && timeout.is_some() && ((out.len() - start) as u32) < want)
     }
 
     pub fn abandon(&mut self) {

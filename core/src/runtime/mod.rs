@@ -859,8 +859,9 @@ impl Runtime {
             .unwrap_or_else(|_| unreachable!("a required submission always waits for a slot"))
     }
 
-    /// [`submit`](Self::submit) for a task on a poller ([`spawn_local`](Self::spawn_local),
-    /// or [`spawn`](Self::spawn)): the future borrows the runtime instead of counting a
+    /// [`submit`](Self::submit) for a task on a poller made by
+    /// [`spawn_local`](Self::spawn_local) (awaiting it makes a future `!Send`, so a
+    /// [`spawn`](Self::spawn) task cannot): the future borrows the runtime instead of counting a
     /// reference, and never leaves the poller's thread (it is not `Send`), so its completion
     /// takes no atomic read-modify-write either. Called anywhere else, or with a buffer of
     /// another core's pool, it works as `submit` does (the future then wraps an [`IoFuture`]).
@@ -987,8 +988,21 @@ impl Runtime {
         if self.stop.load(Ordering::Acquire) {
             return Err((shut_down(), buf));
         }
-        let Some(slot) = self.take_slot(&cs, false) else {
-            return Err((shut_down(), buf));
+        // On the poller's own thread (a task or a handler) waiting for a slot would never
+        // end: only that thread frees them.
+        let slot = if cs.on_poller() {
+            match cs.take_local() {
+                Some(s) => s,
+                None => {
+                    let depth = cs.slots.len() as u32;
+                    return Err((Error::QueueFull { depth }, buf));
+                }
+            }
+        } else {
+            match self.take_slot(&cs, false) {
+                Some(s) => s,
+                None => return Err((shut_down(), buf)),
+            }
         };
         cs.push_request(Request {
             op,
@@ -1010,7 +1024,8 @@ impl Runtime {
                 .iter()
                 .position(|c| c.core == b.home_core())
                 .unwrap_or(0),
-            None => self.next.fetch_add(1, Ordering::Relaxed) as usize % self.cores.len(),
+            // A task's stays on its own poller.
+            None => self.pick(),
         };
         Arc::clone(&self.cores[idx])
     }
@@ -1245,6 +1260,11 @@ impl IoFuture {
     fn start_deferred(&mut self, cx: &mut Context<'_>) -> std::result::Result<bool, Error> {
         let local = self.cs.on_poller();
         let slot = loop {
+            // Off the poller: once it exited, nothing would drain the inbox (and its slots
+            // are all back on the free list, so a pop would succeed).
+            if !local && self.cs.tasks.is_closed() {
+                return Err(shut_down());
+            }
             let free = if local {
                 self.cs.take_local()
             } else {
@@ -1256,9 +1276,6 @@ impl IoFuture {
             if local {
                 self.cs.tasks.wait_for_slot(&self.cs, cx.waker());
                 return Ok(false);
-            }
-            if self.cs.tasks.is_closed() {
-                return Err(shut_down());
             }
             self.cs.wake_poller();
             std::thread::yield_now();
@@ -1726,6 +1743,7 @@ impl Poller {
         });
         ON_POLLER.with(|c| c.set(Arc::as_ptr(&self.shared)));
         let mut tasks = task::Tasks::new();
+        let mut polls_after_stop = 0u32;
         loop {
             let limit = meter.as_ref().map_or(self.depth, |m| m.limit);
             // Woken tasks run first. While they run, what they submit goes straight to the
@@ -1896,20 +1914,26 @@ impl Poller {
             for slot in free_local.drain(..) {
                 let _ = cs.free.push(slot);
             }
-            if work {
-                empty = 0;
-                continue;
-            }
-            // Idle: slots kept for this thread's tasks go back where every submitter finds them.
-            tasks.give_back_slots(cs);
+            // Shutting down with nothing in flight or queued: done once a poll found nothing to
+            // do, or after a thousand polls in which only tasks ran (a task that keeps itself
+            // runnable, yielding in a loop, must not keep the poller, and `shutdown`, waiting).
             if self.stop.load(Ordering::Acquire)
                 && q.in_flight() == 0
                 && cs.inbox.is_empty()
                 && local.is_empty()
                 && !cs.tasks.pending_from_others()
             {
-                break;
+                polls_after_stop += 1;
+                if !work || polls_after_stop > 1000 {
+                    break;
+                }
             }
+            if work {
+                empty = 0;
+                continue;
+            }
+            // Idle: slots kept for this thread's tasks go back where every submitter finds them.
+            task::Tasks::give_back_slots(cs);
             empty = empty.saturating_add(1);
             // An idle poller still closes its last window (for the sink and the tuner).
             if empty.is_multiple_of(1024)

@@ -5,7 +5,7 @@
 //! inbox and gets its completion back through the slot and the waker: several cache-line
 //! transfers between two CPUs per I/O (docs/DESIGN.md, "The runtime's async API"). A task
 //! spawned with [`Runtime::spawn`](super::Runtime::spawn) runs on the poller itself: its
-//! submissions go into a list only that thread touches, its completions wake it into a run
+//! submissions go straight to that poller's queue, its completions wake it into a run
 //! list only that thread touches, and the poller runs every woken task once per poll, so one
 //! poll of the queue completes many I/Os and one submission call sends what the tasks asked
 //! for next. This is how Seastar, glommio and SPDK's reactors run: the cost is that a task
@@ -13,7 +13,7 @@
 //!
 //! ```text
 //!  spawn ─► spawned[core] (SegQueue) ─► poller(core): slab of tasks
-//!                                         │ poll woken tasks ─► reqs (poller-only) ─► Queue
+//!                                         │ poll woken tasks ─► Queue (reqs above the cap)
 //!                                         └◄─ runq (poller-only) ◄─ waker ◄─ completion
 //! ```
 //!
@@ -445,10 +445,13 @@ impl Tasks {
         // Futures waiting for a slot: their turn when one is free.
         // SAFETY: the poller thread (this function's caller); the list is not borrowed
         // elsewhere (only `wait_for_slot` touches it, from code the poller runs, not now).
-        let waiters = unsafe { &mut *ct.slot_waiters.get() };
+        let waiting = !unsafe { &*ct.slot_waiters.get() }.is_empty();
         // SAFETY: as above.
-        if !waiters.is_empty() && (!cs.free.is_empty() || !unsafe { &*ct.free.get() }.is_empty()) {
-            for w in waiters.drain(..) {
+        if waiting && (!cs.free.is_empty() || !unsafe { &*ct.free.get() }.is_empty()) {
+            // Taken out first: a waker that polls inline may register in the list again.
+            // SAFETY: as above; no reference into the cell is held across the wakes.
+            let waiters = std::mem::take(unsafe { &mut *ct.slot_waiters.get() });
+            for w in waiters {
                 w.wake();
             }
         }
@@ -526,11 +529,9 @@ impl Tasks {
         id
     }
 
-    /// The poller exits: every task left is dropped (its handle says cancelled), and so is
-    /// every task spawned from now on.
     /// Slots in the poller's private list back on the shared one (the poller is idle:
     /// submitters on other threads may be waiting for them).
-    pub(super) fn give_back_slots(&self, cs: &CoreShared) {
+    pub(super) fn give_back_slots(cs: &CoreShared) {
         // SAFETY: the poller thread, as in `run`.
         let l = unsafe { &mut *cs.tasks.free.get() };
         for slot in l.drain(..) {
@@ -538,6 +539,8 @@ impl Tasks {
         }
     }
 
+    /// The poller exits: every task left is dropped (its handle says cancelled), and so is
+    /// every task spawned from now on.
     pub(super) fn close(&mut self, cs: &CoreShared) {
         cs.tasks.closed.store(true, Ordering::SeqCst);
         std::sync::atomic::fence(Ordering::SeqCst);
@@ -549,7 +552,7 @@ impl Tasks {
         }
         // SAFETY: the poller thread, as in `run`.
         drop(std::mem::take(unsafe { &mut *cs.tasks.slot_waiters.get() }));
-        self.give_back_slots(cs);
+        Self::give_back_slots(cs);
         // Tasks' wakers kept in slots hold the core (a cycle): let them go.
         for s in cs.slots.iter() {
             // SAFETY: the poller thread, the only one that touches `local_waker`.
