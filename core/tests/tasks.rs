@@ -485,3 +485,204 @@ fn submit_tagged_on_the_poller_with_no_free_slot_is_refused_not_waited_for() {
     rt.shutdown();
     assert_eq!(handled.load(Ordering::Relaxed), 0);
 }
+
+/// Run `f` to its end on this thread (parks between polls).
+fn block_on<F: Future>(f: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut f = std::pin::pin!(f);
+    loop {
+        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::park();
+    }
+}
+
+/// A future that is ready at once and panics when dropped.
+struct PanicOnDrop(&'static str);
+
+impl Future for PanicOnDrop {
+    type Output = u32;
+    fn poll(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<u32> {
+        Poll::Ready(7)
+    }
+}
+
+impl Drop for PanicOnDrop {
+    fn drop(&mut self) {
+        panic!("{}", self.0);
+    }
+}
+
+#[test]
+fn a_panic_in_a_finished_tasks_drop_does_not_stop_the_poller() {
+    let rt = runtime(Latency::None, 32, sleepy());
+    // The task's output is delivered; its future panics when the poller drops it after.
+    let h = rt.spawn(PanicOnDrop("boom in a finished task's drop"));
+    assert_eq!(join(h, &rt, "panicking drop").expect("finished"), 7);
+    // The poller survived it: its next task runs and its queue serves it.
+    let h = rt.spawn(write_then_read(Arc::clone(&rt), 11));
+    join(h, &rt, "after the panicking drop").unwrap().unwrap();
+    rt.shutdown();
+    assert_eq!(rt.pools().in_use(), 0, "every buffer is back in its pool");
+}
+
+/// Pending until dropped, which panics.
+struct PendingPanicOnDrop;
+
+impl Future for PendingPanicOnDrop {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<()> {
+        Poll::Pending
+    }
+}
+
+impl Drop for PendingPanicOnDrop {
+    fn drop(&mut self) {
+        panic!("boom in a waiting task's drop");
+    }
+}
+
+#[test]
+fn a_panic_in_a_tasks_drop_at_shutdown_still_cancels_the_others() {
+    let rt = runtime(Latency::None, 32, sleepy());
+    // First in the poller's slab, so dropped first at shutdown.
+    let bad = rt.spawn(PendingPanicOnDrop);
+    let others: Vec<_> = (0..3)
+        .map(|_| rt.spawn(std::future::pending::<()>()))
+        .collect();
+    std::thread::sleep(Duration::from_millis(20));
+    rt.shutdown();
+    assert!(matches!(
+        join(bad, &rt, "the task whose drop panics"),
+        Err(JoinError::Cancelled)
+    ));
+    for h in others {
+        assert!(matches!(
+            join(h, &rt, "a task dropped after the panicking one"),
+            Err(JoinError::Cancelled)
+        ));
+    }
+}
+
+#[test]
+fn join_error_is_send_and_sync_and_keeps_the_payload() {
+    fn send_sync<T: Send + Sync + std::error::Error + 'static>(_: &T) {}
+    let rt = runtime(Latency::None, 32, sleepy());
+    let h = rt.spawn(async { std::panic::panic_any(42u64) });
+    let e = join(h, &rt, "panic with a number").unwrap_err();
+    send_sync(&e);
+    match e {
+        JoinError::Panicked(p) => {
+            assert_eq!(p.message(), None);
+            assert_eq!(
+                p.into_payload().downcast::<u64>().ok().map(|b| *b),
+                Some(42)
+            );
+        }
+        JoinError::Cancelled => panic!("expected a panic"),
+    }
+    rt.shutdown();
+}
+
+#[test]
+fn a_task_waiting_for_a_slot_another_thread_frees_does_not_sleep_out_the_idle_timeout() {
+    // Depth 16: 64 slots. This thread holds all of them with finished, untaken flushes; a
+    // task then finds none. The poller, idle, would sleep up to a minute: the slot this
+    // thread frees after must reach the task well within the join's 20 s.
+    let rt = runtime(
+        Latency::None,
+        16,
+        IdlePolicy::SleepAfter {
+            polls: 100,
+            max_sleep: Duration::from_secs(60),
+        },
+    );
+    let mut held: Vec<_> = (0..64)
+        .map(|_| rt.submit(OpKind::Flush, 0, 0, None))
+        .collect();
+    let rt2 = Arc::clone(&rt);
+    let h = rt.spawn(async move {
+        rt2.submit(OpKind::Flush, 0, 0, None)
+            .await
+            .map(|(n, _)| n)
+            .map_err(|(e, _)| e.to_string())
+    });
+    // The task ran and waits; the poller has nothing else to do and goes to sleep.
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!h.is_finished(), "the task found a slot free");
+    // One slot back, from this thread: its flush is done, its result never taken.
+    drop(held.pop());
+    assert_eq!(join(h, &rt, "waiting for a slot").unwrap(), Ok(0));
+    drop(held);
+    rt.shutdown();
+}
+
+#[test]
+fn tasks_that_keep_the_queue_full_do_not_starve_other_threads() {
+    // Depth 2, each command held 1 ms, and eight tasks each flushing in a loop: there is
+    // always a task ready for the room a completion makes. A flush from another thread
+    // must still get its turn.
+    let rt = runtime(Latency::Fixed(Duration::from_millis(1)), 2, sleepy());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let served = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let (rt2, stop, served) = (Arc::clone(&rt), Arc::clone(&stop), Arc::clone(&served));
+            rt.spawn(async move {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    rt2.submit(OpKind::Flush, 0, 0, None)
+                        .await
+                        .map_err(|(e, _)| e.to_string())?;
+                    if n == 0 {
+                        served.fetch_add(1, Ordering::Relaxed);
+                    }
+                    n += 1;
+                }
+                Ok::<u64, String>(n)
+            })
+        })
+        .collect();
+    // Each task gets its turn too (their overflow waits in order, not last in first out).
+    for _ in 0..2000 {
+        if served.load(Ordering::Relaxed) == 8 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if served.load(Ordering::Relaxed) != 8 {
+        stop.store(true, Ordering::Relaxed);
+        std::mem::forget(rt);
+        panic!(
+            "only {} of 8 busy tasks had a flush done in 20 s",
+            served.load(Ordering::Relaxed)
+        );
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let rt2 = Arc::clone(&rt);
+    std::thread::spawn(move || {
+        let r = block_on(rt2.submit(OpKind::Flush, 0, 0, None));
+        let _ = tx.send(r.map(|(n, _)| n).map_err(|(e, _)| e.to_string()));
+    });
+    let r = rx.recv_timeout(Duration::from_secs(20));
+    stop.store(true, Ordering::Relaxed);
+    match r {
+        Ok(r) => assert_eq!(r, Ok(0)),
+        Err(_) => {
+            std::mem::forget(rt);
+            panic!("another thread's flush did not get in within 20 s beside busy tasks");
+        }
+    }
+    for h in tasks {
+        join(h, &rt, "busy task").unwrap().unwrap();
+    }
+    rt.shutdown();
+}

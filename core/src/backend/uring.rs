@@ -471,6 +471,7 @@ impl UringQueue {
             self.pending > 0 || sq.taskrun() || sq.cq_overflow()
         } || self.iopoll
             || want > 0;
+        let mut waited = true;
         if must_enter {
             let sub = self.ring.submitter();
             let r = match (want, timeout) {
@@ -482,7 +483,7 @@ impl UringQueue {
                 }
                 (w, None) => sub.submit_and_wait(w as usize),
             };
-            enter_result(r)?;
+            waited = enter_result(r)?;
             self.pending = self.ring.submission().len() as u32;
         }
         for cqe in self.ring.completion() {
@@ -496,10 +497,15 @@ impl UringQueue {
             out.push(Reaped::ok(cqe.user_data() as u32, cqe.result()));
         }
         // A wait with a timeout that ended short: the timeout passed (the kernel reports
-        // ETIME only when the call submitted nothing, so that is not a test) or a signal
-        // came; either way the caller should not wait again. Not on an IOPOLL ring, whose
-        // wait ignores the timeout and may return early: the caller keeps its deadline.
-        Ok(!self.iopoll && want > 0 && timeout.is_some() && ((out.len() - start) as u32) < want)
+        // ETIME only when the call submitted nothing, so that is not a test); the caller
+        // should not wait again. Not when the call did not wait (a signal, or completions to
+        // reap first), nor on an IOPOLL ring, whose wait ignores the timeout and may return
+        // early: the caller keeps its deadline.
+        Ok(waited
+            && !self.iopoll
+            && want > 0
+            && timeout.is_some()
+            && ((out.len() - start) as u32) < want)
     }
 
     pub fn abandon(&mut self) {
@@ -525,19 +531,21 @@ impl Drop for UringQueue {
     }
 }
 
-/// Map an `io_uring_enter` result: ETIME (a wait timed out), EINTR (a signal such as Ctrl-C;
-/// the caller re-checks its stop flag) and EBUSY/EAGAIN (completions must be reaped before more
-/// can be submitted; SQEs stay queued) are not failures.
-fn enter_result(r: std::io::Result<usize>) -> Result<()> {
+/// Map an `io_uring_enter` result to whether the call waited as asked: ETIME (a wait timed
+/// out) is not a failure; EINTR (a signal such as Ctrl-C; the caller re-checks its stop flag)
+/// and EBUSY/EAGAIN (completions must be reaped before more can be submitted; SQEs stay
+/// queued) are not either, but the call did not wait.
+fn enter_result(r: std::io::Result<usize>) -> Result<bool> {
     match r {
-        Ok(_) => Ok(()),
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ETIME) => Ok(true),
         Err(e)
             if matches!(
                 e.raw_os_error(),
-                Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN)
+                Some(libc::EINTR | libc::EBUSY | libc::EAGAIN)
             ) =>
         {
-            Ok(())
+            Ok(false)
         }
         Err(e) => Err(Error::Os {
             op: "io_uring_enter",

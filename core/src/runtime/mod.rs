@@ -116,7 +116,7 @@ pub type CompletionHandler = Arc<dyn Fn(Done, &mut Resubmit<'_>) + Send + Sync>;
 /// cap in force is reached, it waits for the poller's next submissions instead.
 pub struct Resubmit<'a> {
     cs: &'a CoreShared,
-    local: &'a mut Vec<Request>,
+    local: &'a mut std::collections::VecDeque<Request>,
     /// Slots of tagged operations that completed in this poll, kept on the poller: a
     /// resubmission takes one of these first (no atomic), the shared free list only after.
     free: &'a mut Vec<u32>,
@@ -205,7 +205,7 @@ impl Resubmit<'_> {
                     }
                 }
             }
-            _ => self.local.push(Request {
+            _ => self.local.push_back(Request {
                 op,
                 offset,
                 len,
@@ -234,6 +234,9 @@ impl Default for RuntimeConfig {
         }
     }
 }
+
+/// The longest an idle poller sleeps while a future on its thread waits for a free slot.
+const SLOT_WAIT_NAP: Duration = Duration::from_micros(100);
 
 /// How often an idle poller runs pool maintenance.
 const MAINTAIN_EVERY: Duration = Duration::from_millis(100);
@@ -362,6 +365,23 @@ thread_local! {
         const { std::cell::Cell::new(std::ptr::null()) };
 }
 
+/// A poller's tasks, closed when its loop ends however it ends: a panic that unwinds the
+/// loop (a run-to-completion handler's) must not leave the core open to spawns that no
+/// poller will run, nor `TASK_DIRECT` pointing into the dead loop's stack.
+struct PollerExit<'a> {
+    cs: &'a CoreShared,
+    tasks: task::Tasks,
+}
+
+impl Drop for PollerExit<'_> {
+    fn drop(&mut self) {
+        TASK_DIRECT.with(|c| c.set(std::ptr::null()));
+        // Drops every task left (a panic in one's drop is caught and reported).
+        self.tasks.close(self.cs);
+        ON_POLLER.with(|c| c.set(std::ptr::null()));
+    }
+}
+
 /// What a task's submission needs to reach the queue itself (as [`Resubmit`]'s direct path).
 /// Raw pointers: the poller publishes them in `TASK_DIRECT` only for the duration of
 /// `Tasks::run`, during which its loop touches none of these objects.
@@ -403,6 +423,20 @@ impl CoreShared {
         // SAFETY: called on the poller's thread only (the callers checked `on_poller`); no
         // reference into the list outlives this call.
         unsafe { (*self.tasks.free.get()).pop() }.or_else(|| self.free.pop())
+    }
+
+    /// How many slots are free now: the shared list, and on the poller's own thread
+    /// (`local`) also its private one.
+    #[inline]
+    fn free_now(&self, local: bool) -> usize {
+        let private = if local {
+            // SAFETY: on the poller's thread (the caller checked `on_poller`); no reference
+            // into the list outlives this call.
+            unsafe { (*self.tasks.free.get()).len() }
+        } else {
+            0
+        };
+        self.free.len() + private
     }
 
     /// A slot freed on the poller's own thread: into its private list (no atomic) while that
@@ -1084,12 +1118,12 @@ impl Runtime {
         if self.stop.load(Ordering::Acquire) {
             return Ok(IoFuture::failed(cs, shut_down(), buf));
         }
-        if optional && cs.free.len() <= cs.slots.len() / 2 {
-            return Err(buf);
-        }
         // On the poller's own thread (a task): never wait for a slot here, since only this
         // thread frees them; the future takes one when it is polled.
         let local = cs.on_poller();
+        if optional && cs.free_now(local) <= cs.slots.len() / 2 {
+            return Err(buf);
+        }
         let slot = if local {
             match cs.take_local() {
                 Some(s) => s,
@@ -1134,12 +1168,18 @@ impl Runtime {
             }
             c.wake_poller();
         }
-        let threads = std::mem::take(&mut *self.threads.lock().expect("poisoned"));
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
         let me = std::thread::current().id();
         for t in threads {
             // A task (or handler) on a poller that shuts the runtime down, or drops its last
             // handle: that poller exits when this call returns; it cannot wait for itself.
-            if t.thread().id() != me {
+            // Its handle goes back, for a later call from another thread to join.
+            if t.thread().id() == me {
+                self.threads
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(t);
+            } else {
                 let _ = t.join();
             }
         }
@@ -1459,6 +1499,9 @@ impl Future for IoFuture {
             if s.state.load(Ordering::SeqCst) != DONE {
                 return Poll::Pending;
             }
+            // Completed meanwhile: the poller may not have seen the registration, and a
+            // waker left in the slot would keep whatever it holds (a task's core) alive.
+            drop(s.waker.take());
         }
         // SAFETY: the state is DONE (acquired above): the poller has written the result and
         // will not touch the slot again until it is freed below; this future is its only user.
@@ -1711,7 +1754,9 @@ impl Poller {
         let mut inflight: Vec<Held> = (0..cs.slots.len()).map(|_| Held::default()).collect();
         // Run-to-completion: what handlers resubmitted (taken before the inbox), and the
         // completions waiting for the handler. Both hold at most a slot each: no growth.
-        let mut local: Vec<Request> = Vec::with_capacity(cs.slots.len());
+        // First in, first out: a request that waits is not overtaken by later ones forever.
+        let mut local: std::collections::VecDeque<Request> =
+            std::collections::VecDeque::with_capacity(cs.slots.len());
         let mut dones: Vec<Done> = Vec::with_capacity(cs.slots.len());
         // Slots of tagged operations completed in this poll, for the handlers' resubmissions;
         // what they leave goes back to the shared free list before the next poll.
@@ -1742,10 +1787,31 @@ impl Poller {
             },
         });
         ON_POLLER.with(|c| c.set(Arc::as_ptr(&self.shared)));
-        let mut tasks = task::Tasks::new();
+        // The tasks, closed when the loop ends, also by an unwind (a run-to-completion
+        // handler's panic): their handles then say cancelled, and spawns are refused.
+        let mut tasks = PollerExit {
+            cs,
+            tasks: task::Tasks::new(),
+        };
         let mut polls_after_stop = 0u32;
+        // Which list `feed` takes from first: the two alternate, so neither the tasks' and
+        // handlers' overflow nor the other threads' inbox can starve the other.
+        let mut inbox_first = false;
         loop {
             let limit = meter.as_ref().map_or(self.depth, |m| m.limit);
+            // What waits (other threads' requests, the overflow of tasks and handlers) goes
+            // first to the room the last poll made: tasks, which run next and submit straight
+            // to the queue, would otherwise take all of it while they keep it full.
+            let mut work = self.feed(
+                &mut q,
+                &mut local,
+                &mut inbox_first,
+                &mut inflight,
+                &mut dones,
+                &mut regions,
+                meter.as_mut(),
+                limit,
+            );
             // Woken tasks run first. While they run, what they submit goes straight to the
             // queue (below the depth cap): the queue and the poller's tables are published
             // to them through `TASK_DIRECT`, and this loop touches none of them meanwhile.
@@ -1762,7 +1828,7 @@ impl Poller {
                 },
             };
             TASK_DIRECT.with(|c| c.set(&direct));
-            let mut work = tasks.run(&self.shared);
+            work |= tasks.tasks.run(&self.shared);
             TASK_DIRECT.with(|c| c.set(std::ptr::null()));
             // What tasks sent to the queue starts now (one clock read for all of it), before
             // the poll that may complete it.
@@ -1779,29 +1845,18 @@ impl Poller {
             let reqs = unsafe { &mut *cs.tasks.reqs.get() };
             if !reqs.is_empty() {
                 // Each request holds a slot, so both lists together fit `local`'s capacity.
-                local.append(reqs);
+                local.extend(reqs.drain(..));
             }
-            if let Some(m) = &mut meter {
-                let now = Instant::now();
-                while q.in_flight() < limit {
-                    let Some(req) = local.pop().or_else(|| cs.inbox.pop()) else {
-                        break;
-                    };
-                    work = true;
-                    self.sync_regions(&mut q, &mut regions.0, &mut regions.1);
-                    m.started[req.slot as usize] = now;
-                    self.submit(&mut q, req, &mut inflight, &mut dones);
-                }
-            } else {
-                while q.in_flight() < limit {
-                    let Some(req) = local.pop().or_else(|| cs.inbox.pop()) else {
-                        break;
-                    };
-                    work = true;
-                    self.sync_regions(&mut q, &mut regions.0, &mut regions.1);
-                    self.submit(&mut q, req, &mut inflight, &mut dones);
-                }
-            }
+            work |= self.feed(
+                &mut q,
+                &mut local,
+                &mut inbox_first,
+                &mut inflight,
+                &mut dones,
+                &mut regions,
+                meter.as_mut(),
+                limit,
+            );
             // `comps` is empty here, or holds what a kernel wait (below) reaped.
             if let Err(e) = q.poll(&mut comps) {
                 tracing::warn!(core, error = %e, "poll reported an error");
@@ -1950,7 +2005,7 @@ impl Poller {
                 last_maintain = Instant::now();
                 self.maintain(&mut q);
             }
-            let (polls, max_sleep, block) = match self.idle {
+            let (polls, mut max_sleep, block) = match self.idle {
                 IdlePolicy::BusyPoll => {
                     std::hint::spin_loop();
                     continue;
@@ -1958,6 +2013,15 @@ impl Poller {
                 IdlePolicy::SleepAfter { polls, max_sleep } => (polls, max_sleep, false),
                 IdlePolicy::Block { spin, max_sleep } => (spin, max_sleep, can_block),
             };
+            if cs.tasks.slot_wanted() {
+                // A future on this thread waits for a slot. A slot that another thread frees
+                // (taking its result, dropping its future) does not wake this poller (that
+                // would cost every such free a fence): it looks again this often instead.
+                if !cs.free.is_empty() {
+                    continue;
+                }
+                max_sleep = max_sleep.min(SLOT_WAIT_NAP);
+            }
             if empty < polls {
                 std::hint::spin_loop();
             } else if q.in_flight() == 0 {
@@ -1997,9 +2061,48 @@ impl Poller {
             }
         }
         // Nothing in flight: the tasks still waiting (on something other than this queue)
-        // are dropped, and so is any spawned from now on.
-        tasks.close(cs);
-        ON_POLLER.with(|c| c.set(std::ptr::null()));
+        // are dropped, and so is any spawned from now on (`tasks`' drop).
+        drop(tasks);
+    }
+
+    /// Submit waiting requests while the queue is below `limit`: from the poller's own list
+    /// (what tasks and handlers handed over) and the inbox (other threads), alternately.
+    /// Returns whether it submitted any.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    fn feed(
+        &self,
+        q: &mut Queue,
+        local: &mut std::collections::VecDeque<Request>,
+        inbox_first: &mut bool,
+        inflight: &mut [Held],
+        dones: &mut Vec<Done>,
+        regions: &mut (u64, usize),
+        mut meter: Option<&mut Meter>,
+        limit: u32,
+    ) -> bool {
+        let cs = &*self.shared;
+        let mut fed = false;
+        let mut now = None;
+        while q.in_flight() < limit {
+            let req = if *inbox_first {
+                cs.inbox.pop().or_else(|| local.pop_front())
+            } else {
+                local.pop_front().or_else(|| cs.inbox.pop())
+            };
+            let Some(req) = req else {
+                break;
+            };
+            *inbox_first = !*inbox_first;
+            fed = true;
+            self.sync_regions(q, &mut regions.0, &mut regions.1);
+            if let Some(m) = meter.as_deref_mut() {
+                // One clock read for what this call submits.
+                m.started[req.slot as usize] = *now.get_or_insert_with(Instant::now);
+            }
+            self.submit(q, req, inflight, dones);
+        }
+        fed
     }
 
     /// Give idle pool memory back (adaptive pools): the pool unmaps regions whose buffers are
@@ -2165,9 +2268,10 @@ fn complete(cs: &CoreShared, slot: u32, res: Result<u64>, buf: Option<PoolBuf>) 
             }
         }
         Err(_) => {
-            // Abandoned: nobody will poll it.
+            // Abandoned: nobody will poll it (and a waker it registered will not be woken).
             // SAFETY: ABANDONED: the future is gone; only this poller sees the slot.
             unsafe { (*s.result.get()).clear() };
+            drop(s.waker.take());
             s.state.store(FREE, Ordering::Release);
             let _ = cs.free.push(slot);
         }

@@ -33,25 +33,68 @@ use std::time::{Duration, Instant};
 
 use super::CoreShared;
 
-/// Why a task gave no output.
+/// Why a task gave no output. `Send + Sync` (it can go into `anyhow::Error` and the like).
 pub enum JoinError {
-    /// The task panicked; the payload is what it panicked with
+    /// The task panicked; [`Panic::into_payload`] gives what it panicked with
     /// ([`std::panic::resume_unwind`] it to propagate).
-    Panicked(Box<dyn Any + Send + 'static>),
+    Panicked(Panic),
     /// The runtime shut down before the task finished (or was already shut down when it was
     /// spawned): the task was dropped.
     Cancelled,
+}
+
+/// A task's panic: its payload, reachable by value or by `&mut` only, so the error can be
+/// shared between threads whatever the payload is (a panic payload is `Send`, not `Sync`).
+pub struct Panic(Box<dyn Any + Send + 'static>);
+
+// SAFETY: through `&Panic` nothing reaches the payload except `message`, which calls only
+// `Any::type_id` (no access to the value) and then reads a `&str` or `String`, both `Sync`.
+// Everything else takes `self` or `&mut self`.
+unsafe impl Sync for Panic {}
+
+impl Panic {
+    /// The panic's message when it was a string, as `std` prints it.
+    pub fn message(&self) -> Option<&str> {
+        let p = &*self.0;
+        p.downcast_ref::<&str>()
+            .copied()
+            .or_else(|| p.downcast_ref::<String>().map(String::as_str))
+    }
+
+    /// What the task panicked with.
+    pub fn into_payload(self) -> Box<dyn Any + Send + 'static> {
+        self.0
+    }
+
+    /// What the task panicked with, to inspect or replace.
+    pub fn payload_mut(&mut self) -> &mut (dyn Any + Send + 'static) {
+        &mut *self.0
+    }
+}
+
+impl std::fmt::Debug for Panic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.message() {
+            Some(m) => write!(f, "Panic({m:?})"),
+            None => f.write_str("Panic(..)"),
+        }
+    }
 }
 
 impl JoinError {
     /// The panic's message when it was a string, as `std` prints it.
     pub fn message(&self) -> Option<&str> {
         match self {
-            JoinError::Panicked(p) => p
-                .downcast_ref::<&str>()
-                .copied()
-                .or_else(|| p.downcast_ref::<String>().map(String::as_str)),
+            JoinError::Panicked(p) => p.message(),
             JoinError::Cancelled => None,
+        }
+    }
+
+    /// Propagate the task's panic on this thread (a `Cancelled` becomes a panic that says so).
+    pub fn resume(self) -> ! {
+        match self {
+            JoinError::Panicked(p) => std::panic::resume_unwind(p.into_payload()),
+            JoinError::Cancelled => panic!("{}", JoinError::Cancelled),
         }
     }
 }
@@ -192,6 +235,25 @@ impl<T> Future for JoinHandle<T> {
     }
 }
 
+/// Drop `v` on the poller: a panic in its drop (a task's future's `Drop`, the waker of a
+/// handle it wakes) is reported, not propagated. Unwinding would end the poller thread, and
+/// with it every task and I/O of its core.
+pub(super) fn drop_on_poller<T>(v: T, what: &str) {
+    if let Err(p) = std::panic::catch_unwind(AssertUnwindSafe(move || drop(v))) {
+        report_panic(what, p);
+    }
+}
+
+fn report_panic(what: &str, p: Box<dyn Any + Send + 'static>) {
+    let p = Panic(p);
+    tracing::error!(
+        panic = p.message().unwrap_or("(not a string)"),
+        "{what} panicked on a poller; the poller goes on"
+    );
+    // The payload's own drop could panic too: it is leaked instead.
+    std::mem::forget(p);
+}
+
 /// The user's future with its output's destination; what a poller holds per task.
 struct TaskFut<F: Future> {
     fut: F,
@@ -207,17 +269,18 @@ impl<F: Future> Future for TaskFut<F> {
         let this = unsafe { self.get_unchecked_mut() };
         // SAFETY: as above: `fut` stays where it is for as long as the `TaskFut` lives.
         let fut = unsafe { Pin::new_unchecked(&mut this.fut) };
-        match std::panic::catch_unwind(AssertUnwindSafe(|| fut.poll(cx))) {
-            Ok(Poll::Pending) => Poll::Pending,
-            Ok(Poll::Ready(v)) => {
-                this.cell.set(Ok(v));
-                Poll::Ready(())
-            }
-            Err(p) => {
-                this.cell.set(Err(JoinError::Panicked(p)));
-                Poll::Ready(())
-            }
+        let out = match std::panic::catch_unwind(AssertUnwindSafe(|| fut.poll(cx))) {
+            Ok(Poll::Pending) => return Poll::Pending,
+            Ok(Poll::Ready(v)) => Ok(v),
+            Err(p) => Err(JoinError::Panicked(Panic(p))),
+        };
+        // `set` wakes whoever awaits the handle: a panic in that waker is not this task's,
+        // and must not unwind the poller (the output is stored before the wake).
+        let cell = &this.cell;
+        if let Err(p) = std::panic::catch_unwind(AssertUnwindSafe(|| cell.set(out))) {
+            report_panic("a join handle's waker", p);
         }
+        Poll::Ready(())
     }
 }
 
@@ -266,7 +329,7 @@ where
         match std::panic::catch_unwind(AssertUnwindSafe(f)) {
             Ok(fut) => Some(Box::pin(TaskFut { fut, cell })),
             Err(p) => {
-                cell.set(Err(JoinError::Panicked(p)));
+                cell.set(Err(JoinError::Panicked(Panic(p))));
                 None
             }
         }
@@ -405,6 +468,13 @@ impl CoreTasks {
         unsafe { (*self.slot_waiters.get()).push(waker.clone()) };
     }
 
+    /// A future on the poller's thread waits for a free slot. On the poller thread only.
+    pub(super) fn slot_wanted(&self) -> bool {
+        // SAFETY: on the poller thread (the caller's loop); no reference into the list is
+        // held meanwhile.
+        !unsafe { &*self.slot_waiters.get() }.is_empty()
+    }
+
     /// The poller has exited.
     pub(super) fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
@@ -497,7 +567,7 @@ impl Tasks {
                 let done = e.task.take();
                 e.generation = e.generation.wrapping_add(1);
                 self.free.push(index as u32);
-                drop(done);
+                drop_on_poller(done, "a finished task's drop");
             }
         }
         running.clear();
@@ -545,18 +615,21 @@ impl Tasks {
         cs.tasks.closed.store(true, Ordering::SeqCst);
         std::sync::atomic::fence(Ordering::SeqCst);
         while let Some(t) = cs.tasks.spawned.pop() {
-            drop(t);
+            drop_on_poller(t, "a task never run, dropped at shutdown,");
         }
         for e in &mut self.slab {
-            drop(e.task.take());
+            drop_on_poller(e.task.take(), "a task dropped at shutdown");
         }
         // SAFETY: the poller thread, as in `run`.
         drop(std::mem::take(unsafe { &mut *cs.tasks.slot_waiters.get() }));
         Self::give_back_slots(cs);
-        // Tasks' wakers kept in slots hold the core (a cycle): let them go.
+        // Tasks' wakers kept in slots hold their core (a cycle: this core, or another whose
+        // task awaited an I/O here): let them go. Nothing is in flight, so no future waits
+        // on them any more.
         for s in cs.slots.iter() {
             // SAFETY: the poller thread, the only one that touches `local_waker`.
             drop(unsafe { (*s.local_waker.get()).take() });
+            drop(s.waker.take());
         }
     }
 }
