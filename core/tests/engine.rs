@@ -332,21 +332,10 @@ fn uring_eager_submission_passes_the_suite() {
     errors_and_buffer_return(&e);
 }
 
-/// `Queue::wait` with nothing completing returns after its timeout, not twice it: the first
-/// call to the backend waits the whole timeout, and the queue must not wait it again (it did,
-/// counting a second deadline from when the first wait ended). A read of a pipe nobody writes
-/// stays in flight on io_uring (psync's `pread` refuses a pipe at once: nothing to wait for).
-#[test]
-fn a_signal_does_not_end_a_wait_before_its_timeout() {
-    extern "C" fn ignore(_: libc::c_int) {}
-    // A handler without SA_RESTART: the signal interrupts `io_uring_enter` with EINTR.
-    // SAFETY: a plain `sigaction` struct, zeroed then filled; the handler does nothing.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = ignore as extern "C" fn(libc::c_int) as libc::sighandler_t;
-        libc::sigemptyset(&mut sa.sa_mask);
-        assert_eq!(libc::sigaction(libc::SIGUSR2, &sa, std::ptr::null_mut()), 0);
-    }
+/// An io_uring queue (a directory target) with a read of a pipe in flight, token 7, that
+/// nothing completes while `body` runs; then the pipe is written and the read must complete.
+/// (psync's `pread` refuses a pipe at once: nothing to wait for.)
+fn with_a_pipe_read_in_flight(body: impl FnOnce(&mut rio::Queue, &mut Vec<Completion>)) {
     let dir = tempfile::tempdir().unwrap();
     let cfg = EngineConfig {
         backend: BackendChoice::Uring,
@@ -363,70 +352,70 @@ fn a_signal_does_not_end_a_wait_before_its_timeout() {
         q.submit_fd(OpKind::Read, r.as_fd(), 0, buf.as_mut_ptr(), 4096, 7, true)
             .unwrap();
     }
-    // Handed to the kernel first: a call that submits and is interrupted reports what it
-    // submitted, not the signal (documented on `Queue::wait`); the wait below only waits.
     let mut out = Vec::new();
-    assert_eq!(q.poll(&mut out).unwrap(), 0);
-    // SAFETY: this thread's own id.
-    let me = unsafe { libc::pthread_self() };
-    let signaller = std::thread::spawn(move || {
-        for _ in 0..5 {
-            std::thread::sleep(Duration::from_millis(100));
-            // SAFETY: `me` waits in `q.wait` below until after this thread is joined.
-            unsafe { libc::pthread_kill(me, libc::SIGUSR2) };
-        }
-    });
-    let t0 = std::time::Instant::now();
-    let n = q.wait(1, Duration::from_secs(1), &mut out).unwrap();
-    let waited = t0.elapsed();
-    signaller.join().unwrap();
-    assert_eq!(n, 0, "nothing can complete");
-    assert!(
-        waited >= Duration::from_millis(990),
-        "five signals ended a 1 s wait after {waited:?}"
-    );
+    body(&mut q, &mut out);
+    // The read ends: written, completed, reaped.
     std::io::Write::write_all(&mut w, &[5u8; 4096]).unwrap();
     let n = q.wait(1, Duration::from_secs(10), &mut out).unwrap();
     assert_eq!(n, 1);
     assert_eq!(out[0].token, 7);
+    assert_eq!(buf[..8], [5u8; 8]);
 }
 
+/// `Queue::wait` with nothing completing returns after its timeout, not twice it: the first
+/// call to the backend waits the whole timeout, and the queue must not wait it again (it did,
+/// counting a second deadline from when the first wait ended). A read of a pipe nobody writes
+/// stays in flight on io_uring (psync's `pread` refuses a pipe at once: nothing to wait for).
 #[test]
 fn wait_with_nothing_completing_returns_after_one_timeout() {
-    {
-        let backend = BackendChoice::Uring;
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = EngineConfig {
-            backend,
-            hugepages: false,
-            ..EngineConfig::default()
-        };
-        let e = Engine::open_dir(&cfg, dir.path()).unwrap();
-        let mut q = e.queue(Some(4)).unwrap();
-        let (r, mut w) = std::io::pipe().unwrap();
-        let mut buf = vec![0u8; 4096];
-        // SAFETY: `buf` and `r` outlive the read: it is reaped below before either is dropped.
-        unsafe {
-            use std::os::fd::AsFd;
-            q.submit_fd(OpKind::Read, r.as_fd(), 0, buf.as_mut_ptr(), 4096, 7, true)
-                .unwrap();
-        }
-        let mut out = Vec::new();
+    with_a_pipe_read_in_flight(|q, out| {
         let t0 = std::time::Instant::now();
-        let n = q.wait(1, Duration::from_secs(1), &mut out).unwrap();
+        let n = q.wait(1, Duration::from_secs(1), out).unwrap();
         let waited = t0.elapsed();
-        assert_eq!(n, 0, "{backend:?}: nothing can complete");
+        assert_eq!(n, 0, "nothing can complete");
         // At least the timeout; and not a second one (2 s): the margin is for a host that
         // is slow to wake the waiter, not a measure of rio's speed.
         assert!(
             waited >= Duration::from_millis(990) && waited < Duration::from_millis(1800),
-            "{backend:?}: waited {waited:?} for a 1 s timeout"
+            "waited {waited:?} for a 1 s timeout"
         );
-        // The read ends: written, completed, reaped.
-        std::io::Write::write_all(&mut w, &[5u8; 4096]).unwrap();
-        let n = q.wait(1, Duration::from_secs(10), &mut out).unwrap();
-        assert_eq!(n, 1, "{backend:?}");
-        assert_eq!(out[0].token, 7);
-        assert_eq!(buf[..8], [5u8; 8]);
+    });
+}
+
+/// A signal that interrupts the wait's system call (EINTR) does not end the wait: the queue
+/// waits on to its timeout.
+#[test]
+fn a_signal_does_not_end_a_wait_before_its_timeout() {
+    extern "C" fn ignore(_: libc::c_int) {}
+    // A handler without SA_RESTART: the signal interrupts `io_uring_enter` with EINTR.
+    // SAFETY: a plain `sigaction` struct, zeroed then filled; the handler does nothing.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = ignore as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        libc::sigemptyset(&mut sa.sa_mask);
+        assert_eq!(libc::sigaction(libc::SIGUSR2, &sa, std::ptr::null_mut()), 0);
     }
+    with_a_pipe_read_in_flight(|q, out| {
+        // Handed to the kernel first: a call that submits and is interrupted reports what
+        // it submitted, not the signal (documented on `Queue::wait`); this wait only waits.
+        assert_eq!(q.poll(out).unwrap(), 0);
+        // SAFETY: this thread's own id.
+        let me = unsafe { libc::pthread_self() };
+        let signaller = std::thread::spawn(move || {
+            for _ in 0..5 {
+                std::thread::sleep(Duration::from_millis(100));
+                // SAFETY: `me` waits in `q.wait` below until after this thread is joined.
+                unsafe { libc::pthread_kill(me, libc::SIGUSR2) };
+            }
+        });
+        let t0 = std::time::Instant::now();
+        let n = q.wait(1, Duration::from_secs(1), out).unwrap();
+        let waited = t0.elapsed();
+        signaller.join().unwrap();
+        assert_eq!(n, 0, "nothing can complete");
+        assert!(
+            waited >= Duration::from_millis(990),
+            "five signals ended a 1 s wait after {waited:?}"
+        );
+    });
 }
