@@ -273,39 +273,60 @@ struct Slot {
     local_only: AtomicBool,
 }
 
-/// A slot's result, field by field: written with plain scalar stores and read back the same
-/// way. (As one `Option<(Result<u64>, Option<PoolBuf>)>` it was built on the stack with narrow
-/// stores and copied with wide loads, a store-forwarding stall on every completion.)
-#[derive(Default)]
+/// A slot's result, stored whole in its final layout. The poller writes it when the I/O
+/// completes; the future reads it back, in a later poll, as one aligned copy of the whole
+/// value. The copies that follow (the future's `Poll`, the caller's `await`, `match` and
+/// destructuring) move it with the same wide, aligned accesses, so each load finds one store
+/// to forward from. Built from its parts on the future's side instead (field by field, or
+/// `Option::take`'s copy of the bytes after the tag), every such hop was a store-forwarding
+/// stall: a wide load spanning several narrow stores (perf annotate, a task's `poll`).
 struct SlotResult {
-    n: u64,
-    err: Option<Error>,
-    buf: Option<PoolBuf>,
+    out: std::mem::MaybeUninit<IoOutput>,
+    /// `out` holds a value (set, not yet taken or cleared).
+    full: bool,
+}
+
+impl Default for SlotResult {
+    fn default() -> Self {
+        SlotResult {
+            out: std::mem::MaybeUninit::uninit(),
+            full: false,
+        }
+    }
 }
 
 impl SlotResult {
     #[inline(always)]
     fn set(&mut self, res: Result<u64>, buf: Option<PoolBuf>) {
-        match res {
-            Ok(n) => self.n = n,
-            Err(e) => self.err = Some(e),
-        }
-        self.buf = buf;
+        debug_assert!(!self.full, "a slot's result is set once per use");
+        self.out.write(match res {
+            Ok(n) => Ok((n, buf)),
+            Err(e) => Err((e, buf)),
+        });
+        self.full = true;
     }
 
     #[inline(always)]
     fn take(&mut self) -> IoOutput {
-        let buf = self.buf.take();
-        match self.err.take() {
-            None => Ok((self.n, buf)),
-            Some(e) => Err((e, buf)),
-        }
+        assert!(self.full, "a slot's result is taken once, after it was set");
+        self.full = false;
+        // SAFETY: `full` said `out` holds a value; it is marked empty above, so it is read
+        // (moved out) exactly once.
+        unsafe { self.out.assume_init_read() }
     }
 
     /// Drop what it holds (the buffer goes home).
     fn clear(&mut self) {
-        self.err = None;
-        self.buf = None;
+        if std::mem::take(&mut self.full) {
+            // SAFETY: `full` said `out` holds a value, and it is now marked empty.
+            unsafe { self.out.assume_init_drop() };
+        }
+    }
+}
+
+impl Drop for SlotResult {
+    fn drop(&mut self) {
+        self.clear();
     }
 }
 
