@@ -504,9 +504,7 @@ impl Queue {
 
     /// Like [`Queue::poll`], but block until at least `min` operations have finished or
     /// `timeout` passes (then fewer may be returned). `min` is capped at the number in flight.
-    /// On io_uring, a signal (Ctrl-C) that comes while the same system call also submits
-    /// what was queued can end the wait early, also with fewer (the kernel then reports what
-    /// it submitted, not the interruption); a signal while it only waits cannot.
+    /// A signal (Ctrl-C) can end the wait early on io_uring, also with fewer.
     pub fn wait(
         &mut self,
         min: usize,

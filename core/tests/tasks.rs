@@ -686,3 +686,117 @@ fn tasks_that_keep_the_queue_full_do_not_starve_other_threads() {
     }
     rt.shutdown();
 }
+
+#[test]
+fn a_poller_ended_by_a_handlers_panic_refuses_spawns_and_submissions() {
+    let handler: rio::runtime::CompletionHandler = Arc::new(
+        |_d: rio::runtime::Done, _rs: &mut rio::runtime::Resubmit<'_>| {
+            panic!("boom in a completion handler");
+        },
+    );
+    let rt = runtime_with(Latency::None, 32, sleepy(), Some(handler));
+    assert!(rt.submit_tagged(OpKind::Flush, 0, 0, None, 1).is_ok());
+    // The handler's panic ends the poller. Spawns made before that run; after, they must
+    // be refused (cancelled), not left waiting for a poller that is gone.
+    let mut refused = false;
+    for _ in 0..200 {
+        match rt.spawn(async {}).join_timeout(Duration::from_secs(20)) {
+            Ok(Ok(())) => std::thread::sleep(Duration::from_millis(10)),
+            Ok(Err(JoinError::Cancelled)) => {
+                refused = true;
+                break;
+            }
+            Ok(Err(e)) => panic!("unexpected: {e}"),
+            Err(_) => {
+                std::mem::forget(rt);
+                panic!("a task spawned on a dead poller waited 20 s");
+            }
+        }
+    }
+    assert!(refused, "the poller never ended");
+    // A submission from another thread fails at once instead of waiting in the inbox.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let rt2 = Arc::clone(&rt);
+    std::thread::spawn(move || {
+        let r = block_on(rt2.submit(OpKind::Flush, 0, 0, None));
+        let _ = tx.send(r.is_err());
+    });
+    match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(failed) => assert!(failed, "a submission to a dead poller succeeded"),
+        Err(_) => {
+            std::mem::forget(rt);
+            panic!("a submission to a dead poller waited 20 s");
+        }
+    }
+    rt.shutdown();
+}
+
+#[test]
+fn tasks_on_two_pollers_shutting_down_at_once_do_not_wait_for_each_other() {
+    // Two pollers, a task on each, both calling `shutdown`: a poller must not wait for the
+    // other to exit (each would wait for the other).
+    let cfg = EngineConfig {
+        hugepages: false,
+        ..EngineConfig::default()
+    };
+    let e = Engine::open_sim(
+        &cfg,
+        SimConfig {
+            namespaces: vec![SimNamespace {
+                block_size: 512,
+                size_bytes: 16 << 20,
+            }],
+            ..SimConfig::default()
+        },
+        1,
+        OpenOptions {
+            write: true,
+            direct: true,
+            create: false,
+        },
+    )
+    .unwrap();
+    let rt = Runtime::start(
+        e,
+        RuntimeConfig {
+            cores: Some(vec![0, 1]),
+            idle: sleepy(),
+            pool: PoolConfig {
+                pages: PagePolicy::Normal,
+                initial_per_class: 8,
+                ..PoolConfig::default()
+            },
+            ..RuntimeConfig::default()
+        },
+    )
+    .unwrap();
+    // The first task's `shutdown` runs first; the second's while the first is still in its
+    // call (when it used to be waiting for the second's poller to exit). Both block their
+    // pollers meanwhile, a test's shortcut.
+    let first_in = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let handles: Vec<_> = (0..2)
+        .map(|i| {
+            let (rt2, first_in) = (Arc::clone(&rt), Arc::clone(&first_in));
+            rt.spawn_on(i, async move {
+                if i == 0 {
+                    first_in.store(true, Ordering::SeqCst);
+                } else {
+                    while !first_in.load(Ordering::SeqCst) {
+                        std::thread::yield_now();
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                rt2.shutdown();
+            })
+            .expect("two pollers")
+        })
+        .collect();
+    for h in handles {
+        if h.join_timeout(Duration::from_secs(20)).is_err() {
+            std::mem::forget(rt);
+            panic!("a task that shut the runtime down from its poller did not finish in 20 s");
+        }
+    }
+    // From this thread, the pollers' exit is waited for.
+    rt.shutdown();
+}

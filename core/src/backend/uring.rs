@@ -497,10 +497,10 @@ impl UringQueue {
             out.push(Reaped::ok(cqe.user_data() as u32, cqe.result()));
         }
         // A wait with a timeout that ended short: the timeout passed (the kernel reports
-        // ETIME only when the call submitted nothing, so that is not a test); the caller
-        // should not wait again. Not when the call did not wait (a signal, or completions to
-        // reap first), nor on an IOPOLL ring, whose wait ignores the timeout and may return
-        // early: the caller keeps its deadline.
+        // ETIME only when the call submitted nothing, so that is not a test) or a signal
+        // came; either way the caller should not wait again. Not when the call did not wait
+        // (completions to reap first), nor on an IOPOLL ring, whose wait ignores the timeout
+        // and may return early: the caller keeps its deadline.
         Ok(waited
             && !self.iopoll
             && want > 0
@@ -531,22 +531,23 @@ impl Drop for UringQueue {
     }
 }
 
-/// Map an `io_uring_enter` result to whether the call waited as asked: ETIME (a wait timed
-/// out) is not a failure; EINTR (a signal such as Ctrl-C; the caller re-checks its stop flag)
-/// and EBUSY/EAGAIN (completions must be reaped before more can be submitted; SQEs stay
-/// queued) are not either, but the call did not wait.
+/// Map an `io_uring_enter` result to whether the call's wait is over: ETIME (a wait timed
+/// out), EINTR (a signal such as Ctrl-C: the wait ends early, the caller re-checks its stop
+/// flag) and EAGAIN (no resources now) are not failures, and end the wait; EBUSY (completions
+/// must be reaped before more can be submitted; SQEs stay queued) is not one either, but the
+/// call did not wait, and its caller, having reaped, may wait again.
 fn enter_result(r: std::io::Result<usize>) -> Result<bool> {
     match r {
         Ok(_) => Ok(true),
-        Err(e) if e.raw_os_error() == Some(libc::ETIME) => Ok(true),
         Err(e)
             if matches!(
                 e.raw_os_error(),
-                Some(libc::EINTR | libc::EBUSY | libc::EAGAIN)
+                Some(libc::ETIME | libc::EINTR | libc::EAGAIN)
             ) =>
         {
-            Ok(false)
+            Ok(true)
         }
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(false),
         Err(e) => Err(Error::Os {
             op: "io_uring_enter",
             path: "io_uring".into(),

@@ -37,7 +37,7 @@ mod files;
 mod task;
 pub use file::DiskFile;
 pub use files::{Files, InlineReads, OpenFile, ReadBytes, SeqWriter};
-pub use task::{JoinError, JoinHandle};
+pub use task::{JoinError, JoinHandle, Panic};
 
 /// What a poller does when a poll found nothing to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -538,8 +538,8 @@ impl CoreShared {
         );
     }
 
-    /// Hand a request to the core's poller: from its own thread into the list it drains
-    /// before its inbox; from any other thread through the inbox.
+    /// Hand a request to the core's poller: from its own thread into the list it feeds to
+    /// its queue in turn with its inbox; from any other thread through the inbox.
     #[inline(always)]
     fn hand(&self, on_poller: bool, req: Request) {
         if on_poller {
@@ -954,19 +954,13 @@ impl Runtime {
                 cached: false,
                 tag: None,
             };
-            return LocalIo {
-                cs,
-                slot: u32::MAX,
-                cold: Some(Box::new(LocalCold::Deferred(req))),
-                _not_send: std::marker::PhantomData,
-            };
+            return LocalIo::cold(cs, LocalCold::Deferred(req));
         };
         cs.arm(slot, true);
         cs.issue(true, slot, op, offset, len, buf, None, false);
         LocalIo {
             cs,
-            slot,
-            cold: None,
+            word: slot_word(slot),
             _not_send: std::marker::PhantomData,
         }
     }
@@ -1093,7 +1087,7 @@ impl Runtime {
             if let Some(s) = cs.free.pop() {
                 return Some(s);
             }
-            if optional || self.stop.load(Ordering::Acquire) {
+            if optional || self.stop.load(Ordering::Acquire) || cs.tasks.is_closed() {
                 return None;
             }
             cs.wake_poller();
@@ -1136,7 +1130,9 @@ impl Runtime {
             None => (None, false),
         };
         let cs = self.core_for(&buf);
-        if self.stop.load(Ordering::Acquire) {
+        // Shut down, or this core's poller is gone (a handler's panic ended it): nothing
+        // would serve the request.
+        if self.stop.load(Ordering::Acquire) || cs.tasks.is_closed() {
             return Ok(IoFuture::failed(cs, shut_down(), buf));
         }
         // On the poller's own thread (a task): never wait for a slot here, since only this
@@ -1174,13 +1170,13 @@ impl Runtime {
         cs.issue(local, slot, op, offset, len, buf, file, cached);
         Ok(IoFuture {
             cs,
-            slot,
-            epoch,
-            cold: None,
+            word: io_word(slot, epoch),
         })
     }
 
-    /// Stop the pollers after they drained what was submitted. Idempotent.
+    /// Stop the pollers after they drained what was submitted, and wait for them to exit.
+    /// Idempotent. Called on one of this runtime's pollers (by a task or a handler), it only
+    /// tells them to stop: a later call from another thread (or the drop) waits for them.
     pub fn shutdown(&self) {
         self.stop.store(true, Ordering::SeqCst);
         for c in &self.cores {
@@ -1189,20 +1185,16 @@ impl Runtime {
             }
             c.wake_poller();
         }
+        // A task (or handler) on a poller that shuts the runtime down, or drops its last
+        // handle: that poller exits when this call returns, so it cannot wait for itself;
+        // nor for the others (two pollers doing this at once would wait for each other).
+        // Their handles stay, for a later call from another thread to join.
+        if self.cores.iter().any(|c| c.on_poller()) {
+            return;
+        }
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
-        let me = std::thread::current().id();
         for t in threads {
-            // A task (or handler) on a poller that shuts the runtime down, or drops its last
-            // handle: that poller exits when this call returns; it cannot wait for itself.
-            // Its handle goes back, for a later call from another thread to join.
-            if t.thread().id() == me {
-                self.threads
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(t);
-            } else {
-                let _ = t.join();
-            }
+            let _ = t.join();
         }
     }
 }
@@ -1268,13 +1260,25 @@ fn default_cores(engine: &Engine) -> Vec<usize> {
 }
 
 /// A submitted operation; resolves to the bytes transferred and the buffer.
+///
+/// Two words (a scalar pair, moved in registers: it is moved with every await of every I/O,
+/// and as three words built with narrow stores it was copied with wide loads, a
+/// store-forwarding stall): the core, and `word`, which holds the slot and its epoch
+/// (`io_word`: odd), or nothing (`NO_IO`: finished), or, on the rare paths, a boxed [`Cold`]
+/// (its pointer: even, since the box is aligned).
 pub struct IoFuture {
     cs: Arc<CoreShared>,
-    slot: u32,
-    epoch: u32,
-    /// What the rare paths carry, boxed so that the future stays three words long: it is
-    /// moved with every await of every I/O.
-    cold: Option<Box<Cold>>,
+    word: u64,
+}
+
+/// `IoFuture::word` when it holds neither a slot nor a [`Cold`].
+const NO_IO: u64 = u64::MAX;
+
+/// `IoFuture::word` holding `slot` (below 2^31) armed at `epoch`.
+#[inline(always)]
+fn io_word(slot: u32, epoch: u32) -> u64 {
+    debug_assert!(slot < 1 << 31);
+    (u64::from(epoch) << 32) | (u64::from(slot) << 1) | 1
 }
 
 enum Cold {
@@ -1287,30 +1291,82 @@ enum Cold {
 impl IoFuture {
     /// Whether the operation has finished (awaiting it will not wait).
     pub fn is_done(&self) -> bool {
-        matches!(self.cold.as_deref(), Some(Cold::Failed(..)))
-            || (self.cold.is_none()
-                && self.slot != u32::MAX
-                && self.cs.slots[self.slot as usize]
-                    .state
-                    .load(Ordering::Acquire)
-                    == DONE)
-    }
-
-    fn failed(cs: Arc<CoreShared>, e: Error, buf: Option<PoolBuf>) -> IoFuture {
-        IoFuture {
-            cs,
-            slot: u32::MAX,
-            epoch: 0,
-            cold: Some(Box::new(Cold::Failed(e, buf))),
+        match self.cold_ref() {
+            Some(Cold::Failed(..)) => true,
+            Some(Cold::Deferred(_)) => false,
+            None => self.slot().is_some_and(|(slot, _)| {
+                self.cs.slots[slot as usize].state.load(Ordering::Acquire) == DONE
+            }),
         }
     }
 
+    /// The slot and epoch this future holds, if it holds one.
+    #[inline(always)]
+    fn slot(&self) -> Option<(u32, u32)> {
+        (self.word & 1 == 1 && self.word != NO_IO)
+            .then_some((((self.word as u32) >> 1), (self.word >> 32) as u32))
+    }
+
+    /// The boxed rare state, if that is what this future holds.
+    fn cold_ref(&self) -> Option<&Cold> {
+        // SAFETY: an even word is the pointer of the box this future owns (`with_cold`),
+        // alive until `take_cold` or the drop turns it back into the box.
+        (self.word & 1 == 0)
+            .then(|| unsafe { &*std::ptr::with_exposed_provenance::<Cold>(self.word as usize) })
+    }
+
+    /// The boxed rare state, taken out (the future then holds nothing).
+    fn take_cold(&mut self) -> Option<Box<Cold>> {
+        if self.word & 1 != 0 {
+            return None;
+        }
+        // SAFETY: as in `cold_ref`; the word is cleared, so the box is rebuilt only once.
+        let b = unsafe {
+            Box::from_raw(std::ptr::with_exposed_provenance_mut::<Cold>(
+                self.word as usize,
+            ))
+        };
+        self.word = NO_IO;
+        Some(b)
+    }
+
+    #[cold]
+    fn with_cold(cs: Arc<CoreShared>, c: Cold) -> IoFuture {
+        let p = Box::into_raw(Box::new(c)).expose_provenance() as u64;
+        debug_assert!(p & 1 == 0);
+        IoFuture { cs, word: p }
+    }
+
+    fn failed(cs: Arc<CoreShared>, e: Error, buf: Option<PoolBuf>) -> IoFuture {
+        IoFuture::with_cold(cs, Cold::Failed(e, buf))
+    }
+
     fn deferred(cs: Arc<CoreShared>, req: Request) -> IoFuture {
-        IoFuture {
-            cs,
-            slot: u32::MAX,
-            epoch: 0,
-            cold: Some(Box::new(Cold::Deferred(req))),
+        IoFuture::with_cold(cs, Cold::Deferred(req))
+    }
+
+    /// The rare states' poll: a failure's output, or a deferred submission's start. `None`:
+    /// the future now holds a slot; poll it.
+    #[cold]
+    fn poll_cold(&mut self, cx: &mut Context<'_>) -> Option<Poll<IoOutput>> {
+        match self.cold_ref()? {
+            Cold::Failed(..) => {
+                let Some(Cold::Failed(e, b)) = self.take_cold().map(|c| *c) else {
+                    unreachable!()
+                };
+                Some(Poll::Ready(Err((e, b))))
+            }
+            Cold::Deferred(_) => match self.start_deferred(cx) {
+                Ok(true) => None,
+                Ok(false) => Some(Poll::Pending),
+                Err(e) => {
+                    let buf = match self.take_cold().map(|c| *c) {
+                        Some(Cold::Deferred(r)) => r.buf,
+                        _ => None,
+                    };
+                    Some(Poll::Ready(Err((e, buf))))
+                }
+            },
         }
     }
 
@@ -1341,11 +1397,11 @@ impl IoFuture {
             self.cs.wake_poller();
             std::thread::yield_now();
         };
-        let Some(Cold::Deferred(req)) = self.cold.take().map(|c| *c) else {
+        let Some(Cold::Deferred(req)) = self.take_cold().map(|c| *c) else {
             unreachable!("a deferred future holds its request");
         };
-        self.epoch = self.cs.arm(slot, false);
-        self.slot = slot;
+        let epoch = self.cs.arm(slot, false);
+        self.word = io_word(slot, epoch);
         self.cs.hand(local, Request { slot, ..req });
         Ok(true)
     }
@@ -1353,12 +1409,25 @@ impl IoFuture {
 
 /// The future of [`Runtime::submit_local`]: an operation submitted by a task on its own
 /// poller. Not `Send`: it is polled and dropped on the thread that made it.
+///
+/// Two words (a scalar pair, so it is returned and moved in registers: built in memory
+/// with narrow stores and copied with wide loads, it stalled on store forwarding where the
+/// task's state machine took it in): the core, and `word`, which holds either the slot
+/// (`slot_word`: odd), or nothing (`NO_SLOT`), or, rarely, a boxed [`LocalCold`] (its
+/// pointer: even, since the box is aligned).
 pub struct LocalIo<'a> {
     cs: &'a CoreShared,
-    /// `u32::MAX`: not (yet) holding a slot; see `cold`.
-    slot: u32,
-    cold: Option<Box<LocalCold>>,
+    word: usize,
     _not_send: std::marker::PhantomData<*const ()>,
+}
+
+/// `LocalIo::word` when it holds no slot and nothing else (finished).
+const NO_SLOT: usize = usize::MAX;
+
+/// `LocalIo::word` holding `slot`.
+#[inline(always)]
+fn slot_word(slot: u32) -> usize {
+    ((slot as usize) << 1) | 1
 }
 
 enum LocalCold {
@@ -1372,26 +1441,58 @@ impl<'a> LocalIo<'a> {
     /// `cs`: any core of the runtime (unused while `cold` holds the future).
     #[cold]
     fn shared(cs: &'a CoreShared, f: IoFuture) -> LocalIo<'a> {
+        LocalIo::cold(cs, LocalCold::Shared(f))
+    }
+
+    #[cold]
+    fn cold(cs: &'a CoreShared, c: LocalCold) -> LocalIo<'a> {
+        let p = Box::into_raw(Box::new(c)).expose_provenance();
+        debug_assert!(p & 1 == 0);
         LocalIo {
             cs,
-            slot: u32::MAX,
-            cold: Some(Box::new(LocalCold::Shared(f))),
+            word: p,
             _not_send: std::marker::PhantomData,
         }
     }
 
+    /// The slot this future holds, if it holds one.
+    #[inline(always)]
+    fn slot(&self) -> Option<u32> {
+        (self.word & 1 == 1 && self.word != NO_SLOT).then_some((self.word >> 1) as u32)
+    }
+
+    /// The boxed rare state, if that is what this future holds.
+    #[inline(always)]
+    fn cold_ref(&self) -> Option<&LocalCold> {
+        // SAFETY: an even word is the pointer of the box this future owns (`cold`), alive
+        // until `take_cold` or the drop turns it back into the box.
+        (self.word & 1 == 0)
+            .then(|| unsafe { &*std::ptr::with_exposed_provenance::<LocalCold>(self.word) })
+    }
+
+    /// The boxed rare state, taken out (the future then holds nothing).
+    fn take_cold(&mut self) -> Option<Box<LocalCold>> {
+        if self.word & 1 != 0 {
+            return None;
+        }
+        // SAFETY: as in `cold_ref`; the word is cleared, so the box is rebuilt only once.
+        let b = unsafe {
+            Box::from_raw(std::ptr::with_exposed_provenance_mut::<LocalCold>(
+                self.word,
+            ))
+        };
+        self.word = NO_SLOT;
+        Some(b)
+    }
+
     /// Whether the operation has finished (awaiting it will not wait).
     pub fn is_done(&self) -> bool {
-        match self.cold.as_deref() {
+        match self.cold_ref() {
             Some(LocalCold::Shared(f)) => f.is_done(),
             Some(LocalCold::Deferred(_)) => false,
-            None => {
-                self.slot != u32::MAX
-                    && self.cs.slots[self.slot as usize]
-                        .state
-                        .load(Ordering::Relaxed)
-                        == DONE
-            }
+            None => self.slot().is_some_and(|slot| {
+                self.cs.slots[slot as usize].state.load(Ordering::Relaxed) == DONE
+            }),
         }
     }
 
@@ -1403,15 +1504,35 @@ impl<'a> LocalIo<'a> {
             self.cs.tasks.wait_for_slot(self.cs, cx.waker());
             return false;
         };
-        let Some(LocalCold::Deferred(req)) = self.cold.take().map(|c| *c) else {
+        let Some(LocalCold::Deferred(req)) = self.take_cold().map(|c| *c) else {
             unreachable!("a deferred future holds its request");
         };
         self.cs.arm(slot, true);
-        self.slot = slot;
+        self.word = slot_word(slot);
         self.cs.issue(
             true, slot, req.op, req.offset, req.len, req.buf, None, false,
         );
         true
+    }
+
+    /// The rare states' poll: a shared future's, or a deferred submission's start. `None`:
+    /// the future now holds a slot; poll it.
+    #[cold]
+    fn poll_cold(&mut self, cx: &mut Context<'_>) -> Option<Poll<IoOutput>> {
+        if self.word & 1 != 0 {
+            return None;
+        }
+        // SAFETY: as in `cold_ref`, and no other reference to the box is live.
+        match unsafe { &mut *std::ptr::with_exposed_provenance_mut::<LocalCold>(self.word) } {
+            LocalCold::Shared(f) => Some(Pin::new(f).poll(cx)),
+            LocalCold::Deferred(_) => {
+                if self.start_deferred(cx) {
+                    None
+                } else {
+                    Some(Poll::Pending)
+                }
+            }
+        }
     }
 }
 
@@ -1420,18 +1541,14 @@ impl Future for LocalIo<'_> {
 
     #[inline]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<IoOutput> {
-        if let Some(c) = self.cold.as_deref_mut() {
-            match c {
-                LocalCold::Shared(f) => return Pin::new(f).poll(cx),
-                LocalCold::Deferred(_) => {
-                    if !self.start_deferred(cx) {
-                        return Poll::Pending;
-                    }
-                }
-            }
+        if self.word & 1 == 0
+            && let Some(p) = self.poll_cold(cx)
+        {
+            return p;
         }
         let cs = self.cs;
-        let s = &cs.slots[self.slot as usize];
+        let slot = (self.word >> 1) as u32;
+        let s = &cs.slots[slot as usize];
         if s.state.load(Ordering::Relaxed) != DONE {
             // SAFETY: this future is on the poller's thread (it is not `Send` and was made
             // there), the only thread that touches `local_waker`; no reference into the cell
@@ -1447,18 +1564,19 @@ impl Future for LocalIo<'_> {
         // the slot again until it is freed below.
         let out = unsafe { (*s.result.get()).take() };
         s.state.store(FREE, Ordering::Relaxed);
-        cs.free_local(self.slot);
-        self.slot = u32::MAX;
+        cs.free_local(slot);
+        self.word = NO_SLOT;
         Poll::Ready(out)
     }
 }
 
 impl Drop for LocalIo<'_> {
     fn drop(&mut self) {
-        if self.slot == u32::MAX {
+        let Some(slot) = self.slot() else {
+            drop(self.take_cold());
             return;
-        }
-        let s = &self.cs.slots[self.slot as usize];
+        };
+        let s = &self.cs.slots[slot as usize];
         if s.state.load(Ordering::Relaxed) == PENDING {
             // In flight: the poller frees the slot (and drops the buffer) when it completes.
             s.state.store(ABANDONED, Ordering::Relaxed);
@@ -1468,9 +1586,12 @@ impl Drop for LocalIo<'_> {
         // SAFETY: DONE, on the poller's thread: as in `poll`.
         unsafe { (*s.result.get()).clear() };
         s.state.store(FREE, Ordering::Relaxed);
-        self.cs.free_local(self.slot);
+        self.cs.free_local(slot);
     }
 }
+
+// A scalar pair, as `LocalIo`'s comment says.
+const _: () = assert!(std::mem::size_of::<LocalIo<'static>>() == 2 * std::mem::size_of::<usize>());
 
 /// Output of an [`IoFuture`]: on success the bytes transferred and the buffer; on failure the
 /// error and the buffer (nothing is lost).
@@ -1481,26 +1602,13 @@ impl Future for IoFuture {
 
     #[inline]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<IoOutput> {
-        if self.cold.is_some() {
-            if let Some(Cold::Failed(..)) = self.cold.as_deref() {
-                let Some(Cold::Failed(e, b)) = self.cold.take().map(|c| *c) else {
-                    unreachable!()
-                };
-                return Poll::Ready(Err((e, b)));
-            }
-            match self.start_deferred(cx) {
-                Ok(true) => {}
-                Ok(false) => return Poll::Pending,
-                Err(e) => {
-                    let buf = match self.cold.take().map(|c| *c) {
-                        Some(Cold::Deferred(r)) => r.buf,
-                        _ => None,
-                    };
-                    return Poll::Ready(Err((e, buf)));
-                }
-            }
+        if self.word & 1 == 0
+            && let Some(p) = self.poll_cold(cx)
+        {
+            return p;
         }
-        let s = &self.cs.slots[self.slot as usize];
+        let slot = (self.word as u32) >> 1;
+        let s = &self.cs.slots[slot as usize];
         let local = self.cs.on_poller();
         if s.state.load(Ordering::Acquire) != DONE {
             if local {
@@ -1531,22 +1639,23 @@ impl Future for IoFuture {
         // a spurious wake is allowed by the Future contract).
         s.state.store(FREE, Ordering::Release);
         if local {
-            self.cs.free_local(self.slot);
+            self.cs.free_local(slot);
         } else {
-            let _ = self.cs.free.push(self.slot);
+            let _ = self.cs.free.push(slot);
         }
-        self.slot = u32::MAX;
+        self.word = NO_IO;
         Poll::Ready(out)
     }
 }
 
 impl Drop for IoFuture {
     fn drop(&mut self) {
-        if self.slot == u32::MAX {
+        let Some((slot, epoch)) = self.slot() else {
+            drop(self.take_cold());
             return;
-        }
-        let s = &self.cs.slots[self.slot as usize];
-        if s.epoch.load(Ordering::Acquire) != self.epoch {
+        };
+        let s = &self.cs.slots[slot as usize];
+        if s.epoch.load(Ordering::Acquire) != epoch {
             return;
         }
         // In flight: the poller frees the slot (and drops the buffer) when it completes.
@@ -1561,9 +1670,18 @@ impl Drop for IoFuture {
         unsafe { (*s.result.get()).clear() };
         drop(s.waker.take());
         s.state.store(FREE, Ordering::Release);
-        let _ = self.cs.free.push(self.slot);
+        let _ = self.cs.free.push(slot);
     }
 }
+
+// A scalar pair, as `IoFuture`'s comment says.
+const _: () = assert!(std::mem::size_of::<IoFuture>() == 16);
+// `IoFuture` owns its `Cold` through an integer, which hides it from the auto traits: what
+// it holds must be `Send` and `Sync` for the future's own (automatic) impls to be right.
+const _: fn() = || {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Cold>();
+};
 
 /// What [`Runtime::recommendations`] returns: per core, structured data and advice in words
 /// (`Display` prints the words).
@@ -1772,9 +1890,10 @@ impl Poller {
             .wake_fd
             .as_ref()
             .is_some_and(|fd| q.set_wake_fd(Arc::clone(fd)));
-        let mut inflight: Vec<Held> = (0..cs.slots.len()).map(|_| Held::default()).collect();
-        // Run-to-completion: what handlers resubmitted (taken before the inbox), and the
-        // completions waiting for the handler. Both hold at most a slot each: no growth.
+        let mut inflight = InFlight((0..cs.slots.len()).map(|_| Held::default()).collect());
+        // What handlers and tasks handed over above the depth cap (fed in turn with the
+        // inbox), and the completions waiting for the handler. Both hold at most a slot
+        // each: no growth.
         // First in, first out: a request that waits is not overtaken by later ones forever.
         let mut local: std::collections::VecDeque<Request> =
             std::collections::VecDeque::with_capacity(cs.slots.len());
@@ -1830,7 +1949,7 @@ impl Poller {
                 &mut inflight,
                 &mut dones,
                 &mut regions,
-                meter.as_mut(),
+                meter.is_some().then_some(&mut stamp),
                 limit,
             );
             // Woken tasks run first. While they run, what they submit goes straight to the
@@ -1851,16 +1970,6 @@ impl Poller {
             TASK_DIRECT.with(|c| c.set(&direct));
             work |= tasks.tasks.run(&self.shared);
             TASK_DIRECT.with(|c| c.set(std::ptr::null()));
-            // What tasks sent to the queue starts now (one clock read for all of it), before
-            // the poll that may complete it.
-            if let Some(m) = &mut meter
-                && !stamp.is_empty()
-            {
-                let now = Instant::now();
-                for slot in stamp.drain(..) {
-                    m.started[slot as usize] = now;
-                }
-            }
             // SAFETY: this is the poller thread, the only one that touches `reqs`, and no
             // other reference to it is live during this call.
             let reqs = unsafe { &mut *cs.tasks.reqs.get() };
@@ -1875,9 +1984,19 @@ impl Poller {
                 &mut inflight,
                 &mut dones,
                 &mut regions,
-                meter.as_mut(),
+                meter.is_some().then_some(&mut stamp),
                 limit,
             );
+            // What was fed and what tasks sent to the queue starts now (one clock read for
+            // all of it), with the poll that hands it to the device.
+            if let Some(m) = &mut meter
+                && !stamp.is_empty()
+            {
+                let now = Instant::now();
+                for slot in stamp.drain(..) {
+                    m.started[slot as usize] = now;
+                }
+            }
             // `comps` is empty here, or holds what a kernel wait (below) reaped.
             if let Err(e) = q.poll(&mut comps) {
                 tracing::warn!(core, error = %e, "poll reported an error");
@@ -2087,8 +2206,8 @@ impl Poller {
     }
 
     /// Submit waiting requests while the queue is below `limit`: from the poller's own list
-    /// (what tasks and handlers handed over) and the inbox (other threads), alternately.
-    /// Returns whether it submitted any.
+    /// (what tasks and handlers handed over) and the inbox (other threads), alternately;
+    /// their slots go to `stamp` (with a meter). Returns whether it submitted any.
     #[allow(clippy::too_many_arguments)]
     #[inline]
     fn feed(
@@ -2099,12 +2218,11 @@ impl Poller {
         inflight: &mut [Held],
         dones: &mut Vec<Done>,
         regions: &mut (u64, usize),
-        mut meter: Option<&mut Meter>,
+        mut stamp: Option<&mut Vec<u32>>,
         limit: u32,
     ) -> bool {
         let cs = &*self.shared;
         let mut fed = false;
-        let mut now = None;
         while q.in_flight() < limit {
             let req = if *inbox_first {
                 cs.inbox.pop().or_else(|| local.pop_front())
@@ -2117,9 +2235,9 @@ impl Poller {
             *inbox_first = !*inbox_first;
             fed = true;
             self.sync_regions(q, &mut regions.0, &mut regions.1);
-            if let Some(m) = meter.as_deref_mut() {
-                // One clock read for what this call submits.
-                m.started[req.slot as usize] = *now.get_or_insert_with(Instant::now);
+            if let Some(stamp) = stamp.as_deref_mut() {
+                // Stamped with the poll that hands it to the device.
+                stamp.push(req.slot);
             }
             self.submit(q, req, inflight, dones);
         }
@@ -2180,6 +2298,33 @@ impl Poller {
                 }
                 None => complete(&self.shared, req.slot, Err(e), req.buf.take()),
             },
+        }
+    }
+}
+
+/// A poller's in-flight table. If the poller's loop unwinds (a handler's panic) with I/O in
+/// flight, the device or the kernel may still write into the buffers it holds after the
+/// queue is gone: they are leaked, never handed back to the pool for reuse. (On a normal exit
+/// nothing is in flight and the table is empty.)
+struct InFlight(Vec<Held>);
+
+impl std::ops::Deref for InFlight {
+    type Target = Vec<Held>;
+    fn deref(&self) -> &Vec<Held> {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for InFlight {
+    fn deref_mut(&mut self) -> &mut Vec<Held> {
+        &mut self.0
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            std::mem::forget(std::mem::take(&mut self.0));
         }
     }
 }

@@ -406,7 +406,7 @@ pub(super) struct CoreTasks {
     /// Wakes on the poller thread: touched only by that thread.
     pub(super) runq: UnsafeCell<Vec<u64>>,
     /// Requests that tasks (any code on the poller thread) submitted: touched only by that
-    /// thread, drained by the poller before its inbox.
+    /// thread, moved by the poller to the list it feeds in turn with its inbox.
     pub(super) reqs: UnsafeCell<Vec<super::Request>>,
     /// Futures on the poller thread waiting for a free slot: touched only by that thread.
     slot_waiters: UnsafeCell<Vec<Waker>>,
@@ -621,15 +621,18 @@ impl Tasks {
             drop_on_poller(e.task.take(), "a task dropped at shutdown");
         }
         // SAFETY: the poller thread, as in `run`.
-        drop(std::mem::take(unsafe { &mut *cs.tasks.slot_waiters.get() }));
+        drop_on_poller(
+            std::mem::take(unsafe { &mut *cs.tasks.slot_waiters.get() }),
+            "a slot waiter's waker",
+        );
         Self::give_back_slots(cs);
         // Tasks' wakers kept in slots hold their core (a cycle: this core, or another whose
         // task awaited an I/O here): let them go. Nothing is in flight, so no future waits
         // on them any more.
         for s in cs.slots.iter() {
             // SAFETY: the poller thread, the only one that touches `local_waker`.
-            drop(unsafe { (*s.local_waker.get()).take() });
-            drop(s.waker.take());
+            drop_on_poller(unsafe { (*s.local_waker.get()).take() }, "a task's waker");
+            drop_on_poller(s.waker.take(), "a future's waker");
         }
     }
 }
