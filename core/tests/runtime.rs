@@ -169,6 +169,36 @@ fn uring_file(size: usize, rt: RuntimeConfig) -> (tempfile::TempDir, DiskFile) {
 }
 
 #[test]
+fn a_depth_above_the_most_a_queue_takes_is_refused() {
+    let _s = SERIAL.lock().unwrap();
+    let cfg = EngineConfig {
+        hugepages: false,
+        ..EngineConfig::default()
+    };
+    let e = Engine::open_sim(
+        &cfg,
+        SimConfig::default(),
+        1,
+        OpenOptions {
+            write: true,
+            direct: true,
+            create: false,
+        },
+    )
+    .unwrap();
+    let idle = IdlePolicy::SleepAfter {
+        polls: 1000,
+        max_sleep: Duration::from_millis(1),
+    };
+    let depth = rio::runtime::MAX_DEPTH + 1;
+    match Runtime::start(e, one_core(depth, idle, pool())) {
+        Err(rio::Error::Config { name, .. }) => assert_eq!(name, "depth"),
+        Err(e) => panic!("refused with {e}, not a configuration error"),
+        Ok(_) => panic!("a runtime started with depth {depth}"),
+    }
+}
+
+#[test]
 fn disk_file_round_trip_on_the_model() {
     let _s = SERIAL.lock().unwrap();
     let rt = sim_runtime(Latency::None);

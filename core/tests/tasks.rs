@@ -688,14 +688,34 @@ fn tasks_that_keep_the_queue_full_do_not_starve_other_threads() {
 }
 
 #[test]
-fn a_poller_ended_by_a_handlers_panic_refuses_spawns_and_submissions() {
+fn a_poller_ended_by_a_handlers_panic_fails_what_waits_and_refuses_what_comes() {
     let handler: rio::runtime::CompletionHandler = Arc::new(
         |_d: rio::runtime::Done, _rs: &mut rio::runtime::Resubmit<'_>| {
             panic!("boom in a completion handler");
         },
     );
-    let rt = runtime_with(Latency::None, 32, sleepy(), Some(handler));
+    // Each command held 300 ms: the tagged flush completes (and its handler panics) while
+    // the plain one, sent 100 ms later, is still in flight.
+    let rt = runtime_with(
+        Latency::Fixed(Duration::from_millis(300)),
+        32,
+        sleepy(),
+        Some(handler),
+    );
     assert!(rt.submit_tagged(OpKind::Flush, 0, 0, None, 1).is_ok());
+    std::thread::sleep(Duration::from_millis(100));
+    let in_flight = rt.submit(OpKind::Flush, 0, 0, None);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(block_on(in_flight).is_err());
+    });
+    match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(failed) => assert!(failed, "an I/O in flight on a poller that died succeeded"),
+        Err(_) => {
+            std::mem::forget(rt);
+            panic!("an I/O in flight on a poller that died waited 20 s");
+        }
+    }
     // The handler's panic ends the poller. Spawns made before that run; after, they must
     // be refused (cancelled), not left waiting for a poller that is gone.
     let mut refused = false;

@@ -72,7 +72,7 @@ pub struct RuntimeConfig {
     /// OS CPU numbers to run pollers on (default: every CPU `core_affinity` reports, capped at
     /// 4; for a `sim://` target, every CPU but the model's).
     pub cores: Option<Vec<usize>>,
-    /// Operations in flight per core.
+    /// Operations in flight per core (1 to [`MAX_DEPTH`]).
     pub depth: u32,
     pub idle: IdlePolicy,
     pub pool: PoolConfig,
@@ -235,6 +235,11 @@ impl Default for RuntimeConfig {
     }
 }
 
+/// The most operations in flight per core a runtime takes (an NVMe queue's largest size);
+/// it also keeps slot numbers within the 31 bits a future's word has for them.
+pub const MAX_DEPTH: u32 = 65536;
+const _: () = assert!((MAX_DEPTH as usize) * 4 <= 1 << 31);
+
 /// The longest an idle poller sleeps while a future on its thread waits for a free slot.
 const SLOT_WAIT_NAP: Duration = Duration::from_micros(100);
 
@@ -392,14 +397,71 @@ thread_local! {
 struct PollerExit<'a> {
     cs: &'a CoreShared,
     tasks: task::Tasks,
+    /// What tasks and handlers handed over above the depth cap, fed to the queue in turn
+    /// with the inbox.
+    local: std::collections::VecDeque<Request>,
 }
 
 impl Drop for PollerExit<'_> {
     fn drop(&mut self) {
         TASK_DIRECT.with(|c| c.set(std::ptr::null()));
+        if std::thread::panicking() {
+            self.fail_what_waits();
+        }
         // Drops every task left (a panic in one's drop is caught and reported).
         self.tasks.close(self.cs);
         ON_POLLER.with(|c| c.set(std::ptr::null()));
+    }
+}
+
+impl PollerExit<'_> {
+    /// The loop is unwinding (a run-to-completion handler panicked): no poll will complete
+    /// anything any more. Every future still waiting on this core gets an error instead of
+    /// waiting forever: requests not yet sent with their buffers, operations in flight
+    /// without them (the device may still write into those: the in-flight table leaks them).
+    #[cold]
+    fn fail_what_waits(&mut self) {
+        let cs = self.cs;
+        // New submissions to this core fail from now on (`submit` checks it).
+        cs.tasks.mark_closed();
+        let gone = || Error::BackendUnavailable {
+            backend: "runtime",
+            reason: format!(
+                "the poller of core {} ended (a completion handler panicked)",
+                cs.core
+            ),
+        };
+        let fail = |slot: u32, buf: Option<PoolBuf>| {
+            // `complete` may wake a waker: a panic there must not abort the unwind.
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                complete(cs, slot, Err(gone()), buf)
+            }));
+            if r.is_err() {
+                tracing::error!(
+                    core = cs.core,
+                    "a waker panicked on a poller that was ending"
+                );
+            }
+        };
+        // SAFETY: the poller's own thread (this guard lives on its stack), the only one that
+        // touches `reqs`; no reference into it is live while the loop unwinds.
+        let reqs = std::mem::take(unsafe { &mut *cs.tasks.reqs.get() });
+        let waiting = self.local.drain(..).chain(reqs);
+        for req in waiting.chain(std::iter::from_fn(|| cs.inbox.pop())) {
+            match req.tag {
+                // A tagged operation has no future: its slot and buffer go back.
+                Some(_) => {
+                    drop(req.buf);
+                    let _ = cs.free.push(req.slot);
+                }
+                None => fail(req.slot, req.buf),
+            }
+        }
+        for (slot, s) in cs.slots.iter().enumerate() {
+            if matches!(s.state.load(Ordering::Acquire), PENDING | ABANDONED) {
+                fail(slot as u32, None);
+            }
+        }
     }
 }
 
@@ -615,6 +677,15 @@ impl std::fmt::Debug for Runtime {
 impl Runtime {
     /// Start pollers for `engine` (an open target) on the configured cores.
     pub fn start(engine: Engine, cfg: RuntimeConfig) -> Result<Arc<Runtime>> {
+        if cfg.depth > MAX_DEPTH {
+            return Err(Error::config(
+                "depth",
+                format!(
+                    "{} operations in flight per core is more than {MAX_DEPTH}, the most a queue takes",
+                    cfg.depth
+                ),
+            ));
+        }
         let engine = Arc::new(engine);
         let cores = match cfg.cores.clone() {
             Some(c) if !c.is_empty() => c,
@@ -1034,7 +1105,7 @@ impl Runtime {
             ));
         }
         let cs = self.core_for(&buf);
-        if self.stop.load(Ordering::Acquire) {
+        if self.stop.load(Ordering::Acquire) || cs.tasks.is_closed() {
             return Err((shut_down(), buf));
         }
         // On the poller's own thread (a task or a handler) waiting for a slot would never
@@ -1891,12 +1962,8 @@ impl Poller {
             .as_ref()
             .is_some_and(|fd| q.set_wake_fd(Arc::clone(fd)));
         let mut inflight = InFlight((0..cs.slots.len()).map(|_| Held::default()).collect());
-        // What handlers and tasks handed over above the depth cap (fed in turn with the
-        // inbox), and the completions waiting for the handler. Both hold at most a slot
-        // each: no growth.
-        // First in, first out: a request that waits is not overtaken by later ones forever.
-        let mut local: std::collections::VecDeque<Request> =
-            std::collections::VecDeque::with_capacity(cs.slots.len());
+        // The completions waiting for the handler (at most a slot each: no growth). What
+        // handlers and tasks hand over above the depth cap is `exit.local`, below.
         let mut dones: Vec<Done> = Vec::with_capacity(cs.slots.len());
         // Slots of tagged operations completed in this poll, for the handlers' resubmissions;
         // what they leave goes back to the shared free list before the next poll.
@@ -1929,9 +1996,11 @@ impl Poller {
         ON_POLLER.with(|c| c.set(Arc::as_ptr(&self.shared)));
         // The tasks, closed when the loop ends, also by an unwind (a run-to-completion
         // handler's panic): their handles then say cancelled, and spawns are refused.
-        let mut tasks = PollerExit {
+        let mut exit = PollerExit {
             cs,
             tasks: task::Tasks::new(),
+            // First in, first out: a request that waits is not overtaken by later ones.
+            local: std::collections::VecDeque::with_capacity(cs.slots.len()),
         };
         let mut polls_after_stop = 0u32;
         // Which list `feed` takes from first: the two alternate, so neither the tasks' and
@@ -1944,7 +2013,7 @@ impl Poller {
             // to the queue, would otherwise take all of it while they keep it full.
             let mut work = self.feed(
                 &mut q,
-                &mut local,
+                &mut exit.local,
                 &mut inbox_first,
                 &mut inflight,
                 &mut dones,
@@ -1968,18 +2037,18 @@ impl Poller {
                 },
             };
             TASK_DIRECT.with(|c| c.set(&direct));
-            work |= tasks.tasks.run(&self.shared);
+            work |= exit.tasks.run(&self.shared);
             TASK_DIRECT.with(|c| c.set(std::ptr::null()));
             // SAFETY: this is the poller thread, the only one that touches `reqs`, and no
             // other reference to it is live during this call.
             let reqs = unsafe { &mut *cs.tasks.reqs.get() };
             if !reqs.is_empty() {
                 // Each request holds a slot, so both lists together fit `local`'s capacity.
-                local.extend(reqs.drain(..));
+                exit.local.extend(reqs.drain(..));
             }
             work |= self.feed(
                 &mut q,
-                &mut local,
+                &mut exit.local,
                 &mut inbox_first,
                 &mut inflight,
                 &mut dones,
@@ -2046,7 +2115,7 @@ impl Poller {
                             free_local.push(c.token as u32);
                             let mut rs = Resubmit {
                                 cs,
-                                local: &mut local,
+                                local: &mut exit.local,
                                 free: &mut free_local,
                                 stop,
                                 now: Some(Direct {
@@ -2085,7 +2154,7 @@ impl Poller {
                 work = true;
                 let mut rs = Resubmit {
                     cs,
-                    local: &mut local,
+                    local: &mut exit.local,
                     free: &mut free_local,
                     stop: self.stop.load(Ordering::Acquire),
                     // Resubmissions of failed submissions wait for the next poll (no
@@ -2096,15 +2165,8 @@ impl Poller {
                     h(d, &mut rs);
                 }
             }
-            // What the handlers submitted starts now (one clock read for all of it).
-            if let Some(m) = &mut meter
-                && !stamp.is_empty()
-            {
-                let now = Instant::now();
-                for slot in stamp.drain(..) {
-                    m.started[slot as usize] = now;
-                }
-            }
+            // What the handlers submitted is stamped with the next poll, which hands it to
+            // the device (with what is fed and what tasks send before it).
             // Slots the handlers did not take again: back where every submitter finds them.
             for slot in free_local.drain(..) {
                 let _ = cs.free.push(slot);
@@ -2115,7 +2177,7 @@ impl Poller {
             if self.stop.load(Ordering::Acquire)
                 && q.in_flight() == 0
                 && cs.inbox.is_empty()
-                && local.is_empty()
+                && exit.local.is_empty()
                 && !cs.tasks.pending_from_others()
             {
                 polls_after_stop += 1;
@@ -2201,8 +2263,8 @@ impl Poller {
             }
         }
         // Nothing in flight: the tasks still waiting (on something other than this queue)
-        // are dropped, and so is any spawned from now on (`tasks`' drop).
-        drop(tasks);
+        // are dropped, and so is any spawned from now on (`exit`'s drop).
+        drop(exit);
     }
 
     /// Submit waiting requests while the queue is below `limit`: from the poller's own list

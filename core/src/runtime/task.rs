@@ -475,6 +475,13 @@ impl CoreTasks {
         !unsafe { &*self.slot_waiters.get() }.is_empty()
     }
 
+    /// The poller is exiting: what is spawned from now on is cancelled, and submissions to
+    /// its core are refused.
+    pub(super) fn mark_closed(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
+    }
+
     /// The poller has exited.
     pub(super) fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
@@ -612,8 +619,7 @@ impl Tasks {
     /// The poller exits: every task left is dropped (its handle says cancelled), and so is
     /// every task spawned from now on.
     pub(super) fn close(&mut self, cs: &CoreShared) {
-        cs.tasks.closed.store(true, Ordering::SeqCst);
-        std::sync::atomic::fence(Ordering::SeqCst);
+        cs.tasks.mark_closed();
         while let Some(t) = cs.tasks.spawned.pop() {
             drop_on_poller(t, "a task never run, dropped at shutdown,");
         }
