@@ -550,8 +550,53 @@ impl Drop for PendingPanicOnDrop {
     }
 }
 
+/// How many events said a panic was caught on a poller (a process-wide subscriber: the
+/// events come from the pollers' threads).
+fn panics_reported() -> u64 {
+    use tracing::field::{Field, Visit};
+    static SEEN: AtomicU64 = AtomicU64::new(0);
+    struct Count;
+    struct Message(bool);
+    impl Visit for Message {
+        fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+            if field.name() == "message" && format!("{value:?}").contains("panicked on a poller") {
+                self.0 = true;
+            }
+        }
+    }
+    impl tracing::Subscriber for Count {
+        // Errors only: the rest of the process's logging stays off (and cheap).
+        fn enabled(&self, m: &tracing::Metadata<'_>) -> bool {
+            *m.level() == tracing::Level::ERROR
+        }
+        fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+            Some(tracing::level_filters::LevelFilter::ERROR)
+        }
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, e: &tracing::Event<'_>) {
+            let mut m = Message(false);
+            e.record(&mut m);
+            if m.0 {
+                SEEN.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+    static INIT: std::sync::Once = std::sync::Once::new();
+    INIT.call_once(|| {
+        tracing::subscriber::set_global_default(Count).expect("the only subscriber");
+    });
+    SEEN.load(Ordering::SeqCst)
+}
+
 #[test]
 fn a_panic_in_a_tasks_drop_at_shutdown_still_cancels_the_others() {
+    let before = panics_reported();
     let rt = runtime(Latency::None, 32, sleepy());
     // First in the poller's slab, so dropped first at shutdown.
     let bad = rt.spawn(PendingPanicOnDrop);
@@ -570,6 +615,12 @@ fn a_panic_in_a_tasks_drop_at_shutdown_still_cancels_the_others() {
             Err(JoinError::Cancelled)
         ));
     }
+    // Caught and reported on the poller (not propagated out of its thread). At least one:
+    // other tests in this process may report theirs meanwhile.
+    assert!(
+        panics_reported() > before,
+        "the panic in the task's drop was not caught on the poller"
+    );
 }
 
 #[test]
