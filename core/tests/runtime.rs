@@ -108,7 +108,8 @@ fn sim_runtime(latency: Latency) -> Arc<Runtime> {
     sim_runtime_with(latency, None)
 }
 
-fn sim_runtime_with(latency: Latency, target_p99: Option<Duration>) -> Arc<Runtime> {
+/// The software controller model, one 64 MiB namespace of 512-byte blocks.
+fn sim_engine(latency: Latency) -> Engine {
     let cfg = EngineConfig {
         hugepages: false,
         ..EngineConfig::default()
@@ -121,7 +122,7 @@ fn sim_runtime_with(latency: Latency, target_p99: Option<Duration>) -> Arc<Runti
         latency,
         ..SimConfig::default()
     };
-    let e = Engine::open_sim(
+    Engine::open_sim(
         &cfg,
         sim,
         1,
@@ -131,7 +132,11 @@ fn sim_runtime_with(latency: Latency, target_p99: Option<Duration>) -> Arc<Runti
             create: false,
         },
     )
-    .unwrap();
+    .unwrap()
+}
+
+fn sim_runtime_with(latency: Latency, target_p99: Option<Duration>) -> Arc<Runtime> {
+    let e = sim_engine(latency);
     let idle = IdlePolicy::SleepAfter {
         polls: 1000,
         max_sleep: Duration::from_millis(1),
@@ -171,27 +176,12 @@ fn uring_file(size: usize, rt: RuntimeConfig) -> (tempfile::TempDir, DiskFile) {
 #[test]
 fn a_depth_above_the_most_a_queue_takes_is_refused() {
     let _s = SERIAL.lock().unwrap();
-    let cfg = EngineConfig {
-        hugepages: false,
-        ..EngineConfig::default()
-    };
-    let e = Engine::open_sim(
-        &cfg,
-        SimConfig::default(),
-        1,
-        OpenOptions {
-            write: true,
-            direct: true,
-            create: false,
-        },
-    )
-    .unwrap();
     let idle = IdlePolicy::SleepAfter {
         polls: 1000,
         max_sleep: Duration::from_millis(1),
     };
     let depth = rio::runtime::MAX_DEPTH + 1;
-    match Runtime::start(e, one_core(depth, idle, pool())) {
+    match Runtime::start(sim_engine(Latency::None), one_core(depth, idle, pool())) {
         Err(rio::Error::Config { name, .. }) => assert_eq!(name, "depth"),
         Err(e) => panic!("refused with {e}, not a configuration error"),
         Ok(_) => panic!("a runtime started with depth {depth}"),
