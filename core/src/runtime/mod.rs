@@ -1380,10 +1380,9 @@ impl IoFuture {
 
     /// The boxed rare state, if that is what this future holds.
     fn cold_ref(&self) -> Option<&Cold> {
-        // SAFETY: an even word is the pointer of the box this future owns (`with_cold`),
-        // alive until `take_cold` or the drop turns it back into the box.
-        (self.word & 1 == 0)
-            .then(|| unsafe { &*std::ptr::with_exposed_provenance::<Cold>(self.word as usize) })
+        // SAFETY: an even word came from `cold_word` (`with_cold`) and this future still
+        // owns the box (`take_cold` clears the word).
+        (self.word & 1 == 0).then(|| unsafe { &*cold_at::<Cold>(self.word as usize) })
     }
 
     /// The boxed rare state, taken out (the future then holds nothing).
@@ -1392,20 +1391,17 @@ impl IoFuture {
             return None;
         }
         // SAFETY: as in `cold_ref`; the word is cleared, so the box is rebuilt only once.
-        let b = unsafe {
-            Box::from_raw(std::ptr::with_exposed_provenance_mut::<Cold>(
-                self.word as usize,
-            ))
-        };
+        let b = unsafe { cold_back::<Cold>(self.word as usize) };
         self.word = NO_IO;
         Some(b)
     }
 
     #[cold]
     fn with_cold(cs: Arc<CoreShared>, c: Cold) -> IoFuture {
-        let p = Box::into_raw(Box::new(c)).expose_provenance() as u64;
-        debug_assert!(p & 1 == 0);
-        IoFuture { cs, word: p }
+        IoFuture {
+            cs,
+            word: cold_word(c) as u64,
+        }
     }
 
     fn failed(cs: Arc<CoreShared>, e: Error, buf: Option<PoolBuf>) -> IoFuture {
@@ -1492,6 +1488,34 @@ pub struct LocalIo<'a> {
     _not_send: std::marker::PhantomData<*const ()>,
 }
 
+/// A future's rare state boxed, as the word it keeps in place of a slot: the box's address,
+/// which is even (the box is aligned), while slot words are odd.
+fn cold_word<C>(c: C) -> usize {
+    Box::into_raw(Box::new(c)).expose_provenance()
+}
+
+/// The state boxed by [`cold_word`].
+///
+/// # Safety
+/// `w` came from `cold_word::<C>` and the box was not taken back ([`cold_back`]); the
+/// reference lives no longer than the future that owns the word.
+unsafe fn cold_at<'a, C>(w: usize) -> &'a mut C {
+    // SAFETY: the caller's promise: `w` is a live box's address, its provenance exposed.
+    unsafe { &mut *std::ptr::with_exposed_provenance_mut::<C>(w) }
+}
+
+/// The box made by [`cold_word`], taken back: called once per word (the caller clears it).
+///
+/// # Safety
+/// As for [`cold_at`], and no reference from `cold_at` is live.
+unsafe fn cold_back<C>(w: usize) -> Box<C> {
+    // SAFETY: the caller's promise, as above; the box is rebuilt only once.
+    unsafe { Box::from_raw(std::ptr::with_exposed_provenance_mut::<C>(w)) }
+}
+
+// Boxed rare states have even addresses, so they never look like a slot's (odd) word.
+const _: () = assert!(std::mem::align_of::<Cold>() >= 2 && std::mem::align_of::<LocalCold>() >= 2);
+
 /// `LocalIo::word` when it holds no slot and nothing else (finished).
 const NO_SLOT: usize = usize::MAX;
 
@@ -1517,11 +1541,9 @@ impl<'a> LocalIo<'a> {
 
     #[cold]
     fn cold(cs: &'a CoreShared, c: LocalCold) -> LocalIo<'a> {
-        let p = Box::into_raw(Box::new(c)).expose_provenance();
-        debug_assert!(p & 1 == 0);
         LocalIo {
             cs,
-            word: p,
+            word: cold_word(c),
             _not_send: std::marker::PhantomData,
         }
     }
@@ -1535,10 +1557,9 @@ impl<'a> LocalIo<'a> {
     /// The boxed rare state, if that is what this future holds.
     #[inline(always)]
     fn cold_ref(&self) -> Option<&LocalCold> {
-        // SAFETY: an even word is the pointer of the box this future owns (`cold`), alive
-        // until `take_cold` or the drop turns it back into the box.
-        (self.word & 1 == 0)
-            .then(|| unsafe { &*std::ptr::with_exposed_provenance::<LocalCold>(self.word) })
+        // SAFETY: an even word came from `cold_word` (`cold`) and this future still owns the
+        // box (`take_cold` clears the word).
+        (self.word & 1 == 0).then(|| unsafe { &*cold_at::<LocalCold>(self.word) })
     }
 
     /// The boxed rare state, taken out (the future then holds nothing).
@@ -1547,11 +1568,7 @@ impl<'a> LocalIo<'a> {
             return None;
         }
         // SAFETY: as in `cold_ref`; the word is cleared, so the box is rebuilt only once.
-        let b = unsafe {
-            Box::from_raw(std::ptr::with_exposed_provenance_mut::<LocalCold>(
-                self.word,
-            ))
-        };
+        let b = unsafe { cold_back::<LocalCold>(self.word) };
         self.word = NO_SLOT;
         Some(b)
     }
@@ -1594,7 +1611,7 @@ impl<'a> LocalIo<'a> {
             return None;
         }
         // SAFETY: as in `cold_ref`, and no other reference to the box is live.
-        match unsafe { &mut *std::ptr::with_exposed_provenance_mut::<LocalCold>(self.word) } {
+        match unsafe { cold_at::<LocalCold>(self.word) } {
             LocalCold::Shared(f) => Some(Pin::new(f).poll(cx)),
             LocalCold::Deferred(_) => {
                 if self.start_deferred(cx) {

@@ -401,8 +401,10 @@ pub(super) struct CoreTasks {
     spawned: crossbeam_queue::SegQueue<Spawn>,
     /// Wakes from other threads.
     remote: crossbeam_queue::SegQueue<u64>,
-    /// The poller has exited: a task spawned now is dropped (cancelled) by its spawner.
-    closed: AtomicBool,
+    /// The poller has exited: a task spawned now is dropped (cancelled) by its spawner, and
+    /// a submission to the core is refused. Read by every submission from another thread:
+    /// on a cache line of its own, not beside the lists the poller writes per I/O.
+    closed: crossbeam_utils::CachePadded<AtomicBool>,
     /// Wakes on the poller thread: touched only by that thread.
     pub(super) runq: UnsafeCell<Vec<u64>>,
     /// Requests that tasks (any code on the poller thread) submitted: touched only by that
@@ -425,7 +427,7 @@ impl CoreTasks {
         CoreTasks {
             spawned: crossbeam_queue::SegQueue::new(),
             remote: crossbeam_queue::SegQueue::new(),
-            closed: AtomicBool::new(false),
+            closed: crossbeam_utils::CachePadded::new(AtomicBool::new(false)),
             runq: UnsafeCell::new(Vec::new()),
             reqs: UnsafeCell::new(Vec::with_capacity(nslots)),
             slot_waiters: UnsafeCell::new(Vec::new()),
