@@ -3,10 +3,9 @@
 
 mod common;
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
@@ -17,60 +16,12 @@ use rio::runtime::{DiskFile, IdlePolicy, Runtime, RuntimeConfig};
 use rio::target::OpenOptions;
 use rio::{Engine, EngineConfig};
 
-/// Counts allocations while `COUNTING` is set: on every thread (pollers and the model
-/// included) but the test harness's main thread, which prints the results of earlier tests
-/// and starts the next ones whenever it gets the CPU, on a loaded host during a count too.
-struct Counting;
-static COUNTING: AtomicBool = AtomicBool::new(false);
-static ALLOCS: AtomicU64 = AtomicU64::new(0);
-
-thread_local! {
-    /// This thread is the process's main thread: 0 not known yet, 1 yes, 2 no. (A `const`
-    /// cell without a destructor: reading it never allocates.)
-    static MAIN: std::cell::Cell<u8> = const { std::cell::Cell::new(0) };
-}
-
-fn counted() -> bool {
-    if !COUNTING.load(Ordering::Relaxed) {
-        return false;
-    }
-    let main = MAIN
-        .try_with(|m| {
-            if m.get() == 0 {
-                // SAFETY: plain system calls without arguments.
-                let main = unsafe { libc::gettid() == libc::getpid() };
-                m.set(if main { 1 } else { 2 });
-            }
-            m.get() == 1
-        })
-        .unwrap_or(false);
-    !main
-}
-
-// SAFETY: forwards to the system allocator; the counter has no effect on memory.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        if counted() {
-            ALLOCS.fetch_add(1, Ordering::Relaxed);
-        }
-        // SAFETY: same contract as the caller's.
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        // SAFETY: same contract as the caller's.
-        unsafe { System.dealloc(p, l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
-        if counted() {
-            ALLOCS.fetch_add(1, Ordering::Relaxed);
-        }
-        // SAFETY: same contract as the caller's.
-        unsafe { System.realloc(p, l, n) }
-    }
-}
+#[path = "support/alloc_count.rs"]
+mod alloc_count;
+use alloc_count::{allocations_seen, arm, disarm};
 
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: alloc_count::Counting = alloc_count::Counting;
 
 /// Serializes the tests that count allocations (the counter is process-wide).
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -537,11 +488,9 @@ fn count_allocations(f: &DiskFile, ios: u64) -> u64 {
         }
     };
     run(2000); // warm-up: classes, queues, lazily allocated state
-    ALLOCS.store(0, Ordering::SeqCst);
-    COUNTING.store(true, Ordering::SeqCst);
+    arm();
     run(ios);
-    COUNTING.store(false, Ordering::SeqCst);
-    ALLOCS.load(Ordering::SeqCst)
+    disarm()
 }
 
 #[test]
@@ -550,7 +499,12 @@ fn no_heap_allocation_per_io_on_the_model() {
     let rt = sim_runtime(Latency::None);
     let f = DiskFile::region(&rt, 0, 8 << 20).unwrap();
     let n = count_allocations(&f, 100_000);
-    assert_eq!(n, 0, "{n} heap allocations across 100k I/Os");
+    assert_eq!(
+        n,
+        0,
+        "{n} heap allocations across 100k I/Os: {}",
+        allocations_seen()
+    );
     rt.shutdown();
 }
 
@@ -559,7 +513,12 @@ fn no_heap_allocation_per_io_on_io_uring() {
     let _s = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let (_d, f) = uring_file(8 << 20, one_core(32, IdlePolicy::default(), pool()));
     let n = count_allocations(&f, 100_000);
-    assert_eq!(n, 0, "{n} heap allocations across 100k I/Os");
+    assert_eq!(
+        n,
+        0,
+        "{n} heap allocations across 100k I/Os: {}",
+        allocations_seen()
+    );
     f.runtime().shutdown();
 }
 
@@ -949,11 +908,9 @@ fn no_heap_allocation_per_io_in_a_task_on_the_poller() {
             }
         };
         run(2000).await; // warm-up: run lists, slot lists, wakers
-        ALLOCS.store(0, Ordering::SeqCst);
-        COUNTING.store(true, Ordering::SeqCst);
+        arm();
         run(100_000).await;
-        COUNTING.store(false, Ordering::SeqCst);
-        ALLOCS.load(Ordering::SeqCst)
+        disarm()
     });
     let n = match h.join_timeout(Duration::from_secs(60)) {
         Ok(out) => out.expect("the task finished"),
@@ -962,7 +919,12 @@ fn no_heap_allocation_per_io_in_a_task_on_the_poller() {
             panic!("the task did not finish in 60 s");
         }
     };
-    assert_eq!(n, 0, "{n} heap allocations across 100k I/Os in a task");
+    assert_eq!(
+        n,
+        0,
+        "{n} heap allocations across 100k I/Os in a task: {}",
+        allocations_seen()
+    );
     rt.shutdown();
 }
 
@@ -1049,11 +1011,9 @@ fn no_heap_allocation_per_io_in_a_local_task() {
             }
         };
         run(2000).await;
-        ALLOCS.store(0, Ordering::SeqCst);
-        COUNTING.store(true, Ordering::SeqCst);
+        arm();
         run(100_000).await;
-        COUNTING.store(false, Ordering::SeqCst);
-        ALLOCS.load(Ordering::SeqCst)
+        disarm()
     });
     let n = match h.join_timeout(Duration::from_secs(60)) {
         Ok(out) => out.expect("the task finished"),
@@ -1063,8 +1023,10 @@ fn no_heap_allocation_per_io_in_a_local_task() {
         }
     };
     assert_eq!(
-        n, 0,
-        "{n} heap allocations across 100k I/Os in a local task"
+        n,
+        0,
+        "{n} heap allocations across 100k I/Os in a local task: {}",
+        allocations_seen()
     );
     rt.shutdown();
 }
