@@ -657,3 +657,54 @@ fn seccomp_refusal_falls_back_to_psync_and_explicit_uring_fails() {
     deny_io_uring(&mut c);
     assert_usage_error(&c.output().unwrap(), "backend uring is unavailable");
 }
+
+/// A bench stopped (SIGSTOP) across the end of its ramp and past the end its runtime would
+/// have had still measures I/Os: the measured phase lasts `--runtime` from the reap that
+/// starts it. (It used to end before it began when the first reap after the ramp came after
+/// `ramp + runtime`: a starved host's `total_ios` of 0; at depth 1 that reap holds the only
+/// I/O.) Wherever the stop lands, the I/O issued at the start of the measured phase completes
+/// inside it.
+#[test]
+fn a_bench_starved_across_the_end_of_its_ramp_still_measures() {
+    let child = rio()
+        .args([
+            "bench",
+            "--filename",
+            "sim://size=64m,data=0",
+            "--rw",
+            "randread",
+            "--bs",
+            "4k",
+            "--iodepth",
+            "1",
+            "--ramp_time",
+            "1",
+            "--runtime",
+            "1",
+            "--time_based",
+            "--output-format",
+            "json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run rio");
+    let pid = child.id() as libc::pid_t;
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    // SAFETY: signals to the child this test started and still owns (not yet waited for).
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    std::thread::sleep(std::time::Duration::from_millis(1800));
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let out = child.wait_with_output().expect("wait for rio");
+    assert!(
+        out.status.success(),
+        "rio failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON output");
+    let ios = r["jobs"][0]["read"]["total_ios"]
+        .as_u64()
+        .expect("total_ios");
+    assert!(ios > 0, "no I/O measured: {r}");
+}

@@ -456,7 +456,11 @@ impl<'a> Job<'a> {
         self.win_end = self.t0 + WINDOW;
         let mut series = Vec::new();
         let measure_at = self.t0 + spec.ramp_time;
-        let end_at = spec.runtime.map(|r| measure_at + r);
+        // The measured phase lasts `runtime` from the reap that starts it: a host that starved
+        // this thread across the end of the ramp (a reap due at `measure_at` coming a second
+        // late) still gets a measured phase with I/Os in it, instead of one that ended before
+        // it began.
+        let end_at = std::cell::Cell::new(spec.runtime.map(|r| measure_at + r));
         let mut out = JobOutcome::new();
         let mut measuring = false;
         let mut window_start = self.t0;
@@ -470,7 +474,7 @@ impl<'a> Job<'a> {
             .store(if spec.time_based { 0 } else { self.g.limit }, Relaxed);
         let mut now = Instant::now();
         let can_issue = |g: &Gen, now: Instant| {
-            !stop.load(Relaxed) && end_at.is_none_or(|e| now < e) && g.issued < g.limit
+            !stop.load(Relaxed) && end_at.get().is_none_or(|e| now < e) && g.issued < g.limit
         };
         for t in (0..spec.iodepth as usize).rev() {
             self.idle.push(t);
@@ -480,6 +484,7 @@ impl<'a> Job<'a> {
             measuring = true;
             window_start = now;
             clock.start();
+            end_at.set(spec.runtime.map(|r| now + r));
         }
         while self.q.in_flight() > 0 {
             // Each completion is handled as it is reaped and its token issued again at once:
@@ -555,6 +560,7 @@ impl<'a> Job<'a> {
                 }
                 measuring = true;
                 window_start = now;
+                end_at.set(spec.runtime.map(|r| now + r));
                 out = JobOutcome::new();
                 prog.set_phase(Phase::Measure);
                 clock.start();
