@@ -378,6 +378,10 @@ struct CoreShared {
     on_complete: Option<CompletionHandler>,
     /// Tasks spawned on this core's poller ([`Runtime::spawn`]).
     tasks: task::CoreTasks,
+    /// Serializes the failing of what waits on a core whose poller died: the poller's own
+    /// exit (`PollerExit::fail_what_waits`, which sets it once done) and futures that find
+    /// the core closed (`fail_late`). Never touched while the poller lives.
+    dead: std::sync::Mutex<bool>,
 }
 
 thread_local! {
@@ -422,31 +426,16 @@ impl PollerExit<'_> {
     #[cold]
     fn fail_what_waits(&mut self) {
         let cs = self.cs;
-        // New submissions to this core fail from now on (`submit` checks it).
+        // New submissions to this core fail from now on (`submit` checks it), and a future
+        // armed after the scan below finds the core closed when it polls (`fail_late`).
         cs.tasks.mark_closed();
-        let gone = || Error::BackendUnavailable {
-            backend: "runtime",
-            reason: format!(
-                "the poller of core {} ended (a completion handler panicked)",
-                cs.core
-            ),
-        };
-        let fail = |slot: u32, buf: Option<PoolBuf>| {
-            // `complete` may wake a waker: a panic there must not abort the unwind.
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                complete(cs, slot, Err(gone()), buf)
-            }));
-            if r.is_err() {
-                tracing::error!(
-                    core = cs.core,
-                    "a waker panicked on a poller that was ending"
-                );
-            }
-        };
+        let mut drained = cs.dead.lock().unwrap_or_else(|p| p.into_inner());
         // SAFETY: the poller's own thread (this guard lives on its stack), the only one that
         // touches `reqs`; no reference into it is live while the loop unwinds.
         let reqs = std::mem::take(unsafe { &mut *cs.tasks.reqs.get() });
         let waiting = self.local.drain(..).chain(reqs);
+        // Every request here was armed before the poller took it or stopped: its slot waits
+        // for exactly this request.
         for req in waiting.chain(std::iter::from_fn(|| cs.inbox.pop())) {
             match req.tag {
                 // A tagged operation has no future: its slot and buffer go back.
@@ -454,14 +443,85 @@ impl PollerExit<'_> {
                     drop(req.buf);
                     let _ = cs.free.push(req.slot);
                 }
-                None => fail(req.slot, req.buf),
+                None => cs.fail_dead(req.slot, req.buf),
             }
         }
-        for (slot, s) in cs.slots.iter().enumerate() {
-            if matches!(s.state.load(Ordering::Acquire), PENDING | ABANDONED) {
-                fail(slot as u32, None);
+        cs.fail_waiting_slots(true);
+        *drained = true;
+    }
+}
+
+impl CoreShared {
+    /// The error of an operation whose core's poller died.
+    fn gone(&self) -> Error {
+        Error::BackendUnavailable {
+            backend: "runtime",
+            reason: format!(
+                "the poller of core {} ended (a completion handler panicked)",
+                self.core
+            ),
+        }
+    }
+
+    /// Completes `slot` with [`gone`](Self::gone) on a core whose poller died; the caller
+    /// holds `dead`, so no one else completes it meanwhile.
+    #[cold]
+    fn fail_dead(&self, slot: u32, buf: Option<PoolBuf>) {
+        // `complete` may wake a waker: a panic there must not abort an unwind nor reach
+        // the future that found the core dead.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            complete(self, slot, Err(self.gone()), buf)
+        }));
+        if r.is_err() {
+            tracing::error!(
+                core = self.core,
+                "a waker panicked while its core's dead poller's operations were failed"
+            );
+        }
+    }
+
+    /// Fails every slot still waiting (PENDING, or ABANDONED by its future) on a core whose
+    /// poller died; the caller holds `dead`. Slots of `LocalIo` futures only on the dead
+    /// poller's own thread (`on_poller_thread`): their wakers belong to it.
+    #[cold]
+    fn fail_waiting_slots(&self, on_poller_thread: bool) {
+        for (slot, s) in self.slots.iter().enumerate() {
+            if !on_poller_thread && s.local_only.load(Ordering::Relaxed) {
+                continue;
+            }
+            // SeqCst: pairs with a remote submission's SeqCst arming (`arm_remote`) and its
+            // future's SeqCst look at `closed` (see `fail_late`).
+            if matches!(s.state.load(Ordering::SeqCst), PENDING | ABANDONED) {
+                self.fail_dead(slot as u32, None);
             }
         }
+    }
+
+    /// A future from another thread found its core closed while it waits: its poller died.
+    /// A submission that passed the `closed` check just before the poller's exit may have
+    /// armed its slot after the exit's scan, and its request gone to an inbox no one reads;
+    /// fail such slots here. Dekker's pattern: the submitter armed SeqCst, then its poll
+    /// loads `closed` SeqCst; the exit stores `closed` SeqCst, then scans SeqCst. So either
+    /// the exit's scan saw the slot armed, or this poll sees the core closed. Requests
+    /// found in the inbox now are dropped with their buffers (their slots are failed by the
+    /// scan, without them: a late request may even name a slot freed and armed again).
+    #[cold]
+    #[inline(never)]
+    fn fail_late(&self) {
+        let drained = self.dead.lock().unwrap_or_else(|p| p.into_inner());
+        if !*drained {
+            // The exit has not scanned yet: it will, and it sees this slot armed.
+            return;
+        }
+        while let Some(req) = self.inbox.pop() {
+            let slot = req.slot;
+            let tagged = req.tag.is_some();
+            drop(req);
+            if tagged {
+                let _ = self.free.push(slot);
+            }
+        }
+        self.fail_waiting_slots(false);
     }
 }
 
@@ -491,12 +551,24 @@ impl CoreShared {
     /// `local_only`: for a [`LocalIo`], which never leaves the poller's thread.
     #[inline]
     fn arm(&self, slot: u32, local_only: bool) -> u32 {
+        self.arm_with(slot, local_only, Ordering::Release)
+    }
+
+    /// [`arm`](Self::arm) for a submission from another thread than the poller's: the state
+    /// is published SeqCst, for a poller that dies meanwhile (see `fail_late`).
+    #[inline]
+    fn arm_remote(&self, slot: u32) -> u32 {
+        self.arm_with(slot, false, Ordering::SeqCst)
+    }
+
+    #[inline(always)]
+    fn arm_with(&self, slot: u32, local_only: bool, publish: Ordering) -> u32 {
         let s = &self.slots[slot as usize];
         let epoch = s.epoch.load(Ordering::Relaxed).wrapping_add(1);
         s.epoch.store(epoch, Ordering::Release);
         s.remote.store(false, Ordering::Relaxed);
         s.local_only.store(local_only, Ordering::Relaxed);
-        s.state.store(PENDING, Ordering::Release);
+        s.state.store(PENDING, publish);
         epoch
     }
 
@@ -751,6 +823,7 @@ impl Runtime {
                 sink: cfg.sink.clone(),
                 on_complete: cfg.on_complete.clone(),
                 tasks: task::CoreTasks::new(nslots),
+                dead: std::sync::Mutex::new(false),
                 index: shared.len() as u32,
                 tuner: cfg.target_p99.map(|t| {
                     let mut c = crate::tune::QdConfig::new(t, depth);
@@ -1237,7 +1310,11 @@ impl Runtime {
                 None => return Ok(IoFuture::failed(cs, shut_down(), buf)),
             }
         };
-        let epoch = cs.arm(slot, false);
+        let epoch = if local {
+            cs.arm(slot, false)
+        } else {
+            cs.arm_remote(slot)
+        };
         cs.issue(local, slot, op, offset, len, buf, file, cached);
         Ok(IoFuture {
             cs,
@@ -1467,7 +1544,11 @@ impl IoFuture {
         let Some(Cold::Deferred(req)) = self.take_cold().map(|c| *c) else {
             unreachable!("a deferred future holds its request");
         };
-        let epoch = self.cs.arm(slot, false);
+        let epoch = if local {
+            self.cs.arm(slot, false)
+        } else {
+            self.cs.arm_remote(slot)
+        };
         self.word = io_word(slot, epoch);
         self.cs.hand(local, Request { slot, ..req });
         Ok(true)
@@ -1714,7 +1795,14 @@ impl Future for IoFuture {
             s.waker.register(cx.waker());
             // Re-check after publishing the waker: the poller may have completed meanwhile.
             if s.state.load(Ordering::SeqCst) != DONE {
-                return Poll::Pending;
+                // A poller that died may have missed this slot (see `fail_late`).
+                if !self.cs.tasks.is_closed() {
+                    return Poll::Pending;
+                }
+                self.cs.fail_late();
+                if s.state.load(Ordering::SeqCst) != DONE {
+                    return Poll::Pending;
+                }
             }
             // Completed meanwhile: the poller may not have seen the registration, and a
             // waker left in the slot would keep whatever it holds (a task's core) alive.
@@ -2578,5 +2666,118 @@ impl crate::config::EngineConfig {
             target_p99: self.target_latency_us.map(std::time::Duration::from_micros),
             ..RuntimeConfig::default()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nvme::sim::{Latency, SimConfig, SimNamespace};
+    use crate::target::OpenOptions;
+    use std::time::Duration;
+
+    /// Polls `f` on this thread until it is ready (a parking waker).
+    fn block_on<F: Future + Unpin>(mut f: F) -> F::Output {
+        struct Unpark(std::thread::Thread);
+        impl std::task::Wake for Unpark {
+            fn wake(self: Arc<Self>) {
+                self.0.unpark();
+            }
+        }
+        let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+        let mut cx = Context::from_waker(&waker);
+        loop {
+            if let Poll::Ready(out) = Pin::new(&mut f).poll(&mut cx) {
+                return out;
+            }
+            std::thread::park();
+        }
+    }
+
+    /// A submission that passed the `closed` check just before its core's poller died, and
+    /// armed its slot and queued its request only after the poller's exit had failed what
+    /// waited (the race `fail_late` closes, staged here step by step): its future fails
+    /// instead of waiting forever.
+    #[test]
+    fn a_submission_that_raced_its_pollers_death_fails_instead_of_waiting() {
+        let cfg = crate::EngineConfig {
+            hugepages: false,
+            ..crate::EngineConfig::default()
+        };
+        let sim = SimConfig {
+            namespaces: vec![SimNamespace {
+                block_size: 512,
+                size_bytes: 16 << 20,
+            }],
+            latency: Latency::Fixed(Duration::from_millis(20)),
+            ..SimConfig::default()
+        };
+        let opts = OpenOptions {
+            write: true,
+            direct: true,
+            create: false,
+        };
+        let e = Engine::open_sim(&cfg, sim, 1, opts).unwrap();
+        let handler: CompletionHandler = Arc::new(|_d: Done, _rs: &mut Resubmit<'_>| {
+            panic!("boom in a completion handler (expected by this test)");
+        });
+        let rt = Runtime::start(
+            e,
+            RuntimeConfig {
+                cores: Some(vec![0]),
+                depth: 8,
+                idle: IdlePolicy::SleepAfter {
+                    polls: 100,
+                    max_sleep: Duration::from_millis(1),
+                },
+                pool: crate::pool::PoolConfig {
+                    pages: crate::pool::PagePolicy::Normal,
+                    initial_per_class: 8,
+                    ..crate::pool::PoolConfig::default()
+                },
+                on_complete: Some(handler),
+                ..RuntimeConfig::default()
+            },
+        )
+        .unwrap();
+        let cs = Arc::clone(&rt.cores[0]);
+        rt.submit_tagged(OpKind::Flush, 0, 0, None, 1).unwrap();
+        // The handler's panic ends the poller; its exit fails what waits, then marks the
+        // core drained.
+        let until = Instant::now() + Duration::from_secs(20);
+        while !*cs.dead.lock().unwrap_or_else(|p| p.into_inner()) {
+            assert!(Instant::now() < until, "the poller did not end in 20 s");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // The late submitter: a slot it took before the death, armed and queued after the
+        // exit's drain (what `submit` does past its `closed` check).
+        let slot = cs.free.pop().expect("a free slot");
+        let epoch = cs.arm_remote(slot);
+        cs.issue(false, slot, OpKind::Flush, 0, 0, None, None, false);
+        let fut = IoFuture {
+            cs: Arc::clone(&cs),
+            word: io_word(slot, epoch),
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(block_on(fut).map(|_| ()).map_err(|(e, _)| e.to_string()));
+        });
+        match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(r) => {
+                let e = r.expect_err("an I/O on a dead poller succeeded");
+                assert!(e.contains("poller of core"), "{e}");
+            }
+            Err(_) => {
+                std::mem::forget(rt);
+                panic!("a submission that raced its poller's death waited 20 s");
+            }
+        }
+        // Its slot went back: nothing else waits on the core.
+        assert!(
+            cs.slots
+                .iter()
+                .all(|s| s.state.load(Ordering::SeqCst) != PENDING)
+        );
+        rt.shutdown();
     }
 }

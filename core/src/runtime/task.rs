@@ -486,7 +486,9 @@ impl CoreTasks {
 
     /// The poller has exited.
     pub(super) fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
+        // SeqCst: a remote future's check pairs with `mark_closed` (see `fail_late`); a
+        // plain load on x86 all the same.
+        self.closed.load(Ordering::SeqCst)
     }
 
     /// Anything for the poller to do here (checked before it sleeps).
