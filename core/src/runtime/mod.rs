@@ -378,10 +378,52 @@ struct CoreShared {
     on_complete: Option<CompletionHandler>,
     /// Tasks spawned on this core's poller ([`Runtime::spawn`]).
     tasks: task::CoreTasks,
-    /// Serializes the failing of what waits on a core whose poller died: the poller's own
-    /// exit (`PollerExit::fail_what_waits`, which sets it once done) and futures that find
-    /// the core closed (`fail_late`). Never touched while the poller lives.
-    dead: std::sync::Mutex<bool>,
+    /// What has been failed on this core since its poller died, shared by the poller's own
+    /// exit (`PollerExit::fail_what_waits`) and futures that find the core closed
+    /// (`fail_late`). Never touched while the poller lives.
+    dead: std::sync::Mutex<DeadCore>,
+}
+
+/// [`CoreShared::dead`]: which arming of each slot has been claimed for failing, so that
+/// every waiting operation is completed exactly once, by whoever claimed it, outside the
+/// lock (completing wakes wakers: no user code runs under it).
+#[derive(Default)]
+struct DeadCore {
+    /// The exit has drained the inbox and scanned the slots.
+    drained: bool,
+    /// Per slot, the epoch of the arming last claimed (empty until the exit).
+    claimed: Vec<Option<u32>>,
+}
+
+impl DeadCore {
+    /// Claims the current arming of `slot` for failing, unless it was claimed already.
+    fn claim(&mut self, cs: &CoreShared, slot: u32) -> bool {
+        let epoch = cs.slots[slot as usize].epoch.load(Ordering::Acquire);
+        let c = &mut self.claimed[slot as usize];
+        if *c == Some(epoch) {
+            return false;
+        }
+        *c = Some(epoch);
+        true
+    }
+
+    /// Claims every slot still waiting (PENDING, or ABANDONED by its future). `LocalIo`
+    /// slots only on the dead poller's own thread (`on_poller_thread`): their wakers are
+    /// that thread's.
+    fn claim_waiting(&mut self, cs: &CoreShared, on_poller_thread: bool, out: &mut Vec<u32>) {
+        for (slot, s) in cs.slots.iter().enumerate() {
+            if !on_poller_thread && s.local_only.load(Ordering::Relaxed) {
+                continue;
+            }
+            // SeqCst: pairs with a remote submission's SeqCst arming (`arm_remote`) and its
+            // future's SeqCst look at `closed` (see `fail_late`).
+            if matches!(s.state.load(Ordering::SeqCst), PENDING | ABANDONED)
+                && self.claim(cs, slot as u32)
+            {
+                out.push(slot as u32);
+            }
+        }
+    }
 }
 
 thread_local! {
@@ -429,25 +471,40 @@ impl PollerExit<'_> {
         // New submissions to this core fail from now on (`submit` checks it), and a future
         // armed after the scan below finds the core closed when it polls (`fail_late`).
         cs.tasks.mark_closed();
-        let mut drained = cs.dead.lock().unwrap_or_else(|p| p.into_inner());
-        // SAFETY: the poller's own thread (this guard lives on its stack), the only one that
-        // touches `reqs`; no reference into it is live while the loop unwinds.
-        let reqs = std::mem::take(unsafe { &mut *cs.tasks.reqs.get() });
-        let waiting = self.local.drain(..).chain(reqs);
-        // Every request here was armed before the poller took it or stopped: its slot waits
-        // for exactly this request.
-        for req in waiting.chain(std::iter::from_fn(|| cs.inbox.pop())) {
-            match req.tag {
-                // A tagged operation has no future: its slot and buffer go back.
-                Some(_) => {
-                    drop(req.buf);
-                    let _ = cs.free.push(req.slot);
+        let mut with_buf = Vec::new();
+        let mut slots = Vec::new();
+        {
+            let mut dead = cs.dead.lock().unwrap_or_else(|p| p.into_inner());
+            dead.claimed = vec![None; cs.slots.len()];
+            // SAFETY: the poller's own thread (this guard lives on its stack), the only one
+            // that touches `reqs`; no reference into it is live while the loop unwinds.
+            let reqs = std::mem::take(unsafe { &mut *cs.tasks.reqs.get() });
+            let waiting = self.local.drain(..).chain(reqs);
+            // Each request here was armed before the poller took it or stopped: its slot
+            // waits for exactly this request.
+            for req in waiting.chain(std::iter::from_fn(|| cs.inbox.pop())) {
+                match req.tag {
+                    // A tagged operation has no future: its slot and buffer go back.
+                    Some(_) => {
+                        drop(req.buf);
+                        let _ = cs.free.push(req.slot);
+                    }
+                    None => {
+                        if dead.claim(cs, req.slot) {
+                            with_buf.push((req.slot, req.buf));
+                        }
+                    }
                 }
-                None => cs.fail_dead(req.slot, req.buf),
             }
+            dead.claim_waiting(cs, true, &mut slots);
+            dead.drained = true;
         }
-        cs.fail_waiting_slots(true);
-        *drained = true;
+        for (slot, buf) in with_buf {
+            cs.fail_dead(slot, buf);
+        }
+        for slot in slots {
+            cs.fail_dead(slot, None);
+        }
     }
 }
 
@@ -464,7 +521,7 @@ impl CoreShared {
     }
 
     /// Completes `slot` with [`gone`](Self::gone) on a core whose poller died; the caller
-    /// holds `dead`, so no one else completes it meanwhile.
+    /// claimed it (`DeadCore::claim`), so no one else completes it.
     #[cold]
     fn fail_dead(&self, slot: u32, buf: Option<PoolBuf>) {
         // `complete` may wake a waker: a panic there must not abort an unwind nor reach
@@ -480,23 +537,6 @@ impl CoreShared {
         }
     }
 
-    /// Fails every slot still waiting (PENDING, or ABANDONED by its future) on a core whose
-    /// poller died; the caller holds `dead`. Slots of `LocalIo` futures only on the dead
-    /// poller's own thread (`on_poller_thread`): their wakers belong to it.
-    #[cold]
-    fn fail_waiting_slots(&self, on_poller_thread: bool) {
-        for (slot, s) in self.slots.iter().enumerate() {
-            if !on_poller_thread && s.local_only.load(Ordering::Relaxed) {
-                continue;
-            }
-            // SeqCst: pairs with a remote submission's SeqCst arming (`arm_remote`) and its
-            // future's SeqCst look at `closed` (see `fail_late`).
-            if matches!(s.state.load(Ordering::SeqCst), PENDING | ABANDONED) {
-                self.fail_dead(slot as u32, None);
-            }
-        }
-    }
-
     /// A future from another thread found its core closed while it waits: its poller died.
     /// A submission that passed the `closed` check just before the poller's exit may have
     /// armed its slot after the exit's scan, and its request gone to an inbox no one reads;
@@ -505,23 +545,30 @@ impl CoreShared {
     /// the exit's scan saw the slot armed, or this poll sees the core closed. Requests
     /// found in the inbox now are dropped with their buffers (their slots are failed by the
     /// scan, without them: a late request may even name a slot freed and armed again).
+    /// Slots are claimed under `dead` and completed after it is released, so a waker that
+    /// polls a future inline finds the lock free.
     #[cold]
     #[inline(never)]
     fn fail_late(&self) {
-        let drained = self.dead.lock().unwrap_or_else(|p| p.into_inner());
-        if !*drained {
-            // The exit has not scanned yet: it will, and it sees this slot armed.
-            return;
+        let mut late = Vec::new();
+        let mut slots = Vec::new();
+        {
+            let mut dead = self.dead.lock().unwrap_or_else(|p| p.into_inner());
+            if !dead.drained {
+                // The exit has not scanned yet: it will, and it sees this slot armed.
+                return;
+            }
+            late.extend(std::iter::from_fn(|| self.inbox.pop()));
+            dead.claim_waiting(self, false, &mut slots);
         }
-        while let Some(req) = self.inbox.pop() {
-            let slot = req.slot;
-            let tagged = req.tag.is_some();
-            drop(req);
-            if tagged {
-                let _ = self.free.push(slot);
+        for req in late {
+            if req.tag.is_some() {
+                let _ = self.free.push(req.slot);
             }
         }
-        self.fail_waiting_slots(false);
+        for slot in slots {
+            self.fail_dead(slot, None);
+        }
     }
 }
 
@@ -823,7 +870,7 @@ impl Runtime {
                 sink: cfg.sink.clone(),
                 on_complete: cfg.on_complete.clone(),
                 tasks: task::CoreTasks::new(nslots),
-                dead: std::sync::Mutex::new(false),
+                dead: std::sync::Mutex::new(DeadCore::default()),
                 index: shared.len() as u32,
                 tuner: cfg.target_p99.map(|t| {
                     let mut c = crate::tune::QdConfig::new(t, depth);
@@ -2694,12 +2741,9 @@ mod tests {
         }
     }
 
-    /// A submission that passed the `closed` check just before its core's poller died, and
-    /// armed its slot and queued its request only after the poller's exit had failed what
-    /// waited (the race `fail_late` closes, staged here step by step): its future fails
-    /// instead of waiting forever.
-    #[test]
-    fn a_submission_that_raced_its_pollers_death_fails_instead_of_waiting() {
+    /// A runtime on the model, one core, whose completion handler panics (ending the
+    /// poller); each command held 20 ms.
+    fn dying_runtime(depth: u32) -> Arc<Runtime> {
         let cfg = crate::EngineConfig {
             hugepages: false,
             ..crate::EngineConfig::default()
@@ -2721,11 +2765,11 @@ mod tests {
         let handler: CompletionHandler = Arc::new(|_d: Done, _rs: &mut Resubmit<'_>| {
             panic!("boom in a completion handler (expected by this test)");
         });
-        let rt = Runtime::start(
+        Runtime::start(
             e,
             RuntimeConfig {
                 cores: Some(vec![0]),
-                depth: 8,
+                depth,
                 idle: IdlePolicy::SleepAfter {
                     polls: 100,
                     max_sleep: Duration::from_millis(1),
@@ -2739,16 +2783,69 @@ mod tests {
                 ..RuntimeConfig::default()
             },
         )
-        .unwrap();
-        let cs = Arc::clone(&rt.cores[0]);
-        rt.submit_tagged(OpKind::Flush, 0, 0, None, 1).unwrap();
-        // The handler's panic ends the poller; its exit fails what waits, then marks the
-        // core drained.
+        .unwrap()
+    }
+
+    /// `fut`'s output, polled on another thread; None after 20 s.
+    fn resolve(fut: IoFuture) -> Option<IoOutput> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(block_on(fut));
+        });
+        rx.recv_timeout(Duration::from_secs(20)).ok()
+    }
+
+    /// Waits until the dead poller's exit has failed what waited.
+    fn wait_drained(cs: &CoreShared) {
         let until = Instant::now() + Duration::from_secs(20);
-        while !*cs.dead.lock().unwrap_or_else(|p| p.into_inner()) {
+        while !cs.dead.lock().unwrap_or_else(|p| p.into_inner()).drained {
             assert!(Instant::now() < until, "the poller did not end in 20 s");
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    /// A read queued behind the depth when its poller dies fails once, with its buffer.
+    #[test]
+    fn a_request_queued_when_its_poller_dies_fails_once_with_its_buffer() {
+        let rt = dying_runtime(1);
+        let cs = Arc::clone(&rt.cores[0]);
+        let buf = rt.buffer(4096, Duration::from_secs(5)).unwrap();
+        // The flush fills the depth for 20 ms; the read waits behind it; the flush's handler
+        // then panics.
+        rt.submit_tagged(OpKind::Flush, 0, 0, None, 1).unwrap();
+        let read = rt.submit(OpKind::Read, 0, 4096, Some(buf));
+        wait_drained(&cs);
+        let Some(out) = resolve(read) else {
+            std::mem::forget(rt);
+            panic!("a read queued on a poller that died waited 20 s");
+        };
+        let (e, buf) = out.expect_err("a read on a dead poller succeeded");
+        assert!(e.to_string().contains("poller of core"), "{e}");
+        assert_eq!(
+            buf.map(|b| b.len()),
+            Some(4096),
+            "the read's buffer came back"
+        );
+        // Failed once: its slot is free again, not failed a second time meanwhile.
+        assert!(
+            cs.slots
+                .iter()
+                .all(|s| s.state.load(Ordering::SeqCst) == FREE)
+        );
+        rt.shutdown();
+    }
+
+    /// A submission that passed the `closed` check just before its core's poller died, and
+    /// armed its slot and queued its request only after the poller's exit had failed what
+    /// waited (the race `fail_late` closes, staged here step by step): its future fails
+    /// instead of waiting forever.
+    #[test]
+    fn a_submission_that_raced_its_pollers_death_fails_instead_of_waiting() {
+        let rt = dying_runtime(8);
+        let cs = Arc::clone(&rt.cores[0]);
+        rt.submit_tagged(OpKind::Flush, 0, 0, None, 1).unwrap();
+        // The handler's panic ends the poller; its exit fails what waits.
+        wait_drained(&cs);
         // The late submitter: a slot it took before the death, armed and queued after the
         // exit's drain (what `submit` does past its `closed` check).
         let slot = cs.free.pop().expect("a free slot");
@@ -2758,20 +2855,12 @@ mod tests {
             cs: Arc::clone(&cs),
             word: io_word(slot, epoch),
         };
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = tx.send(block_on(fut).map(|_| ()).map_err(|(e, _)| e.to_string()));
-        });
-        match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(r) => {
-                let e = r.expect_err("an I/O on a dead poller succeeded");
-                assert!(e.contains("poller of core"), "{e}");
-            }
-            Err(_) => {
-                std::mem::forget(rt);
-                panic!("a submission that raced its poller's death waited 20 s");
-            }
-        }
+        let Some(out) = resolve(fut) else {
+            std::mem::forget(rt);
+            panic!("a submission that raced its poller's death waited 20 s");
+        };
+        let (e, _) = out.expect_err("an I/O on a dead poller succeeded");
+        assert!(e.to_string().contains("poller of core"), "{e}");
         // Its slot went back: nothing else waits on the core.
         assert!(
             cs.slots
