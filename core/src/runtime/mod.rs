@@ -2795,6 +2795,18 @@ mod tests {
         rx.recv_timeout(Duration::from_secs(20)).ok()
     }
 
+    /// `fut` fails with the dead poller's error; returns the buffer it gave back. `what` names
+    /// it if it waits 20 s instead (the runtime is then leaked, not joined).
+    fn fails_gone(rt: &Arc<Runtime>, fut: IoFuture, what: &str) -> Option<PoolBuf> {
+        let Some(out) = resolve(fut) else {
+            std::mem::forget(Arc::clone(rt));
+            panic!("{what} waited 20 s");
+        };
+        let (e, buf) = out.expect_err("an I/O on a dead poller succeeded");
+        assert!(e.to_string().contains("poller of core"), "{e}");
+        buf
+    }
+
     /// Waits until the dead poller's exit has failed what waited.
     fn wait_drained(cs: &CoreShared) {
         let until = Instant::now() + Duration::from_secs(20);
@@ -2815,12 +2827,7 @@ mod tests {
         rt.submit_tagged(OpKind::Flush, 0, 0, None, 1).unwrap();
         let read = rt.submit(OpKind::Read, 0, 4096, Some(buf));
         wait_drained(&cs);
-        let Some(out) = resolve(read) else {
-            std::mem::forget(rt);
-            panic!("a read queued on a poller that died waited 20 s");
-        };
-        let (e, buf) = out.expect_err("a read on a dead poller succeeded");
-        assert!(e.to_string().contains("poller of core"), "{e}");
+        let buf = fails_gone(&rt, read, "a read queued on a poller that died");
         assert_eq!(
             buf.map(|b| b.len()),
             Some(4096),
@@ -2855,12 +2862,7 @@ mod tests {
             cs: Arc::clone(&cs),
             word: io_word(slot, epoch),
         };
-        let Some(out) = resolve(fut) else {
-            std::mem::forget(rt);
-            panic!("a submission that raced its poller's death waited 20 s");
-        };
-        let (e, _) = out.expect_err("an I/O on a dead poller succeeded");
-        assert!(e.to_string().contains("poller of core"), "{e}");
+        fails_gone(&rt, fut, "a submission that raced its poller's death");
         // Its slot went back: nothing else waits on the core.
         assert!(
             cs.slots
