@@ -391,14 +391,26 @@ struct CoreShared {
 struct DeadCore {
     /// The exit has drained the inbox and scanned the slots.
     drained: bool,
+    /// The poller ended by a panic (else by shutdown): which error the failed get.
+    panicked: bool,
     /// Per slot, the epoch of the arming last claimed (empty until the exit).
     claimed: Vec<Option<u32>>,
 }
 
 impl DeadCore {
-    /// Claims the current arming of `slot` for failing, unless it was claimed already.
+    /// Claims `slot` for failing if it waits (PENDING, or ABANDONED by its future) and this
+    /// arming of it was not claimed already. The epoch is read on both sides of the state, so
+    /// the state read belongs to that arming: a slot completed by another claimer, freed and
+    /// taken again by a late submitter meanwhile is not claimed under its old arming.
     fn claim(&mut self, cs: &CoreShared, slot: u32) -> bool {
-        let epoch = cs.slots[slot as usize].epoch.load(Ordering::Acquire);
+        let s = &cs.slots[slot as usize];
+        let epoch = s.epoch.load(Ordering::SeqCst);
+        // SeqCst: pairs with a remote submission's SeqCst arming (`arm_remote`) and its
+        // future's SeqCst look at `closed` (see `fail_late`).
+        let waiting = matches!(s.state.load(Ordering::SeqCst), PENDING | ABANDONED);
+        if !waiting || s.epoch.load(Ordering::SeqCst) != epoch {
+            return false;
+        }
         let c = &mut self.claimed[slot as usize];
         if *c == Some(epoch) {
             return false;
@@ -415,11 +427,7 @@ impl DeadCore {
             if !on_poller_thread && s.local_only.load(Ordering::Relaxed) {
                 continue;
             }
-            // SeqCst: pairs with a remote submission's SeqCst arming (`arm_remote`) and its
-            // future's SeqCst look at `closed` (see `fail_late`).
-            if matches!(s.state.load(Ordering::SeqCst), PENDING | ABANDONED)
-                && self.claim(cs, slot as u32)
-            {
+            if self.claim(cs, slot as u32) {
                 out.push(slot as u32);
             }
         }
@@ -451,9 +459,10 @@ struct PollerExit<'a> {
 impl Drop for PollerExit<'_> {
     fn drop(&mut self) {
         TASK_DIRECT.with(|c| c.set(std::ptr::null()));
-        if std::thread::panicking() {
-            self.fail_what_waits();
-        }
+        // After a shutdown nothing should wait here, but a submission from another thread
+        // that passed the runtime's `stop` check just before the loop's last look at the
+        // inbox would wait forever.
+        self.fail_what_waits(std::thread::panicking());
         // Drops every task left (a panic in one's drop is caught and reported).
         self.tasks.close(self.cs);
         ON_POLLER.with(|c| c.set(std::ptr::null()));
@@ -461,21 +470,25 @@ impl Drop for PollerExit<'_> {
 }
 
 impl PollerExit<'_> {
-    /// The loop is unwinding (a run-to-completion handler panicked): no poll will complete
-    /// anything any more. Every future still waiting on this core gets an error instead of
-    /// waiting forever: requests not yet sent with their buffers, operations in flight
-    /// without them (the device may still write into those: the in-flight table leaks them).
+    /// The loop ended, by a shutdown or unwinding (`panicked`: a run-to-completion handler
+    /// panicked): no poll will complete anything any more. Every future still waiting on
+    /// this core gets an error instead of waiting forever: requests not yet sent with their
+    /// buffers, operations in flight without them (the device may still write into those:
+    /// the in-flight table leaks them). A submission racing this is caught by its own
+    /// future (`fail_late`).
     #[cold]
-    fn fail_what_waits(&mut self) {
+    fn fail_what_waits(&mut self, panicked: bool) {
         let cs = self.cs;
         // New submissions to this core fail from now on (`submit` checks it), and a future
         // armed after the scan below finds the core closed when it polls (`fail_late`).
         cs.tasks.mark_closed();
         let mut with_buf = Vec::new();
         let mut slots = Vec::new();
-        {
+        let mut dropped = Vec::new();
+        let panicked = {
             let mut dead = cs.dead.lock().unwrap_or_else(|p| p.into_inner());
             dead.claimed = vec![None; cs.slots.len()];
+            dead.panicked = panicked;
             // SAFETY: the poller's own thread (this guard lives on its stack), the only one
             // that touches `reqs`; no reference into it is live while the loop unwinds.
             let reqs = std::mem::take(unsafe { &mut *cs.tasks.reqs.get() });
@@ -492,42 +505,52 @@ impl PollerExit<'_> {
                     None => {
                         if dead.claim(cs, req.slot) {
                             with_buf.push((req.slot, req.buf));
+                        } else {
+                            dropped.push(req);
                         }
                     }
                 }
             }
             dead.claim_waiting(cs, true, &mut slots);
             dead.drained = true;
-        }
+            panicked
+        };
+        drop(dropped);
         for (slot, buf) in with_buf {
-            cs.fail_dead(slot, buf);
+            cs.fail_dead(slot, panicked, buf, true);
         }
         for slot in slots {
-            cs.fail_dead(slot, None);
+            cs.fail_dead(slot, panicked, None, true);
         }
     }
 }
 
 impl CoreShared {
-    /// The error of an operation whose core's poller died.
-    fn gone(&self) -> Error {
-        Error::BackendUnavailable {
-            backend: "runtime",
-            reason: format!(
-                "the poller of core {} ended (a completion handler panicked)",
-                self.core
-            ),
-        }
-    }
-
-    /// Completes `slot` with [`gone`](Self::gone) on a core whose poller died; the caller
-    /// claimed it (`DeadCore::claim`), so no one else completes it.
+    /// Completes `slot` with an error on a core whose poller ended (`panicked`: by a
+    /// handler's panic, else by shutdown); the caller claimed it (`DeadCore::claim`), so no
+    /// one else completes it. Off the poller's thread (`on_poller_thread` false) the slot's
+    /// poller-side waker is not touched: that thread may be dropping it (`Tasks::close`).
     #[cold]
-    fn fail_dead(&self, slot: u32, buf: Option<PoolBuf>) {
+    fn fail_dead(&self, slot: u32, panicked: bool, buf: Option<PoolBuf>, on_poller_thread: bool) {
+        let error = if panicked {
+            Error::BackendUnavailable {
+                backend: "runtime",
+                reason: format!(
+                    "the poller of core {} ended (a completion handler panicked)",
+                    self.core
+                ),
+            }
+        } else {
+            shut_down()
+        };
         // `complete` may wake a waker: a panic there must not abort an unwind nor reach
         // the future that found the core dead.
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            complete(self, slot, Err(self.gone()), buf)
+            if on_poller_thread {
+                complete(self, slot, Err(error), buf)
+            } else {
+                complete_remote(self, slot, Err(error), buf)
+            }
         }));
         if r.is_err() {
             tracing::error!(
@@ -549,25 +572,35 @@ impl CoreShared {
     /// polls a future inline finds the lock free.
     #[cold]
     #[inline(never)]
-    fn fail_late(&self) {
+    fn fail_late(&self, mine: u32) {
         let mut late = Vec::new();
         let mut slots = Vec::new();
-        {
+        let panicked = {
             let mut dead = self.dead.lock().unwrap_or_else(|p| p.into_inner());
             if !dead.drained {
-                // The exit has not scanned yet: it will, and it sees this slot armed.
+                // The exit has not scanned yet: it will, and it sees this slot armed (the
+                // lock orders the arming before its scan); it completes and wakes before it
+                // drops the wakers.
                 return;
             }
             late.extend(std::iter::from_fn(|| self.inbox.pop()));
             dead.claim_waiting(self, false, &mut slots);
-        }
+            dead.panicked
+        };
         for req in late {
             if req.tag.is_some() {
                 let _ = self.free.push(req.slot);
             }
         }
         for slot in slots {
-            self.fail_dead(slot, None);
+            self.fail_dead(slot, panicked, None, false);
+        }
+        // `mine` was claimed by this call or by another one, which completes it as soon as it
+        // is out of the lock; the exit may drop the waker this future registered meanwhile,
+        // so wait for the completion here rather than for a wake.
+        let s = &self.slots[mine as usize];
+        while s.state.load(Ordering::SeqCst) != DONE {
+            std::thread::yield_now();
         }
     }
 }
@@ -1846,7 +1879,7 @@ impl Future for IoFuture {
                 if !self.cs.tasks.is_closed() {
                     return Poll::Pending;
                 }
-                self.cs.fail_late();
+                self.cs.fail_late(slot);
                 if s.state.load(Ordering::SeqCst) != DONE {
                     return Poll::Pending;
                 }
@@ -2658,6 +2691,30 @@ fn complete(cs: &CoreShared, slot: u32, res: Result<u64>, buf: Option<PoolBuf>) 
     }
 }
 
+/// [`complete`] on a slot of a core whose poller ended, from another thread (`fail_late`):
+/// the slot was armed by another thread (a `LocalIo` is never completed so), and its
+/// poller-side waker is left alone (only the poller's thread touches it).
+#[cold]
+fn complete_remote(cs: &CoreShared, slot: u32, res: Result<u64>, buf: Option<PoolBuf>) {
+    let s = &cs.slots[slot as usize];
+    // SAFETY: the caller claimed this PENDING or ABANDONED slot under the core's `dead`
+    // lock: no one else completes it, and its future reads the result only once DONE.
+    unsafe { (*s.result.get()).set(res, buf) };
+    match s
+        .state
+        .compare_exchange(PENDING, DONE, Ordering::SeqCst, Ordering::Acquire)
+    {
+        Ok(_) => s.waker.wake(),
+        Err(_) => {
+            // SAFETY: ABANDONED: the future is gone; only this claimer sees the slot.
+            unsafe { (*s.result.get()).clear() };
+            drop(s.waker.take());
+            s.state.store(FREE, Ordering::Release);
+            let _ = cs.free.push(slot);
+        }
+    }
+}
+
 /// Wake the task on this poller that waits for `s`, if one does: by reference, its waker left
 /// in place (the task's next I/O on this slot registers without a clone). Taken out for the
 /// call, so a waker that polls the future inline (allowed, if odd) finds the cell free.
@@ -2742,8 +2799,8 @@ mod tests {
     }
 
     /// A runtime on the model, one core, whose completion handler panics (ending the
-    /// poller); each command held 20 ms.
-    fn dying_runtime(depth: u32) -> Arc<Runtime> {
+    /// poller), once `gate` (if any) is set; each command held 20 ms.
+    fn dying_runtime(depth: u32, gate: Option<Arc<AtomicBool>>) -> Arc<Runtime> {
         let cfg = crate::EngineConfig {
             hugepages: false,
             ..crate::EngineConfig::default()
@@ -2762,7 +2819,14 @@ mod tests {
             create: false,
         };
         let e = Engine::open_sim(&cfg, sim, 1, opts).unwrap();
-        let handler: CompletionHandler = Arc::new(|_d: Done, _rs: &mut Resubmit<'_>| {
+        let handler: CompletionHandler = Arc::new(move |_d: Done, _rs: &mut Resubmit<'_>| {
+            // The poller waits here (at most 20 s) until the test has done what needs it
+            // alive.
+            let until = Instant::now() + Duration::from_secs(20);
+            while gate.as_ref().is_some_and(|g| !g.load(Ordering::SeqCst)) && Instant::now() < until
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
             panic!("boom in a completion handler (expected by this test)");
         });
         Runtime::start(
@@ -2803,8 +2867,44 @@ mod tests {
             panic!("{what} waited 20 s");
         };
         let (e, buf) = out.expect_err("an I/O on a dead poller succeeded");
-        assert!(e.to_string().contains("poller of core"), "{e}");
+        assert!(e.to_string().contains("handler panicked"), "{e}");
         buf
+    }
+
+    /// Every slot of `cs` but `leaked` is on its free list, each once: a slot completed
+    /// twice is pushed twice. (`leaked`: the slot of the operation whose handler panicked,
+    /// which the unwinding poller never frees.)
+    fn slots_free_once(cs: &CoreShared, leaked: usize) {
+        let mut free: Vec<u32> = std::iter::from_fn(|| cs.free.pop()).collect();
+        for &f in &free {
+            let _ = cs.free.push(f);
+        }
+        free.sort_unstable();
+        let listed = free.len();
+        free.dedup();
+        assert_eq!(listed, free.len(), "a slot is on the free list twice");
+        assert_eq!(
+            listed,
+            cs.slots.len() - leaked,
+            "slots missing from the free list"
+        );
+        assert!(
+            free.iter()
+                .all(|&f| cs.slots[f as usize].state.load(Ordering::SeqCst) == FREE)
+        );
+    }
+
+    /// A submission from another thread that passed the `closed` (or `stop`) check before
+    /// the poller ended, armed and queued after its exit (what `submit` does past the
+    /// check): its future.
+    fn late_submission(cs: &Arc<CoreShared>) -> IoFuture {
+        let slot = cs.free.pop().expect("a free slot");
+        let epoch = cs.arm_remote(slot);
+        cs.issue(false, slot, OpKind::Flush, 0, 0, None, None, false);
+        IoFuture {
+            cs: Arc::clone(cs),
+            word: io_word(slot, epoch),
+        }
     }
 
     /// Waits until the dead poller's exit has failed what waited.
@@ -2819,13 +2919,15 @@ mod tests {
     /// A read queued behind the depth when its poller dies fails once, with its buffer.
     #[test]
     fn a_request_queued_when_its_poller_dies_fails_once_with_its_buffer() {
-        let rt = dying_runtime(1);
+        let gate = Arc::new(AtomicBool::new(false));
+        let rt = dying_runtime(1, Some(Arc::clone(&gate)));
         let cs = Arc::clone(&rt.cores[0]);
         let buf = rt.buffer(4096, Duration::from_secs(5)).unwrap();
-        // The flush fills the depth for 20 ms; the read waits behind it; the flush's handler
-        // then panics.
+        // The flush fills the depth; the read waits behind it; the flush's handler panics
+        // only once the read is queued.
         rt.submit_tagged(OpKind::Flush, 0, 0, None, 1).unwrap();
         let read = rt.submit(OpKind::Read, 0, 4096, Some(buf));
+        gate.store(true, Ordering::SeqCst);
         wait_drained(&cs);
         let buf = fails_gone(&rt, read, "a read queued on a poller that died");
         assert_eq!(
@@ -2834,11 +2936,7 @@ mod tests {
             "the read's buffer came back"
         );
         // Failed once: its slot is free again, not failed a second time meanwhile.
-        assert!(
-            cs.slots
-                .iter()
-                .all(|s| s.state.load(Ordering::SeqCst) == FREE)
-        );
+        slots_free_once(&cs, 1);
         rt.shutdown();
     }
 
@@ -2848,27 +2946,33 @@ mod tests {
     /// instead of waiting forever.
     #[test]
     fn a_submission_that_raced_its_pollers_death_fails_instead_of_waiting() {
-        let rt = dying_runtime(8);
+        let rt = dying_runtime(8, None);
         let cs = Arc::clone(&rt.cores[0]);
         rt.submit_tagged(OpKind::Flush, 0, 0, None, 1).unwrap();
         // The handler's panic ends the poller; its exit fails what waits.
         wait_drained(&cs);
-        // The late submitter: a slot it took before the death, armed and queued after the
-        // exit's drain (what `submit` does past its `closed` check).
-        let slot = cs.free.pop().expect("a free slot");
-        let epoch = cs.arm_remote(slot);
-        cs.issue(false, slot, OpKind::Flush, 0, 0, None, None, false);
-        let fut = IoFuture {
-            cs: Arc::clone(&cs),
-            word: io_word(slot, epoch),
-        };
-        fails_gone(&rt, fut, "a submission that raced its poller's death");
-        // Its slot went back: nothing else waits on the core.
-        assert!(
-            cs.slots
-                .iter()
-                .all(|s| s.state.load(Ordering::SeqCst) != PENDING)
-        );
+        // Two late submitters: the first to poll fails both (each is failed once).
+        let (a, b) = (late_submission(&cs), late_submission(&cs));
+        fails_gone(&rt, a, "a submission that raced its poller's death");
+        fails_gone(&rt, b, "a second submission that raced its poller's death");
+        slots_free_once(&cs, 1);
         rt.shutdown();
+    }
+
+    /// The same race with a shutdown: a submission past the runtime's `stop` check, queued
+    /// after its poller's last look at the inbox, fails as shut down.
+    #[test]
+    fn a_submission_that_raced_a_shutdown_fails_instead_of_waiting() {
+        let rt = dying_runtime(8, None);
+        let cs = Arc::clone(&rt.cores[0]);
+        rt.shutdown();
+        let fut = late_submission(&cs);
+        let Some(out) = resolve(fut) else {
+            std::mem::forget(rt);
+            panic!("a submission that raced a shutdown waited 20 s");
+        };
+        let (e, _) = out.expect_err("an I/O after shutdown succeeded");
+        assert!(e.to_string().contains("shut down"), "{e}");
+        slots_free_once(&cs, 0);
     }
 }

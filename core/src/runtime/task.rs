@@ -637,8 +637,9 @@ impl Tasks {
         );
         Self::give_back_slots(cs);
         // Tasks' wakers kept in slots hold their core (a cycle: this core, or another whose
-        // task awaited an I/O here): let them go. Nothing is in flight, so no future waits
-        // on them any more.
+        // task awaited an I/O here): let them go. Every operation that waited here was
+        // completed by the exit first (`PollerExit::fail_what_waits`), and a future that
+        // raced it waits for its completion without a waker (`fail_late`).
         for s in cs.slots.iter() {
             // SAFETY: the poller thread, the only one that touches `local_waker`.
             drop_on_poller(unsafe { (*s.local_waker.get()).take() }, "a task's waker");
