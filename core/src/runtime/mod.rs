@@ -1843,7 +1843,9 @@ impl Drop for LocalIo<'_> {
 const _: () = assert!(std::mem::size_of::<LocalIo<'static>>() == 2 * std::mem::size_of::<usize>());
 
 /// Output of an [`IoFuture`]: on success the bytes transferred and the buffer; on failure the
-/// error and the buffer (nothing is lost).
+/// error and the buffer. The buffer is `None` on failure only where it cannot come back: an
+/// operation in flight when its poller died (the device may still write it) or one that
+/// raced that death or a shutdown (it went back to the pool).
 pub type IoOutput = std::result::Result<(u64, Option<PoolBuf>), (Error, Option<PoolBuf>)>;
 
 impl Future for IoFuture {
