@@ -516,48 +516,101 @@ impl PollerExit<'_> {
             panicked
         };
         drop(dropped);
-        for (slot, buf) in with_buf {
-            cs.fail_dead(slot, panicked, buf, true);
-        }
-        for slot in slots {
-            cs.fail_dead(slot, panicked, None, true);
-        }
+        with_buf.extend(slots.into_iter().map(|slot| (slot, None)));
+        cs.fail_dead(with_buf, panicked, true);
     }
 }
 
 impl CoreShared {
-    /// Completes `slot` with an error on a core whose poller ended (`panicked`: by a
-    /// handler's panic, else by shutdown); the caller claimed it (`DeadCore::claim`), so no
-    /// one else completes it. Off the poller's thread (`on_poller_thread` false) the slot's
-    /// poller-side waker is not touched: that thread may be dropping it (`Tasks::close`).
+    /// Completes the `claimed` slots (with their buffers, if any) with an error on a core
+    /// whose poller ended (`panicked`: by a handler's panic, else by shutdown); the caller
+    /// claimed them (`DeadCore::claim`), so no one else completes them. In two passes: every
+    /// result published first (no user code runs), then the wakers woken and dropped. A
+    /// future whose slot is claimed waits for its publication (`fail_late`), so it must not
+    /// wait for a waker that might poll it inline or block on what that future holds. Off
+    /// the poller's thread (`on_poller_thread` false) the poller-side waker cells are not
+    /// touched: that thread may be dropping them (`Tasks::close`); only remote-armed slots
+    /// are claimed there.
     #[cold]
-    fn fail_dead(&self, slot: u32, panicked: bool, buf: Option<PoolBuf>, on_poller_thread: bool) {
-        let error = if panicked {
-            Error::BackendUnavailable {
-                backend: "runtime",
-                reason: format!(
-                    "the poller of core {} ended (a completion handler panicked)",
-                    self.core
-                ),
-            }
-        } else {
-            shut_down()
-        };
-        // `complete` may wake a waker: a panic there must not abort an unwind nor reach
-        // the future that found the core dead.
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            if on_poller_thread {
-                complete(self, slot, Err(error), buf)
+    fn fail_dead(
+        &self,
+        claimed: Vec<(u32, Option<PoolBuf>)>,
+        panicked: bool,
+        on_poller_thread: bool,
+    ) {
+        let error = || {
+            if panicked {
+                Error::BackendUnavailable {
+                    backend: "runtime",
+                    reason: format!(
+                        "the poller of core {} ended (a completion handler panicked)",
+                        self.core
+                    ),
+                }
             } else {
-                complete_remote(self, slot, Err(error), buf)
+                shut_down()
             }
-        }));
-        if r.is_err() {
-            tracing::error!(
-                core = self.core,
-                "a waker panicked while its core's dead poller's operations were failed"
-            );
+        };
+        let mut to_wake = Vec::with_capacity(claimed.len());
+        let mut stale_wakers = Vec::new();
+        for (slot, buf) in claimed {
+            let s = &self.slots[slot as usize];
+            if on_poller_thread && s.local_only.load(Ordering::Relaxed) {
+                // A `LocalIo` of this (the poller's) thread: as in `complete`.
+                if s.state.load(Ordering::Relaxed) == PENDING {
+                    // SAFETY: PENDING, claimed: only this thread touches the result.
+                    unsafe { (*s.result.get()).set(Err(error()), buf) };
+                    s.state.store(DONE, Ordering::Release);
+                    to_wake.push(slot);
+                } else {
+                    drop(buf);
+                    s.state.store(FREE, Ordering::Release);
+                    self.free_local(slot);
+                }
+                continue;
+            }
+            // SAFETY: claimed PENDING or ABANDONED: only this claimer writes the result, and
+            // the future reads it only once DONE (released by the CAS below).
+            unsafe { (*s.result.get()).set(Err(error()), buf) };
+            match s
+                .state
+                .compare_exchange(PENDING, DONE, Ordering::SeqCst, Ordering::Acquire)
+            {
+                Ok(_) => to_wake.push(slot),
+                Err(_) => {
+                    // Abandoned: the future is gone; only this claimer sees the slot.
+                    // SAFETY: as above, ABANDONED.
+                    unsafe { (*s.result.get()).clear() };
+                    stale_wakers.push(s.waker.take());
+                    s.state.store(FREE, Ordering::Release);
+                    let _ = self.free.push(slot);
+                }
+            }
         }
+        // Wakers are user code: a panic in one must not abort an unwind nor reach the future
+        // that found the core dead, nor keep the others from being woken.
+        let caught = |r: std::thread::Result<()>| {
+            if r.is_err() {
+                tracing::error!(
+                    core = self.core,
+                    "a waker panicked while its core's ended poller's operations were failed"
+                );
+            }
+        };
+        for slot in to_wake {
+            let s = &self.slots[slot as usize];
+            if on_poller_thread {
+                caught(std::panic::catch_unwind(std::panic::AssertUnwindSafe(
+                    || wake_local(s),
+                )));
+            }
+            caught(std::panic::catch_unwind(std::panic::AssertUnwindSafe(
+                || s.waker.wake(),
+            )));
+        }
+        caught(std::panic::catch_unwind(std::panic::AssertUnwindSafe(
+            || drop(stale_wakers),
+        )));
     }
 
     /// A future from another thread found its core closed while it waits: its poller died.
@@ -592,12 +645,15 @@ impl CoreShared {
                 let _ = self.free.push(req.slot);
             }
         }
-        for slot in slots {
-            self.fail_dead(slot, panicked, None, false);
-        }
-        // `mine` was claimed by this call or by another one, which completes it as soon as it
-        // is out of the lock; the exit may drop the waker this future registered meanwhile,
-        // so wait for the completion here rather than for a wake.
+        self.fail_dead(
+            slots.into_iter().map(|slot| (slot, None)).collect(),
+            panicked,
+            false,
+        );
+        // `mine` was claimed by this call or by another one, which publishes its result as
+        // soon as it is out of the lock, before it runs any waker (`fail_dead`); the exit may
+        // drop the waker this future registered meanwhile, so wait for the publication here
+        // rather than for a wake.
         let s = &self.slots[mine as usize];
         while s.state.load(Ordering::SeqCst) != DONE {
             std::thread::yield_now();
@@ -773,6 +829,12 @@ impl CoreShared {
         loop {
             match self.inbox.push(req) {
                 Ok(()) => break,
+                // A full inbox on a core whose poller ended never empties: the request's
+                // future (if it has one) fails through `fail_late`.
+                Err(r) if self.tasks.is_closed() => {
+                    drop(r);
+                    break;
+                }
                 Err(r) => {
                     req = r;
                     self.wake_poller();
@@ -1845,7 +1907,7 @@ const _: () = assert!(std::mem::size_of::<LocalIo<'static>>() == 2 * std::mem::s
 /// Output of an [`IoFuture`]: on success the bytes transferred and the buffer; on failure the
 /// error and the buffer. The buffer is `None` on failure only where it cannot come back: an
 /// operation in flight when its poller died (the device may still write it) or one that
-/// raced that death or a shutdown (it went back to the pool).
+/// raced that death or a shutdown (its request is dropped with the core, or sooner).
 pub type IoOutput = std::result::Result<(u64, Option<PoolBuf>), (Error, Option<PoolBuf>)>;
 
 impl Future for IoFuture {
@@ -2693,30 +2755,6 @@ fn complete(cs: &CoreShared, slot: u32, res: Result<u64>, buf: Option<PoolBuf>) 
     }
 }
 
-/// [`complete`] on a slot of a core whose poller ended, from another thread (`fail_late`):
-/// the slot was armed by another thread (a `LocalIo` is never completed so), and its
-/// poller-side waker is left alone (only the poller's thread touches it).
-#[cold]
-fn complete_remote(cs: &CoreShared, slot: u32, res: Result<u64>, buf: Option<PoolBuf>) {
-    let s = &cs.slots[slot as usize];
-    // SAFETY: the caller claimed this PENDING or ABANDONED slot under the core's `dead`
-    // lock: no one else completes it, and its future reads the result only once DONE.
-    unsafe { (*s.result.get()).set(res, buf) };
-    match s
-        .state
-        .compare_exchange(PENDING, DONE, Ordering::SeqCst, Ordering::Acquire)
-    {
-        Ok(_) => s.waker.wake(),
-        Err(_) => {
-            // SAFETY: ABANDONED: the future is gone; only this claimer sees the slot.
-            unsafe { (*s.result.get()).clear() };
-            drop(s.waker.take());
-            s.state.store(FREE, Ordering::Release);
-            let _ = cs.free.push(slot);
-        }
-    }
-}
-
 /// Wake the task on this poller that waits for `s`, if one does: by reference, its waker left
 /// in place (the task's next I/O on this slot registers without a clone). Taken out for the
 /// call, so a waker that polls the future inline (allowed, if odd) finds the cell free.
@@ -2958,6 +2996,66 @@ mod tests {
         fails_gone(&rt, a, "a submission that raced its poller's death");
         fails_gone(&rt, b, "a second submission that raced its poller's death");
         slots_free_once(&cs, 1);
+        rt.shutdown();
+    }
+
+    /// A late future whose waker polls another late future inline (allowed, if odd), both
+    /// claimed by the same `fail_late`: every result is published before any waker runs, so
+    /// the inner poll finds its result instead of waiting for a claimer that is up the
+    /// stack (it hung when each slot was completed and woken in turn).
+    #[test]
+    fn a_waker_polling_another_late_future_inline_finds_it_failed() {
+        struct PollsOther {
+            other: Mutex<Option<IoFuture>>,
+            out: Mutex<Option<IoOutput>>,
+        }
+        impl std::task::Wake for PollsOther {
+            fn wake(self: Arc<Self>) {
+                self.wake_by_ref()
+            }
+            fn wake_by_ref(self: &Arc<Self>) {
+                let mut other = self.other.lock().unwrap();
+                if let Some(f) = other.as_mut() {
+                    let mut cx = Context::from_waker(std::task::Waker::noop());
+                    if let Poll::Ready(out) = Pin::new(f).poll(&mut cx) {
+                        *self.out.lock().unwrap() = Some(out);
+                        *other = None;
+                    }
+                }
+            }
+        }
+        let rt = dying_runtime(8, None);
+        let cs = Arc::clone(&rt.cores[0]);
+        rt.submit_tagged(OpKind::Flush, 0, 0, None, 1).unwrap();
+        wait_drained(&cs);
+        let (a, b) = (late_submission(&cs), late_submission(&cs));
+        let slot = |f: &IoFuture| (f.word as u32) >> 1;
+        // The lower slot is claimed and completed first: its waker polls the other.
+        let (first, second) = if slot(&a) < slot(&b) { (a, b) } else { (b, a) };
+        let inline = Arc::new(PollsOther {
+            other: Mutex::new(Some(second)),
+            out: Mutex::new(None),
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        let w = Arc::clone(&inline);
+        std::thread::spawn(move || {
+            let waker = std::task::Waker::from(w);
+            let mut first = first;
+            let out = Pin::new(&mut first).poll(&mut Context::from_waker(&waker));
+            let _ = tx.send(out.is_ready());
+        });
+        match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(ready) => assert!(ready, "the first late future did not fail at once"),
+            Err(_) => {
+                std::mem::forget(rt);
+                panic!("a waker polling another late future inline hung");
+            }
+        }
+        let out = inline.out.lock().unwrap().take();
+        let (e, _) = out
+            .expect("the inner poll found its result")
+            .expect_err("an I/O on a dead poller succeeded");
+        assert!(e.to_string().contains("handler panicked"), "{e}");
         rt.shutdown();
     }
 
