@@ -109,7 +109,7 @@ fn layout(f: &DiskFile, a: &Args, w: &Waker) -> Result<(), String> {
         for (i, blk) in b.as_mut_slice().chunks_mut(8).enumerate() {
             blk.copy_from_slice(&(off + i as u64 * 8).to_le_bytes()[..blk.len()]);
         }
-        block_on(f.write_at(off, b), w).map_err(|(e, _)| e.to_string())?;
+        block_on(f.write_at(off, b), w).map_err(|f| f.to_string())?;
         off += n;
     }
     block_on(f.sync_data(), w).map_err(|e| e.to_string())
@@ -132,7 +132,7 @@ fn run(f: &DiskFile, a: &Args, seq: bool, seed: u64, w: &Waker) -> Result<f64, S
     while t0.elapsed().as_secs_f64() < a.seconds {
         let off = blk * a.bs;
         let (_, b) = block_on(f.read_at(off, buf.take().unwrap()), w)
-            .map_err(|(e, _)| format!("read at {off}: {e}"))?;
+            .map_err(|f| format!("read at {off}: {f}"))?;
         let b = b.ok_or("read returned no buffer")?;
         let got = u64::from_le_bytes(b.as_slice()[..8].try_into().unwrap());
         if got != off {

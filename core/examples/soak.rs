@@ -362,7 +362,7 @@ async fn runtime(f: DiskFile, stop: Arc<AtomicBool>, t: Arc<Totals>) {
                     Ok(_) => {
                         t.ios.fetch_add(1, Relaxed);
                     }
-                    Err((e, _)) => account_error(&e, &t),
+                    Err(f) => account_error(&f.error, &t),
                 }
             }
         }));

@@ -414,7 +414,7 @@ fn the_nvme_driver_refuses_host_files() {
         .unwrap()
         .block_on(rt.submit_file(&f, rio::OpKind::Read, 0, 4096, Some(buf)));
     match out {
-        Err((Error::Unsupported { .. }, Some(_))) => {}
+        Err(f) if matches!((&f.error, &f.buf), (Error::Unsupported { .. }, Some(_))) => {}
         other => panic!("expected Unsupported with the buffer back, got {other:?}"),
     }
     assert!(matches!(

@@ -243,7 +243,7 @@ fn without_a_handler_submit_tagged_is_refused_and_the_buffer_comes_back() {
     .unwrap();
     let buf = rt.buffer(4096, Duration::from_secs(5)).unwrap();
     match rt.submit_tagged(OpKind::Read, 0, 4096, Some(buf), 7) {
-        Err((Error::Config { .. }, Some(_))) => {}
+        Err(f) if matches!((&f.error, &f.buf), (Error::Config { .. }, Some(_))) => {}
         other => panic!("expected a Config error with the buffer back, got {other:?}"),
     }
 }
@@ -340,14 +340,14 @@ fn shutdown_ends_while_handlers_resubmit_and_gives_every_buffer_back() {
         Arc::new(move |d: Done, rs: &mut Resubmit<'_>| {
             d2.fetch_add(1, Ordering::Relaxed);
             // Forever, until the runtime refuses.
-            if let Err((e, _buf)) = rs.submit(
+            if let Err(f) = rs.submit(
                 OpKind::Read,
                 (d.tag % BLOCKS) * 4096,
                 4096,
                 d.buf,
                 d.tag + 1,
             ) {
-                assert!(matches!(e, Error::BackendUnavailable { .. }), "{e}");
+                assert!(matches!(f.error, Error::BackendUnavailable { .. }), "{f}");
                 r2.fetch_add(1, Ordering::Relaxed);
             }
         }),
@@ -366,7 +366,7 @@ fn shutdown_ends_while_handlers_resubmit_and_gives_every_buffer_back() {
     );
     assert_eq!(rt.pools().in_use(), 0, "every buffer went home");
     match rt.submit_tagged(OpKind::Read, 0, 4096, None, 1) {
-        Err((Error::BackendUnavailable { .. }, None)) => {}
+        Err(f) if matches!((&f.error, &f.buf), (Error::BackendUnavailable { .. }, None)) => {}
         other => panic!("expected a refusal after shutdown, got {other:?}"),
     }
 }

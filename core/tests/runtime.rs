@@ -179,7 +179,8 @@ fn disk_file_round_trip_on_the_model() {
     assert_eq!(b.unwrap().as_slice(), &data[1 << 20..2 << 20]);
     // The region is its own file: past its end is refused, the buffer comes back.
     let b = f.buffer(4096).unwrap();
-    let (e, b) = block_on(f.read_at(16 << 20, b), &w).unwrap_err();
+    let rio::runtime::IoFailure { error: e, buf: b } =
+        *block_on(f.read_at(16 << 20, b), &w).unwrap_err();
     assert!(matches!(e, rio::Error::OutOfRange { .. }), "{e}");
     assert!(b.is_some());
     drop(b);
@@ -770,8 +771,8 @@ fn buffers_of_a_region_grown_meanwhile_are_mapped_before_use() {
                         })
                         .collect();
                     for r in join_all(futs, &w) {
-                        if let Err((e, _)) = r {
-                            panic!("thread {t} round {round}: {e}");
+                        if let Err(f) = r {
+                            panic!("thread {t} round {round}: {f}");
                         }
                     }
                     kept.extend((0..4).map(|_| f.buffer(BS).expect("a pool buffer")));

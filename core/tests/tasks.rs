@@ -102,14 +102,14 @@ async fn write_then_read(rt: Arc<Runtime>, k: u64) -> Result<String, String> {
     let (n, b) = rt
         .submit(OpKind::Write, k * 8192, 8192, Some(b))
         .await
-        .map_err(|(e, _)| e.to_string())?;
+        .map_err(|f| f.to_string())?;
     assert_eq!(n, 8192);
     let mut b = b.ok_or("the write gave its buffer back")?;
     b.as_mut_slice().fill(0);
     let (n, b) = rt
         .submit(OpKind::Read, k * 8192, 8192, Some(b))
         .await
-        .map_err(|(e, _)| e.to_string())?;
+        .map_err(|f| f.to_string())?;
     assert_eq!(n, 8192);
     if b.as_ref().map(|b| b.as_slice()) != Some(&data[..]) {
         return Err(format!("task {k}: the data read back differs"));
@@ -148,7 +148,7 @@ fn more_tasks_than_slots_wait_for_slots_on_the_poller() {
                 let (n, b) = rt2
                     .submit(OpKind::Flush, 0, 0, None)
                     .await
-                    .map_err(|(e, _)| format!("task {k}: {e}"))?;
+                    .map_err(|f| format!("task {k}: {f}"))?;
                 assert!(b.is_none());
                 done.fetch_add(1, Ordering::Relaxed);
                 Ok::<u64, String>(n)
@@ -294,14 +294,14 @@ async fn write_then_read_local(rt: Arc<Runtime>, k: u64) -> Result<u64, String> 
     let (n, b) = rt
         .submit_local(OpKind::Write, k * 8192, 8192, Some(b))
         .await
-        .map_err(|(e, _)| e.to_string())?;
+        .map_err(|f| f.to_string())?;
     seen.set(seen.get() + n);
     let mut b = b.ok_or("the write gave its buffer back")?;
     b.as_mut_slice().fill(0);
     let (n, b) = rt
         .submit_local(OpKind::Read, k * 8192, 8192, Some(b))
         .await
-        .map_err(|(e, _)| e.to_string())?;
+        .map_err(|f| f.to_string())?;
     seen.set(seen.get() + n);
     if b.as_ref().map(|b| b.as_slice()) != Some(&data[..]) {
         return Err(format!("task {k}: the data read back differs"));
@@ -331,7 +331,7 @@ fn local_tasks_read_back_what_they_wrote() {
     let t0 = std::time::Instant::now();
     let (n, b) = loop {
         if let Poll::Ready(r) = f.as_mut().poll(&mut Context::from_waker(&w)) {
-            break r.map_err(|(e, _)| e).unwrap();
+            break r.map_err(|f| f.error).unwrap();
         }
         assert!(t0.elapsed() < Duration::from_secs(20), "no completion");
         std::thread::park_timeout(Duration::from_millis(10));
@@ -374,7 +374,7 @@ fn local_futures_wait_for_slots_and_free_them_when_dropped_in_flight() {
                 let (n, _) = rt2
                     .submit_local(OpKind::Flush, 0, 0, None)
                     .await
-                    .map_err(|(e, _)| format!("task {k}: {e}"))?;
+                    .map_err(|f| format!("task {k}: {f}"))?;
                 done.fetch_add(1, Ordering::Relaxed);
                 Ok::<u64, String>(n)
             })
@@ -471,11 +471,11 @@ fn submit_tagged_on_the_poller_with_no_free_slot_is_refused_not_waited_for() {
             .collect();
         let r = rt2.submit_tagged(OpKind::Flush, 0, 0, None, 1);
         for f in held {
-            f.await.map_err(|(e, _)| e.to_string())?;
+            f.await.map_err(|f| f.to_string())?;
         }
         match r {
-            Err((rio::Error::QueueFull { .. }, None)) => Ok(()),
-            Err((e, _)) => Err(format!("refused with {e}, not QueueFull")),
+            Err(f) if matches!((&f.error, &f.buf), (rio::Error::QueueFull { .. }, None)) => Ok(()),
+            Err(f) => Err(format!("refused with {f}, not QueueFull")),
             Ok(()) => Err("taken with every slot held".to_string()),
         }
     });
@@ -664,7 +664,7 @@ fn a_task_waiting_for_a_slot_another_thread_frees_does_not_sleep_out_the_idle_ti
         rt2.submit(OpKind::Flush, 0, 0, None)
             .await
             .map(|(n, _)| n)
-            .map_err(|(e, _)| e.to_string())
+            .map_err(|f| f.to_string())
     });
     // The task ran and waits; the poller has nothing else to do and goes to sleep.
     std::thread::sleep(Duration::from_millis(200));
@@ -692,7 +692,7 @@ fn tasks_that_keep_the_queue_full_do_not_starve_other_threads() {
                 while !stop.load(Ordering::Relaxed) {
                     rt2.submit(OpKind::Flush, 0, 0, None)
                         .await
-                        .map_err(|(e, _)| e.to_string())?;
+                        .map_err(|f| f.to_string())?;
                     if n == 0 {
                         served.fetch_add(1, Ordering::Relaxed);
                     }
@@ -721,7 +721,7 @@ fn tasks_that_keep_the_queue_full_do_not_starve_other_threads() {
     let rt2 = Arc::clone(&rt);
     std::thread::spawn(move || {
         let r = block_on(rt2.submit(OpKind::Flush, 0, 0, None));
-        let _ = tx.send(r.map(|(n, _)| n).map_err(|(e, _)| e.to_string()));
+        let _ = tx.send(r.map(|(n, _)| n).map_err(|f| f.to_string()));
     });
     let r = rx.recv_timeout(Duration::from_secs(20));
     stop.store(true, Ordering::Relaxed);

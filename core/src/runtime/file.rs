@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{IoFuture, IoOutput, Runtime, RuntimeConfig};
+use super::{IoFailure, IoFuture, IoOutput, Runtime, RuntimeConfig};
 use crate::config::EngineConfig;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
@@ -145,7 +145,7 @@ impl DiskFile {
     pub async fn read_at(&self, offset: u64, buf: PoolBuf) -> IoOutput {
         let at = match self.check(offset, buf.len() as u64) {
             Ok(a) => a,
-            Err(e) => return Err((e, Some(buf))),
+            Err(e) => return Err(IoFailure::new(e, Some(buf))),
         };
         let len = buf.len() as u64;
         let Some(pf) = &self.pf else {
@@ -196,7 +196,7 @@ impl DiskFile {
     pub async fn write_at(&self, offset: u64, buf: PoolBuf) -> IoOutput {
         let at = match self.check(offset, buf.len() as u64) {
             Ok(a) => a,
-            Err(e) => return Err((e, Some(buf))),
+            Err(e) => return Err(IoFailure::new(e, Some(buf))),
         };
         let len = buf.len() as u64;
         let Some(pf) = &self.pf else {
@@ -258,7 +258,7 @@ impl DiskFile {
             futs.push(self.write_at(offset + (i * CHUNK) as u64, b));
         }
         for f in futs {
-            f.await.map_err(|(e, _)| e)?;
+            f.await?;
         }
         Ok(())
     }
@@ -283,6 +283,6 @@ impl DiskFile {
             .submit(OpKind::Flush, 0, 0, None)
             .await
             .map(|_| ())
-            .map_err(|(e, _)| e)
+            .map_err(Error::from)
     }
 }

@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use super::{IoFuture, IoOutput, Runtime, RuntimeConfig};
+use super::{IoFailure, IoFuture, IoOutput, Runtime, RuntimeConfig};
 use crate::config::EngineConfig;
 use crate::engine::Engine;
 use crate::error::{Error, IoError, IoErrorKind, Result};
@@ -394,14 +394,17 @@ impl Future for BufferWait<'_> {
 fn done_bytes(out: IoOutput) -> std::result::Result<(u64, Option<PoolBuf>), Error> {
     match out {
         Ok(v) => Ok(v),
-        Err((
-            Error::Io(IoError {
-                kind: IoErrorKind::Short { done },
-                ..
-            }),
-            buf,
-        )) => Ok((done as u64, buf)),
-        Err((e, _)) => Err(e),
+        Err(f) => match *f {
+            IoFailure {
+                error:
+                    Error::Io(IoError {
+                        kind: IoErrorKind::Short { done },
+                        ..
+                    }),
+                buf,
+            } => Ok((done as u64, buf)),
+            IoFailure { error, .. } => Err(error),
+        },
     }
 }
 
@@ -977,7 +980,7 @@ impl OpenFile {
             .files
             .rt
             .submit_file(&self.inner.buffered, OpKind::Flush, 0, 0, None);
-        fut.await.map(|_| ()).map_err(|(e, _)| e)
+        fut.await.map(|_| ()).map_err(Error::from)
     }
 
     /// A sequential writer starting at `offset`.
@@ -1223,7 +1226,8 @@ impl SeqWriter {
                 self.written += n;
                 Ok(buf)
             }
-            Err((e, buf)) => {
+            Err(f) => {
+                let IoFailure { error: e, buf } = *f;
                 let short = matches!(
                     e,
                     Error::Io(IoError {
