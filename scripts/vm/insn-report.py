@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""scripts/vm/insn-report.py COUNTS CONSOLE IOS [GUEST=HOST ...]
+
+Guest instructions per I/O, by binary and by symbol, from scripts/vm/insn-count.c's counts and
+the executable mappings the guest printed (between `=== MAPS` and `=== END MAPS` on its console:
+lines of /proc/PID/maps). GUEST=HOST maps a guest path to the host file holding its symbols
+(for binaries the payload copied stripped of debug info). Blocks in the kernel, or in user
+memory outside the printed mappings (other processes: the boot, the shell), are summed apart.
+Symbols come from `nm` (static, then dynamic table), names from `c++filt`.
+"""
+import bisect
+import collections
+import subprocess
+import sys
+
+
+def main():
+    if len(sys.argv) < 4:
+        sys.exit(__doc__)
+    counts, console, ios = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    if ios <= 0:
+        sys.exit("insn-report: the run did no I/O")
+    host_of = dict(a.split("=", 1) for a in sys.argv[4:])
+    maps, inside = [], False
+    for line in open(console, errors="replace"):
+        line = line.strip()
+        if line.startswith("=== MAPS"):
+            inside = True
+        elif line.startswith("=== END MAPS"):
+            inside = False
+        elif inside:
+            f = line.split()
+            if len(f) >= 6 and f[1].startswith("r-x"):
+                lo, hi = (int(x, 16) for x in f[0].split("-"))
+                maps.append((lo, hi, int(f[2], 16), f[5]))
+    if not maps:
+        sys.exit("insn-report: no mappings on the console (the program ended before they were read?)")
+    maps.sort()
+    starts = [m[0] for m in maps]
+    tables = {}
+
+    def table(path):
+        if path not in tables:
+            host = host_of.get(path, path)
+            segs = []
+            out = subprocess.run(["readelf", "-lW", host], capture_output=True, text=True).stdout
+            for l in out.splitlines():
+                f = l.split()
+                if f and f[0] == "LOAD":
+                    segs.append((int(f[1], 16), int(f[2], 16), int(f[4], 16)))
+            syms = {}
+            for extra in ([], ["-D"]):
+                out = subprocess.run(["nm", "-n", "--defined-only", *extra, host],
+                                     capture_output=True, text=True).stdout
+                for l in out.splitlines():
+                    f = l.split(maxsplit=2)
+                    if len(f) == 3 and f[1] in "tTwW":
+                        syms.setdefault(int(f[0], 16), f[2])
+            addrs = sorted(syms)
+            tables[path] = (segs, addrs, [syms[a] for a in addrs])
+        return tables[path]
+
+    by_bin, by_sym, calls = collections.Counter(), collections.Counter(), collections.Counter()
+    total = 0
+    for line in open(counts):
+        v, n, c = line.split()
+        v, n, c = int(v, 16), int(n), int(c)
+        total += n * c
+        if v >= 0xFFFF800000000000:
+            by_bin["[kernel]"] += n * c
+            continue
+        i = bisect.bisect_right(starts, v) - 1
+        if i < 0 or v >= maps[i][1]:
+            by_bin["[user, outside the profiled process]"] += n * c
+            continue
+        lo, _, off, path = maps[i]
+        by_bin[path] += n * c
+        segs, addrs, names = table(path)
+        elf = fo = v - lo + off
+        for so, sv, sz in segs:
+            if so <= fo < so + sz:
+                elf = fo - so + sv
+                break
+        j = bisect.bisect_right(addrs, elf) - 1
+        key = (path.rsplit("/", 1)[-1], names[j] if j >= 0 else "?")
+        by_sym[key] += n * c
+        if j >= 0 and addrs[j] == elf:
+            calls[key] += c  # a block starting at the symbol: one call
+    print(f"guest instructions: {total:,} in all, {ios:,.0f} I/Os")
+    print("per I/O, by binary (the kernel and other processes include the boot):")
+    for k, v in by_bin.most_common(12):
+        print(f"  {v / ios:10,.1f}  {k}")
+    top = by_sym.most_common(40)
+    names = subprocess.run(["c++filt"], input="\n".join(s for (_, s), _ in top),
+                           capture_output=True, text=True).stdout.splitlines()
+    print("per I/O, by symbol (instructions, calls):")
+    for ((b, s), v), d in zip(top, names):
+        c = calls.get((b, s), 0) / ios
+        print(f"  {v / ios:10,.1f} {c:7.2f}  {b}: {d[:100]}")
+
+
+if __name__ == "__main__":
+    main()
