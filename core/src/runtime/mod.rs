@@ -1913,9 +1913,10 @@ pub type IoOutput = std::result::Result<(u64, Option<PoolBuf>), Box<IoFailure>>;
 /// A failed operation of an [`IoFuture`]: the error and, where it can come back, the buffer.
 /// Boxed in [`IoOutput`], so that the output every successful I/O moves (through the slot,
 /// `Poll`, `await` and the caller's `match`) is the count and the buffer, 48 bytes, not 88
-/// with an [`Error`] inline: a local task's I/O on the page cache gained 3-4% by it, 15% on
-/// the inline model (`async_vs_queue`). A failure's one allocation is off that path. `?`
-/// turns it into its [`Error`] (the buffer goes home).
+/// with an [`Error`] inline: a local task's I/O on the page cache gained 4-5% by it, 15% on
+/// the inline model (`async_vs_queue`). A failure's one allocation is off that path; a read
+/// cut short by the end of a file is such a failure (`Files` turns it back into a count), so
+/// each file's last read pays it once. `?` turns it into its [`Error`] (the buffer goes home).
 #[derive(Debug)]
 pub struct IoFailure {
     pub error: Error,
