@@ -375,6 +375,22 @@ fn default_target_runs_and_is_removed() {
             <= job["read"]["lat_ns"]["max"].as_u64().unwrap()
     );
     assert!(job["usr_cpu"].as_f64().is_some() && job["sys_cpu"].as_f64().is_some());
+    // Where the CPU went: the job thread, by its name, with the time it ran.
+    let threads = v["cpu_by_thread"].as_array().expect("cpu_by_thread");
+    if std::path::Path::new("/proc/thread-self/schedstat").exists() {
+        let job0 = threads
+            .iter()
+            .find(|t| t["name"] == "rio-job-0")
+            .unwrap_or_else(|| panic!("no rio-job-0 in {threads:?}"));
+        assert!(job0["cpu_s"].as_f64().unwrap() > 0.0, "{threads:?}");
+    } else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI: no per-thread schedstat"
+        );
+        eprintln!("skipped the per-thread CPU check: no /proc/thread-self/schedstat");
+    }
+    assert!(v["sink_seconds"].as_f64().unwrap() >= 0.0);
     assert_eq!(v["backend"]["backend"], "uring");
     assert!(v["layout_seconds"].as_f64().is_some());
     assert_eq!(

@@ -27,6 +27,9 @@ pub struct JobOutcome {
     pub series: Vec<super::series::Point>,
     /// What `--iodepth auto` did (per job in queue scope).
     pub tuner: Option<super::autotune::TunerReport>,
+    /// Time the job spent handing its windows to the sink (telemetry's cost on the I/O
+    /// thread), over the measured phase.
+    pub sink: Duration,
 }
 
 impl JobOutcome {
@@ -38,6 +41,7 @@ impl JobOutcome {
             verified: 0,
             series: Vec::new(),
             tuner: None,
+            sink: Duration::ZERO,
         }
     }
 
@@ -171,6 +175,45 @@ pub struct LatTarget {
     pub met: bool,
 }
 
+/// CPU seconds spent by the threads of one name.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ThreadShare {
+    pub name: String,
+    pub cpu_s: f64,
+}
+
+/// The CPU a run used over its measured window: the process's user and system time, and
+/// each thread name's share.
+pub(crate) struct CpuUse {
+    pub process: Option<(Duration, Duration)>,
+    pub by_thread: Vec<ThreadShare>,
+}
+
+/// Per-name CPU time between two snapshots of the process's threads: a thread in both counts
+/// its difference, one that started in between all of its time.
+pub(crate) fn thread_shares(
+    start: &[rio_sys::rusage::ThreadCpu],
+    end: &[rio_sys::rusage::ThreadCpu],
+) -> Vec<ThreadShare> {
+    let mut by_name: Vec<ThreadShare> = Vec::new();
+    for t in end {
+        let before = start
+            .iter()
+            .find(|s| s.tid == t.tid)
+            .map_or(0, |s| s.on_cpu_ns);
+        let cpu_s = t.on_cpu_ns.saturating_sub(before) as f64 / 1e9;
+        match by_name.iter_mut().find(|s| s.name == t.name) {
+            Some(s) => s.cpu_s += cpu_s,
+            None => by_name.push(ThreadShare {
+                name: t.name.clone(),
+                cpu_s,
+            }),
+        }
+    }
+    by_name.sort_by(|a, b| b.cpu_s.total_cmp(&a.cpu_s).then(a.name.cmp(&b.name)));
+    by_name
+}
+
 /// Everything `rio bench` reports.
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchResult {
@@ -191,6 +234,14 @@ pub struct BenchResult {
     pub series: Vec<super::series::Point>,
     /// `--iodepth auto`: the tuner's report (job 0's in queue scope; the device's otherwise).
     pub tuner: Option<super::autotune::TunerReport>,
+    /// Where the process's CPU went over the measured window: each thread name's time on a
+    /// CPU (the scheduler's count, by name, largest first; the job threads are `rio-job-N`,
+    /// telemetry's `rio-otel-*` and `OpenTelemetry.*`). Empty where the kernel keeps no
+    /// per-thread `schedstat`. Threads that ended inside the window are missing.
+    pub cpu_by_thread: Vec<ThreadShare>,
+    /// Seconds the jobs spent handing windows to the sink (the telemetry exporter's cost on
+    /// the I/O threads), over the measured window; part of their `rio-job-N` time.
+    pub sink_seconds: f64,
     /// Merged latency histogram of the measured window, both directions (ns), for `--report`.
     #[serde(skip)]
     pub latency: Histogram<u64>,
@@ -201,7 +252,7 @@ impl BenchResult {
         engine: &Engine,
         spec: &BenchSpec,
         jobs: Vec<JobOutcome>,
-        cpu: Option<(Duration, Duration)>,
+        cpu: CpuUse,
         interrupted: bool,
         layout_seconds: Option<f64>,
         series: Vec<super::series::Point>,
@@ -211,7 +262,9 @@ impl BenchResult {
         let mut write = new_hist();
         let (mut rio, mut rb, mut wio, mut wb, mut verified) = (0, 0, 0, 0, 0);
         let mut window = Duration::ZERO;
+        let mut sink = Duration::ZERO;
         for j in &jobs {
+            sink += j.sink;
             read.add(&j.read.hist).expect("same bounds");
             write.add(&j.write.hist).expect("same bounds");
             rio += j.read.ios;
@@ -224,7 +277,11 @@ impl BenchResult {
         let secs = window.as_secs_f64();
         let mut latency = read.clone();
         latency.add(&write).expect("same bounds");
-        let (usr, sys) = cpu.unwrap_or_default();
+        let CpuUse {
+            process,
+            by_thread: cpu_by_thread,
+        } = cpu;
+        let (usr, sys) = process.unwrap_or_default();
         let pct = |d: Duration| {
             if secs > 0.0 {
                 100.0 * d.as_secs_f64() / secs
@@ -271,6 +328,8 @@ impl BenchResult {
             interrupted,
             series,
             tuner,
+            cpu_by_thread,
+            sink_seconds: sink.as_secs_f64(),
             latency,
         }
     }
@@ -351,6 +410,24 @@ impl BenchResult {
             "  cpu: usr={:.1}%, sys={:.1}%, {:.2} CPU-s per million I/Os",
             j.usr_cpu, j.sys_cpu, j.cpu_s_per_mio
         );
+        // Where it went, when more than the job threads spent a visible share (telemetry's
+        // threads, a model's device thread): the top five names.
+        let total: f64 = self.cpu_by_thread.iter().map(|t| t.cpu_s).sum();
+        let others: f64 = self
+            .cpu_by_thread
+            .iter()
+            .filter(|t| !t.name.starts_with("rio-job-"))
+            .map(|t| t.cpu_s)
+            .sum();
+        if total > 0.0 && others >= 0.005 * total {
+            let top: Vec<String> = self
+                .cpu_by_thread
+                .iter()
+                .take(5)
+                .map(|t| format!("{} {:.3} s", t.name, t.cpu_s))
+                .collect();
+            let _ = writeln!(s, "  cpu by thread: {}", top.join(", "));
+        }
         if let Some(v) = self.verified_blocks {
             let _ = writeln!(s, "  verify: {v} blocks checked, all good");
         }
@@ -393,6 +470,31 @@ pub use rio::units::{human_bytes, human_count};
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn thread_shares_are_differences_by_name_largest_first() {
+        use rio_sys::rusage::ThreadCpu;
+        let t = |tid, name: &str, ns| ThreadCpu {
+            tid,
+            name: name.into(),
+            on_cpu_ns: ns,
+        };
+        let start = [t(1, "rio", 5_000_000), t(2, "rio-job-0", 1_000_000_000)];
+        // Thread 3 started inside the window (all of its time counts); thread 4 shares a
+        // name with it; the main thread did not run.
+        let end = [
+            t(1, "rio", 5_000_000),
+            t(2, "rio-job-0", 3_000_000_000),
+            t(3, "rio-otel-agg", 10_000_000),
+            t(4, "rio-otel-agg", 5_000_000),
+        ];
+        let s = thread_shares(&start, &end);
+        let names: Vec<&str> = s.iter().map(|x| x.name.as_str()).collect();
+        assert_eq!(names, ["rio-job-0", "rio-otel-agg", "rio"]);
+        for (got, want) in s.iter().map(|x| x.cpu_s).zip([2.0, 0.015, 0.0]) {
+            assert!((got - want).abs() < 1e-12, "{s:?}");
+        }
+    }
 
     #[test]
     fn merged_percentiles_and_rates() {

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use rio_sys::rusage::{CpuTimes, process_cpu};
+use rio_sys::rusage::{CpuTimes, ThreadCpu, process_cpu, threads_cpu};
 
 use super::autotune::{DeviceTuner, JobTuner, Scope};
 use super::report::{BenchResult, JobOutcome};
@@ -217,18 +217,25 @@ pub fn run_with(
         jobs.push(o);
     }
     series.sort_by(|a: &Point, b: &Point| a.t.total_cmp(&b.t).then(a.job.cmp(&b.job)));
-    let cpu = match (
+    let process = match (
         *clock.cpu_start.lock().unwrap(),
         *clock.cpu_end.lock().unwrap(),
     ) {
         (Some(a), Some(b)) => Some((b.user - a.user, b.system - a.system)),
         _ => None,
     };
+    let by_thread = match (
+        &*clock.threads_start.lock().unwrap(),
+        &*clock.threads_end.lock().unwrap(),
+    ) {
+        (Some(a), Some(b)) => super::report::thread_shares(a, b),
+        _ => Vec::new(),
+    };
     Ok(BenchResult::build(
         engine,
         spec,
         jobs,
-        cpu,
+        super::report::CpuUse { process, by_thread },
         stop.load(Relaxed),
         layout_secs,
         series,
@@ -251,6 +258,9 @@ impl Phase {
 struct Clocks {
     cpu_start: Mutex<Option<CpuTimes>>,
     cpu_end: Mutex<Option<CpuTimes>>,
+    /// Each thread's CPU time at the same two moments (`threads_cpu`).
+    threads_start: Mutex<Option<Vec<ThreadCpu>>>,
+    threads_end: Mutex<Option<Vec<ThreadCpu>>>,
     started: AtomicUsize,
     ended: AtomicUsize,
 }
@@ -642,8 +652,13 @@ impl<'a> Job<'a> {
         self.win.measuring = measuring;
         if measuring {
             out.add_window(&self.win);
+            // Telemetry's cost on this thread: two clock reads per 100 ms window.
+            let t = Instant::now();
+            sink.window(&self.win);
+            out.sink += t.elapsed();
+        } else {
+            sink.window(&self.win);
         }
-        sink.window(&self.win);
         series.push(Point::from(&self.win));
         if let Some(t) = &mut self.tuner {
             let target_ns = self.spec.auto.map_or(0, |a| a.target_p99.as_nanos() as u64);
@@ -812,12 +827,14 @@ fn since(t0: Instant, t: Instant) -> u64 {
 impl Clocks {
     fn start(&self) {
         if self.started.fetch_add(1, Relaxed) == 0 {
+            *self.threads_start.lock().unwrap() = threads_cpu();
             *self.cpu_start.lock().unwrap() = Some(process_cpu());
         }
     }
     fn end(&self, jobs: usize) {
         if self.ended.fetch_add(1, Relaxed) + 1 == jobs {
             *self.cpu_end.lock().unwrap() = Some(process_cpu());
+            *self.threads_end.lock().unwrap() = threads_cpu();
         }
     }
 }
