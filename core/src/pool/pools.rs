@@ -534,6 +534,7 @@ impl Pools {
     }
 
     /// Changes to `core`'s region list so far (each map and unmap adds one).
+    #[inline]
     pub fn generation(&self, core: usize) -> Result<u64, PoolError> {
         Ok(self.cores[self.core_index(core)?].generation.load(Acquire))
     }

@@ -2176,14 +2176,20 @@ impl Poller {
     /// buffers can be taken, and the request was sent after its buffer was taken, so the
     /// generation read here covers that buffer); one atomic load when nothing changed.
     #[inline]
+    /// Called before every submission (a buffer may come from a region the pool added
+    /// since): one load and compare, inlined, and the mapping out of line when it changed.
+    #[inline(always)]
     fn sync_regions(&self, q: &mut Queue, generation: &mut u64, known: &mut usize) {
-        let core = self.shared.core;
-        let Ok(g) = self.pools.generation(core) else {
-            return;
-        };
-        if g == *generation {
-            return;
+        match self.pools.generation(self.shared.core) {
+            Ok(g) if g != *generation => self.map_new_regions(q, g, generation, known),
+            _ => {}
         }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn map_new_regions(&self, q: &mut Queue, g: u64, generation: &mut u64, known: &mut usize) {
+        let core = self.shared.core;
         *generation = g;
         if let Ok(regions) = self.pools.regions(core) {
             let seen = *known;
