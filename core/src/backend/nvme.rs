@@ -433,17 +433,20 @@ impl NvmeQueue {
         pos: u64,
         n: u64,
     ) -> std::result::Result<SubmissionEntry, i32> {
-        let req = self.reqs[slot as usize];
-        let op = req.op;
-        let slba = (op.offset + pos) >> self.lba_shift;
+        // The fields, not a copy of the whole request (80 bytes, per command).
+        let (kind, offset, addr, region) = {
+            let r = &self.reqs[slot as usize];
+            (r.op.op, r.op.offset, r.op.addr, r.region)
+        };
+        let slba = (offset + pos) >> self.lba_shift;
         let list_off = t as usize * 2 * PAGE;
         let lists = self.prp.as_ref().expect("prp pages present");
-        Ok(match op.op {
+        Ok(match kind {
             OpKind::Read | OpKind::Write => {
                 let nlb = (n >> self.lba_shift) as u32;
-                let region = &self.regions[req.region as usize];
-                let addr = op.addr.wrapping_add(pos as usize);
-                let base = if op.op == OpKind::Read {
+                let region = &self.regions[region as usize];
+                let addr = addr.wrapping_add(pos as usize);
+                let base = if kind == OpKind::Read {
                     SubmissionEntry::read(self.nsid, slba, nlb, 0, 0)
                 } else {
                     SubmissionEntry::write(self.nsid, slba, nlb, 0, 0)
@@ -481,12 +484,14 @@ impl NvmeQueue {
     fn issue(&mut self, slot: u32) -> bool {
         let now = self.now_ms;
         loop {
-            let req = self.reqs[slot as usize];
-            let total = req.total();
-            if req.issued >= total {
+            let (total, issued, failed) = {
+                let r = &self.reqs[slot as usize];
+                (r.total(), r.issued, r.fail != Fail::None)
+            };
+            if issued >= total {
                 return true;
             }
-            if req.fail != Fail::None {
+            if failed {
                 // A piece failed: do not issue the rest (the request completes when its last
                 // outstanding piece does; handed over by the next poll if none is).
                 self.reqs[slot as usize].issued = total;
@@ -500,8 +505,8 @@ impl NvmeQueue {
             let Some(t) = self.free.pop() else {
                 return false;
             };
-            let pos = req.issued;
-            let n = self.piece_len(&req, pos);
+            let pos = issued;
+            let n = self.piece_len(&self.reqs[slot as usize], pos);
             let cmd = match self.command(slot, t, pos, n) {
                 Ok(c) => c,
                 Err(errno) => {
@@ -540,6 +545,10 @@ impl NvmeQueue {
             r.issued += n;
             r.outstanding += 1;
             self.stats.commands += 1;
+            if r.issued >= total {
+                // The common case, one command per request: done without another pass.
+                return true;
+            }
         }
     }
 

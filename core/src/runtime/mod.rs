@@ -2174,10 +2174,8 @@ impl Poller {
     /// Pool growth: map the core's new regions for DMA before a buffer from them is used.
     /// Called after each request is taken (the pool announces a region before any of its
     /// buffers can be taken, and the request was sent after its buffer was taken, so the
-    /// generation read here covers that buffer); one atomic load when nothing changed.
-    #[inline]
-    /// Called before every submission (a buffer may come from a region the pool added
-    /// since): one load and compare, inlined, and the mapping out of line when it changed.
+    /// generation read here covers that buffer); one atomic load and compare when nothing
+    /// changed, inlined (it runs before every submission), the mapping out of line.
     #[inline(always)]
     fn sync_regions(&self, q: &mut Queue, generation: &mut u64, known: &mut usize) {
         match self.pools.generation(self.shared.core) {
