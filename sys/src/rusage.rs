@@ -40,9 +40,19 @@ pub struct ThreadCpu {
     pub on_cpu_ns: u64,
 }
 
+/// CPU time of the calling thread (`CLOCK_THREAD_CPUTIME_ID`: exact, any kernel).
+pub fn thread_cpu_now() -> Duration {
+    // SAFETY: timespec is plain old data; all-zero is a valid value.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: `ts` is a live out-parameter and the clock id is valid; it cannot fail then.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
 /// CPU time of every live thread of this process. Threads that exit while the directory is
-/// read are left out; `None` when the kernel offers no `schedstat` (built without
-/// `CONFIG_SCHED_INFO`) or `/proc` is not mounted.
+/// read are left out; `None` when the kernel keeps no per-thread `schedstat` (built without
+/// `CONFIG_SCHED_INFO`, or a kernel that shows zeros there unless schedstats are on) or
+/// `/proc` is not mounted.
 pub fn threads_cpu() -> Option<Vec<ThreadCpu>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir("/proc/self/task").ok()? {
@@ -70,6 +80,11 @@ pub fn threads_cpu() -> Option<Vec<ThreadCpu>> {
             name,
             on_cpu_ns,
         });
+    }
+    // Every thread at zero: the kernel keeps no count (a running thread's own count may
+    // still be zero: the scheduler adds a slice when it ends, so this thread is not the test).
+    if out.iter().all(|t| t.on_cpu_ns == 0) {
+        return None;
     }
     Some(out)
 }
@@ -108,13 +123,13 @@ mod tests {
             .spawn(move || {
                 // Work the thread certainly did (not time it was given): a CPU-time clock
                 // read by the thread itself, advanced past 20 ms.
-                let start = thread_cpu_ns();
-                while thread_cpu_ns() - start < 20_000_000 {
+                let start = thread_cpu_now();
+                while thread_cpu_now() - start < Duration::from_millis(20) {
                     std::hint::spin_loop();
                 }
                 // SAFETY: gettid has no preconditions.
                 let tid = unsafe { libc::gettid() };
-                tx.send((tid, thread_cpu_ns())).unwrap();
+                tx.send((tid, thread_cpu_now())).unwrap();
                 done_rx.recv().unwrap();
             })
             .unwrap();
@@ -150,16 +165,8 @@ mod tests {
         // The scheduler's count includes at least what the thread measured of itself.
         assert!(
             probe.on_cpu_ns >= 20_000_000,
-            "probe thread: {} ns on CPU by schedstat, {own} ns by its own clock",
+            "probe thread: {} ns on CPU by schedstat, {own:?} by its own clock",
             probe.on_cpu_ns
         );
-    }
-
-    fn thread_cpu_ns() -> u64 {
-        // SAFETY: timespec is plain old data; all-zero is a valid value.
-        let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
-        // SAFETY: `ts` is a live out-parameter and the clock id is valid.
-        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-        ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
     }
 }

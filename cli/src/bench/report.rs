@@ -30,6 +30,8 @@ pub struct JobOutcome {
     /// Time the job spent handing its windows to the sink (telemetry's cost on the I/O
     /// thread), over the measured phase.
     pub sink: Duration,
+    /// The job thread's own CPU time over its measured phase (`None`: it measured nothing).
+    pub thread_cpu: Option<Duration>,
 }
 
 impl JobOutcome {
@@ -42,6 +44,7 @@ impl JobOutcome {
             series: Vec::new(),
             tuner: None,
             sink: Duration::ZERO,
+            thread_cpu: None,
         }
     }
 
@@ -190,13 +193,25 @@ pub(crate) struct CpuUse {
 }
 
 /// Per-name CPU time between two snapshots of the process's threads: a thread in both counts
-/// its difference, one that started in between all of its time.
+/// its difference, one that started in between all of its time. The job threads (`rio-job-N`)
+/// count what each measured of itself over its own measured phase instead: all but the last
+/// job may have ended before the closing snapshot.
 pub(crate) fn thread_shares(
     start: &[rio_sys::rusage::ThreadCpu],
     end: &[rio_sys::rusage::ThreadCpu],
+    jobs: &[JobOutcome],
 ) -> Vec<ThreadShare> {
-    let mut by_name: Vec<ThreadShare> = Vec::new();
-    for t in end {
+    let mut by_name: Vec<ThreadShare> = jobs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, j)| {
+            j.thread_cpu.map(|d| ThreadShare {
+                name: format!("rio-job-{i}"),
+                cpu_s: d.as_secs_f64(),
+            })
+        })
+        .collect();
+    for t in end.iter().filter(|t| !t.name.starts_with("rio-job-")) {
         let before = start
             .iter()
             .find(|s| s.tid == t.tid)
@@ -480,15 +495,19 @@ mod tests {
             on_cpu_ns: ns,
         };
         let start = [t(1, "rio", 5_000_000), t(2, "rio-job-0", 1_000_000_000)];
+        // rio-job-0's snapshots would say 5 s; its own count is what is reported.
         // Thread 3 started inside the window (all of its time counts); thread 4 shares a
         // name with it; the main thread did not run.
         let end = [
             t(1, "rio", 5_000_000),
-            t(2, "rio-job-0", 3_000_000_000),
+            t(2, "rio-job-0", 6_000_000_000),
             t(3, "rio-otel-agg", 10_000_000),
             t(4, "rio-otel-agg", 5_000_000),
         ];
-        let s = thread_shares(&start, &end);
+        // The job's own count (2 s) replaces the snapshots' for its thread.
+        let mut job = JobOutcome::new();
+        job.thread_cpu = Some(Duration::from_secs(2));
+        let s = thread_shares(&start, &end, &[job]);
         let names: Vec<&str> = s.iter().map(|x| x.name.as_str()).collect();
         assert_eq!(names, ["rio-job-0", "rio-otel-agg", "rio"]);
         for (got, want) in s.iter().map(|x| x.cpu_s).zip([2.0, 0.015, 0.0]) {

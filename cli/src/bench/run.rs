@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use rio_sys::rusage::{CpuTimes, ThreadCpu, process_cpu, threads_cpu};
+use rio_sys::rusage::{CpuTimes, ThreadCpu, process_cpu, thread_cpu_now, threads_cpu};
 
 use super::autotune::{DeviceTuner, JobTuner, Scope};
 use super::report::{BenchResult, JobOutcome};
@@ -228,7 +228,7 @@ pub fn run_with(
         &*clock.threads_start.lock().unwrap(),
         &*clock.threads_end.lock().unwrap(),
     ) {
-        (Some(a), Some(b)) => super::report::thread_shares(a, b),
+        (Some(a), Some(b)) => super::report::thread_shares(a, b, &jobs),
         _ => Vec::new(),
     };
     Ok(BenchResult::build(
@@ -473,6 +473,7 @@ impl<'a> Job<'a> {
         let end_at = std::cell::Cell::new(spec.runtime.map(|r| measure_at + r));
         let mut out = JobOutcome::new();
         let mut measuring = false;
+        let mut cpu_from: Option<Duration> = None;
         let mut window_start = self.t0;
         let mut last_done = self.t0;
         prog.set_phase(if spec.ramp_time.is_zero() {
@@ -494,6 +495,7 @@ impl<'a> Job<'a> {
             measuring = true;
             window_start = now;
             clock.start();
+            cpu_from = Some(thread_cpu_now());
             end_at.set(spec.runtime.map(|r| now + r));
         }
         while self.q.in_flight() > 0 {
@@ -574,6 +576,7 @@ impl<'a> Job<'a> {
                 out = JobOutcome::new();
                 prog.set_phase(Phase::Measure);
                 clock.start();
+                cpu_from = Some(thread_cpu_now());
             }
             if !self.idle.is_empty() {
                 self.fill(now, &can_issue)?;
@@ -612,6 +615,9 @@ impl<'a> Job<'a> {
         } else {
             Duration::ZERO
         };
+        // This thread's own time over its measured phase: a job's thread may have ended by
+        // the time the last job takes the process's closing snapshot.
+        out.thread_cpu = cpu_from.map(|t| thread_cpu_now().saturating_sub(t));
         clock.end(self.spec.numjobs as usize);
         if spec.verify && spec.rw.writes() {
             prog.set_phase(Phase::Verify);
