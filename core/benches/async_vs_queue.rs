@@ -26,7 +26,7 @@
 //! and resubmits each completed read through its `Resubmit`; the submitting thread only waits.
 //!
 //! Each round runs every side for `--secs` (default 1 s), each paired with a direct `Queue`
-//! run of the same length right beside it (before it in even rounds, after it in odd ones):
+//! run of the same length right beside it (before or after it, alternating pair by pair):
 //! a side's ratio in a round is its IOPS over its own pair's `Queue` IOPS. The order of the
 //! sides rotates between rounds, and the verdict is the median of the per-round ratios.
 //! Single runs on this machine move by 10-40% (the host: a bench thread given 100% of a CPU
@@ -494,8 +494,8 @@ fn main() {
         let mut lratios = Vec::with_capacity(rounds);
         let mut cratios = Vec::with_capacity(rounds);
         for r in 0..rounds {
-            // Each side is paired with a direct Queue run right beside it (before it in even
-            // rounds, after it in odd ones) and judged against that run: on this VM a
+            // Each side is paired with a direct Queue run right beside it (before it or after
+            // it, alternately) and judged against that run: on this VM a
             // thread's speed per CPU-second moves by 20% and more within seconds (the host),
             // so a ratio to a Queue run seconds away measured the host as much as the API.
             // The order of the sides rotates each round.
@@ -514,7 +514,8 @@ fn main() {
                     pin(first);
                     x
                 };
-                let queue_first = r % 2 == 0;
+                // Alternating pair by pair, so every round has as many of each order.
+                let queue_first = (r + k) % 2 == 0;
                 let qx = if queue_first { Some(run_queue()) } else { None };
                 let sx = match which {
                     0 => side.round(secs),

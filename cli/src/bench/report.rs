@@ -250,9 +250,10 @@ pub struct BenchResult {
     /// `--iodepth auto`: the tuner's report (job 0's in queue scope; the device's otherwise).
     pub tuner: Option<super::autotune::TunerReport>,
     /// Where the process's CPU went over the measured window: each thread name's time on a
-    /// CPU (the scheduler's count, by name, largest first; the job threads are `rio-job-N`,
-    /// telemetry's `rio-otel-*` and `OpenTelemetry.*`). Empty where the kernel keeps no
-    /// per-thread `schedstat`. Threads that ended inside the window are missing.
+    /// CPU (the scheduler's count, by name, largest first; telemetry's threads are
+    /// `rio-otel-*`, `OpenTelemetry.*` and reqwest's). The job threads (`rio-job-N`) count
+    /// their own time over their own measured phase; other threads that ended inside the
+    /// window are missing. Empty where the kernel keeps no per-thread `schedstat`.
     pub cpu_by_thread: Vec<ThreadShare>,
     /// Seconds the jobs spent handing windows to the sink (the telemetry exporter's cost on
     /// the I/O threads), over the measured window; part of their `rio-job-N` time.
