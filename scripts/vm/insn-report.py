@@ -7,7 +7,14 @@ lines of /proc/PID/maps). GUEST=HOST maps a guest path to the host file holding 
 (for binaries the payload copied stripped of debug info). Blocks in the kernel, or in user
 memory outside the printed mappings (other processes: the boot, the shell), are summed apart.
 Symbols come from `nm` (static, then dynamic table), names from `c++filt`.
+
+With INSN_ANNOTATE=REGEX in the environment, the blocks of every symbol whose demangled name
+matches REGEX are listed too: each block's file address (as `objdump -d` shows it), its
+instructions, and how often it ran per I/O, so a symbol's cost can be read against its
+disassembly (`objdump -d --start-address=A --stop-address=B FILE`).
 """
+import os
+import re
 import bisect
 import collections
 import subprocess
@@ -61,6 +68,7 @@ def main():
         return tables[path]
 
     by_bin, by_sym, calls = collections.Counter(), collections.Counter(), collections.Counter()
+    blocks = collections.defaultdict(collections.Counter)  # key -> {(elf addr, insns): runs}
     total = 0
     for line in open(counts):
         v, n, c = line.split()
@@ -86,6 +94,7 @@ def main():
         by_sym[key] += n * c
         if j >= 0 and addrs[j] == elf:
             calls[key] += c  # a block starting at the symbol: one call
+        blocks[key][(elf, n)] += c
     print(f"guest instructions: {total:,} in all, {ios:,.0f} I/Os")
     print("per I/O, by binary (the kernel and other processes include the boot):")
     for k, v in by_bin.most_common(12):
@@ -97,6 +106,19 @@ def main():
     for ((b, s), v), d in zip(top, names):
         c = calls.get((b, s), 0) / ios
         print(f"  {v / ios:10,.1f} {c:7.2f}  {b}: {d[:100]}")
+    pattern = os.environ.get("INSN_ANNOTATE")
+    if pattern:
+        keys = list(blocks)
+        names = subprocess.run(["c++filt"], input="\n".join(s for _, s in keys),
+                               capture_output=True, text=True).stdout.splitlines()
+        for key, d in zip(keys, names):
+            if not re.search(pattern, d):
+                continue
+            print(f"blocks of {key[0]}: {d[:120]} (address, instructions, runs per I/O, "
+                  "instructions per I/O)")
+            for (a, n), c in sorted(blocks[key].items()):
+                if c / ios >= 0.005:
+                    print(f"  {a:#x} {n:4d} {c / ios:8.3f} {n * c / ios:9.1f}")
 
 
 if __name__ == "__main__":

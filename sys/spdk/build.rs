@@ -175,12 +175,10 @@ fn main() {
     for tok in libs.split_whitespace() {
         if let Some(dir) = tok.strip_prefix("-L") {
             if !lib_dirs.iter().any(|d: &PathBuf| d.as_os_str() == dir) {
-                println!("cargo:rustc-link-search=native={dir}");
                 lib_dirs.push(PathBuf::from(dir));
             }
         } else if let Some(lib) = tok.strip_prefix("-l") {
             if !libs_named.iter().any(|l| l == lib) {
-                println!("cargo:rustc-link-lib=dylib={lib}");
                 libs_named.push(lib.to_string());
             }
         } else if (tok.starts_with("-Wl,") || tok == "-pthread")
@@ -189,6 +187,46 @@ fn main() {
             println!("cargo:rustc-link-arg={tok}");
             args_seen.push(tok.to_string());
         }
+    }
+    for dir in &lib_dirs {
+        println!("cargo:rustc-link-search=native={}", dir.display());
+    }
+    let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    // A library SPDK installed beside its own (the ISA-L it was built against) is linked
+    // through an alias of its own name: a system library of the same name in a directory
+    // another crate puts first on the search path (Debian's older libisal, which DPDK's
+    // packages pull in) would otherwise be linked instead, and lacks symbols SPDK needs. The
+    // program still records the library's SONAME, so the loader finds it as usual.
+    let alias_dir = out.join("alias");
+    let spdk_lib_dir = lib_dirs
+        .iter()
+        .find(|d| d.join("libspdk_nvme.so").exists())
+        .cloned();
+    for lib in &libs_named {
+        let own = spdk_lib_dir
+            .as_ref()
+            .map(|d| d.join(format!("lib{lib}.so")))
+            .filter(|p| !lib.starts_with("spdk_") && p.exists());
+        match own {
+            Some(path) => {
+                let alias = format!("rio_spdk_{lib}");
+                let link = alias_dir.join(format!("lib{alias}.so"));
+                let _ = std::fs::create_dir_all(&alias_dir);
+                let _ = std::fs::remove_file(&link);
+                if let Err(e) = std::os::unix::fs::symlink(&path, &link) {
+                    fail(&format!(
+                        "cannot link {} as {}: {e}",
+                        path.display(),
+                        link.display()
+                    ));
+                }
+                println!("cargo:rustc-link-lib=dylib={alias}");
+            }
+            None => println!("cargo:rustc-link-lib=dylib={lib}"),
+        }
+    }
+    if alias_dir.exists() {
+        println!("cargo:rustc-link-search=native={}", alias_dir.display());
     }
     if !lib_dirs.iter().any(|d| d.join("libspdk_nvme.so").exists()) {
         fail(&format!(
@@ -205,7 +243,6 @@ fn main() {
         .collect();
     println!("cargo:libdir={}", rpath.join(":"));
 
-    let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     // A library that exports no function (SPDK's socket modules: all they have is the
     // constructor that registers them) cannot be kept by a reference, and a
     // link argument of this library crate would not reach the programs linking it: the
