@@ -571,6 +571,13 @@ fn a_reset_by_one_queue_fails_the_others_outstanding_commands_once_and_they_reco
             opcode: io_opcode::WRITE,
             nth: 1,
         },
+        // q2's first read: still at the device when the reset comes (a submission to an idle
+        // device is rung at once, so without this the device could finish it first).
+        Fault::DropCompletion {
+            admin: false,
+            opcode: io_opcode::READ,
+            nth: 1,
+        },
         Fault::IgnoreAbort,
     ];
     let e = open(&fast_timeouts(), s);

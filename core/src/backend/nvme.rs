@@ -374,6 +374,24 @@ impl NvmeQueue {
         if !self.backlog.is_empty() || !self.issue(slot) {
             self.backlog.push_back(slot);
         }
+        // The device holds nothing else: rung now, not at the owner's next poll. Until then
+        // (the owner's other handlers, its loop, the poll's own work) the device would sit
+        // idle, so every instruction on the way is latency. While the device is busy,
+        // submissions still gather for the poll's doorbell (`poll_once`). CQ head first, as
+        // there: the controller must find room for the completions of what starts. Measured
+        // in the TCG guest (docs/DESIGN.md): 4K QD1 +12% (median of 6 alternating rounds).
+        // The command carries the last poll's clock; after a stall of the owner the next poll
+        // moves such stamps forward (`poll_once`), so a timeout can only come late.
+        if let Some(ring) = self.ring.as_mut() {
+            let unrung = ring.sq_unrung();
+            if unrung > 0 && (self.trackers.len() - self.free.len()) as u16 == unrung {
+                ring.ring_cq();
+                if ring.ring_sq() {
+                    self.stats.doorbells += 1;
+                }
+                self.last_ring_ms = self.now_ms;
+            }
+        }
         Ok(())
     }
 
