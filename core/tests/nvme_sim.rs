@@ -583,9 +583,21 @@ fn a_reset_by_one_queue_fails_the_others_outstanding_commands_once_and_they_reco
     let e = open(&fast_timeouts(), s);
     let mut q1 = e.queue(Some(4)).unwrap();
     let mut q2 = e.queue(Some(4)).unwrap();
-    // q2 has a read outstanding (not yet reaped) when q1's write forces a reset.
+    // q2 has two reads outstanding (not yet reaped) when q1's write forces a reset: one the
+    // device took (rung at once: the device was idle; its completion withheld), and one
+    // queued behind it and not yet rung (the device was busy, and q2 does not poll).
     let b = q2.alloc_buf(4096).unwrap();
     q2.submit_read(0, b, 7).unwrap();
+    let sim = e.controller().unwrap().sim().unwrap();
+    let mut waited = 0;
+    while sim.stats().faults_injected < 1 {
+        // Waiting for the model's thread to take the read (a state, not a time); bounded.
+        waited += 1;
+        assert!(waited < 60_000, "the model never took the first read");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let b = q2.alloc_buf(4096).unwrap();
+    q2.submit_read(8192, b, 6).unwrap();
     let mut b = q1.alloc_buf(4096).unwrap();
     b.as_mut_slice().fill(1);
     let err = q1.write(0, b).unwrap_err();
@@ -593,23 +605,26 @@ fn a_reset_by_one_queue_fails_the_others_outstanding_commands_once_and_they_reco
         matches!(&err, Error::Io(io) if matches!(io.kind, IoErrorKind::TimedOut { .. })),
         "{err}"
     );
-    // q2 submits without polling first: it recovers, its old read completes once with the
+    // q2 submits without polling first: it recovers, each old read completes once with the
     // reset error, the new one succeeds.
     let b = q2.alloc_buf(4096).unwrap();
     q2.submit_read(4096, b, 8).unwrap();
     let mut out = Vec::new();
-    while out.len() < 2 {
-        q2.wait(2 - out.len(), Duration::from_secs(10), &mut out)
+    while out.len() < 3 {
+        q2.wait(3 - out.len(), Duration::from_secs(10), &mut out)
             .unwrap();
     }
     out.sort_by_key(|c| c.token);
-    assert_eq!(out[0].token, 7);
-    assert_eq!(
-        out[0].result.as_ref().unwrap_err().kind,
-        IoErrorKind::ControllerReset { fatal: false }
-    );
-    assert_eq!(out[1].token, 8);
-    out[1].result.as_ref().unwrap();
+    for c in &out[..2] {
+        assert_eq!(
+            c.result.as_ref().unwrap_err().kind,
+            IoErrorKind::ControllerReset { fatal: false },
+            "token {}",
+            c.token
+        );
+    }
+    assert_eq!((out[0].token, out[1].token, out[2].token), (6, 7, 8));
+    out[2].result.as_ref().unwrap();
     assert_eq!(q2.in_flight(), 0);
     assert_eq!(e.controller().unwrap().sim().unwrap().stats().resets, 1);
     drop(out);

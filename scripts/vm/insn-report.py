@@ -108,6 +108,10 @@ def main():
         print(f"  {v / ios:10,.1f} {c:7.2f}  {b}: {d[:100]}")
     pattern = os.environ.get("INSN_ANNOTATE")
     if pattern:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            sys.exit(f"insn-report: INSN_ANNOTATE={pattern!r} is not a regular expression: {e}")
         keys = list(blocks)
         names = subprocess.run(["c++filt"], input="\n".join(s for _, s in keys),
                                capture_output=True, text=True).stdout.splitlines()

@@ -196,17 +196,19 @@ fn main() {
     // through an alias of its own name: a system library of the same name in a directory
     // another crate puts first on the search path (Debian's older libisal, which DPDK's
     // packages pull in) would otherwise be linked instead, and lacks symbols SPDK needs. The
-    // program still records the library's SONAME, so the loader finds it as usual.
+    // program still records the library's SONAME, so the loader finds it as usual (at run
+    // time SPDK's lib directory must come first too: LD_LIBRARY_PATH, or an rpath).
     let alias_dir = out.join("alias");
     let spdk_lib_dir = lib_dirs
         .iter()
         .find(|d| d.join("libspdk_nvme.so").exists())
         .cloned();
     for lib in &libs_named {
+        // Only a library with a SONAME: the program records that, not the alias's name.
         let own = spdk_lib_dir
             .as_ref()
             .map(|d| d.join(format!("lib{lib}.so")))
-            .filter(|p| !lib.starts_with("spdk_") && p.exists());
+            .filter(|p| !lib.starts_with("spdk_") && p.exists() && has_soname(p));
         match own {
             Some(path) => {
                 let alias = format!("rio_spdk_{lib}");
@@ -215,9 +217,9 @@ fn main() {
                 let _ = std::fs::remove_file(&link);
                 if let Err(e) = std::os::unix::fs::symlink(&path, &link) {
                     fail(&format!(
-                        "cannot link {} as {}: {e}",
-                        path.display(),
-                        link.display()
+                        "cannot make the symlink {} to {}: {e}",
+                        link.display(),
+                        path.display()
                     ));
                 }
                 println!("cargo:rustc-link-lib=dylib={alias}");
@@ -374,4 +376,16 @@ fn write_keep(path: &Path, libs: &[String], dirs: &[PathBuf]) -> Vec<PathBuf> {
     std::fs::write(path, src)
         .unwrap_or_else(|e| fail(&format!("cannot write {}: {e}", path.display())));
     bare
+}
+
+/// Whether the shared object at `path` names itself (DT_SONAME), by `readelf -d` (binutils);
+/// false when that cannot be told, which links the library by its plain name instead.
+fn has_soname(path: &Path) -> bool {
+    Command::new("readelf")
+        .arg("-d")
+        .arg(path)
+        .output()
+        .is_ok_and(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains("(SONAME)")
+        })
 }

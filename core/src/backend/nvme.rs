@@ -4,7 +4,8 @@
 //!
 //! Per queue pair: trackers indexed by command id, each with two preallocated PRP list pages;
 //! requests larger than MDTS split into several commands (a backlog holds what does not fit
-//! the SQ yet); one doorbell write per poll batch; completions validated against the tracker
+//! the SQ yet); one doorbell write per poll batch while the device is busy, at once when it is
+//! idle (`push`); completions validated against the tracker
 //! table (the device is untrusted input); timeouts escalate abort → controller reset, after
 //! which every outstanding request completes exactly once with an error.
 
@@ -379,7 +380,8 @@ impl NvmeQueue {
         // idle, so every instruction on the way is latency. While the device is busy,
         // submissions still gather for the poll's doorbell (`poll_once`). CQ head first, as
         // there: the controller must find room for the completions of what starts. Measured
-        // in the TCG guest (docs/DESIGN.md): 4K QD1 +12% (median of 6 alternating rounds).
+        // in the TCG guest (docs/DESIGN.md): 4K QD1 +3% and +12% in two boots (medians of 6
+        // alternating rounds); QD32 unchanged.
         // The command carries the last poll's clock; after a stall of the owner the next poll
         // moves such stamps forward (`poll_once`), so a timeout can only come late.
         if let Some(ring) = self.ring.as_mut() {

@@ -18,9 +18,10 @@
 //!   Deallocate sent as one Dataset Management command of up to 256 ranges.
 //! - [`crate::Queue::wait_each`] hands each completion to its caller from inside SPDK's
 //!   completion callback (the queue reached through a raw pointer, one reference at a time),
-//!   so the caller's next command is queued before SPDK writes the CQ head and rings the SQ
-//!   doorbell once for it in the same poll: SPDK's run-to-completion order, which
-//!   `spdk_nvme_perf` uses. `rio bench` drives every backend that way. The handler gets a
+//!   so the caller's next command is queued before SPDK writes the CQ head, and its doorbell
+//!   rung as SPDK queues it (SPDK's default; `spdk_nvme_perf` instead rings once at the end of
+//!   the poll, `delay_cmd_submit`, which cost rio 10%: see `SpdkQueue::new`). `rio bench`
+//!   drives every backend that way. The handler gets a
 //!   [`crate::Submitter`], which cannot poll, drop or replace the queue; a panic in it is
 //!   caught at SPDK's C boundary and resumed after SPDK returns.
 //! - SPDK may complete a command inside the call that submits it (a buffer it cannot
@@ -664,15 +665,15 @@ impl SpdkQueue {
         })
     }
 
+    /// 1: SPDK rings the doorbell for each command as it queues it (`delay_cmd_submit` off,
+    /// fixed at creation).
     pub fn submit_batch(&self) -> u32 {
         self.submit_batch
     }
 
-    /// Kept for the tuner's report; SPDK rings the doorbell for each command as it queues it
-    /// (`delay_cmd_submit` off, set at creation).
-    pub fn set_submit_batch(&mut self, n: u32) {
-        self.submit_batch = n;
-    }
+    /// Ignored: the doorbell policy is fixed when SPDK creates the queue pair, so the report
+    /// keeps saying what is in force.
+    pub fn set_submit_batch(&mut self, _n: u32) {}
 
     /// Slot `i`'s context, derived from the array's own pointer (the pointer SPDK is given
     /// for a command, so that it stays valid however the queue reaches the slot meanwhile).
@@ -887,9 +888,9 @@ impl SpdkQueue {
 
     /// One poll, each finished operation handed to `hook`; those that finish in SPDK's
     /// completion callback are handed over from inside it, so the hook (through its owner,
-    /// the [`crate::Queue`]) may submit at once and the new command goes out with this poll's
-    /// doorbell, after SPDK writes the completion queue's head (SPDK's own run-to-completion
-    /// order, as `spdk_nvme_perf` submits). Operations finished outside a callback (refused
+    /// the [`crate::Queue`]) may submit at once, before SPDK writes the completion queue's
+    /// head (SPDK's run-to-completion order; the doorbell is rung as SPDK queues the command).
+    /// Operations finished outside a callback (refused
     /// at submission, on a failed queue pair, or after their last piece) follow, after
     /// SPDK returns.
     ///
