@@ -199,15 +199,20 @@ fn main() {
     // program still records the library's SONAME, so the loader finds it as usual (at run
     // time SPDK's lib directory must come first too: LD_LIBRARY_PATH, or an rpath).
     let alias_dir = out.join("alias");
-    let spdk_lib_dir = lib_dirs
+    let Some(spdk_lib_dir) = lib_dirs
         .iter()
         .find(|d| d.join("libspdk_nvme.so").exists())
-        .cloned();
+        .cloned()
+    else {
+        fail(&format!(
+            "no libspdk_nvme.so in {:?}: rio links SPDK's shared libraries; configure SPDK with \
+             --with-shared",
+            lib_dirs
+        ));
+    };
     for lib in &libs_named {
         // Only a library with a SONAME: the program records that, not the alias's name.
-        let own = spdk_lib_dir
-            .as_ref()
-            .map(|d| d.join(format!("lib{lib}.so")))
+        let own = Some(spdk_lib_dir.join(format!("lib{lib}.so")))
             .filter(|p| !lib.starts_with("spdk_") && p.exists() && has_soname(p));
         match own {
             Some(path) => {
@@ -229,13 +234,6 @@ fn main() {
     }
     if alias_dir.exists() {
         println!("cargo:rustc-link-search=native={}", alias_dir.display());
-    }
-    if !lib_dirs.iter().any(|d| d.join("libspdk_nvme.so").exists()) {
-        fail(&format!(
-            "no libspdk_nvme.so in {:?}: rio links SPDK's shared libraries; configure SPDK with \
-             --with-shared",
-            lib_dirs
-        ));
     }
     // Where the shared objects are, for dependents that set an rpath (links = "spdk_nvme").
     let rpath: Vec<String> = lib_dirs

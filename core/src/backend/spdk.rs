@@ -556,7 +556,6 @@ pub(crate) struct SpdkQueue {
     /// Regions this queue registered (base, length): a read or write must lie in one.
     regions: Vec<(usize, usize)>,
     block: u64,
-    submit_batch: u32,
     in_flight: u32,
     failed: bool,
 }
@@ -659,7 +658,6 @@ impl SpdkQueue {
             rest: Vec::with_capacity(depth as usize),
             regions: registered,
             block,
-            submit_batch: 1,
             in_flight: 0,
             failed: false,
         })
@@ -668,7 +666,7 @@ impl SpdkQueue {
     /// 1: SPDK rings the doorbell for each command as it queues it (`delay_cmd_submit` off,
     /// fixed at creation).
     pub fn submit_batch(&self) -> u32 {
-        self.submit_batch
+        1
     }
 
     /// Ignored: the doorbell policy is fixed when SPDK creates the queue pair, so the report
