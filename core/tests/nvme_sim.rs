@@ -562,8 +562,22 @@ fn a_queue_pair_created_again_on_the_same_id_works_with_shadow_doorbells() {
     }
 }
 
+/// With MMIO doorbells: q2's second read is queued behind the first and not yet rung when the
+/// reset comes (the device was busy, and q2 does not poll), so an unrung command is failed once
+/// too.
 #[test]
 fn a_reset_by_one_queue_fails_the_others_outstanding_commands_once_and_they_recover() {
+    reset_by_another_queue(false);
+}
+
+/// With shadow doorbells every submission is rung at once: both of q2's reads are at the
+/// device (their completions withheld) when the reset comes.
+#[test]
+fn a_reset_by_one_queue_fails_the_others_commands_with_shadow_doorbells_too() {
+    reset_by_another_queue(true);
+}
+
+fn reset_by_another_queue(shadow: bool) {
     let mut s = sim(8 << 20);
     s.faults = vec![
         Fault::DropCompletion {
@@ -580,24 +594,43 @@ fn a_reset_by_one_queue_fails_the_others_outstanding_commands_once_and_they_reco
         },
         Fault::IgnoreAbort,
     ];
-    let e = open(&fast_timeouts(), s);
+    if shadow {
+        // The second read is rung at once as well: withheld like the first.
+        s.faults.push(Fault::DropCompletion {
+            admin: false,
+            opcode: io_opcode::READ,
+            nth: 2,
+        });
+    }
+    let cfg = EngineConfig {
+        nvme_shadow_doorbells: shadow,
+        ..fast_timeouts()
+    };
+    let e = open(&cfg, s);
+    assert_eq!(e.controller().unwrap().shadow_doorbells(), shadow);
     let mut q1 = e.queue(Some(4)).unwrap();
     let mut q2 = e.queue(Some(4)).unwrap();
     // q2 has two reads outstanding (not yet reaped) when q1's write forces a reset: one the
     // device took (rung at once: the device was idle; its completion withheld), and one
-    // queued behind it and not yet rung (the device was busy, and q2 does not poll).
+    // queued behind it (MMIO doorbells: not yet rung; shadow doorbells: taken and withheld).
+    let sim = e.controller().unwrap().sim().unwrap();
+    let taken = |n: u64| {
+        let mut waited = 0;
+        while sim.stats().faults_injected < n {
+            // Waiting for the model's thread to take the read (a state, not a time); bounded.
+            waited += 1;
+            assert!(waited < 60_000, "the model never took read {n}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
     let b = q2.alloc_buf(4096).unwrap();
     q2.submit_read(0, b, 7).unwrap();
-    let sim = e.controller().unwrap().sim().unwrap();
-    let mut waited = 0;
-    while sim.stats().faults_injected < 1 {
-        // Waiting for the model's thread to take the read (a state, not a time); bounded.
-        waited += 1;
-        assert!(waited < 60_000, "the model never took the first read");
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    taken(1);
     let b = q2.alloc_buf(4096).unwrap();
     q2.submit_read(8192, b, 6).unwrap();
+    if shadow {
+        taken(2);
+    }
     let mut b = q1.alloc_buf(4096).unwrap();
     b.as_mut_slice().fill(1);
     let err = q1.write(0, b).unwrap_err();

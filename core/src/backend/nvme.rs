@@ -292,13 +292,18 @@ impl NvmeQueue {
         if self.sim { "sim" } else { "vfio" }
     }
 
-    /// Commands gathered per SQ doorbell while the device is busy.
+    /// Commands gathered per SQ doorbell while the device is busy: 1 with shadow doorbells
+    /// (each submission updates the shadow tail at once; see `push`).
     pub fn submit_batch(&self) -> u32 {
-        self.doorbell_batch as u32
+        if self.ring.as_ref().is_some_and(|r| r.has_shadow()) {
+            1
+        } else {
+            self.doorbell_batch as u32
+        }
     }
 
     /// Sets the doorbell batch (1 rings for every poll with new commands; clamped to
-    /// 1..=[`MAX_DOORBELL_BATCH`]).
+    /// 1..=[`MAX_DOORBELL_BATCH`]). Used with MMIO doorbells only.
     pub fn set_submit_batch(&mut self, n: u32) {
         self.doorbell_batch = n.clamp(1, MAX_DOORBELL_BATCH as u32) as u16;
     }
@@ -375,18 +380,25 @@ impl NvmeQueue {
         if !self.backlog.is_empty() || !self.issue(slot) {
             self.backlog.push_back(slot);
         }
-        // The device holds nothing else: rung now, not at the owner's next poll. Until then
-        // (the owner's other handlers, its loop, the poll's own work) the device would sit
-        // idle, so every instruction on the way is latency. While the device is busy,
-        // submissions still gather for the poll's doorbell (`poll_once`). CQ head first, as
-        // there: the controller must find room for the completions of what starts. Measured
-        // in the TCG guest (docs/DESIGN.md): 4K QD1 +3% and +12% in two boots (medians of 6
-        // alternating rounds); QD32 unchanged.
+        // Rung now, not at the owner's next poll, when the device holds nothing else: until
+        // then (the owner's other handlers, its loop, the poll's own work) the device would
+        // sit idle, so every instruction on the way is latency. Measured in the TCG guest
+        // (docs/DESIGN.md): 4K QD1 +3% and +12% in two boots (medians of 6 alternating
+        // rounds). And always with shadow doorbells: a doorbell is then a store to memory the
+        // controller re-reads while it works (an MMIO write only when its EventIdx asks), so
+        // a busy controller picks the command up without being told, where a batch held back
+        // for the poll let it run dry and wait for an MMIO write and its wake-up (QEMU's
+        // controller: with the batch, twice the MMIO doorbells per command; without, 4K QD32
+        // +1% to +31%, median +5%, 6 alternating rounds, SPDK's order). With MMIO doorbells and
+        // a busy device, submissions gather for the poll's doorbell (`poll_once`). CQ head
+        // first, as there: the controller must find room for the completions of what starts.
         // The command carries the last poll's clock; after a stall of the owner the next poll
         // moves such stamps forward (`poll_once`), so a timeout can only come late.
         if let Some(ring) = self.ring.as_mut() {
             let unrung = ring.sq_unrung();
-            if unrung > 0 && (self.trackers.len() - self.free.len()) as u16 == unrung {
+            if unrung > 0
+                && (ring.has_shadow() || (self.trackers.len() - self.free.len()) as u16 == unrung)
+            {
                 ring.ring_cq();
                 if ring.ring_sq() {
                     self.stats.doorbells += 1;
@@ -683,18 +695,22 @@ impl NvmeQueue {
         if reaped == 0 || ring.cq_unrung() >= ring.entries / 2 {
             ring.ring_cq();
         }
-        // Doorbell coalescing (SPDK's delay_cmd_submit, made adaptive): new commands wait for
-        // a batch while the device is busy and completions keep coming, so the doorbell (an
-        // uncached MMIO write, or a shadow-doorbell cache line the device keeps reading) is
-        // touched once per batch instead of once per command. Rung at once when the device
-        // might go idle: nothing completed in this poll, or it holds only a few commands.
-        // Bounded: each poll that reaps lowers the count at the device, so the doorbell rings
-        // within that many completions.
+        // Doorbell coalescing with MMIO doorbells (SPDK's delay_cmd_submit, made adaptive):
+        // new commands wait for a batch while the device is busy and completions keep coming,
+        // so the doorbell (an uncached MMIO write) is touched once per batch instead of once
+        // per command. Rung at once when the device might go idle: nothing completed in this
+        // poll, or it holds only a few commands. Bounded: each poll that reaps lowers the
+        // count at the device, so the doorbell rings within that many completions. With
+        // shadow doorbells nothing waits (`push`): what is left here came from the backlog.
         let unrung = ring.sq_unrung();
         if unrung > 0 {
             let active = (self.trackers.len() - self.free.len()) as u16;
             let at_device = active.saturating_sub(unrung);
-            if reaped == 0 || unrung >= self.doorbell_batch || at_device < self.doorbell_batch {
+            if reaped == 0
+                || ring.has_shadow()
+                || unrung >= self.doorbell_batch
+                || at_device < self.doorbell_batch
+            {
                 // Slots first, so the commands about to start find room for their completions.
                 ring.ring_cq();
                 if ring.ring_sq() {

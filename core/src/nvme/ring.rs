@@ -106,6 +106,13 @@ impl Ring {
         self.clear_shadow();
     }
 
+    /// Whether the doorbells are shadowed (Doorbell Buffer Config): a doorbell is then a
+    /// store to memory the controller reads, and an MMIO write only when its EventIdx asks.
+    #[inline]
+    pub fn has_shadow(&self) -> bool {
+        self.shadow.is_some()
+    }
+
     fn clear_shadow(&self) {
         if let Some(s) = self.shadow {
             // SAFETY: slots in the live doorbell buffer; the queue does not exist on the
