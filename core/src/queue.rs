@@ -577,8 +577,12 @@ impl Queue {
                         }
                         self.reaped.clear();
                         self.q.reaped = std::mem::take(&mut self.reaped);
+                        self.q.backend.batch_end();
                     }
                 }
+                // Doorbells the handlers' submissions need are written once, when the batch
+                // has been handed over (`Rest`'s drop; see `NvmeQueue::batch_begin`).
+                self.backend.batch_begin();
                 let mut rest = Rest {
                     q: self,
                     reaped,

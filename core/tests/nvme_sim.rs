@@ -664,6 +664,63 @@ fn reset_by_another_queue(shadow: bool) {
     assert_eq!((q1.arena().in_use(), q2.arena().in_use()), (0, 0));
 }
 
+/// Submissions made while a batch of completions is handed over (`wait_each`'s handler) write
+/// no doorbell until the batch is handed over; then one write starts them all. The inline model
+/// works only when the queue polls, so the counts are exact. Both doorbell kinds, at depth 1
+/// (where a lone submission to an idle device used to be rung inside the handler) and 8.
+#[test]
+fn resubmissions_from_one_batch_of_completions_share_one_doorbell_write() {
+    for shadow in [false, true] {
+        for depth in [1u64, 8] {
+            let cfg = EngineConfig {
+                nvme_shadow_doorbells: shadow,
+                ..config()
+            };
+            let s = SimConfig {
+                inline: true,
+                ..sim(8 << 20)
+            };
+            let e = open(&cfg, s);
+            let mut q = e.queue(Some(depth as u32)).unwrap();
+            for t in 0..depth {
+                let b = q.alloc_buf(4096).unwrap();
+                q.submit_read(t * 4096, b, t).unwrap();
+            }
+            let before = q.nvme_stats().unwrap().doorbells;
+            let (mut batches, mut done) = (0u64, 0u64);
+            while done < 400 {
+                let n = q
+                    .wait_each(1, Duration::from_secs(20), |s, c| {
+                        c.result.unwrap();
+                        let d = s.nvme_stats().unwrap().doorbells;
+                        let off = (c.offset + depth * 4096) % (4 << 20);
+                        s.submit_read(off, c.buf.unwrap(), c.token).unwrap();
+                        assert_eq!(
+                            s.nvme_stats().unwrap().doorbells,
+                            d,
+                            "shadow={shadow} depth={depth}: a doorbell written inside the batch"
+                        );
+                    })
+                    .unwrap();
+                done += n as u64;
+                batches += (n > 0) as u64;
+            }
+            let doorbells = q.nvme_stats().unwrap().doorbells - before;
+            assert!(
+                doorbells <= batches,
+                "shadow={shadow} depth={depth}: {doorbells} doorbell writes for {batches} batches"
+            );
+            // What is still in flight completes: the last batch's doorbell was written.
+            let mut out = Vec::new();
+            while q.in_flight() > 0 {
+                q.wait(q.in_flight() as usize, Duration::from_secs(20), &mut out)
+                    .unwrap();
+            }
+            assert!(out.iter().all(|c| c.result.is_ok()));
+        }
+    }
+}
+
 /// `Queue::wait_each` hands every completion over once, with its buffer and data, and takes
 /// the resubmissions made from inside the handler (a run-to-completion loop at depth 8).
 #[test]

@@ -76,6 +76,23 @@ pub(crate) enum BackendQueue {
 }
 
 impl BackendQueue {
+    /// The owner starts handing over a batch of completions whose handlers may submit: the
+    /// userspace driver holds back doorbell writes until [`BackendQueue::batch_end`] (see
+    /// `NvmeQueue::batch_begin`). Nothing on the other backends.
+    #[inline]
+    pub fn batch_begin(&mut self) {
+        if let BackendQueue::Nvme(q) = self {
+            q.batch_begin()
+        }
+    }
+
+    #[inline]
+    pub fn batch_end(&mut self) {
+        if let BackendQueue::Nvme(q) = self {
+            q.batch_end()
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             BackendQueue::Uring(_) => "uring",

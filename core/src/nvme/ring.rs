@@ -194,6 +194,29 @@ impl Ring {
         true
     }
 
+    /// [`Ring::ring_sq`] with shadow doorbells, except that an MMIO write the controller's
+    /// EventIdx asks for is not made but reported (true): the caller writes it later with
+    /// [`Ring::write_sq_db`]. Without shadow doorbells, the same as `ring_sq`.
+    #[inline]
+    pub fn ring_sq_shadow(&mut self) -> bool {
+        let Some(s) = self.shadow else {
+            return self.ring_sq();
+        };
+        if self.sq_tail == self.sq_tail_rung {
+            return false;
+        }
+        let old = self.sq_tail_rung;
+        self.sq_tail_rung = self.sq_tail;
+        // SAFETY: slots in the live doorbell buffer (see `reset`).
+        unsafe { shadow_update(s.sq_tail, s.sq_event, self.sq_tail, old) }
+    }
+
+    /// Write the SQ tail to the MMIO doorbell (owed by [`Ring::ring_sq_shadow`]).
+    #[inline]
+    pub fn write_sq_db(&mut self) {
+        self.sq_db.write(self.sq_tail_rung as u32);
+    }
+
     /// The next completion, if the controller has posted one. Advances the CQ head (the
     /// doorbell is written by [`Ring::ring_cq`]).
     #[inline]
