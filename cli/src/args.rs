@@ -163,7 +163,8 @@ pub struct BenchArgs {
     /// (`device`), its depth split over the jobs.
     #[arg(long = "tune-scope", default_value = "queue", value_parser = scope_arg)]
     pub tune_scope: crate::bench::autotune::Scope,
-    /// Jobs: one thread and one queue each, pinned one per core.
+    /// Jobs: one thread and one queue each, pinned one per core (a single job only on the
+    /// polled userspace drivers, vfio and spdk, to the first allowed core).
     #[arg(long, default_value_t = 1)]
     pub numjobs: u32,
     /// Bytes of the region to work on, per job (default: to the end of the target; 1 GiB for

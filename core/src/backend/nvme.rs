@@ -166,6 +166,8 @@ pub(crate) struct NvmeQueue {
     /// A doorbell write held until the end of that batch (`push`): the MMIO write a shadow
     /// doorbell's EventIdx asked for, or the whole doorbell without shadow doorbells.
     owed: bool,
+    /// The same for the CQ head's shadow doorbell.
+    owed_cq: bool,
     /// Completions produced outside a poll (a recovery in `push`), handed over by the next one.
     stash: Vec<Reaped>,
     on_device: OnDevice,
@@ -287,6 +289,7 @@ impl NvmeQueue {
             abandoned: false,
             in_batch: false,
             owed: false,
+            owed_cq: false,
             stash: Vec::new(),
             on_device: OnDevice::Yes,
             revive_at_ms: 0,
@@ -412,10 +415,8 @@ impl NvmeQueue {
                         self.stats.doorbells += 1;
                     }
                 } else if ring.has_shadow() {
-                    ring.ring_cq();
-                    if ring.ring_sq_shadow() {
-                        self.owed = true;
-                    }
+                    self.owed_cq |= ring.ring_cq_shadow();
+                    self.owed |= ring.ring_sq_shadow();
                 } else {
                     self.owed = true;
                 }
@@ -427,8 +428,9 @@ impl NvmeQueue {
 
     /// The owner starts handing over a batch of completions, whose handlers may submit
     /// (`Queue::wait_each`). Until [`NvmeQueue::batch_end`], a submission that needs an MMIO
-    /// doorbell write holds it back (`push`): one write then starts them all. With shadow
-    /// doorbells the shadow tail is still updated at each submission, so a controller in the
+    /// doorbell write holds it back (`push`): one write then starts them all (and one for the
+    /// CQ head, before it). With shadow doorbells the shadow values are still updated at each
+    /// submission, so a controller in the
     /// middle of a pass over the queue takes the command without being told. Why: under QEMU
     /// an MMIO write takes the emulator's big lock, which its device thread holds while it
     /// works; a write per submission (each time the controller had caught up) stalled the
@@ -451,17 +453,25 @@ impl NvmeQueue {
     /// nothing of it is outstanding any more).
     #[inline]
     fn pay_owed(&mut self) {
-        if !self.owed {
+        if !self.owed && !self.owed_cq {
             return;
         }
+        let (sq, cq) = (self.owed, self.owed_cq);
         self.owed = false;
+        self.owed_cq = false;
         if self.ctrl.generation() != self.generation || self.on_device != OnDevice::Yes {
             return;
         }
         if let Some(ring) = self.ring.as_mut() {
             if ring.has_shadow() {
-                ring.write_sq_db();
-                self.stats.doorbells += 1;
+                // CQ head first, as everywhere: room for the completions of what starts.
+                if cq {
+                    ring.write_cq_db();
+                }
+                if sq {
+                    ring.write_sq_db();
+                    self.stats.doorbells += 1;
+                }
             } else {
                 ring.ring_cq();
                 if ring.ring_sq() {
@@ -1116,6 +1126,7 @@ impl NvmeQueue {
     fn fail_all(&mut self, out: &mut Vec<Reaped>, fatal: bool) {
         // What a held-back doorbell would have started is failed here.
         self.owed = false;
+        self.owed_cq = false;
         let now = coarse_ms();
         for (i, t) in self.trackers.iter_mut().enumerate() {
             if t.active {

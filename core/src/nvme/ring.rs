@@ -211,6 +211,30 @@ impl Ring {
         unsafe { shadow_update(s.sq_tail, s.sq_event, self.sq_tail, old) }
     }
 
+    /// [`Ring::ring_cq`] with shadow doorbells, except that an MMIO write the controller's
+    /// EventIdx asks for is not made but reported (true): the caller writes it later with
+    /// [`Ring::write_cq_db`]. Without shadow doorbells, the same as `ring_cq` (false).
+    #[inline]
+    pub fn ring_cq_shadow(&mut self) -> bool {
+        let Some(s) = self.shadow else {
+            self.ring_cq();
+            return false;
+        };
+        if self.cq_head == self.cq_head_rung {
+            return false;
+        }
+        let old = self.cq_head_rung;
+        self.cq_head_rung = self.cq_head;
+        // SAFETY: slots in the live doorbell buffer.
+        unsafe { shadow_update(s.cq_head, s.cq_event, self.cq_head, old) }
+    }
+
+    /// Write the CQ head to the MMIO doorbell (owed by [`Ring::ring_cq_shadow`]).
+    #[inline]
+    pub fn write_cq_db(&mut self) {
+        self.cq_db.write(self.cq_head_rung as u32);
+    }
+
     /// Write the SQ tail to the MMIO doorbell (owed by [`Ring::ring_sq_shadow`]).
     #[inline]
     pub fn write_sq_db(&mut self) {
