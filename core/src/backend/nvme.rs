@@ -430,13 +430,13 @@ impl NvmeQueue {
     /// (`Queue::wait_each`). Until [`NvmeQueue::batch_end`], a submission that needs an MMIO
     /// doorbell write holds it back (`push`): one write then starts them all (and one for the
     /// CQ head, before it). With shadow doorbells the shadow values are still updated at each
-    /// submission, so a controller in the
-    /// middle of a pass over the queue takes the command without being told. Why: under QEMU
-    /// an MMIO write takes the emulator's big lock, which its device thread holds while it
-    /// works; a write per submission (each time the controller had caught up) stalled the
-    /// vCPU on that lock and split the controller's passes into one or two commands each
-    /// (4K QD32: 0.165 SQ doorbell writes per I/O, `spdk_nvme_perf` 0.031; held to the batch's
-    /// end: 0.031, and the IOPS of the same boot +10% median; docs/DESIGN.md).
+    /// submission, so a controller in the middle of a pass over the queue takes the command
+    /// without being told. Why: under QEMU an MMIO write takes the emulator's big lock, which
+    /// its device thread holds while it works; rio's vCPU thread blocked on it ~6,400 times a
+    /// second at 4K QD32 (`spdk_nvme_perf`'s ~400), and each write split the controller's passes
+    /// over the queue (SQ doorbell writes per I/O 0.165 against perf's 0.031 with a TCG plugin
+    /// slowing the guest, 0.05-0.06 against 0.031 under QEMU's tracing; held to the batch's
+    /// end, 0.031 and 0.032). docs/DESIGN.md, "rio against SPDK", session 25.
     #[inline]
     pub fn batch_begin(&mut self) {
         self.in_batch = true;
