@@ -113,13 +113,16 @@ impl Queue {
         self.backend.name()
     }
 
-    /// Commands gathered per doorbell (vfio, model) or per `io_uring_enter` (uring; 0 means
-    /// only when the queue polls or waits). Always 1 on psync.
+    /// Commands gathered per doorbell (vfio, model, with MMIO doorbells) or per
+    /// `io_uring_enter` (uring; 0 means only when the queue polls or waits). Always 1 on psync,
+    /// on SPDK, and on the userspace driver with shadow doorbells (each submission updates the
+    /// shadow tail at once; the MMIO write is the controller's EventIdx's call).
     pub fn submit_batch(&self) -> u32 {
         self.backend.submit_batch()
     }
 
-    /// Sets the submission batch (the tuner's knob); no effect on psync. Commands never wait on
+    /// Sets the submission batch (the tuner's knob); no effect on psync, SPDK, or shadow
+    /// doorbells (above). Commands never wait on
     /// a timer to fill a batch: a partial batch goes out at the next poll that sees the device
     /// idle-ish (nvme) or at the next poll/wait (uring).
     pub fn set_submit_batch(&mut self, n: u32) {
@@ -522,8 +525,10 @@ impl Queue {
     /// completion queue's head: what it submits reaches the device with the same poll's
     /// doorbell, in SPDK's own order (callbacks, CQ head, SQ tail), as `spdk_nvme_perf`
     /// submits; completions are handed over one by one as SPDK finds them. Elsewhere they
-    /// are reaped first, then handed over in order: the same as `wait` and a loop over its
-    /// output. The handler gets a [`Submitter`], not the queue: it can submit and read the
+    /// are reaped first, then handed over in order, as `wait` and a loop over its output would,
+    /// except that on the userspace driver the doorbell writes the handlers' submissions need
+    /// are held until the whole batch has been handed over, then made once (see
+    /// `NvmeQueue::batch_begin`). The handler gets a [`Submitter`], not the queue: it can submit and read the
     /// queue's state, but not poll, wait, drop or replace the queue it is called from.
     ///
     /// A panic in `each` propagates out of `wait_each` (on SPDK's driver it is caught at

@@ -702,8 +702,13 @@ fn resubmissions_from_one_batch_of_completions_share_one_doorbell_write() {
                         );
                     })
                     .unwrap();
+                // Nothing within 20 s: a held doorbell was never written (fail, do not spin).
+                assert!(
+                    n > 0,
+                    "shadow={shadow} depth={depth}: no completion in 20 s"
+                );
                 done += n as u64;
-                batches += (n > 0) as u64;
+                batches += 1;
             }
             let doorbells = q.nvme_stats().unwrap().doorbells - before;
             assert!(
@@ -713,8 +718,13 @@ fn resubmissions_from_one_batch_of_completions_share_one_doorbell_write() {
             // What is still in flight completes: the last batch's doorbell was written.
             let mut out = Vec::new();
             while q.in_flight() > 0 {
+                let n = out.len();
                 q.wait(q.in_flight() as usize, Duration::from_secs(20), &mut out)
                     .unwrap();
+                assert!(
+                    out.len() > n,
+                    "shadow={shadow} depth={depth}: the last batch never completed"
+                );
             }
             assert!(out.iter().all(|c| c.result.is_ok()));
         }

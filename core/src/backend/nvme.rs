@@ -158,7 +158,8 @@ pub(crate) struct NvmeQueue {
     /// A protocol violation seen while reaping, reported after the batch is handed over.
     pending_error: Option<Error>,
     stats: NvmeQueueStats,
-    /// Commands gathered before the SQ doorbell rings while the device is busy.
+    /// Commands gathered before the SQ doorbell rings while the device is busy (MMIO
+    /// doorbells only; with shadow doorbells every submission updates the shadow tail).
     doorbell_batch: u16,
     abandoned: bool,
     /// Inside a batch of completions being handed over (`batch_begin`..`batch_end`).
@@ -329,9 +330,9 @@ impl NvmeQueue {
     #[inline]
     pub fn push(&mut self, slot: u32, op: &RawOp) -> Result<()> {
         // Commands are stamped with the last poll's clock (`now_ms`), not a clock read per
-        // command (3% of the inline model's time): the device sees them only at a later
-        // poll's doorbell, and `poll_once` moves the stamps of commands queued across a
-        // stall of the owner forward. A stamp is then old by at most SCAN_MS, which the
+        // command (3% of the inline model's time): the device may see them only at a later
+        // poll's doorbell (MMIO doorbells, a busy device), and `poll_once` moves the stamps
+        // of commands queued across a stall of the owner forward. A stamp is then old by at most SCAN_MS, which the
         // timeout check allows for (see `timeout_ms` in `new`): never early.
         if self.ctrl.generation() != self.generation || self.on_device != OnDevice::Yes {
             // Another queue reset the controller: fail what this queue had outstanding (handed
@@ -409,14 +410,24 @@ impl NvmeQueue {
             if unrung > 0
                 && (ring.has_shadow() || (self.trackers.len() - self.free.len()) as u16 == unrung)
             {
-                if !self.in_batch {
+                if !self.in_batch && ring.has_shadow() {
+                    let (cq, sq) = ring.ring_both_shadow();
+                    if cq {
+                        ring.write_cq_db();
+                    }
+                    if sq {
+                        ring.write_sq_db();
+                        self.stats.doorbells += 1;
+                    }
+                } else if !self.in_batch {
                     ring.ring_cq();
                     if ring.ring_sq() {
                         self.stats.doorbells += 1;
                     }
                 } else if ring.has_shadow() {
-                    self.owed_cq |= ring.ring_cq_shadow();
-                    self.owed |= ring.ring_sq_shadow();
+                    let (cq, sq) = ring.ring_both_shadow();
+                    self.owed_cq |= cq;
+                    self.owed |= sq;
                 } else {
                     self.owed = true;
                 }
@@ -431,12 +442,13 @@ impl NvmeQueue {
     /// doorbell write holds it back (`push`): one write then starts them all (and one for the
     /// CQ head, before it). With shadow doorbells the shadow values are still updated at each
     /// submission, so a controller in the middle of a pass over the queue takes the command
-    /// without being told. Why: under QEMU an MMIO write takes the emulator's big lock, which
-    /// its device thread holds while it works; rio's vCPU thread blocked on it ~6,400 times a
-    /// second at 4K QD32 (`spdk_nvme_perf`'s ~400), and each write split the controller's passes
-    /// over the queue (SQ doorbell writes per I/O 0.165 against perf's 0.031 with a TCG plugin
-    /// slowing the guest, 0.05-0.06 against 0.031 under QEMU's tracing; held to the batch's
-    /// end, 0.031 and 0.032). docs/DESIGN.md, "rio against SPDK", session 25.
+    /// without being told. Why: an MMIO write is the costly part of a doorbell (an uncached
+    /// write; under QEMU it also takes the emulator's big lock, which its device thread holds
+    /// while it works), and a write per submission made each time the controller had caught up
+    /// split its passes over the queue: at 4K QD32 in the TCG guest, SQ doorbell writes per
+    /// I/O 0.165 against `spdk_nvme_perf`'s 0.031 with a TCG plugin slowing the guest, 0.05-0.06
+    /// against 0.031 under QEMU's tracing; held to the batch's end, 0.031 and 0.032
+    /// (docs/DESIGN.md, "rio against SPDK", session 25).
     #[inline]
     pub fn batch_begin(&mut self) {
         self.in_batch = true;
@@ -732,8 +744,9 @@ impl NvmeQueue {
         if self.on_device != OnDevice::Yes {
             return self.revive();
         }
-        // A doorbell held back by a batch that ended without `batch_end` (its handler
-        // panicked): written before anything else.
+        // A doorbell held back by a batch that ended without `batch_end` (only if the
+        // owner's guard itself failed; a panicking handler still ends the batch): written
+        // before anything else.
         self.in_batch = false;
         self.pay_owed();
         if self.sim_inline

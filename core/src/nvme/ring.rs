@@ -194,48 +194,56 @@ impl Ring {
         true
     }
 
-    /// [`Ring::ring_sq`] with shadow doorbells, except that an MMIO write the controller's
-    /// EventIdx asks for is not made but reported (true): the caller writes it later with
-    /// [`Ring::write_sq_db`]. Without shadow doorbells, the same as `ring_sq`.
+    /// [`Ring::ring_cq`] then [`Ring::ring_sq`] for shadow doorbells (the caller checked
+    /// [`Ring::has_shadow`]), with one full fence for both, and without the MMIO writes the
+    /// controller's EventIdx values ask for: those are returned, (CQ head, SQ tail), for the
+    /// caller to make later with [`Ring::write_cq_db`] and [`Ring::write_sq_db`].
     #[inline]
-    pub fn ring_sq_shadow(&mut self) -> bool {
+    pub fn ring_both_shadow(&mut self) -> (bool, bool) {
+        debug_assert!(
+            self.shadow.is_some(),
+            "ring_both_shadow without shadow doorbells"
+        );
         let Some(s) = self.shadow else {
-            return self.ring_sq();
+            return (false, false);
         };
-        if self.sq_tail == self.sq_tail_rung {
-            return false;
+        let cq = (self.cq_head != self.cq_head_rung).then_some(self.cq_head_rung);
+        let sq = (self.sq_tail != self.sq_tail_rung).then_some(self.sq_tail_rung);
+        if cq.is_none() && sq.is_none() {
+            return (false, false);
         }
-        let old = self.sq_tail_rung;
-        self.sq_tail_rung = self.sq_tail;
-        // SAFETY: slots in the live doorbell buffer (see `reset`).
-        unsafe { shadow_update(s.sq_tail, s.sq_event, self.sq_tail, old) }
-    }
-
-    /// [`Ring::ring_cq`] with shadow doorbells, except that an MMIO write the controller's
-    /// EventIdx asks for is not made but reported (true): the caller writes it later with
-    /// [`Ring::write_cq_db`]. Without shadow doorbells, the same as `ring_cq` (false).
-    #[inline]
-    pub fn ring_cq_shadow(&mut self) -> bool {
-        let Some(s) = self.shadow else {
-            self.ring_cq();
-            return false;
-        };
-        if self.cq_head == self.cq_head_rung {
-            return false;
-        }
-        let old = self.cq_head_rung;
         self.cq_head_rung = self.cq_head;
-        // SAFETY: slots in the live doorbell buffer.
-        unsafe { shadow_update(s.cq_head, s.cq_event, self.cq_head, old) }
+        self.sq_tail_rung = self.sq_tail;
+        // SAFETY: slots in the live doorbell buffer (see `reset`); as in `shadow_update`: the
+        // new values, a full fence, then the controller's EventIdx values.
+        unsafe {
+            if cq.is_some() {
+                (*s.cq_head).store(self.cq_head as u32, Ordering::Release);
+            }
+            if sq.is_some() {
+                (*s.sq_tail).store(self.sq_tail as u32, Ordering::Release);
+            }
+            fence(Ordering::SeqCst);
+            let need = |event: *const AtomicU32, new: u16, old: Option<u16>| {
+                old.is_some_and(|old| {
+                    let ev = (*event).load(Ordering::Acquire) as u16;
+                    super::spec::shadow_doorbell_need_event(ev, new, old)
+                })
+            };
+            (
+                need(s.cq_event, self.cq_head, cq),
+                need(s.sq_event, self.sq_tail, sq),
+            )
+        }
     }
 
-    /// Write the CQ head to the MMIO doorbell (owed by [`Ring::ring_cq_shadow`]).
+    /// Write the CQ head to the MMIO doorbell (owed by [`Ring::ring_both_shadow`]).
     #[inline]
     pub fn write_cq_db(&mut self) {
         self.cq_db.write(self.cq_head_rung as u32);
     }
 
-    /// Write the SQ tail to the MMIO doorbell (owed by [`Ring::ring_sq_shadow`]).
+    /// Write the SQ tail to the MMIO doorbell (owed by [`Ring::ring_both_shadow`]).
     #[inline]
     pub fn write_sq_db(&mut self) {
         self.sq_db.write(self.sq_tail_rung as u32);
