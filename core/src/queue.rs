@@ -122,9 +122,9 @@ impl Queue {
     }
 
     /// Sets the submission batch (the tuner's knob); no effect on psync, SPDK, or shadow
-    /// doorbells (above). Commands never wait on
-    /// a timer to fill a batch: a partial batch goes out at the next poll that sees the device
-    /// idle-ish (nvme) or at the next poll/wait (uring).
+    /// doorbells (above). Commands never wait on a timer to fill a batch: a partial batch goes
+    /// out at the next poll that sees the device idle-ish (nvme) or at the next poll/wait
+    /// (uring).
     pub fn set_submit_batch(&mut self, n: u32) {
         self.backend.set_submit_batch(n)
     }
@@ -528,8 +528,9 @@ impl Queue {
     /// are reaped first, then handed over in order, as `wait` and a loop over its output would,
     /// except that on the userspace driver the doorbell writes the handlers' submissions need
     /// are held until the whole batch has been handed over, then made once (see
-    /// `NvmeQueue::batch_begin`). The handler gets a [`Submitter`], not the queue: it can submit and read the
-    /// queue's state, but not poll, wait, drop or replace the queue it is called from.
+    /// `NvmeQueue::batch_begin`). The handler gets a [`Submitter`], not the queue: it can
+    /// submit and read the queue's state, but not poll, wait, drop or replace the queue it is
+    /// called from.
     ///
     /// A panic in `each` propagates out of `wait_each` (on SPDK's driver it is caught at
     /// SPDK's C boundary and resumed after SPDK returns). What finished besides stays in the

@@ -64,10 +64,13 @@ def runs(evs):
     return [s for s in segs if sum(1 for e in s if e[1] == "cmd") >= 1000]
 
 
+def median(values):
+    return statistics.median(values) if values else float("nan")
+
+
 def median_between(seg, a, b):
     """Median time from each event `a` to the event right after it, when that is `b`."""
-    d = [y[0] - x[0] for x, y in zip(seg, seg[1:]) if x[1] == a and y[1] == b]
-    return (statistics.median(d), len(d)) if d else (float("nan"), 0)
+    return median([y[0] - x[0] for x, y in zip(seg, seg[1:]) if x[1] == a and y[1] == b])
 
 
 def main():
@@ -83,22 +86,22 @@ def main():
         secs = (s[-1][0] - s[0][0]) / 1e6
         sq = sum(1 for e in s if e[1] == "dbsq")
         cq = sum(1 for e in s if e[1] == "dbcq")
-        wake, _ = median_between(s, "dbsq", "cmd")
-        dev, _ = median_between(s, "cmd", "enq")
+        wake = median_between(s, "dbsq", "cmd")
+        dev = median_between(s, "cmd", "enq")
         # host: from the completion to the next SQ doorbell, a CQ doorbell between them or not
         hs = []
         for i, e in enumerate(s):
             if e[1] != "enq":
                 continue
-            for f in s[i + 1 : i + 4]:
+            for f in s[i + 1 : i + 3]:
                 if f[1] == "dbsq":
                     hs.append(f[0] - e[0])
                     break
-                if f[1] not in ("dbcq",):
+                if f[1] != "dbcq":
                     break
-        host = statistics.median(hs) if hs else float("nan")
+        host = median(hs)
         t = [e[0] for e in s if e[1] == "dbsq"]
-        cyc = statistics.median([b - a for a, b in zip(t, t[1:])]) if len(t) > 1 else float("nan")
+        cyc = median([b - a for a, b in zip(t, t[1:])])
         print(f"{label:<14} {n / secs:8.0f} {sq / n:9.3f} {cq / n:9.3f} {wake:6.1f} {dev:6.1f} {host:6.1f} {cyc:6.1f}")
 
 

@@ -158,9 +158,9 @@ pub fn run_with(
                 // interrupts where those are not per-queue (virtio, most SATA/SAS), which
                 // pinning could not know. On a polled userspace driver (no interrupts) it is,
                 // to the first allowed core, as SPDK's apps pin their reactor (`-c 0x1`):
-                // measured in the TCG guest (4K QD1, 4 alternating rounds), an unpinned job
-                // did 0.87 of a pinned one's IOPS, and the pinned one matched
-                // `spdk_nvme_perf` on either vCPU.
+                // measured in the TCG guest (4K QD1, 4 alternating rounds, medians), an
+                // unpinned job did 0.89 of the IOPS of one pinned to CPU 0, which did 0.97 of
+                // `spdk_nvme_perf`'s on CPU 0.
                 let polled = matches!(
                     engine.selection().backend,
                     rio::BackendKind::Vfio | rio::BackendKind::Spdk

@@ -332,8 +332,9 @@ impl NvmeQueue {
         // Commands are stamped with the last poll's clock (`now_ms`), not a clock read per
         // command (3% of the inline model's time): the device may see them only at a later
         // poll's doorbell (MMIO doorbells, a busy device), and `poll_once` moves the stamps
-        // of commands queued across a stall of the owner forward. A stamp is then old by at most SCAN_MS, which the
-        // timeout check allows for (see `timeout_ms` in `new`): never early.
+        // of commands queued across a stall of the owner forward. A stamp is then old by at
+        // most SCAN_MS, which the timeout check allows for (see `timeout_ms` in `new`): never
+        // early.
         if self.ctrl.generation() != self.generation || self.on_device != OnDevice::Yes {
             // Another queue reset the controller: fail what this queue had outstanding (handed
             // over at the next poll) and create the queue pair again before taking more.
@@ -400,7 +401,7 @@ impl NvmeQueue {
         // a busy controller picks the command up without being told, where a batch held back
         // for the poll let it run dry and wait for an MMIO write and its wake-up (QEMU's
         // controller: with the batch, twice the MMIO doorbells per command; without, 4K QD32
-        // +1% to +31%, median +5%, 6 alternating rounds, SPDK's order). With MMIO doorbells and
+        // +1% to +31%, median +6%, 6 alternating rounds, SPDK's order). With MMIO doorbells and
         // a busy device, submissions gather for the poll's doorbell (`poll_once`). CQ head
         // first, as there: the controller must find room for the completions of what starts.
         // The command carries the last poll's clock; after a stall of the owner the next poll
@@ -410,21 +411,9 @@ impl NvmeQueue {
             if unrung > 0
                 && (ring.has_shadow() || (self.trackers.len() - self.free.len()) as u16 == unrung)
             {
-                if !self.in_batch && ring.has_shadow() {
-                    let (cq, sq) = ring.ring_both_shadow();
-                    if cq {
-                        ring.write_cq_db();
-                    }
-                    if sq {
-                        ring.write_sq_db();
-                        self.stats.doorbells += 1;
-                    }
-                } else if !self.in_batch {
-                    ring.ring_cq();
-                    if ring.ring_sq() {
-                        self.stats.doorbells += 1;
-                    }
-                } else if ring.has_shadow() {
+                // The shadow values go out now; the MMIO writes are owed, and made at once
+                // unless a batch is being handed over (`batch_begin`).
+                if ring.has_shadow() {
                     let (cq, sq) = ring.ring_both_shadow();
                     self.owed_cq |= cq;
                     self.owed |= sq;
@@ -432,6 +421,9 @@ impl NvmeQueue {
                     self.owed = true;
                 }
                 self.last_ring_ms = self.now_ms;
+                if !self.in_batch {
+                    self.pay_owed();
+                }
             }
         }
         Ok(())
@@ -461,8 +453,8 @@ impl NvmeQueue {
         self.pay_owed();
     }
 
-    /// Write the doorbell `push` held back, unless the queue pair is gone meanwhile (a reset:
-    /// nothing of it is outstanding any more).
+    /// Write the doorbell `push` owes (at once, or held to a batch's end), unless the queue
+    /// pair is gone meanwhile (a reset: nothing of it is outstanding any more).
     #[inline]
     fn pay_owed(&mut self) {
         if !self.owed && !self.owed_cq {
