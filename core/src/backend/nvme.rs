@@ -402,8 +402,10 @@ impl NvmeQueue {
         // for the poll let it run dry and wait for an MMIO write and its wake-up (QEMU's
         // controller: with the batch, twice the MMIO doorbells per command; without, 4K QD32
         // +1% to +31%, median +6%, 6 alternating rounds, SPDK's order). With MMIO doorbells and
-        // a busy device, submissions gather for the poll's doorbell (`poll_once`). CQ head
-        // first, as there: the controller must find room for the completions of what starts.
+        // a busy device, submissions gather for the poll's doorbell (`poll_once`). With MMIO
+        // doorbells the CQ head goes first, as there: the controller must find room for the
+        // completions of what starts; with shadow doorbells only when that room is short
+        // (`cq_room_low`; why, in `poll_once`).
         // The command carries the last poll's clock; after a stall of the owner the next poll
         // moves such stamps forward (`poll_once`), so a timeout can only come late.
         if let Some(ring) = self.ring.as_mut() {
@@ -414,7 +416,8 @@ impl NvmeQueue {
                 // The shadow values go out now; the MMIO writes are owed, and made at once
                 // unless a batch is being handed over (`batch_begin`).
                 if ring.has_shadow() {
-                    let (cq, sq) = ring.ring_both_shadow();
+                    let active = (self.trackers.len() - self.free.len()) as u16;
+                    let (cq, sq) = ring.ring_both_shadow(cq_room_low(ring, active));
                     self.owed_cq |= cq;
                     self.owed |= sq;
                 } else {
@@ -768,12 +771,21 @@ impl NvmeQueue {
         // the TCG guest (docs/DESIGN.md, "rio against SPDK"): a CQ-head write right behind
         // the controller's completion post met QEMU's device model still holding its lock,
         // and 4K QD1 went from 20-22k to 26-42k IOPS when it moved. The controller never
-        // finds the CQ full for it: every SQ doorbell is preceded by a CQ doorbell, so the
+        // finds the CQ full for it: every SQ doorbell is preceded by a CQ doorbell (with shadow
+        // doorbells, `cq_room_low` keeps the same bound), so the
         // entries it has posted and not seen freed belong to commands outstanding at that
         // moment, at most the tracker count (entries - 1). (Writing the CQ head only when
         // that bound needs it, one doorbell per I/O at QD1 instead of two, measured the same
-        // in the guest, so the head is kept fresh.)
-        if reaped == 0 || ring.cq_unrung() >= ring.entries / 2 {
+        // in the guest, so the head is kept fresh.) With shadow doorbells the head is given
+        // back only once half the ring is held, or when a submission needs the room
+        // (`cq_room_low` in `push`): a controller that shadows it re-reads the head whenever it
+        // posts, and asks for an MMIO write (its CQ EventIdx) each time the head passes the
+        // value it last read, which happens while it is posting; under QEMU that write waited
+        // for the device thread's big lock (the vCPU's lock waits fell from ~4,700/s to
+        // ~3,600/s), and 4K QD32 in the TCG guest went +9% to +40% per round against the code
+        // before, 13 of 14 rounds in three boots (one at 0.47); QD1 unchanged within the boots'
+        // noise (docs/DESIGN.md, "rio against SPDK", session 26).
+        if (reaped == 0 && !ring.has_shadow()) || ring.cq_unrung() >= ring.entries / 2 {
             ring.ring_cq();
         }
         // Doorbell coalescing with MMIO doorbells (SPDK's delay_cmd_submit, made adaptive):
@@ -1233,6 +1245,18 @@ impl Drop for NvmeQueue {
             mapper.release(&mut r);
         }
     }
+}
+
+/// Whether the CQ head must be given back before `active` commands (those at the device or
+/// about to be, each owed one completion entry) may be there: the entries the controller may
+/// count as taken, those consumed and not given back plus one for each active command, would
+/// otherwise exceed what a ring of `entries` holds (full is tail + 1 == head), and a controller
+/// that finds its CQ full stops posting until told. The sum changes only with submissions
+/// (consuming a completion moves one from active to consumed), so checking it at each
+/// submission keeps it.
+#[inline]
+fn cq_room_low(ring: &Ring, active: u16) -> bool {
+    ring.cq_unrung() as u32 + active as u32 > ring.entries as u32 - 1
 }
 
 /// Bytes from a device address to the end of its memory page.

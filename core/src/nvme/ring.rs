@@ -194,12 +194,13 @@ impl Ring {
         true
     }
 
-    /// [`Ring::ring_cq`] then [`Ring::ring_sq`] for shadow doorbells (the caller checked
-    /// [`Ring::has_shadow`]), with one full fence for both, and without the MMIO writes the
-    /// controller's EventIdx values ask for: those are returned, (CQ head, SQ tail), for the
-    /// caller to make later with [`Ring::write_cq_db`] and [`Ring::write_sq_db`].
+    /// [`Ring::ring_cq`] (only `with_cq`) then [`Ring::ring_sq`] for shadow doorbells (the
+    /// caller checked [`Ring::has_shadow`]), with one full fence for both, and without the
+    /// MMIO writes the controller's EventIdx values ask for: those are returned, (CQ head, SQ
+    /// tail), for the caller to make later with [`Ring::write_cq_db`] and
+    /// [`Ring::write_sq_db`].
     #[inline]
-    pub fn ring_both_shadow(&mut self) -> (bool, bool) {
+    pub fn ring_both_shadow(&mut self, with_cq: bool) -> (bool, bool) {
         debug_assert!(
             self.shadow.is_some(),
             "ring_both_shadow without shadow doorbells"
@@ -207,12 +208,14 @@ impl Ring {
         let Some(s) = self.shadow else {
             return (false, false);
         };
-        let cq = (self.cq_head != self.cq_head_rung).then_some(self.cq_head_rung);
+        let cq = (with_cq && self.cq_head != self.cq_head_rung).then_some(self.cq_head_rung);
         let sq = (self.sq_tail != self.sq_tail_rung).then_some(self.sq_tail_rung);
         if cq.is_none() && sq.is_none() {
             return (false, false);
         }
-        self.cq_head_rung = self.cq_head;
+        if cq.is_some() {
+            self.cq_head_rung = self.cq_head;
+        }
         self.sq_tail_rung = self.sq_tail;
         // SAFETY: slots in the live doorbell buffer (see `reset`); as in `shadow_update`: the
         // new values, a full fence, then the controller's EventIdx values.
