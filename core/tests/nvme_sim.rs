@@ -32,6 +32,16 @@ fn open(cfg: &EngineConfig, s: SimConfig) -> Engine {
     common::open_sim_rw(cfg, s)
 }
 
+/// The driver on an 8 MiB inline model (the device works only when the queue polls, so what
+/// it does is a function of what the driver did).
+fn open_inline(cfg: EngineConfig) -> Engine {
+    let s = SimConfig {
+        inline: true,
+        ..sim(8 << 20)
+    };
+    open(&cfg, s)
+}
+
 /// Submit and wait for one read, returning its completion (errors included).
 fn one_read(q: &mut Queue, off: u64, len: usize, token: u64) -> Completion {
     let b = q.alloc_buf(len).unwrap();
@@ -672,15 +682,10 @@ fn reset_by_another_queue(shadow: bool) {
 fn resubmissions_from_one_batch_of_completions_share_one_doorbell_write() {
     for shadow in [false, true] {
         for depth in [1u64, 8] {
-            let cfg = EngineConfig {
+            let e = open_inline(EngineConfig {
                 nvme_shadow_doorbells: shadow,
                 ..config()
-            };
-            let s = SimConfig {
-                inline: true,
-                ..sim(8 << 20)
-            };
-            let e = open(&cfg, s);
+            });
             let mut q = e.queue(Some(depth as u32)).unwrap();
             for t in 0..depth {
                 let b = q.alloc_buf(4096).unwrap();
@@ -741,16 +746,11 @@ fn resubmissions_from_one_batch_of_completions_share_one_doorbell_write() {
 #[test]
 fn a_late_cq_head_never_leaves_the_controller_without_room() {
     for shadow in [true, false] {
-        let cfg = EngineConfig {
+        let e = open_inline(EngineConfig {
             nvme_queue_entries: 8,
             nvme_shadow_doorbells: shadow,
             ..config()
-        };
-        let s = SimConfig {
-            inline: true,
-            ..sim(8 << 20)
-        };
-        let e = open(&cfg, s);
+        });
         let mut q = e.queue(Some(7)).unwrap();
         let mut out = Vec::new();
         let mut token = 0u64;
