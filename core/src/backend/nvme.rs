@@ -417,7 +417,10 @@ impl NvmeQueue {
                 // unless a batch is being handed over (`batch_begin`).
                 if ring.has_shadow() {
                     let active = (self.trackers.len() - self.free.len()) as u16;
-                    let (cq, sq) = ring.ring_both_shadow(cq_room_low(ring, active));
+                    // The CQ head goes along when the ring needs the room, or when this is
+                    // the only command at the device (why, in `poll_once`).
+                    let with_cq = cq_room_low(ring, active) || active == 1;
+                    let (cq, sq) = ring.ring_both_shadow(with_cq);
                     self.owed_cq |= cq;
                     self.owed |= sq;
                 } else {
@@ -771,20 +774,24 @@ impl NvmeQueue {
         // the TCG guest (docs/DESIGN.md, "rio against SPDK"): a CQ-head write right behind
         // the controller's completion post met QEMU's device model still holding its lock,
         // and 4K QD1 went from 20-22k to 26-42k IOPS when it moved. The controller never
-        // finds the CQ full for it: every SQ doorbell is preceded by a CQ doorbell (with shadow
-        // doorbells, `cq_room_low` keeps the same bound), so the
+        // finds the CQ full for it: every SQ doorbell is preceded by a CQ doorbell, so the
         // entries it has posted and not seen freed belong to commands outstanding at that
         // moment, at most the tracker count (entries - 1). (Writing the CQ head only when
         // that bound needs it, one doorbell per I/O at QD1 instead of two, measured the same
-        // in the guest, so the head is kept fresh.) With shadow doorbells the head is given
-        // back only once half the ring is held, or when a submission needs the room
-        // (`cq_room_low` in `push`): a controller that shadows it re-reads the head whenever it
-        // posts, and asks for an MMIO write (its CQ EventIdx) each time the head passes the
-        // value it last read, which happens while it is posting; under QEMU that write waited
-        // for the device thread's big lock (the vCPU's lock waits fell from ~4,700/s to
-        // ~3,600/s), and 4K QD32 in the TCG guest went +9% to +40% per round against the code
-        // before, 13 of 14 rounds in three boots (one at 0.47); QD1 unchanged within the boots'
-        // noise (docs/DESIGN.md, "rio against SPDK", session 26).
+        // in the guest, so the head is kept fresh.)
+        //
+        // With shadow doorbells the head goes back only once half the ring is held, or with a
+        // submission that needs the room (`cq_room_low` in `push`, which keeps the bound
+        // above), or with a submission the device gets alone. A controller that shadows the
+        // head re-reads it whenever it posts and asks for an MMIO write (its CQ EventIdx) each
+        // time the head passes the value it last read, i.e. when the head moves while it is
+        // posting; under QEMU that write waited for the big lock the device thread holds then
+        // (the vCPU's lock waits fell from ~4,700/s to ~3,600/s without it), and 4K QD32 in
+        // the TCG guest went +9% to +40% per round, 13 of 14 rounds in three boots. A device
+        // that holds nothing else is not posting: there the head still goes with the
+        // submission, as before (4K QD1 against not giving it back there: per-round medians
+        // 1.065 and 1.05 in two boots, 21 of 26 rounds above 1; why, not found).
+        // docs/DESIGN.md, "rio against SPDK", session 26.
         if (reaped == 0 && !ring.has_shadow()) || ring.cq_unrung() >= ring.entries / 2 {
             ring.ring_cq();
         }
