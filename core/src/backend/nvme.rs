@@ -410,13 +410,11 @@ impl NvmeQueue {
         // moves such stamps forward (`poll_once`), so a timeout can only come late.
         if let Some(ring) = self.ring.as_mut() {
             let unrung = ring.sq_unrung();
-            if unrung > 0
-                && (ring.has_shadow() || (self.trackers.len() - self.free.len()) as u16 == unrung)
-            {
+            let active = (self.trackers.len() - self.free.len()) as u16;
+            if unrung > 0 && (ring.has_shadow() || active == unrung) {
                 // The shadow values go out now; the MMIO writes are owed, and made at once
                 // unless a batch is being handed over (`batch_begin`).
                 if ring.has_shadow() {
-                    let active = (self.trackers.len() - self.free.len()) as u16;
                     // The CQ head goes along when the ring needs the room, or when this is
                     // the only command at the device (why, in `poll_once`).
                     let with_cq = cq_room_low(ring, active) || active == 1;
@@ -1258,9 +1256,11 @@ impl Drop for NvmeQueue {
 /// about to be, each owed one completion entry) may be there: the entries the controller may
 /// count as taken, those consumed and not given back plus one for each active command, would
 /// otherwise exceed what a ring of `entries` holds (full is tail + 1 == head), and a controller
-/// that finds its CQ full stops posting until told. The sum changes only with submissions
-/// (consuming a completion moves one from active to consumed), so checking it at each
-/// submission keeps it.
+/// that finds its CQ full stops posting until told. The sum grows only with submissions
+/// (consuming a completion moves one from active to consumed; one consumed for a command that
+/// waits for its retry leaves that command counted as active too, an overestimate, and its
+/// resend goes out from `poll_once` with the CQ head), so checking it at each submission in
+/// `push` keeps it.
 #[inline]
 fn cq_room_low(ring: &Ring, active: u16) -> bool {
     ring.cq_unrung() as u32 + active as u32 > ring.entries as u32 - 1
