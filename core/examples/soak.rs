@@ -493,12 +493,11 @@ fn main() {
             t.typed_errors.load(Relaxed),
             last.1 as i64 - first.1 as i64,
         );
-        let bad = !failures.is_empty()
+        !failures.is_empty()
             || leaks > 0
             || untyped > 0
             || t.lost.load(Relaxed) > 0
-            || t.dup.load(Relaxed) > 0;
-        bad
+            || t.dup.load(Relaxed) > 0
     });
     // The scratch file goes before `exit`, which runs no destructors (each run used to leave
     // its 64 MiB file behind).
