@@ -399,7 +399,7 @@ fn main() {
     let file = a
         .dir
         .join(format!("rio-soak-rt-{}.dat", std::process::id()));
-    let _cleanup = Remove(file.clone());
+    let scratch = Remove(file.clone());
     let rt_cfg = RuntimeConfig {
         pool: PoolConfig {
             pages: PagePolicy::Normal,
@@ -421,7 +421,7 @@ fn main() {
         Ok(f) => f,
         Err(e) => {
             eprintln!("soak: runtime: {e}");
-            drop(_cleanup); // `exit` runs no destructors
+            drop(scratch); // `exit` runs no destructors
             std::process::exit(1);
         }
     };
@@ -501,6 +501,6 @@ fn main() {
     });
     // The scratch file goes before `exit`, which runs no destructors (each run used to leave
     // its 64 MiB file behind).
-    drop(_cleanup);
+    drop(scratch);
     std::process::exit(if bad { 1 } else { 0 });
 }
