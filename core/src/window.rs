@@ -115,7 +115,11 @@ impl Window {
         for d in [&mut self.read, &mut self.write] {
             d.ios = 0;
             d.bytes = 0;
-            d.hist.reset();
+            // A reset clears every count (~33k of them); a direction that recorded nothing
+            // (the writes of a read job) has nothing to clear.
+            if !d.hist.is_empty() {
+                d.hist.reset();
+            }
         }
         self.heat = [0; HEAT_BUCKETS];
     }
@@ -191,5 +195,18 @@ mod tests {
         assert_eq!(w.pct(99.0), 0);
         assert_eq!(w.heat.iter().sum::<u32>(), 0);
         assert_eq!(w.start, Duration::from_millis(100));
+        // A window after one with writes, then one without: what the reset skips (a
+        // direction that recorded nothing) carries nothing into the next window.
+        for d in [&w.read, &w.write] {
+            assert!(d.hist.is_empty());
+            assert_eq!((d.hist.min(), d.hist.max()), (0, 0));
+        }
+        w.record(OpKind::Read, 4096, 7_000, 0);
+        w.reset(Duration::from_millis(200));
+        w.record(OpKind::Write, 4096, 9_000, 0);
+        assert_eq!(w.read.hist.len(), 0);
+        assert_eq!(w.write.hist.len(), 1);
+        assert_eq!(w.pct(50.0), w.write.hist.value_at_percentile(50.0));
+        assert!((8_990..=9_010).contains(&w.pct(50.0)));
     }
 }
