@@ -217,6 +217,11 @@ pub struct BenchArgs {
     /// io_uring submission-queue polling thread.
     #[arg(long)]
     pub sqpoll: bool,
+    /// The clock of latencies and submission stamps (fio's option): auto (the CPU's
+    /// time-stamp counter where the kernel keeps time with it, else clock_gettime), cpu, or
+    /// clock_gettime.
+    #[arg(long, default_value = "auto", value_parser = crate::bench::clock::ClockSource::parse)]
+    pub clocksource: crate::bench::clock::ClockSource,
     /// Seed for offsets and data.
     #[arg(long, default_value_t = 0x5249_4f21)]
     pub seed: u64,
@@ -260,6 +265,7 @@ impl BenchArgs {
             ramp_time: self.ramp_time.unwrap_or_default(),
             verify: self.verify,
             seed: self.seed,
+            clocksource: self.clocksource,
             auto: match self.iodepth {
                 Depth::Fixed(_) => None,
                 Depth::Auto => {

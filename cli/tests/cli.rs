@@ -116,6 +116,10 @@ fn bad_inputs_on_a_file() {
             "spdk backend drives nvme",
         ),
         (&["--rw", "write", "--direct", "2"], "--direct"),
+        (
+            &["--rw", "write", "--clocksource", "gettimeofday"],
+            "--clocksource",
+        ),
         (&["--rw", "write", "--nonsense"], "--nonsense"),
     ];
     for (args, needle) in cases {
@@ -560,6 +564,51 @@ fn human_output_names_backend_and_percentiles() {
     assert!(s.contains("backend: uring"), "{s}");
     assert!(s.contains("p99.99="), "{s}");
     assert!(s.contains("IOPS="), "{s}");
+    assert!(s.contains("  clock: "), "{s}");
+}
+
+/// The clock a run used is reported, and `--clocksource` chooses it: `clock_gettime` when
+/// asked; with `auto`, the TSC exactly where the kernel keeps time with it.
+#[test]
+fn the_bench_reports_the_clock_it_used() {
+    let (_d, p) = temp_file(8 << 20, 0);
+    let source = |extra: &[&str]| {
+        let mut args = vec![
+            "bench",
+            "--filename",
+            p.to_str().unwrap(),
+            "--rw",
+            "randread",
+            "--output-format",
+            "json",
+        ];
+        args.extend_from_slice(extra);
+        let out = run(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(v["jobs"][0]["read"]["iops"].as_f64().unwrap() > 0.0, "{v}");
+        (
+            v["clock"]["source"].as_str().unwrap().to_string(),
+            v["options"]["clocksource"].as_str().unwrap().to_string(),
+        )
+    };
+    assert_eq!(
+        source(&["--clocksource", "clock_gettime"]),
+        ("clock_gettime".to_string(), "clock_gettime".to_string())
+    );
+    let kernel =
+        std::fs::read_to_string("/sys/devices/system/clocksource/clocksource0/current_clocksource")
+            .unwrap_or_default();
+    let want = if cfg!(target_arch = "x86_64") && kernel.trim() == "tsc" {
+        "cpu"
+    } else {
+        "clock_gettime"
+    };
+    assert_eq!(source(&[]), (want.to_string(), "auto".to_string()));
 }
 
 #[test]

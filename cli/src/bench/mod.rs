@@ -2,6 +2,7 @@
 //!
 //! - [`spec`]: the workload (fio's vocabulary) and its validation;
 //! - [`verify`]: block headers (offset, seed, CRC32C) written and checked;
+//! - [`clock`]: the per-I/O clock (the TSC where the kernel trusts it, else clock_gettime);
 //! - [`run`](mod@run): one pinned thread per job, each with its own queue, keeping `iodepth` in flight;
 //! - [`series`]: per-window samples (100 ms) for the tuner, telemetry and `--report`;
 //! - [`report`]: merged hdrhistograms, fio-like JSON and a human summary;
@@ -9,6 +10,7 @@
 
 pub mod autotune;
 pub mod check;
+pub mod clock;
 pub mod guard;
 pub mod plot;
 pub mod probe;

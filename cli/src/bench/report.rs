@@ -235,6 +235,8 @@ pub struct BenchResult {
     #[serde(rename = "rio version")]
     pub version: &'static str,
     pub backend: Selection,
+    /// The clock of latencies and submission stamps (`--clocksource`), and why.
+    pub clock: super::clock::ClockReport,
     pub target: TargetReport,
     pub options: BenchSpec,
     pub jobs: Vec<JobReport>,
@@ -263,16 +265,28 @@ pub struct BenchResult {
     pub latency: Histogram<u64>,
 }
 
+/// How a run went, beside what it measured.
+pub(crate) struct RunFacts {
+    /// Ended early (Ctrl-C).
+    pub interrupted: bool,
+    pub layout_seconds: Option<f64>,
+    pub clock: super::clock::ClockReport,
+}
+
 impl BenchResult {
     pub(crate) fn build(
         engine: &Engine,
         spec: &BenchSpec,
         jobs: Vec<JobOutcome>,
         cpu: CpuUse,
-        interrupted: bool,
-        layout_seconds: Option<f64>,
+        run: RunFacts,
         series: Vec<super::series::Point>,
     ) -> BenchResult {
+        let RunFacts {
+            interrupted,
+            layout_seconds,
+            clock,
+        } = run;
         let tuner = jobs.iter().find_map(|j| j.tuner.clone());
         let mut read = new_hist();
         let mut write = new_hist();
@@ -330,6 +344,7 @@ impl BenchResult {
         BenchResult {
             version: env!("CARGO_PKG_VERSION"),
             backend: engine.selection().clone(),
+            clock,
             target: TargetReport {
                 path: t.path.display().to_string(),
                 kind: t.kind.clone(),
@@ -389,6 +404,15 @@ impl BenchResult {
             "  backend: {} ({})",
             self.backend.backend.name(),
             self.backend.reason
+        );
+        let _ = writeln!(
+            s,
+            "  clock: {} ({}{})",
+            self.clock.source,
+            self.clock.reason,
+            self.clock
+                .tsc_mhz
+                .map_or(String::new(), |m| format!(", {m:.1} MHz"))
         );
         if let Some(l) = self.layout_seconds {
             let _ = writeln!(s, "  layout: {l:.1}s");

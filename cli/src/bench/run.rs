@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use rio_sys::rusage::{CpuTimes, ThreadCpu, process_cpu, thread_cpu_now, threads_cpu};
 
 use super::autotune::{DeviceTuner, JobTuner, Scope};
+use super::clock::{Clock, JobClock};
 use super::report::{BenchResult, JobOutcome};
 use super::rng::Rng;
 use super::series::{HEAT_BUCKETS, NoSink, Point, WINDOW, Window, WindowSink};
@@ -124,6 +125,10 @@ pub fn run_with(
     } else {
         region / bs * bs
     };
+    // Resolved once per run (the TSC's rate is measured once per process), before any job.
+    let (job_clock, clock_report) =
+        Clock::resolve(spec.clocksource).map_err(|m| Error::config("--clocksource", m))?;
+    tracing::debug!(source = clock_report.source, reason = %clock_report.reason, "bench clock");
     let mut cores = core_affinity::get_core_ids().unwrap_or_default();
     // The software model's device thread owns a core (see `Engine::open` for sim://): jobs
     // go on the others, all of them pinned, or a job sharing the model's core time-slices
@@ -184,8 +189,8 @@ pub fn run_with(
                         if let Some(c) = core {
                             core_affinity::set_for_current(c);
                         }
-                        let r = Job::new(engine, spec, opts, i as u64, start, per_job).and_then(
-                            |mut j| {
+                        let r = Job::new(engine, spec, opts, job_clock, i as u64, start, per_job)
+                            .and_then(|mut j| {
                                 j.tuner = match spec.auto {
                                     None => None,
                                     Some(a) if a.scope == Scope::Queue => {
@@ -196,8 +201,7 @@ pub fn run_with(
                                     Some(_) => device_tuner.map(JobTuner::Device),
                                 };
                                 j.run(stop, prog, clock, sink)
-                            },
-                        );
+                            });
                         prog.set_phase(Phase::Done);
                         if r.is_err() {
                             // One job's failure ends the others too.
@@ -253,8 +257,11 @@ pub fn run_with(
         spec,
         jobs,
         super::report::CpuUse { process, by_thread },
-        stop.load(Relaxed),
-        layout_secs,
+        super::report::RunFacts {
+            interrupted: stop.load(Relaxed),
+            layout_seconds: layout_secs,
+            clock: clock_report,
+        },
         series,
     ))
 }
@@ -349,18 +356,22 @@ struct Job<'a> {
     spec: &'a BenchSpec,
     q: Queue,
     idx: u64,
-    t0: Instant,
+    /// The job's clock: nanoseconds from the moment it is ready to submit.
+    clock: JobClock,
     /// What to submit next and what each token has in flight.
     g: Gen<'a>,
     /// The window being filled, and when it closes.
     win: Window,
-    win_end: Instant,
+    win_end: u64,
     /// Heat-map column of a byte offset `o` in the region: `(o * heat_mul) >> 64`.
     heat_mul: u128,
     /// `--iodepth auto`: the tuner, the depth in force, and the idle tokens.
     tuner: Option<JobTuner<'a>>,
     depth: u32,
     idle: Vec<usize>,
+    /// What the last reaped batch completed (op, bytes, latency, offset), recorded into the
+    /// window after the batch's handler has issued the next I/Os.
+    done: Vec<(OpKind, u64, u64, u64)>,
     decisions: u64,
     /// End of the last window whose p99 broke the target (seconds from start).
     last_breach: Option<f64>,
@@ -396,6 +407,7 @@ impl<'a> Job<'a> {
         engine: &'a Engine,
         spec: &'a BenchSpec,
         opts: RunOptions,
+        clock: Clock,
         idx: u64,
         start: u64,
         len: u64,
@@ -434,7 +446,7 @@ impl<'a> Job<'a> {
             spec,
             q,
             idx,
-            t0: Instant::now(),
+            clock: clock.start(),
             g: Gen {
                 spec,
                 idx,
@@ -453,11 +465,12 @@ impl<'a> Job<'a> {
                 limit: if spec.time_based { u64::MAX } else { len },
             },
             win: Window::new(idx as u32),
-            win_end: Instant::now(),
+            win_end: 0,
             heat_mul: ((HEAT_BUCKETS as u128) << 64) / (nblocks * bs).max(1) as u128,
             tuner: None,
             depth: spec.iodepth,
             idle: Vec::with_capacity(spec.iodepth as usize),
+            done: Vec::with_capacity(spec.iodepth as usize),
             decisions: 0,
             last_breach: None,
         })
@@ -472,7 +485,8 @@ impl<'a> Job<'a> {
     ) -> Result<JobOutcome, BenchError> {
         let spec = self.spec;
         // The clock starts when the job is ready to submit (queue built, buffers filled).
-        self.t0 = Instant::now();
+        // All of the loop's times are nanoseconds on it.
+        self.clock = self.clock.restart();
         self.win.reset(Duration::ZERO);
         if let Some(t) = &self.tuner {
             self.depth = t.depth().clamp(1, spec.iodepth);
@@ -480,19 +494,19 @@ impl<'a> Job<'a> {
         }
         self.win.iodepth = self.depth;
         self.win.batch = self.q.submit_batch();
-        self.win_end = self.t0 + WINDOW;
+        self.win_end = ns(WINDOW);
         let mut series = Vec::new();
-        let measure_at = self.t0 + spec.ramp_time;
+        let measure_at = ns(spec.ramp_time);
         // The measured phase lasts `runtime` from the reap that starts it: a host that starved
         // this thread across the end of the ramp (a reap due at `measure_at` coming a second
         // late) still gets a measured phase with I/Os in it, instead of one that ended before
         // it began.
-        let end_at = std::cell::Cell::new(spec.runtime.map(|r| measure_at + r));
+        let end_at = std::cell::Cell::new(spec.runtime.map(|r| measure_at.saturating_add(ns(r))));
         let mut out = JobOutcome::new();
         let mut measuring = false;
         let mut cpu_from: Option<Duration> = None;
-        let mut window_start = self.t0;
-        let mut last_done = self.t0;
+        let mut window_start = 0u64;
+        let mut last_done = 0u64;
         prog.set_phase(if spec.ramp_time.is_zero() {
             Phase::Measure
         } else {
@@ -500,8 +514,8 @@ impl<'a> Job<'a> {
         });
         prog.total
             .store(if spec.time_based { 0 } else { self.g.limit }, Relaxed);
-        let mut now = Instant::now();
-        let can_issue = |g: &Gen, now: Instant| {
+        let mut now = self.clock.now_ns();
+        let can_issue = |g: &Gen, now: u64| {
             !stop.load(Relaxed) && end_at.get().is_none_or(|e| now < e) && g.issued < g.limit
         };
         for t in (0..spec.iodepth as usize).rev() {
@@ -513,7 +527,7 @@ impl<'a> Job<'a> {
             window_start = now;
             clock.start();
             cpu_from = Some(thread_cpu_now());
-            end_at.set(spec.runtime.map(|r| now + r));
+            end_at.set(spec.runtime.map(|r| now.saturating_add(ns(r))));
         }
         while self.q.in_flight() > 0 {
             // Each completion is handled as it is reaped and its token issued again at once:
@@ -521,15 +535,16 @@ impl<'a> Job<'a> {
             // order, as `spdk_nvme_perf`), elsewhere right after the reap. One clock read per
             // reaped batch, at its first completion: its latency end and the next I/O's start.
             let (mut n, mut bytes) = (0u64, 0u64);
-            let mut reaped_at: Option<(Instant, u64)> = None;
+            let mut reaped_at: Option<u64> = None;
             let mut failed: Option<BenchError> = None;
-            let (g, win, idle, depth, heat_mul, t0) = (
+            let (g, job, done, idle, depth, heat_mul, clk) = (
                 &mut self.g,
-                &mut self.win,
+                self.win.job,
+                &mut self.done,
                 &mut self.idle,
                 self.depth,
                 self.heat_mul,
-                self.t0,
+                self.clock,
             );
             self.q
                 .wait_each(1, Duration::from_secs(1), |q, c| {
@@ -539,14 +554,11 @@ impl<'a> Job<'a> {
                         g.bufs[token] = c.buf;
                         return;
                     }
-                    let (now, now_ns) = *reaped_at.get_or_insert_with(|| {
-                        let n = Instant::now();
-                        (n, since(t0, n))
-                    });
+                    let now_ns = *reaped_at.get_or_insert_with(|| clk.now_ns());
                     let lat = now_ns.saturating_sub(g.submitted[token]);
                     g.inflight_off[token] = u64::MAX;
                     if let Err(e) = c.result {
-                        sink.io_error(win.job, &e);
+                        sink.io_error(job, &e);
                         failed = Some(e.into());
                         return;
                     }
@@ -558,17 +570,13 @@ impl<'a> Job<'a> {
                         g.bufs[token] = c.buf;
                         return;
                     }
-                    // One histogram update per I/O: the window's. Measured windows are added
-                    // to the job's totals when they close. The heat column by a multiply, not
-                    // a division (a 64-bit divide per I/O cost the model 10% of its IOPS).
-                    let slice = (((c.offset - g.start) as u128 * heat_mul) >> 64) as usize;
-                    win.record(c.op, c.len, lat, slice);
-                    n += 1;
-                    bytes += c.len;
+                    // Recorded after the batch, once the next I/Os are out (below): the
+                    // histogram and the heat map are no part of the next I/O's latency.
+                    done.push((c.op, c.len, lat, c.offset));
                     g.bufs[token] = c.buf;
                     // Straight back out while under the depth (the common case); parked when
                     // the tuner lowered the depth, picked up by `fill` when it rises again.
-                    if q.in_flight() < depth && can_issue(g, now) {
+                    if q.in_flight() < depth && can_issue(g, now_ns) {
                         if let Err(e) = g.issue(q, token, now_ns) {
                             failed = Some(e);
                         }
@@ -577,10 +585,20 @@ impl<'a> Job<'a> {
                     }
                 })
                 .map_err(BenchError::from)?;
+            // One histogram update per I/O: the window's. Measured windows are added to the
+            // job's totals when they close. The heat column by a multiply, not a division (a
+            // 64-bit divide per I/O cost the model 10% of its IOPS).
+            for &(op, len, lat, offset) in &self.done {
+                let slice = (((offset - self.g.start) as u128 * heat_mul) >> 64) as usize;
+                self.win.record(op, len, lat, slice);
+                n += 1;
+                bytes += len;
+            }
+            self.done.clear();
             if let Some(e) = failed {
                 return Err(e);
             }
-            now = reaped_at.map_or_else(Instant::now, |(n, _)| n);
+            now = reaped_at.unwrap_or_else(|| self.clock.now_ns());
             if !measuring && now >= measure_at {
                 // The ramp's last window (with this batch) closes here, so no window straddles
                 // the start of the measurement (measured windows are what the result adds up).
@@ -589,7 +607,7 @@ impl<'a> Job<'a> {
                 }
                 measuring = true;
                 window_start = now;
-                end_at.set(spec.runtime.map(|r| now + r));
+                end_at.set(spec.runtime.map(|r| now.saturating_add(ns(r))));
                 out = JobOutcome::new();
                 prog.set_phase(Phase::Measure);
                 clock.start();
@@ -607,7 +625,7 @@ impl<'a> Job<'a> {
             if now >= self.win_end
                 && (self.tuner.is_none()
                     || self.win.ios() >= MIN_WINDOW_IOS
-                    || now >= self.win_end + (MAX_WINDOW - WINDOW))
+                    || now >= self.win_end + ns(MAX_WINDOW - WINDOW))
             {
                 self.close_window(now, measuring, sink, &mut series, &mut out);
             }
@@ -618,7 +636,7 @@ impl<'a> Job<'a> {
         out.series = series;
         if let Some(t) = &self.tuner {
             t.leave(self.idx as u32);
-            let end = now.saturating_duration_since(self.t0).as_secs_f64();
+            let end = now as f64 / 1e9;
             let converged = match self.last_breach {
                 None => Some(0.0),
                 Some(b) if b < end - 0.15 => Some(b),
@@ -627,7 +645,7 @@ impl<'a> Job<'a> {
             out.tuner = Some(t.report(converged, self.decisions));
         }
         out.window = if measuring {
-            last_done.saturating_duration_since(window_start)
+            Duration::from_nanos(last_done.saturating_sub(window_start))
         } else {
             Duration::ZERO
         };
@@ -647,13 +665,12 @@ impl<'a> Job<'a> {
 
     /// Issues idle tokens while fewer than `depth` operations are in flight.
     #[inline]
-    fn fill<F: Fn(&Gen, Instant) -> bool>(
+    fn fill<F: Fn(&Gen, u64) -> bool>(
         &mut self,
-        now: Instant,
+        now_ns: u64,
         can_issue: &F,
     ) -> Result<(), BenchError> {
-        let now_ns = since(self.t0, now);
-        while self.q.in_flight() < self.depth && can_issue(&self.g, now) {
+        while self.q.in_flight() < self.depth && can_issue(&self.g, now_ns) {
             let Some(t) = self.idle.pop() else { break };
             self.g.issue(&mut self.q.submitter(), t, now_ns)?;
         }
@@ -663,13 +680,13 @@ impl<'a> Job<'a> {
     /// Hands the window ending at `now` to the sink and the series, and starts the next.
     fn close_window(
         &mut self,
-        now: Instant,
+        now: u64,
         measuring: bool,
         sink: &dyn WindowSink,
         series: &mut Vec<Point>,
         out: &mut JobOutcome,
     ) {
-        let end = now.saturating_duration_since(self.t0);
+        let end = Duration::from_nanos(now);
         self.win.len = end.saturating_sub(self.win.start);
         self.win.measuring = measuring;
         if measuring {
@@ -722,7 +739,7 @@ impl<'a> Job<'a> {
         self.win.reset(end);
         self.win.iodepth = self.depth;
         self.win.batch = self.q.submit_batch();
-        self.win_end = now + WINDOW;
+        self.win_end = now + ns(WINDOW);
     }
 
     /// Read back every block this job wrote (or laid out) and check it.
@@ -852,12 +869,10 @@ fn job_core(
     ((numjobs > 1 || always) && !cores.is_empty()).then(|| cores[i % cores.len()])
 }
 
-/// Nanoseconds from `t0` to `t` (0 if `t` is earlier): the job's clock for latencies.
+/// A span in nanoseconds (saturating: 585 years).
 #[inline]
-fn since(t0: Instant, t: Instant) -> u64 {
-    // In u64 (585 years of nanoseconds), not `as_nanos`' u128.
-    let d = t.saturating_duration_since(t0);
-    d.as_secs() * 1_000_000_000 + u64::from(d.subsec_nanos())
+fn ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 impl Clocks {

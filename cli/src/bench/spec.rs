@@ -94,6 +94,8 @@ pub struct BenchSpec {
     pub seed: u64,
     /// `--iodepth auto`: the tuner picks each window's depth within `1..=iodepth`.
     pub auto: Option<super::autotune::AutoDepth>,
+    /// The per-I/O clock (fio's `clocksource`).
+    pub clocksource: super::clock::ClockSource,
 }
 
 mod secs {
@@ -133,6 +135,7 @@ impl Default for BenchSpec {
             verify: false,
             seed: 0x5249_4f21,
             auto: None,
+            clocksource: super::clock::ClockSource::Auto,
         }
     }
 }
