@@ -3,9 +3,9 @@
 //! A job reads its clock once per reaped batch, at the first completion, before the next I/O
 //! goes out: that reading is both the latency end of what completed and the submission stamp
 //! of what is issued next, so it sits on the path between a completion and the next command.
-//! `clock_gettime` costs 20-25 ns on hardware and ~110 ns in the TCG guest, where the QD1 loop
-//! lost 4-11% of its IOPS to it against 1-3% for the CPU's time-stamp counter
-//! (docs/DESIGN.md, "The bench's clock"). SPDK's `spdk_nvme_perf` stamps with the TSC, as
+//! `clock_gettime` costs 20-25 ns on hardware and ~110 ns in the TCG guest, where it cost the
+//! QD1 loop up to 15% of its IOPS (0-15% over 11 runs) against up to 4% for the CPU's
+//! time-stamp counter (docs/DESIGN.md, "The bench's clock"). SPDK's `spdk_nvme_perf` stamps with the TSC, as
 //! fio does with `clocksource=cpu`.
 //!
 //! The TSC is used only where the kernel keeps time with it (its current clocksource is
@@ -172,26 +172,25 @@ fn tsc() -> u64 {
     0
 }
 
-/// Nanoseconds per tick (32.32), measured once per process; why not, where the TSC cannot be
-/// trusted.
+/// Nanoseconds per tick (32.32); why not, where the TSC cannot be trusted. The kernel's
+/// clocksource is read at every call (its watchdog can drop the TSC while a process lives);
+/// the rate is measured once per process.
 fn tsc_calibration() -> Result<u64, String> {
-    static CAL: OnceLock<Result<u64, String>> = OnceLock::new();
-    CAL.get_or_init(|| {
-        if !cfg!(target_arch = "x86_64") {
-            return Err("no time-stamp counter on this architecture".into());
-        }
-        let path = "/sys/devices/system/clocksource/clocksource0/current_clocksource";
-        let cs = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read {path} ({e}), so the TSC is not known to be trusted"))?;
-        let cs = cs.trim();
-        if cs != "tsc" {
-            return Err(format!(
-                "the kernel keeps time with {cs}, not the TSC (not known constant and in step across CPUs)"
-            ));
-        }
-        calibrate(Duration::from_millis(20))
-    })
-    .clone()
+    static RATE: OnceLock<Result<u64, String>> = OnceLock::new();
+    if !cfg!(target_arch = "x86_64") {
+        return Err("no time-stamp counter on this architecture".into());
+    }
+    let path = "/sys/devices/system/clocksource/clocksource0/current_clocksource";
+    let cs = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {path} ({e}), so the TSC is not known to be trusted"))?;
+    let cs = cs.trim();
+    if cs != "tsc" {
+        return Err(format!(
+            "the kernel keeps time with {cs}, not the TSC (not known constant and in step across CPUs)"
+        ));
+    }
+    RATE.get_or_init(|| calibrate(Duration::from_millis(20)))
+        .clone()
 }
 
 /// The TSC's rate against CLOCK_MONOTONIC over `span`.
