@@ -104,7 +104,7 @@ impl Clock {
         JobClock {
             t0: Instant::now(),
             tsc0: self.mult.map_or(0, |_| tsc()),
-            mult: self.mult.unwrap_or(0),
+            clock: self,
         }
     }
 }
@@ -112,34 +112,24 @@ impl Clock {
 /// Nanoseconds since a job's start.
 #[derive(Clone, Copy, Debug)]
 pub struct JobClock {
+    /// The start on CLOCK_MONOTONIC, and on the TSC when `clock` uses it.
     t0: Instant,
     tsc0: u64,
-    /// 0: CLOCK_MONOTONIC.
-    mult: u64,
+    clock: Clock,
 }
 
 impl JobClock {
     /// The same clock, counting from now.
     pub fn restart(self) -> JobClock {
-        JobClock {
-            t0: Instant::now(),
-            tsc0: if self.mult != 0 { tsc() } else { 0 },
-            mult: self.mult,
-        }
-    }
-
-    /// When the job started.
-    pub fn t0(&self) -> Instant {
-        self.t0
+        self.clock.start()
     }
 
     /// Nanoseconds since the job started (0 if the clock reads earlier).
     #[inline]
     pub fn now_ns(&self) -> u64 {
-        if self.mult != 0 {
-            ticks_to_ns(tsc().saturating_sub(self.tsc0), self.mult)
-        } else {
-            since(self.t0, Instant::now())
+        match self.clock.mult {
+            Some(mult) => ticks_to_ns(tsc().saturating_sub(self.tsc0), mult),
+            None => since(self.t0, Instant::now()),
         }
     }
 }
@@ -153,7 +143,7 @@ fn ticks_to_ns(ticks: u64, mult: u64) -> u64 {
 
 /// Nanoseconds from `t0` to `t` (0 if `t` is earlier).
 #[inline]
-pub fn since(t0: Instant, t: Instant) -> u64 {
+fn since(t0: Instant, t: Instant) -> u64 {
     // In u64 (585 years of nanoseconds), not `as_nanos`' u128.
     let d = t.saturating_duration_since(t0);
     d.as_secs() * 1_000_000_000 + u64::from(d.subsec_nanos())
@@ -180,9 +170,9 @@ fn tsc_calibration() -> Result<u64, String> {
     if !cfg!(target_arch = "x86_64") {
         return Err("no time-stamp counter on this architecture".into());
     }
-    let path = "/sys/devices/system/clocksource/clocksource0/current_clocksource";
-    let cs = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {path} ({e}), so the TSC is not known to be trusted"))?;
+    let cs = kernel_clocksource().map_err(|e| {
+        format!("cannot read {CLOCKSOURCE} ({e}), so the TSC is not known to be trusted")
+    })?;
     let cs = cs.trim();
     if cs != "tsc" {
         return Err(format!(
@@ -191,6 +181,13 @@ fn tsc_calibration() -> Result<u64, String> {
     }
     RATE.get_or_init(|| calibrate(Duration::from_millis(20)))
         .clone()
+}
+
+const CLOCKSOURCE: &str = "/sys/devices/system/clocksource/clocksource0/current_clocksource";
+
+/// The clock the kernel keeps time with (`tsc`, `hpet`, `kvm-clock`, ...).
+fn kernel_clocksource() -> std::io::Result<String> {
+    std::fs::read_to_string(CLOCKSOURCE).map(|s| s.trim().to_string())
 }
 
 /// The TSC's rate against CLOCK_MONOTONIC over `span`.
@@ -267,33 +264,37 @@ mod tests {
 
     #[test]
     fn the_tsc_clock_agrees_with_clock_monotonic_where_the_kernel_trusts_it() {
-        let (c, r) = match Clock::resolve(ClockSource::Cpu) {
+        let tsc_before = kernel_clocksource().is_ok_and(|c| c == "tsc");
+        let resolved = Clock::resolve(ClockSource::Cpu);
+        let tsc_after = kernel_clocksource().is_ok_and(|c| c == "tsc");
+        let (c, r) = match resolved {
             Ok(x) => x,
             Err(why) => {
-                // Only a host whose kernel does not keep time with the TSC may get here.
-                let cs = std::fs::read_to_string(
-                    "/sys/devices/system/clocksource/clocksource0/current_clocksource",
-                )
-                .unwrap_or_default();
-                assert_ne!(cs.trim(), "tsc", "refused on a TSC host: {why}");
+                // Only a host whose kernel did not keep time with the TSC may get here (read
+                // on both sides: the kernel's watchdog may switch clocksource meanwhile).
+                assert!(!(tsc_before && tsc_after), "refused on a TSC host: {why}");
                 assert!(why.contains("--clocksource cpu"), "{why}");
                 eprintln!("not run here: {why}");
                 return;
             }
         };
         assert_eq!(r.source, "cpu");
+        // The job's start on the counter lies between `s0` and `s1`, and its reading below
+        // between `b0` and `b1`: the elapsed time it reports lies in [b0 - s1, b1 - s0],
+        // whatever the host's scheduling did meanwhile; a rate off by more than 1% falls
+        // outside.
+        let s0 = Instant::now();
         let j = c.start();
-        let t0 = j.t0();
+        let s1 = Instant::now();
         std::thread::sleep(Duration::from_millis(50));
-        // The monotonic span brackets the counter's reading: a rate off by more than 1%
-        // falls outside it, whatever the host's scheduling did meanwhile.
-        let before = since(t0, Instant::now());
+        let b0 = Instant::now();
         let ns = j.now_ns();
-        let after = since(t0, Instant::now());
-        let slack = after / 100;
+        let b1 = Instant::now();
+        let (lo, hi) = (since(s1, b0), since(s0, b1));
+        let slack = hi / 100;
         assert!(
-            ns + slack >= before && ns <= after + slack,
-            "tsc {ns} ns, monotonic {before}..{after} ns"
+            ns + slack >= lo && ns <= hi + slack,
+            "tsc {ns} ns, monotonic {lo}..{hi} ns"
         );
     }
 }
