@@ -366,6 +366,17 @@ impl SpdkCtrl {
                 sys::spdk_nvme_ns_get_max_io_xfer_size(ns.as_ptr()),
             )
         };
+        if !block_size.is_power_of_two() {
+            // NVMe formats blocks of 2^LBADS bytes; anything else is a broken report, and the
+            // queues turn offsets into block numbers by shifting.
+            detach(ctrlr);
+            return Err(Error::BadTarget {
+                path: trid.into(),
+                what: format!(
+                    "namespace {nsid} reports a block size of {block_size} bytes, not a power of two"
+                ),
+            });
+        }
         if md > 0 {
             detach(ctrlr);
             return Err(Error::BadTarget {
@@ -428,7 +439,8 @@ struct Shared {
     /// inside a completion callback): that callback only counts the command, and `issue`
     /// decides what follows once SPDK has returned.
     issuing: u32,
-    block: u64,
+    /// log2 of the namespace's block size (a power of two: `SpdkCtrl::connect` checks).
+    block_shift: u32,
 }
 
 const NOT_ISSUING: u32 = u32::MAX;
@@ -466,10 +478,11 @@ impl Slot {
         })
     }
 
-    fn total(&self, block: u64) -> u64 {
+    /// Commands (Write Zeroes, Deallocate: blocks) the operation takes.
+    fn total(&self, block_shift: u32) -> u64 {
         match self.op.op {
             OpKind::Read | OpKind::Write | OpKind::Flush => 1,
-            OpKind::WriteZeroes | OpKind::Deallocate => self.op.len / block,
+            OpKind::WriteZeroes | OpKind::Deallocate => self.op.len >> block_shift,
         }
     }
 }
@@ -517,7 +530,7 @@ extern "C" fn on_complete(arg: *mut c_void, cpl: *const sys::spdk_nvme_cpl) {
             }
             return;
         }
-        let whole = s.fail != Fail::None || s.issued >= s.total((*sh).block);
+        let whole = s.fail != Fail::None || s.issued >= s.total((*sh).block_shift);
         match (*sh).hook {
             Some(h) if whole && (*sh).panic.is_none() => {
                 let Some(r) = s.finish() else { return };
@@ -555,7 +568,8 @@ pub(crate) struct SpdkQueue {
     rest: Vec<Reaped>,
     /// Regions this queue registered (base, length): a read or write must lie in one.
     regions: Vec<(usize, usize)>,
-    block: u64,
+    /// log2 of the block size (see `Shared::block_shift`).
+    block_shift: u32,
     in_flight: u32,
     failed: bool,
 }
@@ -628,7 +642,7 @@ impl SpdkQueue {
             finished: 0,
             panic: None,
             issuing: NOT_ISSUING,
-            block: ctrl.block_size as u64,
+            block_shift: ctrl.block_size.trailing_zeros(),
         })));
         let slots: Box<[Slot]> = (0..depth)
             .map(|i| Slot {
@@ -648,7 +662,7 @@ impl SpdkQueue {
                 fail: Fail::None,
             })
             .collect();
-        let block = ctrl.block_size as u64;
+        let block_shift = ctrl.block_size.trailing_zeros();
         Ok(SpdkQueue {
             ctrl,
             qpair,
@@ -657,7 +671,7 @@ impl SpdkQueue {
             backlog: VecDeque::new(),
             rest: Vec::with_capacity(depth as usize),
             regions: registered,
-            block,
+            block_shift,
             in_flight: 0,
             failed: false,
         })
@@ -727,7 +741,7 @@ impl SpdkQueue {
     /// Hand the slot's remaining commands to SPDK. False when SPDK ran out of requests (the
     /// slot goes to the backlog).
     fn issue(&mut self, i: u32) -> bool {
-        let (ns, qp, block) = (self.ctrl.ns.as_ptr(), self.qpair.as_ptr(), self.block);
+        let (ns, qp, shift) = (self.ctrl.ns.as_ptr(), self.qpair.as_ptr(), self.block_shift);
         let failed = self.failed;
         let sh = self.shared.as_ptr();
         // The slot only through this pointer, one statement at a time: SPDK may call
@@ -739,7 +753,7 @@ impl SpdkQueue {
         // held across an SPDK call.
         unsafe {
             (*sh).issuing = i;
-            let total = (*sp).total(block);
+            let total = (*sp).total(shift);
             let mut refused = false;
             while (*sp).issued < total {
                 if failed {
@@ -753,7 +767,7 @@ impl SpdkQueue {
                 }
                 let op = (*sp).op;
                 let issued = (*sp).issued;
-                let lba = op.offset / block;
+                let lba = op.offset >> shift;
                 // Counted before SPDK sees it: SPDK may complete it inside the call.
                 (*sp).outstanding += 1;
                 // SAFETY (the SPDK calls): the namespace and queue pair are live; a read or
@@ -767,7 +781,7 @@ impl SpdkQueue {
                         } else {
                             sys::spdk_nvme_ns_cmd_write
                         };
-                        let blocks = (op.len / block) as u32;
+                        let blocks = (op.len >> shift) as u32;
                         let buf = op.addr.cast();
                         (cmd(ns, qp, buf, lba, blocks, Some(on_complete), arg, 0), 1)
                     }
@@ -853,7 +867,7 @@ impl SpdkQueue {
             done.get(k).map(|r| r.slot)
         } {
             k += 1;
-            let block = self.block;
+            let shift = self.block_shift;
             let s = self.slot(i);
             if !s.active || s.outstanding > 0 {
                 // Finished already, or a stale entry (listed when its first pieces were done,
@@ -861,7 +875,7 @@ impl SpdkQueue {
                 // callback of what SPDK still holds lists it again.
                 continue;
             }
-            if s.issued < s.total(block) && s.fail == Fail::None {
+            if s.issued < s.total(shift) && s.fail == Fail::None {
                 // More pieces to send (Write Zeroes over 65,536 blocks).
                 if !self.issue(i) {
                     self.backlog.push_back(i);
