@@ -676,9 +676,18 @@ fn reset_by_another_queue(shadow: bool) {
 }
 
 /// Submissions made while a batch of completions is handed over (`wait_each`'s handler) write
-/// no doorbell until the batch is handed over; then one write starts them all. The inline model
-/// works only when the queue polls, so the counts are exact. Both doorbell kinds, at depth 1
-/// (where a lone submission to an idle device used to be rung inside the handler) and 8.
+/// no doorbell until the batch is handed over; then at most one write starts them all. Both
+/// doorbell kinds, at depth 1 (where a lone submission to an idle device used to be rung inside
+/// the handler) and 8.
+///
+/// Judged per batch, not by a total: the inline model's own thread (which covers for a host
+/// that stops polling) may run a pass whenever this thread is descheduled, and then a poll may
+/// find nothing and ring what the last batch left unrung (MMIO doorbells, depth 8) before the
+/// completions arrive. That write belongs to the poll, not to the batch: a total of "one per
+/// batch" failed once in CI that way (98 writes for 97 batches). What holds whatever the
+/// model's timing: nothing inside the handler, at most one write when the batch has been handed
+/// over, and, since a poll rings only what is unrung and the handler is what leaves commands
+/// unrung, at most one more per call from its polls.
 #[test]
 fn resubmissions_from_one_batch_of_completions_share_one_doorbell_write() {
     for shadow in [false, true] {
@@ -695,15 +704,19 @@ fn resubmissions_from_one_batch_of_completions_share_one_doorbell_write() {
             let before = q.nvme_stats().unwrap().doorbells;
             let (mut batches, mut done) = (0u64, 0u64);
             while done < 400 {
+                let at_call = q.nvme_stats().unwrap().doorbells;
+                let mut first: Option<u64> = None;
+                let mut last = 0u64;
                 let n = q
                     .wait_each(1, Duration::from_secs(20), |s, c| {
                         c.result.unwrap();
                         let d = s.nvme_stats().unwrap().doorbells;
+                        first.get_or_insert(d);
                         let off = (c.offset + depth * 4096) % (4 << 20);
                         s.submit_read(off, c.buf.unwrap(), c.token).unwrap();
+                        last = s.nvme_stats().unwrap().doorbells;
                         assert_eq!(
-                            s.nvme_stats().unwrap().doorbells,
-                            d,
+                            last, d,
                             "shadow={shadow} depth={depth}: a doorbell written inside the batch"
                         );
                     })
@@ -713,12 +726,28 @@ fn resubmissions_from_one_batch_of_completions_share_one_doorbell_write() {
                     n > 0,
                     "shadow={shadow} depth={depth}: no completion in 20 s"
                 );
+                let after = q.nvme_stats().unwrap().doorbells;
+                let first = first.expect("the handler ran");
+                assert_eq!(
+                    first, last,
+                    "shadow={shadow} depth={depth}: a doorbell written between two handlers of one batch"
+                );
+                assert!(
+                    after - last <= 1,
+                    "shadow={shadow} depth={depth}: {} doorbell writes once the batch was handed over",
+                    after - last
+                );
+                assert!(
+                    first - at_call <= 1,
+                    "shadow={shadow} depth={depth}: {} doorbell writes by one call's polls",
+                    first - at_call
+                );
                 done += n as u64;
                 batches += 1;
             }
             let doorbells = q.nvme_stats().unwrap().doorbells - before;
             assert!(
-                doorbells <= batches,
+                doorbells <= 2 * batches,
                 "shadow={shadow} depth={depth}: {doorbells} doorbell writes for {batches} batches"
             );
             // What is still in flight completes: the last batch's doorbell was written.
