@@ -5,8 +5,8 @@
 //! of what is issued next, so it sits on the path between a completion and the next command.
 //! `clock_gettime` costs 20-25 ns on hardware and ~110 ns in the TCG guest, where it cost the
 //! QD1 loop up to 15% of its IOPS (0-15% over 11 runs) against up to 4% for the CPU's
-//! time-stamp counter (docs/DESIGN.md, "The bench's clock"). SPDK's `spdk_nvme_perf` stamps with the TSC, as
-//! fio does with `clocksource=cpu`.
+//! time-stamp counter (docs/DESIGN.md, "The bench's clock"). SPDK's `spdk_nvme_perf` stamps
+//! with the TSC, as fio does with `clocksource=cpu`.
 //!
 //! The TSC is used only where the kernel keeps time with it (its current clocksource is
 //! `tsc`): the kernel has then checked that it runs at a constant rate, through idle states,
@@ -173,7 +173,6 @@ fn tsc_calibration() -> Result<u64, String> {
     let cs = kernel_clocksource().map_err(|e| {
         format!("cannot read {CLOCKSOURCE} ({e}), so the TSC is not known to be trusted")
     })?;
-    let cs = cs.trim();
     if cs != "tsc" {
         return Err(format!(
             "the kernel keeps time with {cs}, not the TSC (not known constant and in step across CPUs)"
