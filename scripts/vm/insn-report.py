@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """scripts/vm/insn-report.py COUNTS CONSOLE IOS [GUEST=HOST ...]
 
-Guest instructions per I/O, by binary and by symbol, from scripts/vm/insn-count.c's counts and
-the executable mappings the guest printed (between `=== MAPS` and `=== END MAPS` on its console:
-lines of /proc/PID/maps). GUEST=HOST maps a guest path to the host file holding its symbols
+Guest instructions per I/O, by binary and by symbol, with the translation blocks run and those
+left by an indirect branch (found in `objdump -d` of the host's file), from
+scripts/vm/insn-count.c's counts and the executable mappings the guest printed (between
+`=== MAPS` and `=== END MAPS` on its console: lines of /proc/PID/maps). GUEST=HOST maps a guest path to the host file holding its symbols
 (for binaries the payload copied stripped of debug info). Blocks in the kernel, or in user
 memory outside the printed mappings (other processes: the boot, the shell), are summed apart.
 Symbols come from `nm` (static, then dynamic table), names from `c++filt`.
@@ -67,22 +68,61 @@ def main():
             tables[path] = (segs, addrs, [syms[a] for a in addrs])
         return tables[path]
 
+    disasm = {}
+
+    def last_insn(path, elf, n):
+        """The mnemonic and operands of block (elf, n)'s last instruction, from one `objdump -d`
+        of the binary (indexed once); None when not found."""
+        if path not in disasm:
+            host = host_of.get(path, path)
+            out = subprocess.run(["objdump", "-d", "--no-show-raw-insn", host],
+                                 capture_output=True, text=True).stdout
+            addrs, texts = [], []
+            for l in out.splitlines():
+                m = re.match(r"^\s*([0-9a-f]+):\s+(.*)$", l)
+                if m:
+                    addrs.append(int(m.group(1), 16))
+                    texts.append(m.group(2).strip())
+            disasm[path] = (addrs, texts)
+        addrs, texts = disasm[path]
+        k = bisect.bisect_left(addrs, elf)
+        if k >= len(addrs) or addrs[k] != elf or k + n - 1 >= len(addrs):
+            return None
+        return texts[k + n - 1]
+
+    def indirect(text):
+        """Whether an instruction leaves its block by a target TCG must look up at run time (a
+        return, or a call or jump through a register or memory), rather than by a chained
+        direct jump."""
+        if text is None:
+            return False
+        op = text.split()[0] if text.split() else ""
+        if op.startswith("ret"):
+            return True
+        return op.startswith(("call", "jmp", "notrack")) and "*" in text
+
     by_bin, by_sym, calls = collections.Counter(), collections.Counter(), collections.Counter()
+    runs_bin, runs_sym = collections.Counter(), collections.Counter()
+    ind_bin, ind_sym = collections.Counter(), collections.Counter()
     blocks = collections.defaultdict(collections.Counter)  # key -> {(elf addr, insns): runs}
-    total = 0
+    total = total_runs = 0
     for line in open(counts):
         v, n, c = line.split()
         v, n, c = int(v, 16), int(n), int(c)
         total += n * c
+        total_runs += c
         if v >= 0xFFFF800000000000:
             by_bin["[kernel]"] += n * c
+            runs_bin["[kernel]"] += c
             continue
         i = bisect.bisect_right(starts, v) - 1
         if i < 0 or v >= maps[i][1]:
             by_bin["[user, outside the profiled process]"] += n * c
+            runs_bin["[user, outside the profiled process]"] += c
             continue
         lo, _, off, path = maps[i]
         by_bin[path] += n * c
+        runs_bin[path] += c
         segs, addrs, names = table(path)
         elf = fo = v - lo + off
         for so, sv, sz in segs:
@@ -92,20 +132,28 @@ def main():
         j = bisect.bisect_right(addrs, elf) - 1
         key = (path.rsplit("/", 1)[-1], names[j] if j >= 0 else "?")
         by_sym[key] += n * c
+        runs_sym[key] += c
+        if c >= ios * 0.005 and indirect(last_insn(path, elf, n)):
+            ind_bin[path] += c
+            ind_sym[key] += c
         if j >= 0 and addrs[j] == elf:
             calls[key] += c  # a block starting at the symbol: one call
         blocks[key][(elf, n)] += c
-    print(f"guest instructions: {total:,} in all, {ios:,.0f} I/Os")
-    print("per I/O, by binary (the kernel and other processes include the boot):")
+    print(f"guest instructions: {total:,} in all, {ios:,.0f} I/Os; "
+          f"translation blocks run: {total_runs:,}")
+    print("per I/O, by binary (instructions, blocks run, blocks left by an indirect branch; "
+          "the kernel and other processes include the boot):")
     for k, v in by_bin.most_common(12):
-        print(f"  {v / ios:10,.1f}  {k}")
+        print(f"  {v / ios:10,.1f} {runs_bin[k] / ios:8,.1f} {ind_bin[k] / ios:7,.1f}  {k}")
     top = by_sym.most_common(40)
     names = subprocess.run(["c++filt"], input="\n".join(s for (_, s), _ in top),
                            capture_output=True, text=True).stdout.splitlines()
-    print("per I/O, by symbol (instructions, calls):")
+    print("per I/O, by symbol (instructions, blocks run, indirect exits, calls):")
     for ((b, s), v), d in zip(top, names):
         c = calls.get((b, s), 0) / ios
-        print(f"  {v / ios:10,.1f} {c:7.2f}  {b}: {d[:100]}")
+        r = runs_sym[(b, s)] / ios
+        x = ind_sym[(b, s)] / ios
+        print(f"  {v / ios:10,.1f} {r:8,.1f} {x:6,.1f} {c:7.2f}  {b}: {d[:100]}")
     pattern = os.environ.get("INSN_ANNOTATE")
     if pattern:
         try:
