@@ -134,7 +134,13 @@ fn errors_and_buffer_return(e: &Engine) {
     // Past the end.
     let rej = q.submit_read(geo.size, b, 3).unwrap_err();
     assert!(matches!(rej.error, Error::OutOfRange { .. }));
-    let b = rej.buf.unwrap();
+    // Straddling the end, its first block inside.
+    let mut b = rej.buf.unwrap();
+    b.set_len(2 * lbs as usize).unwrap();
+    let rej = q.submit_read(geo.size - lbs, b, 3).unwrap_err();
+    assert!(matches!(rej.error, Error::OutOfRange { .. }));
+    let mut b = rej.buf.unwrap();
+    b.set_len(4096).unwrap();
     assert!(matches!(
         q.submit_deallocate(geo.size - lbs, 2 * lbs, 4),
         Err(Error::OutOfRange { .. })
@@ -156,6 +162,14 @@ fn errors_and_buffer_return(e: &Engine) {
         q.wait(4, Duration::from_secs(10), &mut out).unwrap();
     }
     assert!(out.iter().all(|c| c.result.is_ok()));
+    // The last block exactly: accepted, and read whole.
+    let mut last = out.pop().unwrap().buf.unwrap();
+    last.set_len(lbs as usize).unwrap();
+    q.submit_read(geo.size - lbs, last, 7).unwrap();
+    out.clear();
+    q.wait(1, Duration::from_secs(10), &mut out).unwrap();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].result.as_ref().ok(), Some(&lbs));
     // Poll with nothing in flight returns nothing and does not block.
     out.clear();
     assert_eq!(q.poll(&mut out).unwrap(), 0);

@@ -573,15 +573,19 @@ impl<'a> Job<'a> {
                     // Recorded after the batch, once the next I/Os are out (below): the
                     // histogram and the heat map are no part of the next I/O's latency.
                     done.push((c.op, c.len, lat, c.offset));
-                    g.bufs[token] = c.buf;
-                    // Straight back out while under the depth (the common case); parked when
-                    // the tuner lowered the depth, picked up by `fill` when it rises again.
-                    if q.in_flight() < depth && can_issue(g, now_ns) {
-                        if let Err(e) = g.issue(q, token, now_ns) {
-                            failed = Some(e);
+                    // Straight back out with its buffer while under the depth (the common
+                    // case); parked when the tuner lowered the depth, picked up by `fill`
+                    // when it rises again.
+                    match c.buf {
+                        Some(buf) if q.in_flight() < depth && can_issue(g, now_ns) => {
+                            if let Err(e) = g.issue(q, token, buf, now_ns) {
+                                failed = Some(e);
+                            }
                         }
-                    } else {
-                        idle.push(token);
+                        buf => {
+                            g.bufs[token] = buf;
+                            idle.push(token);
+                        }
                     }
                 })
                 .map_err(BenchError::from)?;
@@ -672,7 +676,10 @@ impl<'a> Job<'a> {
     ) -> Result<(), BenchError> {
         while self.q.in_flight() < self.depth && can_issue(&self.g, now_ns) {
             let Some(t) = self.idle.pop() else { break };
-            self.g.issue(&mut self.q.submitter(), t, now_ns)?;
+            let buf = self.g.bufs[t]
+                .take()
+                .expect("an idle token holds its buffer");
+            self.g.issue(&mut self.q.submitter(), t, buf, now_ns)?;
         }
         Ok(())
     }
@@ -820,13 +827,13 @@ impl Gen<'_> {
         &mut self,
         q: &mut Submitter<'_>,
         token: usize,
+        mut buf: IoBuf,
         now_ns: u64,
     ) -> Result<(), BenchError> {
         let block = self.next_block();
         let offset = self.start + block * self.bs;
         let is_read =
             self.read_pct == 100 || (self.read_pct > 0 && self.rng.below(100) < self.read_pct);
-        let mut buf = self.bufs[token].take().expect("token idle");
         self.submitted[token] = now_ns;
         self.inflight_off[token] = offset;
         self.issued += self.bs;
