@@ -240,27 +240,27 @@ impl Queue {
         token: u64,
     ) -> std::result::Result<(), Rejected> {
         let len = buf.len() as u64;
+        if !(buf.is_from(&self.arena) && self.data_fits(op, offset, len, buf.as_ptr() as usize)) {
+            return self.submit(op, offset, len, Some(buf), token);
+        }
+        let raw = RawOp::on_target(op, offset, len, buf.as_ptr());
+        self.enqueue(raw, Some(buf), token)
+    }
+
+    /// The fast path's checks of a read or write (`op` is one) at `addr`: offset, length and
+    /// address by the masks, the range inside the target, the target's mode, a free slot.
+    /// False sends the submission to the general checks, which say what is wrong.
+    #[inline]
+    fn data_fits(&self, op: OpKind, offset: u64, len: u64, addr: usize) -> bool {
         let m = self.masks;
-        let fits = (offset | len) & m.block == 0
+        (offset | len) & m.block == 0
             && len != 0
             && len <= crate::MAX_IO_BYTES
             && offset <= self.geometry.size
             && len <= self.geometry.size - offset
             && (op == OpKind::Read || self.writable)
-            && buf.is_from(&self.arena)
-            && buf.as_ptr() as usize & m.mem == 0;
-        if !fits || self.free.is_empty() {
-            return self.submit(op, offset, len, Some(buf), token);
-        }
-        let raw = RawOp {
-            op,
-            offset,
-            len,
-            addr: buf.as_ptr(),
-            fd: -1,
-            cached: false,
-        };
-        self.enqueue(raw, Some(buf), token)
+            && addr & m.mem == 0
+            && !self.free.is_empty()
     }
 
     /// Every submission's checks and their errors (out of line: the per-I/O reads and writes
@@ -304,14 +304,7 @@ impl Queue {
             }
         }
         let addr = buf.as_ref().map_or(std::ptr::null_mut(), |b| b.as_ptr());
-        let raw = RawOp {
-            op,
-            offset,
-            len,
-            addr,
-            fd: -1,
-            cached: false,
-        };
+        let raw = RawOp::on_target(op, offset, len, addr);
         self.enqueue(raw, buf, token)
     }
 
@@ -360,7 +353,34 @@ impl Queue {
     /// written by anyone else) until this operation's completion has been reaped; the kernel or
     /// the device writes into it meanwhile. For the vfio backend it must lie in a region given
     /// to `queue_with_regions` (else the submission is rejected).
+    #[inline]
     pub unsafe fn submit_raw(
+        &mut self,
+        op: OpKind,
+        offset: u64,
+        addr: *mut u8,
+        len: u64,
+        token: u64,
+    ) -> Result<()> {
+        // A read or write that passes the fast path's checks (`submit_data`'s) goes straight
+        // to the slot; anything else to the general checks.
+        if matches!(op, OpKind::Read | OpKind::Write)
+            && !addr.is_null()
+            && self.data_fits(op, offset, len, addr as usize)
+        {
+            let raw = RawOp::on_target(op, offset, len, addr);
+            return self.enqueue(raw, None, token).map_err(Error::from);
+        }
+        // SAFETY: the caller's contract, passed on.
+        unsafe { self.submit_raw_general(op, offset, addr, len, token) }
+    }
+
+    /// `submit_raw`'s checks and their errors, out of line.
+    ///
+    /// # Safety
+    /// As for `submit_raw`.
+    #[inline(never)]
+    unsafe fn submit_raw_general(
         &mut self,
         op: OpKind,
         offset: u64,
@@ -392,14 +412,7 @@ impl Queue {
             std::ptr::null_mut()
         };
         self.check(op, offset, len)?;
-        let raw = RawOp {
-            op,
-            offset,
-            len,
-            addr,
-            fd: -1,
-            cached: false,
-        };
+        let raw = RawOp::on_target(op, offset, len, addr);
         self.enqueue(raw, None, token).map_err(Error::from)
     }
 

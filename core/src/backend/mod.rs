@@ -30,6 +30,22 @@ pub(crate) struct RawOp {
     pub cached: bool,
 }
 
+impl RawOp {
+    /// An operation on the queue's own target (no file of the caller's), through O_DIRECT or
+    /// the device.
+    #[inline]
+    pub fn on_target(op: OpKind, offset: u64, len: u64, addr: *mut u8) -> RawOp {
+        RawOp {
+            op,
+            offset,
+            len,
+            addr,
+            fd: -1,
+            cached: false,
+        }
+    }
+}
+
 /// A backend's completion: the queue slot and the kernel-style result (bytes, or -errno), or
 /// a failure that an errno cannot describe.
 #[derive(Clone, Copy, Debug)]
