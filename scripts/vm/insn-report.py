@@ -2,10 +2,12 @@
 """scripts/vm/insn-report.py COUNTS CONSOLE IOS [GUEST=HOST ...]
 
 Guest instructions per I/O, by binary and by symbol, with the translation blocks run and those
-left by an indirect branch (found in `objdump -d` of the host's file), from
-scripts/vm/insn-count.c's counts and the executable mappings the guest printed (between
-`=== MAPS` and `=== END MAPS` on its console: lines of /proc/PID/maps). GUEST=HOST maps a guest path to the host file holding its symbols
-(for binaries the payload copied stripped of debug info). Blocks in the kernel, or in user
+left by an indirect branch, from scripts/vm/insn-count.c's counts and the executable mappings
+the guest printed (between `=== MAPS` and `=== END MAPS` on its console: lines of
+/proc/PID/maps). GUEST=HOST maps a guest path to the host file holding its symbols (for
+binaries the payload copied stripped of debug info). A block's last instruction is read from
+one `objdump -d` of that file; only blocks of the profiled process run at least 0.005 times per
+I/O are looked up (the rest add little), and none in the kernel or other processes ("-"). Blocks in the kernel, or in user
 memory outside the printed mappings (other processes: the boot, the shell), are summed apart.
 Symbols come from `nm` (static, then dynamic table), names from `c++filt`.
 
@@ -94,9 +96,10 @@ def main():
         """Whether an instruction leaves its block by a target TCG must look up at run time (a
         return, or a call or jump through a register or memory), rather than by a chained
         direct jump."""
-        if text is None:
+        words = (text or "").split()
+        if not words:
             return False
-        op = text.split()[0] if text.split() else ""
+        op = words[0]
         if op.startswith("ret"):
             return True
         return op.startswith(("call", "jmp", "notrack")) and "*" in text
@@ -144,7 +147,8 @@ def main():
     print("per I/O, by binary (instructions, blocks run, blocks left by an indirect branch; "
           "the kernel and other processes include the boot):")
     for k, v in by_bin.most_common(12):
-        print(f"  {v / ios:10,.1f} {runs_bin[k] / ios:8,.1f} {ind_bin[k] / ios:7,.1f}  {k}")
+        ind = f"{ind_bin[k] / ios:7,.1f}" if k in tables else f"{'-':>7}"
+        print(f"  {v / ios:10,.1f} {runs_bin[k] / ios:8,.1f} {ind}  {k}")
     top = by_sym.most_common(40)
     names = subprocess.run(["c++filt"], input="\n".join(s for (_, s), _ in top),
                            capture_output=True, text=True).stdout.splitlines()

@@ -728,14 +728,15 @@ impl SpdkQueue {
     #[inline]
     pub fn push(&mut self, slot: u32, op: &RawOp) -> Result<()> {
         // `op.fd` is always the target here: `Queue::submit_fd` refuses files on this backend.
-        if matches!(op.op, OpKind::Read | OpKind::Write) && !self.covers(op.addr, op.len) {
-            // SPDK would fail it as a bad translation; refused here with the reason instead.
-            return Err(unregistered(op.len));
-        }
-        if matches!(op.op, OpKind::Read | OpKind::Write) && self.backlog.is_empty() && !self.failed
-        {
-            self.push_rw(slot, op);
-            return Ok(());
+        if matches!(op.op, OpKind::Read | OpKind::Write) {
+            if !self.covers(op.addr, op.len) {
+                // SPDK would fail it as a bad translation; refused here with the reason instead.
+                return Err(unregistered(op.len));
+            }
+            if self.backlog.is_empty() && !self.failed {
+                self.push_rw(slot, op);
+                return Ok(());
+            }
         }
         let s = self.slot(slot);
         s.active = true;
