@@ -5,8 +5,9 @@
 
 TRACE_LOG is QEMU's `-trace` log (the `log` backend, `-msg timestamp=on`: lines
 `PID@SECONDS.MICROS:EVENT ARGS`) with the events pci_nvme_mmio_doorbell_sq,
-pci_nvme_mmio_doorbell_cq, pci_nvme_io_cmd and pci_nvme_enqueue_req_completion. Only I/O queue 1
-is looked at. The guest ran one program per LABEL, in that order, with a pause of at least a
+pci_nvme_mmio_doorbell_cq, pci_nvme_io_cmd, pci_nvme_enqueue_req_completion and pci_nvme_rw_cb
+(the backing file's completions; optional, used by the batch table). Only I/O queue 1 of
+controller A's namespace 1 is looked at. The guest ran one program per LABEL, in that order, with a pause of at least a
 second between them: the runs are told apart by gaps of more than 300 ms without I/O.
 
 For each run: commands per second while traced (the trace slows the emulator: not a figure to
@@ -18,9 +19,29 @@ medians of the I/O cycle's parts, in microseconds:
   host    completion queued -> the next SQ doorbell write (the CQ timer and the post, then the
           program seeing the completion, handling it and submitting again: the driver's part,
           plus ~1 us of the emulator's)
-The parts are measured between consecutive events, so they describe QD1 runs; at higher depths
-only the rates and doorbells per command mean something.
+The parts are measured between consecutive events, so they describe QD1 runs.
+
+At higher depths QEMU's controller works in lock-step batches (it fetches what the SQ holds,
+submits it to the backing file, queues the completions, posts them together, and waits), so a
+second table splits each batch cycle instead (runs with batches of at least 8 commands), medians
+in microseconds:
+  guest   last completion queued -> first command fetched of the next batch (the program's
+          part, from seeing the posted completions to the doorbell, plus the emulator's wake)
+  to_db   last completion queued -> the first SQ doorbell write after it
+  wake    that doorbell -> the first fetch
+  fetch   first -> last fetch of the batch (the controller reading commands, under QEMU's lock)
+  io      last fetch -> first backing-file completion
+  post    first backing-file completion -> last completion queued
+  cycle   first fetch -> first fetch of the next batch
+  cq_sq   CQ head doorbell write -> SQ doorbell write, when a CQ write comes first in the
+          guest part: a program that rings its CQ head at the end of a batch of completion
+          callbacks, after the first of them already rang the SQ doorbell (SPDK's per-command
+          doorbells), meets the controller at work, and its vCPU waits for QEMU's lock until
+          the next batch is posted; the write then lands here, and whatever the program does
+          after it (rio bench's accounting) before it polls again lies on the cycle's path.
+          With the CQ and SQ written together at the batch's end (spdk_nvme_perf) it is a few us
 """
+import bisect
 import re
 import statistics
 import sys
@@ -31,6 +52,7 @@ WANT = {
     "pci_nvme_mmio_doorbell_cq": ("dbcq", "cqid 1 "),
     "pci_nvme_io_cmd": ("cmd", "sqid 1 "),
     "pci_nvme_enqueue_req_completion": ("enq", "cqid 1 "),
+    "pci_nvme_rw_cb": ("io", "'drv-a-ns1'"),
 }
 GAP_US = 300_000
 
@@ -78,10 +100,12 @@ def main():
         sys.exit(__doc__)
     labels = sys.argv[2:]
     segs = runs(events(sys.argv[1]))
+    # The QD1 parts are measured between adjacent events: without the backing-file completions.
+    qd1 = [[e for e in s if e[1] != "io"] for s in segs]
     if len(segs) != len(labels):
         sys.exit(f"io-cycle: {len(segs)} runs in the trace, {len(labels)} expected ({' '.join(labels)})")
     print(f"{'run':<14} {'cmds/s':>8} {'sq_db/cmd':>9} {'cq_db/cmd':>9} {'wake':>6} {'device':>6} {'host':>6} {'cycle':>6}")
-    for label, s in zip(labels, segs):
+    for label, s in zip(labels, qd1):
         n = sum(1 for e in s if e[1] == "cmd")
         secs = (s[-1][0] - s[0][0]) / 1e6
         sq = sum(1 for e in s if e[1] == "dbsq")
@@ -103,6 +127,60 @@ def main():
         t = [e[0] for e in s if e[1] == "dbsq"]
         cyc = median([b - a for a, b in zip(t, t[1:])])
         print(f"{label:<14} {n / secs:8.0f} {sq / n:9.3f} {cq / n:9.3f} {wake:6.1f} {dev:6.1f} {host:6.1f} {cyc:6.1f}")
+    rows = [(label, batch_cycles(s)) for label, s in zip(labels, segs)]
+    rows = [(label, b) for label, b in rows if b is not None]
+    if rows:
+        print()
+        print(f"{'run':<14} {'batches':>7} {'cmds/b':>6} {'guest':>6} {'to_db':>6} {'wake':>6} "
+              f"{'fetch':>6} {'io':>6} {'post':>6} {'cycle':>6} {'cq_sq':>6}")
+        for label, b in rows:
+            print(f"{label:<14} {b['n']:7d} {b['cmds']:6.0f} {b['guest']:6.0f} {b['to_db']:6.0f} "
+                  f"{b['wake']:6.0f} {b['fetch']:6.0f} {b['io']:6.0f} {b['post']:6.0f} "
+                  f"{b['cycle']:6.0f} {b['cq_sq']:6.0f}")
+
+
+def batch_cycles(seg):
+    """Medians of a lock-step run's batch phases (see the docstring), or None below batches of 8."""
+    # Blocks of consecutive fetches and of consecutive backing completions / queued completions.
+    blocks = []  # [kind, first time, last time, commands or completions]
+    for t, k in seg:
+        if k not in ("cmd", "io", "enq"):
+            continue
+        kind = "cmd" if k == "cmd" else "done"
+        if blocks and blocks[-1][0] == kind:
+            blocks[-1][2] = t
+            blocks[-1][3] += k in ("cmd", "enq")
+            if k == "io" and blocks[-1][4] is None:
+                blocks[-1][4] = t
+        else:
+            blocks.append([kind, t, t, int(k in ("cmd", "enq")), t if k == "io" else None])
+    doorbells = [(t, k) for t, k in seg if k in ("dbsq", "dbcq")]
+    times = [t for t, _ in doorbells]
+    parts = {k: [] for k in ("cmds", "guest", "to_db", "wake", "fetch", "io", "post", "cycle", "cq_sq")}
+    for a, b, c in zip(blocks, blocks[1:], blocks[2:]):
+        if a[0] != "cmd" or b[0] != "done" or c[0] != "cmd" or a[3] < 8:
+            continue
+        parts["cmds"].append(a[3])
+        parts["fetch"].append(a[2] - a[1])
+        parts["io"].append((b[4] if b[4] is not None else b[1]) - a[2])
+        parts["post"].append(b[2] - (b[4] if b[4] is not None else b[1]))
+        parts["guest"].append(c[1] - b[2])
+        parts["cycle"].append(c[1] - a[1])
+        i = bisect.bisect_right(times, b[2])
+        cq = doorbells[i][0] if i < len(doorbells) and doorbells[i][1] == "dbcq" else None
+        while i < len(doorbells) and doorbells[i][0] < c[1] and doorbells[i][1] != "dbsq":
+            i += 1
+        if i < len(doorbells) and doorbells[i][0] < c[1]:
+            parts["to_db"].append(doorbells[i][0] - b[2])
+            parts["wake"].append(c[1] - doorbells[i][0])
+            if cq is not None:
+                parts["cq_sq"].append(doorbells[i][0] - cq)
+    n = len(parts["cycle"])
+    if n == 0:
+        return None
+    out = {k: median(v) for k, v in parts.items()}
+    out["n"] = n
+    return out
 
 
 if __name__ == "__main__":
