@@ -7,8 +7,9 @@ the guest printed (between `=== MAPS` and `=== END MAPS` on its console: lines o
 /proc/PID/maps). GUEST=HOST maps a guest path to the host file holding its symbols (for
 binaries the payload copied stripped of debug info). A block's last instruction is read from
 one `objdump -d` of that file; only blocks of the profiled process run at least 0.005 times per
-I/O are looked up (the rest add little), and none in the kernel or other processes ("-"). Blocks in the kernel, or in user
-memory outside the printed mappings (other processes: the boot, the shell), are summed apart.
+I/O are looked up (the rest add little), and none in the kernel or other processes ("-").
+Blocks in the kernel, or in user memory outside the printed mappings (other processes: the
+boot, the shell), are summed apart.
 Symbols come from `nm` (static, then dynamic table), names from `c++filt`.
 
 With INSN_ANNOTATE=REGEX in the environment, the blocks of every symbol whose demangled name

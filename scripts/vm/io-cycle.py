@@ -7,8 +7,9 @@ TRACE_LOG is QEMU's `-trace` log (the `log` backend, `-msg timestamp=on`: lines
 `PID@SECONDS.MICROS:EVENT ARGS`) with the events pci_nvme_mmio_doorbell_sq,
 pci_nvme_mmio_doorbell_cq, pci_nvme_io_cmd, pci_nvme_enqueue_req_completion and pci_nvme_rw_cb
 (the backing file's completions; optional, used by the batch table). Only I/O queue 1 of
-controller A's namespace 1 is looked at. The guest ran one program per LABEL, in that order, with a pause of at least a
-second between them: the runs are told apart by gaps of more than 300 ms without I/O.
+controller A's namespace 1 is looked at. The guest ran one program per LABEL, in that order,
+with a pause of at least a second between them: the runs are told apart by gaps of more than
+300 ms without I/O.
 
 For each run: commands per second while traced (the trace slows the emulator: not a figure to
 compare with untraced runs), MMIO doorbell writes per command (SQ tail, CQ head), and the
@@ -36,10 +37,11 @@ in microseconds:
   cq_sq   CQ head doorbell write -> SQ doorbell write, when a CQ write comes first in the
           guest part: a program that rings its CQ head at the end of a batch of completion
           callbacks, after the first of them already rang the SQ doorbell (SPDK's per-command
-          doorbells), meets the controller at work, and its vCPU waits for QEMU's lock until
-          the next batch is posted; the write then lands here, and whatever the program does
-          after it (rio bench's accounting) before it polls again lies on the cycle's path.
-          With the CQ and SQ written together at the batch's end (spdk_nvme_perf) it is a few us
+          doorbells), meets the controller at work and needs QEMU's lock; such a write, carrying
+          the head of the batch before, lands here, after the next batch was posted, and what
+          the program does after it (rio bench's accounting) before it polls again lies on the
+          cycle's path. With the CQ and SQ written together at the batch's end
+          (spdk_nvme_perf) it is a few us
 """
 import bisect
 import re
@@ -142,7 +144,8 @@ def main():
 def batch_cycles(seg):
     """Medians of a lock-step run's batch phases (see the docstring), or None below batches of 8."""
     # Blocks of consecutive fetches and of consecutive backing completions / queued completions.
-    blocks = []  # [kind, first time, last time, commands or completions]
+    # [kind, first time, last time, commands or completions queued, first backing completion]
+    blocks = []
     for t, k in seg:
         if k not in ("cmd", "io", "enq"):
             continue
@@ -156,7 +159,8 @@ def batch_cycles(seg):
             blocks.append([kind, t, t, int(k in ("cmd", "enq")), t if k == "io" else None])
     doorbells = [(t, k) for t, k in seg if k in ("dbsq", "dbcq")]
     times = [t for t, _ in doorbells]
-    parts = {k: [] for k in ("cmds", "guest", "to_db", "wake", "fetch", "io", "post", "cycle", "cq_sq")}
+    keys = ("cmds", "guest", "to_db", "wake", "fetch", "io", "post", "cycle", "cq_sq")
+    parts = {k: [] for k in keys}
     for a, b, c in zip(blocks, blocks[1:], blocks[2:]):
         if a[0] != "cmd" or b[0] != "done" or c[0] != "cmd" or a[3] < 8:
             continue
