@@ -1010,7 +1010,21 @@ impl SpdkQueue {
                     NonNull<dyn FnMut(Reaped) + '_>,
                     NonNull<dyn FnMut(Reaped)>,
                 >(h));
-                let rc = sys::spdk_nvme_qpair_process_completions(qp.as_ptr(), 0);
+                // One completion first, then the rest (when more than one command was out).
+                // Measured, not derived: in the TCG guest, 4K randread QD32, alternating with a
+                // single call in one boot each, 0.96-1.18x IOPS in six boots (medians of
+                // per-round ratios; 1.10-1.18x in the four of session 33). Traced (session 32), the backing I/O of QEMU's emulated controller
+                // then takes as long as under `spdk_nvme_perf`, against twice that when
+                // SPDK's one write of the completion queue's head comes at the end of the
+                // batch, after the first resubmission has woken the device. The cost: one
+                // empty look at the completion queue when the first call took all there was.
+                // docs/DESIGN.md.
+                let out = (*this()).in_flight;
+                let mut rc = sys::spdk_nvme_qpair_process_completions(qp.as_ptr(), 1);
+                if rc == 1 && out > 1 && (*sh.as_ptr()).panic.is_none() {
+                    let more = sys::spdk_nvme_qpair_process_completions(qp.as_ptr(), 0);
+                    rc = if more < 0 { more } else { rc + more };
+                }
                 (*sh.as_ptr()).hook = None;
                 let finished = std::mem::take(&mut (*sh.as_ptr()).finished);
                 (*this()).in_flight -= finished;
