@@ -281,6 +281,9 @@ pub(crate) struct SpdkCtrl {
     pub size_bytes: u64,
     pub max_xfer: u32,
     pub model: String,
+    /// A PCIe controller (its queues are rings in memory with doorbell registers), not a
+    /// fabric's.
+    pub pcie: bool,
 }
 
 // SAFETY: what rio does with SPDK's controller from several threads is what SPDK allows:
@@ -402,6 +405,7 @@ impl SpdkCtrl {
             size_bytes: sectors * block_size as u64,
             max_xfer: max_io,
             model,
+            pcie: id.trtype == sys::spdk_nvme_transport_type::SPDK_NVME_TRANSPORT_PCIE,
         }))
     }
 }
@@ -582,6 +586,8 @@ pub(crate) struct SpdkQueue {
     block_shift: u32,
     in_flight: u32,
     failed: bool,
+    /// The controller's `pcie`, kept here for `poll_each`.
+    pcie: bool,
 }
 
 impl SpdkQueue {
@@ -673,6 +679,7 @@ impl SpdkQueue {
             })
             .collect();
         let block_shift = ctrl.block_size.trailing_zeros();
+        let pcie = ctrl.pcie;
         Ok(SpdkQueue {
             ctrl,
             qpair,
@@ -684,6 +691,7 @@ impl SpdkQueue {
             block_shift,
             in_flight: 0,
             failed: false,
+            pcie,
         })
     }
 
@@ -1010,18 +1018,20 @@ impl SpdkQueue {
                     NonNull<dyn FnMut(Reaped) + '_>,
                     NonNull<dyn FnMut(Reaped)>,
                 >(h));
-                // One completion first, then the rest (when more than one command was out).
-                // Measured, not derived: in the TCG guest, 4K randread QD32, alternating with a
-                // single call in one boot each, 0.96-1.18x IOPS in six boots (medians of
-                // per-round ratios; 1.10-1.18x in the four of session 33). Traced (session 32), the backing I/O of QEMU's emulated controller
-                // then takes as long as under `spdk_nvme_perf`, against twice that when
-                // SPDK's one write of the completion queue's head comes at the end of the
-                // batch, after the first resubmission has woken the device. The cost: one
-                // empty look at the completion queue when the first call took all there was.
-                // docs/DESIGN.md.
-                let out = (*this()).in_flight;
-                let mut rc = sys::spdk_nvme_qpair_process_completions(qp.as_ptr(), 1);
-                if rc == 1 && out > 1 && (*sh.as_ptr()).panic.is_none() {
+                // On PCIe, one completion first, then the rest (when more than one command was
+                // out). Measured, not derived: in the TCG guest, 4K randread QD32, alternating
+                // with a single call in one boot each, 0.96-1.18x IOPS in six boots (medians
+                // of per-round ratios; 1.10-1.18x in the four of session 33). Traced (session
+                // 32), the backing I/O of QEMU's emulated controller then takes as long as
+                // under `spdk_nvme_perf`, against twice that when SPDK's one write of the
+                // completion queue's head comes at the end of the batch, after the first
+                // resubmission has woken the device. The cost: one more look at the
+                // completion queue, and one more head write per batch. Over a fabric the
+                // doorbells are not there and a second call is a second read of the socket:
+                // one call. docs/DESIGN.md.
+                let (out, first) = ((*this()).in_flight, u32::from((*this()).pcie));
+                let mut rc = sys::spdk_nvme_qpair_process_completions(qp.as_ptr(), first);
+                if first == 1 && rc == 1 && out > 1 && (*sh.as_ptr()).panic.is_none() {
                     let more = sys::spdk_nvme_qpair_process_completions(qp.as_ptr(), 0);
                     rc = if more < 0 { more } else { rc + more };
                 }
