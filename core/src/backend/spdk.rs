@@ -1018,20 +1018,20 @@ impl SpdkQueue {
                     NonNull<dyn FnMut(Reaped) + '_>,
                     NonNull<dyn FnMut(Reaped)>,
                 >(h));
-                // On PCIe, one completion first, then the rest (when more than one command was
-                // out). Measured, not derived: in the TCG guest, 4K randread QD32, alternating
-                // with a single call in one boot each, 0.96-1.18x IOPS in six boots (medians
-                // of per-round ratios; 1.10-1.18x in the four of session 33). Traced (session
-                // 32), the backing I/O of QEMU's emulated controller then takes as long as
-                // under `spdk_nvme_perf`, against twice that when SPDK's one write of the
-                // completion queue's head comes at the end of the batch, after the first
-                // resubmission has woken the device. The cost: one more look at the
-                // completion queue, and one more head write per batch. Over a fabric the
-                // doorbells are not there and a second call is a second read of the socket:
-                // one call. docs/DESIGN.md.
-                let (out, first) = ((*this()).in_flight, u32::from((*this()).pcie));
+                // On PCIe, one completion first, then the rest (when more than one operation
+                // was out: a lone one, split or not, is taken whole). Measured, not derived: in
+                // the TCG guest, 4K randread QD32, alternating with a single call in one boot
+                // each, 0.96-1.18x IOPS in six boots (medians of per-round ratios; 1.10-1.18x in
+                // the four of session 33). Traced (session 32), the backing I/O of QEMU's
+                // emulated controller then takes as long as under `spdk_nvme_perf`, against
+                // twice that when SPDK's one write of the completion queue's head comes at the
+                // end of the batch, after the first resubmission has woken the device. The
+                // cost: one more look at the completion queue, and one more head write per
+                // batch. Over a fabric the doorbells are not there and a second call is a
+                // second read of the socket: one call. docs/DESIGN.md.
+                let first = u32::from((*this()).pcie && (*this()).in_flight > 1);
                 let mut rc = sys::spdk_nvme_qpair_process_completions(qp.as_ptr(), first);
-                if first == 1 && rc == 1 && out > 1 && (*sh.as_ptr()).panic.is_none() {
+                if first == 1 && rc == 1 && (*sh.as_ptr()).panic.is_none() {
                     let more = sys::spdk_nvme_qpair_process_completions(qp.as_ptr(), 0);
                     rc = if more < 0 { more } else { rc + more };
                 }
