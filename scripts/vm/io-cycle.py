@@ -40,8 +40,8 @@ in microseconds:
           doorbells), meets the controller at work and needs QEMU's lock; such a write, carrying
           the head of the batch before, lands here, after the next batch was posted, and what
           the program does after it (rio bench's accounting) before it polls again lies on the
-          cycle's path. With the CQ and SQ written together at the batch's end
-          (spdk_nvme_perf) it is a few us
+          cycle's path. With the CQ and SQ written together at the batch's end (spdk_nvme_perf)
+          it is a few us
 """
 import bisect
 import re
